@@ -1,0 +1,42 @@
+# The two commands of the README. Both create .venv when it is missing and are idempotent:
+# a stamp file per install step records what was installed, and pyproject.toml changes redo it.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: run test lint format clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first, pinned: it takes the CPU build on disk instead of a multi-GB CUDA download.
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	touch $@
+
+$(VENV)/.runtime: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.runtime
+	$(BIN)/crosschip run --config configs/default.toml
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(VENV)/.dev
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

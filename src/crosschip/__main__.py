@@ -1,0 +1,3 @@
+from crosschip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The one small interface every backend implements.
+
+A backend is a runtime plus a device: `torch:cpu`, `torch:cuda`, `torch:npu`, `ort:cpu`...
+Everything device-specific (device strings, the collective backend, synchronisation, the
+import that brings a vendor plugin in) lives behind this interface, so nothing outside
+`backends/` names a vendor.
+
+Capabilities are *not* declared here: `crosschip probe` measures them by running ops.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+from crosschip.errors import CrosschipError
+
+
+class BackendUnavailable(CrosschipError):
+    """The backend is known but cannot run in this process or on this machine."""
+
+
+@dataclass
+class Backend:
+    """A place where the model can run.
+
+    spec: the user-facing name (`torch:cuda`); runtime: `torch` or `ort`; device_type: the
+    torch device type or the ORT execution-provider family.
+    """
+
+    spec: str
+    runtime: str
+    device_type: str
+    dist_backend: str | None = None
+    """torch.distributed backend for several processes (gloo, nccl, hccl), None if it has none."""
+    emulation: str | None = None
+    """Set on emulated targets: what is emulated, named in every output."""
+    emulated_faults: list[str] = field(default_factory=list)
+    """Fault injections an emulated flaky target applies to training (see train.faults)."""
+    emulated_refused_dtypes: frozenset[str] = frozenset()
+    """dtypes an emulated target refuses for compute, as a chip without them would."""
+    emulated_collective_delay_s: float = 0.0
+    """Extra seconds an emulated slow interconnect adds to every collective."""
+
+    # -- runtime ---------------------------------------------------------------------------
+    def import_runtime(self) -> None:
+        """Import whatever plugin this backend needs (torch_npu for npu); no-op by default."""
+
+    def is_available(self) -> bool:
+        raise NotImplementedError
+
+    def why_unavailable(self) -> str:
+        return f"{self.spec} is not available on this machine"
+
+    def require(self) -> Backend:
+        """Import the runtime and fail with a clear error when the backend cannot run here."""
+        try:
+            self.import_runtime()
+        except ImportError as e:
+            raise BackendUnavailable(f"{self.spec}: {e}") from None
+        if not self.is_available():
+            raise BackendUnavailable(self.why_unavailable())
+        return self
+
+    # -- torch devices ----------------------------------------------------------------------
+    def device(self, index: int = 0) -> Any:
+        import torch
+
+        return torch.device(self.device_type) if self.device_type == "cpu" else torch.device(self.device_type, index)
+
+    def device_count(self) -> int:
+        return 1
+
+    def set_device(self, index: int) -> None:
+        """Bind this process to device `index` (one accelerator per process)."""
+
+    def synchronize(self) -> None:
+        """Wait for queued work; timing needs it on asynchronous devices."""
+
+    def memory_bytes(self) -> int | None:
+        """Device memory in bytes, None where unknown."""
+        return None
+
+    def device_name(self) -> str:
+        return platform.processor() or platform.machine()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What produced a result: runtime version and device, recorded in bundles and reports."""
+        info: dict[str, Any] = {"backend": self.spec, "device": self.device_name()}
+        if self.runtime == "torch":
+            import torch
+
+            info["torch"] = torch.__version__
+        if self.emulation:
+            info["emulation"] = self.emulation
+        return info
+
+    def __str__(self) -> str:
+        return self.spec + (f" (emulated: {self.emulation})" if self.emulation else "")

@@ -1,0 +1,495 @@
+"""Typed configuration: one dataclass per concern, loaded from TOML files in `configs/`.
+
+A run config is a TOML file with one table per concern (`[model]`, `[data]`, `[train]`,
+`[export]`, `[serve]`, `[verify]`, `[run]`). Every key is checked against the dataclass: an
+unknown key or a value of the wrong type is a `ConfigError` that names the key, the file and
+the line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crosschip.errors import CrosschipError
+
+
+class ConfigError(CrosschipError, ValueError):
+    """A config file or value that cannot be used; the message names the key and where it is."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3-family model shape. Field names follow the HF `DeepseekV3Config`."""
+
+    vocab_size: int = 1024
+    """Tokens in the vocabulary (the tokenizer may use fewer; the rest are never produced)."""
+    hidden_size: int = 256
+    """Model width d."""
+    intermediate_size: int = 768
+    """SwiGLU width of the dense layers (the first `first_k_dense_replace`)."""
+    moe_intermediate_size: int = 128
+    """SwiGLU width of one routed (and one shared) expert."""
+    num_hidden_layers: int = 4
+    """Transformer blocks, not counting the MTP block."""
+    num_attention_heads: int = 4
+    """Attention heads of MLA."""
+    q_lora_rank: int | None = 128
+    """Rank of the low-rank query projection; None gives a plain `q_proj`."""
+    kv_lora_rank: int = 64
+    """Width of the compressed latent `c_kv` that decode caches."""
+    qk_nope_head_dim: int = 32
+    """Per-head query/key dims without rotary embedding."""
+    qk_rope_head_dim: int = 16
+    """Per-head query/key dims with (interleaved) rotary embedding; the rope key is shared."""
+    v_head_dim: int = 32
+    """Per-head value dims."""
+    n_routed_experts: int = 16
+    """Fine-grained routed experts per MoE layer."""
+    n_shared_experts: int = 1
+    """Shared experts per MoE layer (fused into one SwiGLU of width n * moe_intermediate_size)."""
+    num_experts_per_tok: int = 4
+    """Routed experts chosen per token (top-k)."""
+    n_group: int = 1
+    """Expert groups for group-limited routing."""
+    topk_group: int = 1
+    """Groups a token may route into."""
+    routed_scaling_factor: float = 1.0
+    """Scale applied to the normalised routing weights."""
+    norm_topk_prob: bool = True
+    """Normalise the chosen experts' weights to sum to one before scaling."""
+    first_k_dense_replace: int = 1
+    """The first k layers use a dense SwiGLU instead of MoE."""
+    num_nextn_predict_layers: int = 0
+    """Multi-Token Prediction blocks (0 or 1)."""
+    max_position_embeddings: int = 512
+    """Longest sequence (prompt plus generation) the model is used with."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    initializer_range: float = 0.02
+    """Std of the normal initialisation of linear and embedding weights."""
+    tie_word_embeddings: bool = False
+    """Share the embedding and the output head (DeepSeek-V3 does not)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"model.{key}: {msg}")
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+            "max_position_embeddings",
+        ):
+            need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank", "must be positive or null")
+        need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be positive and even")
+        need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+        need(
+            self.n_routed_experts % self.n_group == 0,
+            "n_group",
+            f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})",
+        )
+        need(self.topk_group <= self.n_group, "topk_group", f"must be <= n_group ({self.n_group})")
+        per_group = self.n_routed_experts // self.n_group
+        need(
+            self.n_group == 1 or per_group >= 2,
+            "n_group",
+            "group scores sum each group's top-2 experts, so every group needs at least 2 experts",
+        )
+        need(
+            self.num_experts_per_tok <= self.topk_group * per_group,
+            "num_experts_per_tok",
+            f"top-k {self.num_experts_per_tok} exceeds the {self.topk_group * per_group} experts in the allowed groups",
+        )
+        need(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace",
+            "must be between 0 and num_hidden_layers",
+        )
+        need(self.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers", "must be 0 or 1")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values the absorbed decode caches per token per layer: c_kv plus the shared rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+# Named model sizes. `debug` is for tests, `arith-tiny` is the default demo model, the
+# published sizes build on the meta device for planning and memory estimates.
+PRESETS: dict[str, dict[str, Any]] = {
+    "debug": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        max_position_embeddings=256,
+    ),
+    # The DESIGN calibration shape: 6.65M parameters.
+    "arith-tiny": dict(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=768,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        q_lora_rank=128,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        max_position_embeddings=512,
+    ),
+    # About 100M parameters, for accelerator throughput and MFU measurements.
+    "small-100m": dict(
+        vocab_size=16384,
+        hidden_size=768,
+        intermediate_size=2048,
+        moe_intermediate_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        q_lora_rank=384,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        max_position_embeddings=2048,
+    ),
+    # Published config of deepseek-ai/DeepSeek-V2-Lite (routing switched to the V3 family's
+    # sigmoid scoring; the parameter counts are the same).
+    "deepseek-v2-lite": dict(
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        max_position_embeddings=163840,
+    ),
+    # Published config of deepseek-ai/DeepSeek-V3.
+    "deepseek-v3": dict(
+        vocab_size=129280,
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=3,
+        num_nextn_predict_layers=1,
+        max_position_embeddings=163840,
+    ),
+}
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset, with `overrides` applied on top."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """What the model learns from."""
+
+    task: str = "arith"
+    """`arith` (the built-in verifiable arithmetic task) or `corpus` (the user's own text)."""
+    digits: int = 2
+    """Largest operand length of the arithmetic task, 1 to 3."""
+    ops: list[str] = field(default_factory=lambda: ["+", "-"])
+    """Arithmetic operations, a subset of `+` and `-`."""
+    corpus: list[str] = field(default_factory=list)
+    """Paths of `.txt`/`.jsonl` files (or folders of them) for `task = "corpus"`."""
+    seed: int = 0
+    """Seed of the task generator; the held-out split is disjoint from training for any seed."""
+    heldout_size: int = 500
+    """Held-out problems used for accuracy and parity."""
+
+    def __post_init__(self) -> None:
+        if self.task not in ("arith", "corpus"):
+            raise ConfigError(f"data.task: must be 'arith' or 'corpus', got {self.task!r}")
+        if not 1 <= self.digits <= 3:
+            raise ConfigError(f"data.digits: must be 1, 2 or 3, got {self.digits}")
+        if not self.ops or any(op not in ("+", "-") for op in self.ops):
+            raise ConfigError(f"data.ops: must be a non-empty subset of ['+', '-'], got {self.ops}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, checkpoints and the health guard."""
+
+    backend: str = "torch:cpu"
+    """Backend that trains, e.g. `torch:cpu`, `torch:cuda`, `torch:npu`."""
+    steps: int = 600
+    batch_size: int = 32
+    """Sequences per optimizer step (global, across processes and accumulation)."""
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "auto"
+    """`auto` (bf16 autocast where measured to work, else fp32 on CPU), `fp32`, `bf16` or `fp16`."""
+    bias_update_speed: float = 1e-3
+    """gamma of the auxiliary-loss-free balance update."""
+    seq_aux_loss_alpha: float = 0.0
+    """Weight of the sequence-level balance loss (0 disables it)."""
+    mtp_loss_weight: float = 0.3
+    """lambda of the MTP loss when the model has an MTP block."""
+    seed: int = 0
+    ckpt_every: int = 100
+    keep_checkpoints: int = 3
+    eval_every: int = 100
+    eval_problems: int = 100
+    max_minutes: float = 0.0
+    """Stop after this many minutes of training (0 = no time limit)."""
+    spike_factor: float = 3.0
+    """A loss this many times the running average is a spike."""
+    grad_norm_limit: float = 100.0
+    """A pre-clip gradient norm above this is an explosion."""
+    hang_timeout_s: float = 120.0
+    """The watchdog fires when one step has not finished in this many seconds."""
+    straggler_factor: float = 5.0
+    """A step this many times slower than the running median is a straggler event."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed at the same step before the run stops and asks for failover."""
+    compile: bool = False
+    """Compile the training step with torch.compile."""
+
+
+@dataclass
+class ExportConfig:
+    """The hand-off: precision policy and target."""
+
+    target: str = "ort:cpu"
+    dtype: str = "fp32"
+    """`fp32`, `bf16`, `fp16` or `int8` (weight-only)."""
+
+
+@dataclass
+class ServeConfig:
+    """The serving engine and the HTTP server."""
+
+    backend: str = "ort:cpu"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32
+    max_queue: int = 256
+    block_size: int = 16
+    num_blocks: int = 0
+    """Cache blocks in the pool (0 = enough for max_batch full-length sequences)."""
+    prefill_chunk: int = 256
+    drain_timeout_s: float = 30.0
+    api_key: str = ""
+
+
+@dataclass
+class VerifyConfig:
+    """The parity gate."""
+
+    reference: str = "torch:cpu"
+    prompts: int = 64
+    greedy_tokens: int = 32
+
+
+@dataclass
+class RunConfig:
+    """A whole run: every stage's config."""
+
+    model: ModelConfig = field(default_factory=lambda: model_preset("arith-tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _line_of(text: str, table: str, key: str) -> int | None:
+    """Best-effort line number of `key` inside `[table]` (tomllib keeps no positions)."""
+    current = ""
+    for no, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        header = re.match(r"^\[\s*([^\]]+?)\s*\]", stripped)
+        if header:
+            current = header.group(1)
+            continue
+        if current == table and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return no
+    return None
+
+
+def _check_type(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def build_section(cls: type, values: dict[str, Any], where: str, text: str = "", table: str = "") -> Any:
+    """Build dataclass `cls` from a TOML table, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        line = _line_of(text, table, key) if text else None
+        at = f"{where}" + (f":{line}" if line else "")
+        if key not in names:
+            raise ConfigError(f"{at}: unknown key {table + '.' if table else ''}{key!r}; known keys: {', '.join(sorted(names))}")
+        if not _check_type(value, hints[key]):
+            raise ConfigError(
+                f"{at}: {table + '.' if table else ''}{key} must be {_type_name(hints[key])}, got {type(value).__name__} {value!r}"
+            )
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def config_from_dict(data: dict[str, Any], where: str = "<dict>", text: str = "") -> RunConfig:
+    """A RunConfig from the parsed TOML tables; `[model] preset = NAME` starts from a preset."""
+    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for table in data:
+        if table not in sections:
+            line = None
+            if text:
+                for no, ln in enumerate(text.splitlines(), 1):
+                    if re.match(rf"^\[\s*{re.escape(table)}\s*\]", ln.strip()):
+                        line = no
+                        break
+            raise ConfigError(
+                f"{where}{':' + str(line) if line else ''}: unknown table [{table}]; known tables: {', '.join(sections)}"
+            )
+        if not isinstance(data[table], dict):
+            raise ConfigError(f"{where}: [{table}] must be a table")
+    kwargs: dict[str, Any] = {}
+    for name in sections:
+        values = dict(data.get(name, {}))
+        if name == "model":
+            preset = values.pop("preset", "arith-tiny")
+            if not isinstance(preset, str) or preset not in PRESETS:
+                raise ConfigError(f"{where}: model.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+            values = {**PRESETS[preset], **values}
+        kwargs[name] = build_section(typing.get_type_hints(RunConfig)[name], values, where, text, name)
+    return RunConfig(**kwargs)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load a run config from a TOML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return config_from_dict(data, str(path), text)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A plain dict of a config dataclass, for JSON reports."""
+    return dataclasses.asdict(obj)

@@ -1,0 +1,432 @@
+"""The DeepSeek-V3-family model in one file of plain, single-device PyTorch.
+
+Names follow the DeepSeek-V3 paper and its reference code: MLA projections `wq_a`, `wq_b`,
+`wkv_a`, `wkv_b`, `wo`; SwiGLU `w1` (gate), `w2` (down), `w3` (up); routing `gate`.
+`crosschip.hf` maps these to and from the Hugging Face `DeepseekV3ForCausalLM` layout.
+
+Two attention paths share the weights:
+- the *naive* form (training, reference prefill) expands `c_kv` into per-head keys and values;
+- the *absorbed* form (decode) caches only `c_kv` (after its norm) and `k_pe` (after RoPE),
+  folds `W_UK` into the query and `W_UV` into the output. It runs whenever a `LatentCache`
+  is passed in, so serving engines and ONNX export supply their own cache layout.
+
+Nothing here knows about devices, processes or serving.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crosschip.config import ModelConfig
+
+
+class LatentCache(Protocol):
+    """Where the absorbed attention keeps the per-token latents of each layer."""
+
+    def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store the new tokens' latents `c_kv` (B, T, kv_lora_rank) and `k_pe` (B, T, rope).
+
+        Returns every latent the new queries may attend to, (B, S, kv_lora_rank) and
+        (B, S, rope), and a boolean mask (B, T, S) that is True where attention is allowed.
+        """
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 whatever the activation dtype, as the reference does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: Tensor, dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the per-pair angles, (..., dim/2), for integer `positions` (...)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the last dim.
+
+    x: (B, T, H, rope); cos/sin: (B, T, rope/2). The output keeps the pairs de-interleaved
+    (evens then odds), as the HF implementation does; attention only sees q_pe . k_pe, which
+    is the same for any permutation applied to both.
+    """
+    cos = cos[:, :, None, :].to(x.dtype)
+    sin = sin[:, :, None, :].to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.rope_theta = cfg.rope_theta
+        self.softmax_scale = self.qk_head_dim**-0.5
+        d = cfg.hidden_size
+        if self.q_lora_rank is None:
+            self.wq = nn.Linear(d, self.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(d, self.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(d, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.wo = nn.Linear(self.n_heads * self.v_head_dim, d, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: LatentCache | None,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, self.n_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+
+        kv = self.wkv_a(x)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_norm(c_kv)  # (B, T, kv_lora_rank)
+        k_pe = apply_rope(k_pe[:, :, None, :], cos, sin)[:, :, 0]  # (B, T, rope), one key shared by all heads
+
+        if cache is None:
+            out = self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            c_kv_all, k_pe_all, cache_mask = cache.update(self.layer_id, c_kv, k_pe)
+            out = self.attend_absorbed(q_nope, q_pe, c_kv_all, k_pe_all, cache_mask)
+        return self.wo(out.reshape(B, T, self.n_heads * self.v_head_dim))
+
+    def attend_naive(self, q_nope: Tensor, q_pe: Tensor, c_kv: Tensor, k_pe: Tensor, mask: Tensor | None) -> Tensor:
+        """Expand c_kv to per-head keys and values; `mask` (B, T, T) or None for plain causal."""
+        B, T, H, _ = q_nope.shape
+        kv = self.wkv_b(c_kv).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, qk_head_dim)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.qk_rope_head_dim)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
+        return o.transpose(1, 2)  # (B, T, H, v_head_dim)
+
+    def absorb_kv(self) -> tuple[Tensor, Tensor]:
+        """W_UK (H, nope, kv_lora_rank) and W_UV (H, v, kv_lora_rank), views of wkv_b."""
+        w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def attend_absorbed(
+        self, q_nope: Tensor, q_pe: Tensor, c_kv: Tensor, k_pe: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        """Attention over cached latents: c_kv (B, S, kv_lora_rank), k_pe (B, S, rope)."""
+        w_uk, w_uv = self.absorb_kv()
+        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, kv_lora_rank)
+        scores = torch.einsum("bhtc,bsc->bhts", q_lat, c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
+        scores = scores * self.softmax_scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(c_kv.dtype)
+        o_lat = torch.einsum("bhts,bsc->bhtc", probs, c_kv)
+        return torch.einsum("bhtc,hvc->bthv", o_lat, w_uv)  # (B, T, H, v_head_dim)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Sigmoid router with the auxiliary-loss-free bias and group-limited top-k."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.topk = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.route_scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        # The balance bias steers selection only; it is updated by the trainer, not the
+        # optimizer, and stays fp32 whatever the model dtype.
+        self.register_buffer("bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, D) -> weights (N, topk), expert indices (N, topk), scores (N, n_experts)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        biased = scores + self.bias
+        if self.n_group > 1:
+            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, n_group)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, keep, True)
+            # Masked groups must lose to any real score, including negative biased ones: -inf, not 0.
+            biased = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        indices = biased.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts plus fine-grained routed experts.
+
+    Dispatch gathers each expert's tokens with a static loop over experts (the count is
+    part of the config, so tracing and ONNX export keep every expert) and only computes
+    the chosen (token, expert) pairs.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.topk = cfg.num_experts_per_tok
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(self.n_experts))
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+        # Filled on every forward for the trainer's balance update and load logging.
+        self.last_load: Tensor | None = None
+        self.last_scores: Tensor | None = None
+        self.last_indices: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        weights, indices, scores = self.gate(x)
+        flat_expert = indices.flatten()  # (N * topk,)
+        flat_weight = weights.flatten().to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = (flat_expert == e).nonzero().squeeze(-1)  # (n_e,) positions in the (N*topk) list
+            tok = rows // self.topk
+            y = expert(x[tok]) * flat_weight[rows, None]
+            out = out.index_add(0, tok, y)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        if self.training:
+            self.last_load = torch.bincount(flat_expert, minlength=self.n_experts).detach()
+            self.last_scores, self.last_indices = scores.view(*shape[:-1], -1), indices.view(*shape[:-1], -1)
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = MLA(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn: nn.Module = (
+            MLP(cfg.hidden_size, cfg.intermediate_size) if layer_id < cfg.first_k_dense_replace else MoE(cfg)
+        )
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LatentCache | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTP(nn.Module):
+    """Multi-Token Prediction block: from h_i and token i+1, predict token i+2.
+
+    It shares the embedding and output head with the main model (the paper's design); the
+    HF layout stores copies of them under the MTP layer, which the adapter writes.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, cfg.num_hidden_layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class ParamCounts:
+    """Parameters as stored in the HF bundle layout."""
+
+    total: int
+    active: int
+
+    def __str__(self) -> str:
+        return f"total {self.total / 1e9:.2f}B, active per token {self.active / 1e9:.2f}B"
+
+
+def causal_doc_mask(doc_ids: Tensor) -> Tensor:
+    """(B, T) document ids of packed sequences -> (B, T, T) causal mask within each document."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
+
+
+class Transformer(nn.Module):
+    """A DeepSeek-V3-family causal language model."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = MTP(cfg) if cfg.num_nextn_predict_layers else None
+        if cfg.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Gate):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                module.bias.zero_()
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def hidden(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        cache: LatentCache | None = None,
+    ) -> Tensor:
+        """Final hidden states before the output norm, (B, T, hidden_size).
+
+        positions: (B, T) absolute positions (default 0..T-1). doc_ids: (B, T) ids of packed
+        documents; attention stays inside a document (naive path only). cache: use the
+        absorbed form and store this call's latents in it.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
+        mask = causal_doc_mask(doc_ids) if doc_ids is not None else None
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache)
+        return h
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self.head(self.norm(h))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        cache: LatentCache | None = None,
+    ) -> Tensor:
+        """Logits (B, T, vocab_size)."""
+        return self.logits(self.hidden(input_ids, positions, doc_ids, cache))
+
+    def mtp_logits(self, h: Tensor, input_ids: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
+        """MTP logits (B, T-1, vocab): position i predicts token i+2 from h_i and token i+1."""
+        assert self.mtp is not None, "model has no MTP block"
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        positions = positions[:, : T - 1]
+        cos, sin = rope_cos_sin(positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
+        mask = None
+        if doc_ids is not None:
+            # Position i mixes tokens i and i+1, so it belongs to the document of token i+1.
+            mask = causal_doc_mask(doc_ids[:, 1:]) & causal_doc_mask(doc_ids[:, :-1])
+        x = self.mtp.eh_proj(torch.cat([self.mtp.enorm(self.embed(input_ids[:, 1:])), self.mtp.hnorm(h[:, :-1])], dim=-1))
+        x = self.mtp.block(x, cos, sin, mask, None)
+        return self.head(self.mtp.norm(x))
+
+
+class ContiguousLatentCache:
+    """A simple preallocated latent cache: one (B, max_len) slab per layer.
+
+    Each call appends T tokens per row at `self.length`; queries see every earlier token.
+    The serving engine has its own paged cache; this one is for offline generation and tests.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.c_kv = torch.zeros(cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(cfg.num_hidden_layers, batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        T = c_kv.shape[1]
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(f"latent cache holds {self.max_len} tokens; {end} requested")
+        self.c_kv[layer, :, start:end] = c_kv
+        self.k_pe[layer, :, start:end] = k_pe
+        if layer == len(self.c_kv) - 1:
+            self.length = end
+        q_pos = torch.arange(start, end, device=c_kv.device)
+        k_pos = torch.arange(end, device=c_kv.device)
+        mask = (k_pos[None, :] <= q_pos[:, None]).expand(c_kv.shape[0], T, end)
+        return self.c_kv[layer, :, :end], self.k_pe[layer, :, :end], mask
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def count_params(cfg: ModelConfig) -> ParamCounts:
+    """Total and per-token active parameters, built on the meta device (no memory used).
+
+    Counted as the HF bundle stores them: with MTP, its copies of the embedding and head
+    count too (the published 685B of DeepSeek-V3 includes them). Active parameters are the
+    ones a token computes with: the embedding is a lookup, not compute, so it is left out,
+    as in the published active counts.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for moe in model.moe_layers():
+        per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+        inactive += (moe.n_experts - moe.topk) * per_expert
+    if model.mtp is not None:
+        copies = model.embed.weight.numel() + model.head.weight.numel()
+        total += copies
+    return ParamCounts(total=total, active=total - inactive - model.embed.weight.numel())
