@@ -1,0 +1,72 @@
+"""Configs: every shipped file loads; bad files get errors naming key, file and line."""
+
+from pathlib import Path
+
+import pytest
+
+from crosschip.config import ConfigError, RunConfig, load_config, model_preset
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+
+
+def test_there_are_shipped_configs():
+    assert CONFIGS, "configs/ has no TOML files"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    cfg.model.validate()
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    path = _write(tmp_path, '[model]\npreset = "debug"\n\n[train]\nsteps = 10\nlearning_rate = 0.1\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "learning_rate" in msg and str(path) in msg and ":6" in msg
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    path = _write(tmp_path, '[train]\nsteps = "many"\n')
+    with pytest.raises(ConfigError, match=r"run.toml:2: train.steps must be int, got str 'many'"):
+        load_config(path)
+
+
+def test_unknown_table_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.toml:1: unknown table \[trian\]"):
+        load_config(_write(tmp_path, "[trian]\nsteps = 1\n"))
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(_write(tmp_path, "[model\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_model_overrides_apply_on_top_of_preset(tmp_path):
+    cfg = load_config(_write(tmp_path, '[model]\npreset = "debug"\nnum_hidden_layers = 3\nq_lora_rank = 16\n'))
+    assert cfg.model.num_hidden_layers == 3 and cfg.model.q_lora_rank == 16
+    assert cfg.model.hidden_size == model_preset("debug").hidden_size
+
+
+def test_inconsistent_model_shape_is_explained(tmp_path):
+    path = _write(tmp_path, '[model]\npreset = "debug"\nn_group = 3\n')
+    with pytest.raises(ConfigError, match="divisible by n_group"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        model_preset("gpt-5")
+
+
+def test_int_accepted_where_float_expected_but_not_bool(tmp_path):
+    assert load_config(_write(tmp_path, "[train]\nlr = 1\n")).train.lr == 1
+    with pytest.raises(ConfigError, match="train.lr must be float"):
+        load_config(_write(tmp_path, "[train]\nlr = true\n"))

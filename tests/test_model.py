@@ -1,0 +1,182 @@
+"""The model on its own: absorbed decode vs full forward, routing, dispatch, presets."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crosschip.config import model_preset
+from crosschip.model import ContiguousLatentCache, Gate, MoE, Transformer, count_params
+
+
+def _model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(model_preset("debug", **overrides)).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            # Random biases, negative ones included, so selection really differs from scores.
+            moe.gate.bias.copy_(torch.randn_like(moe.gate.bias) * 0.3 - 0.2)
+    return model
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 32])
+@pytest.mark.parametrize("length", [1, 7, 33])
+def test_absorbed_decode_token_by_token_equals_full_forward(q_lora_rank, length):
+    model = _model(q_lora_rank=q_lora_rank)
+    ids = torch.randint(0, model.cfg.vocab_size, (3, length))
+    with torch.no_grad():
+        full = model(ids)
+        cache = ContiguousLatentCache(model.cfg, batch=3, max_len=64)
+        steps = [model(ids[:, i : i + 1], positions=torch.full((3, 1), i), cache=cache) for i in range(length)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("chunks", [[40], [1, 39], [5, 1, 13, 21], [16, 16, 8]])
+def test_absorbed_decode_in_chunks_equals_full_forward(chunks):
+    model = _model(seed=1)
+    total = sum(chunks)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, total))
+    with torch.no_grad():
+        full = model(ids)
+        cache = ContiguousLatentCache(model.cfg, batch=2, max_len=total)
+        outs, start = [], 0
+        for n in chunks:
+            pos = torch.arange(start, start + n).expand(2, n)
+            outs.append(model(ids[:, start : start + n], positions=pos, cache=cache))
+            start += n
+    assert (torch.cat(outs, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_cache_holds_only_latents():
+    cfg = model_preset("debug")
+    cache = ContiguousLatentCache(cfg, batch=1, max_len=10)
+    per_token_per_layer = (cache.c_kv[0, 0, 0].numel() + cache.k_pe[0, 0, 0].numel()) * 4
+    assert per_token_per_layer == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+def test_cache_overflow_is_a_clear_error():
+    model = _model()
+    cache = ContiguousLatentCache(model.cfg, batch=1, max_len=4)
+    with pytest.raises(ValueError, match="holds 4 tokens"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def _reference_route(gate: Gate, x: torch.Tensor):
+    """Routing written out per token, straight from the DeepSeek-V3 description."""
+    scores = torch.sigmoid(x.double() @ gate.weight.double().T)
+    biased = scores + gate.bias.double()
+    per_group = gate.n_experts // gate.n_group
+    out_idx, out_w = [], []
+    for t in range(x.shape[0]):
+        groups = biased[t].view(gate.n_group, per_group)
+        group_score = groups.topk(2).values.sum(-1)
+        allowed = set(group_score.topk(gate.topk_group).indices.tolist())
+        candidates = [(biased[t, e].item(), e) for e in range(gate.n_experts) if e // per_group in allowed]
+        chosen = [e for _, e in sorted(candidates, reverse=True)[: gate.topk]]
+        w = scores[t, chosen]
+        w = w / w.sum() * gate.route_scale
+        out_idx.append(sorted(chosen))
+        out_w.append(dict(zip(chosen, w.tolist())))
+    return out_idx, out_w
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
+def test_gate_matches_written_out_routing(n_group, topk_group):
+    cfg = model_preset("debug", n_routed_experts=16, num_experts_per_tok=3, n_group=n_group, topk_group=topk_group)
+    torch.manual_seed(0)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    # Strongly negative biases: masked groups must still lose (-inf, not 0).
+    gate.bias.copy_(torch.randn(16) * 0.5 - 2.0)
+    x = torch.randn(50, cfg.hidden_size)
+    weights, indices, _ = gate(x)
+    ref_idx, ref_w = _reference_route(gate, x)
+    for t in range(50):
+        assert sorted(indices[t].tolist()) == ref_idx[t]
+        for k, e in enumerate(indices[t].tolist()):
+            assert math.isclose(weights[t, k].item(), ref_w[t][e], rel_tol=1e-5)
+
+
+def test_moe_dispatch_equals_dense_computation_of_chosen_experts():
+    cfg = model_preset("debug", n_routed_experts=8, num_experts_per_tok=3)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 9, cfg.hidden_size)
+    out = moe(x)
+    flat = x.view(-1, cfg.hidden_size)
+    weights, indices, _ = moe.gate(flat)
+    expected = moe.shared_experts(flat)
+    for t in range(flat.shape[0]):
+        for k in range(3):
+            expert = moe.experts[indices[t, k]]
+            expected[t] += weights[t, k] * expert.w2(F.silu(expert.w1(flat[t])) * expert.w3(flat[t]))
+    torch.testing.assert_close(out.view(-1, cfg.hidden_size), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unchosen_experts_get_zero_gradient_and_load_is_recorded():
+    cfg = model_preset("debug", n_routed_experts=8, num_experts_per_tok=1)
+    torch.manual_seed(0)
+    moe = MoE(cfg).train()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    moe.gate.bias.fill_(-10.0)
+    moe.gate.bias[3] = 10.0  # every token must pick expert 3
+    moe(torch.randn(1, 5, cfg.hidden_size)).sum().backward()
+    assert moe.last_load.tolist() == [0, 0, 0, 5, 0, 0, 0, 0]
+    assert moe.experts[3].w1.weight.grad.abs().sum() > 0
+    # Unchosen experts run on zero rows (static loop, exportable), so their gradient is exactly 0.
+    assert all(moe.experts[e].w1.weight.grad.abs().sum() == 0 for e in range(8) if e != 3)
+
+
+def test_packed_documents_do_not_attend_across_boundaries():
+    model = _model(seed=2)
+    a = torch.randint(0, model.cfg.vocab_size, (1, 6))
+    b = torch.randint(0, model.cfg.vocab_size, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 6 + [1] * 5])
+    positions = torch.tensor([list(range(6)) + list(range(5))])
+    with torch.no_grad():
+        out = model(packed, positions=positions, doc_ids=doc_ids)
+        torch.testing.assert_close(out[:, :6], model(a), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[:, 6:], model(b), rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_predicts_from_hidden_state_and_next_token():
+    model = _model(num_nextn_predict_layers=1)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    h = model.hidden(ids)
+    out = model.mtp_logits(h, ids)
+    assert out.shape == (2, 11, model.cfg.vocab_size)
+    # Position i depends on tokens <= i+1 only: changing token 8 leaves positions < 7 alone.
+    ids2 = ids.clone()
+    ids2[:, 8] = (ids2[:, 8] + 1) % model.cfg.vocab_size
+    out2 = model.mtp_logits(model.hidden(ids2), ids2)
+    torch.testing.assert_close(out[:, :7], out2[:, :7])
+    assert not torch.allclose(out[:, 7], out2[:, 7])
+
+
+def test_meta_device_presets_report_published_parameter_counts():
+    def near(value: float, published: float, tol: float = 0.02) -> bool:
+        return abs(value - published) / published <= tol
+
+    v3 = count_params(model_preset("deepseek-v3", num_nextn_predict_layers=0))
+    v3_mtp = count_params(model_preset("deepseek-v3"))
+    lite = count_params(model_preset("deepseek-v2-lite"))
+    assert near(v3.total, 671e9) and near(v3.active, 37e9)
+    assert near(v3_mtp.total, 685e9)
+    assert near(lite.total, 15.7e9)
+    # DeepSeek publishes V2-Lite's active count rounded to "2.4B"; the exact count is
+    # 2.451B (embedding lookup excluded, as for V3), 2.1% above the rounded figure.
+    assert near(lite.active, 2.4e9, tol=0.025)
+    assert 5e6 <= count_params(model_preset("arith-tiny")).total <= 10e6
+
+
+def test_active_count_is_total_minus_unchosen_experts_minus_embedding():
+    cfg = model_preset("deepseek-v2-lite")
+    d, i, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    counts = count_params(cfg)
+    assert counts.total - counts.active == moe_layers * (e - k) * 3 * d * i + cfg.vocab_size * d
