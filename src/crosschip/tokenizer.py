@@ -1,0 +1,210 @@
+"""Byte-level BPE tokenizer (the `tokenizers` library), saved as `tokenizer.json`.
+
+Pre-tokenization, in order:
+1. `Digits(individual_digits=True)`: every digit is its own piece, so numbers tokenize one
+   digit per token (the arithmetic task depends on it);
+2. `Punctuation("isolated")`: every punctuation character is its own piece, so no token spans
+   a prompt/completion boundary such as `"="` + `"-("`; encoding a prompt and its completion
+   separately gives the same ids as encoding their concatenation;
+3. `ByteLevel(add_prefix_space=False, use_regex=True)`: GPT-2 word splitting over the bytes.
+There is no normalizer, and the ByteLevel decoder maps bytes back, so every UTF-8 string
+round-trips exactly: `decode(encode(s)) == s`.
+
+Special tokens: `<|bos|>`, `<|eos|>`, `<|pad|>` and the chat markers `<|system|>`, `<|user|>`,
+`<|assistant|>`, `<|end|>` take ids 0..6. Like every `tokenizers`/transformers tokenizer, a
+text that literally contains one of these strings encodes it as the special token (that is how
+a rendered chat template becomes ids); no other text can produce them. `decode` drops them by
+default, so such a text does not round-trip unless `skip_special=False`.
+
+Chat format (`apply_chat_template`; the same Jinja template ships in `tokenizer_config.json`):
+    <|bos|><|system|>SYSTEM<|end|><|user|>QUESTION<|end|><|assistant|>ANSWER<|end|>
+The rendered string already starts with `<|bos|>`: encode it with `add_bos=False`. A reply
+ends with `<|end|>` (`end_id`), which a server should treat as a stop token next to `<|eos|>`.
+
+With transformers, `AutoTokenizer.from_pretrained(dir)` loads the saved folder; its default
+`add_special_tokens=True` prepends `<|bos|>` exactly like `encode(text, add_bos=True)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from crosschip.errors import CrosschipError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+ROLES = ("system", "user", "assistant")
+END = "<|end|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, *(f"<|{role}|>" for role in ROLES), END]
+DEFAULT_MAX_LENGTH = 512
+"""`model_max_length` written to tokenizer_config.json unless `save` is told otherwise
+(arith-tiny's max_position_embeddings)."""
+
+# Jinja twin of `Tokenizer.apply_chat_template`; transformers and vLLM render this one.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{% endif %}"
+    "{% if message['content'] is not string %}"
+    "{{ raise_exception('chat message content must be a string') }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+
+
+class Tokenizer:
+    """Byte-level BPE with BOS/EOS/PAD and chat markers; see the module docstring."""
+
+    def __init__(self, backend: _HFTokenizer, *, model_max_length: int = DEFAULT_MAX_LENGTH):
+        self._tok = backend
+        ids = {token: backend.token_to_id(token) for token in SPECIAL_TOKENS}
+        missing = [token for token, i in ids.items() if i is None]
+        if missing:
+            raise CrosschipError(f"tokenizer: special tokens missing from the vocabulary: {', '.join(missing)}")
+        self.bos_id: int = ids[BOS]
+        self.eos_id: int = ids[EOS]
+        self.pad_id: int = ids[PAD]
+        self.end_id: int = ids[END]
+        """`<|end|>`, which closes every chat message."""
+        self.special_ids: frozenset[int] = frozenset(ids.values())
+        self.model_max_length = model_max_length
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens in the vocabulary, special tokens included (ids are 0..vocab_size-1)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`, with `<|bos|>` first when `add_bos`."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False) -> list[list[int]]:
+        """`encode` for many texts at once (the Rust side runs them in parallel)."""
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encodings]
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        """Text of `ids`; special tokens are dropped when `skip_special`."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each id decoded on its own, for display (a multi-byte character may show as U+FFFD)."""
+        return [self._tok.decode([i], skip_special_tokens=False) for i in ids]
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        """The chat rendered as one string (it starts with `<|bos|>`; encode it with add_bos=False)."""
+        if not messages:
+            raise CrosschipError("chat: no messages to render")  # transformers refuses an empty chat too
+        parts = [BOS]
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise CrosschipError(f"chat message {i}: expected a dict with 'role' and 'content', got {message!r}")
+            role, content = message.get("role"), message.get("content")
+            if role not in ROLES:
+                raise CrosschipError(f"chat message {i}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+            if not isinstance(content, str):
+                raise CrosschipError(f"chat message {i}: content must be a string, got {type(content).__name__}")
+            parts.append(f"<|{role}|>{content}{END}")
+        if add_generation_prompt:
+            parts.append("<|assistant|>")
+        return "".join(parts)
+
+    def save(self, directory: str | Path, *, model_max_length: int | None = None) -> None:
+        """Write `tokenizer.json` and a transformers `tokenizer_config.json` into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(directory / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "additional_special_tokens": SPECIAL_TOKENS[3:],
+            "model_max_length": model_max_length or self.model_max_length,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """Load a folder written by `save` (only `tokenizer.json` is required)."""
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise CrosschipError(f"tokenizer: {path} not found")
+        try:
+            backend = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception on any parse error
+            raise CrosschipError(f"tokenizer: {path} is not a valid tokenizer.json ({e})") from None
+        return cls(backend, model_max_length=_max_length_of(directory))
+
+
+def _max_length_of(directory: Path) -> int:
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        return int(config["model_max_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_MAX_LENGTH
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
+    """Train a byte-level BPE on `texts`; deterministic for the same texts and size.
+
+    The vocabulary holds the 7 special tokens, all 256 bytes and up to `vocab_size - 263`
+    merges (fewer when the texts run out of pairs seen at least twice).
+    """
+    floor = len(SPECIAL_TOKENS) + 256
+    if vocab_size < floor:
+        raise CrosschipError(f"tokenizer: vocab_size must be at least {floor} (specials + 256 bytes), got {vocab_size}")
+    backend = _HFTokenizer(models.BPE())
+    backend.pre_tokenizer = _pre_tokenizer()
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    # transformers' default add_special_tokens=True then prepends BOS, like encode(add_bos=True).
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, backend.token_to_id(BOS))]
+    )
+    return Tokenizer(backend)
+
+
+@functools.lru_cache(maxsize=4)
+def default_tokenizer(vocab_size: int = 1024) -> Tokenizer:
+    """The tokenizer trained on the shipped corpus plus arithmetic problems (cached per size)."""
+    from crosschip.data.arith import iter_problems
+    from crosschip.data.corpus import builtin_corpus
+
+    problems = iter_problems(digits=3, ops=["+", "-"], seed=0)
+    arith = [next(problems).text for _ in range(4000)]
+    return train_tokenizer([*builtin_corpus(), *arith], vocab_size)
