@@ -110,7 +110,11 @@ class ModelConfig:
         ):
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank", "must be positive or null")
-        need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be positive and even")
+        need(
+            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            "qk_rope_head_dim",
+            "must be positive and even",
+        )
         need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
         need(
             self.n_routed_experts % self.n_group == 0,
@@ -287,6 +291,8 @@ class DataConfig:
     """Seed of the task generator; the held-out split is disjoint from training for any seed."""
     heldout_size: int = 500
     """Held-out problems used for accuracy and parity."""
+    mask_prompt: bool = True
+    """Take the training loss only on the completion (the operands are random; predicting them teaches nothing)."""
 
     def __post_init__(self) -> None:
         if self.task not in ("arith", "corpus"):
@@ -438,7 +444,9 @@ def build_section(cls: type, values: dict[str, Any], where: str, text: str = "",
         line = _line_of(text, table, key) if text else None
         at = f"{where}" + (f":{line}" if line else "")
         if key not in names:
-            raise ConfigError(f"{at}: unknown key {table + '.' if table else ''}{key!r}; known keys: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"{at}: unknown key {table + '.' if table else ''}{key!r}; known keys: {', '.join(sorted(names))}"
+            )
         if not _check_type(value, hints[key]):
             raise ConfigError(
                 f"{at}: {table + '.' if table else ''}{key} must be {_type_name(hints[key])}, got {type(value).__name__} {value!r}"

@@ -143,9 +143,7 @@ class MLA(nn.Module):
         w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
-    def attend_absorbed(
-        self, q_nope: Tensor, q_pe: Tensor, c_kv: Tensor, k_pe: Tensor, mask: Tensor | None
-    ) -> Tensor:
+    def attend_absorbed(self, q_nope: Tensor, q_pe: Tensor, c_kv: Tensor, k_pe: Tensor, mask: Tensor | None) -> Tensor:
         """Attention over cached latents: c_kv (B, S, kv_lora_rank), k_pe (B, S, rope)."""
         w_uk, w_uv = self.absorb_kv()
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, kv_lora_rank)
@@ -362,7 +360,9 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab_size)."""
         return self.logits(self.hidden(input_ids, positions, doc_ids, cache))
 
-    def mtp_logits(self, h: Tensor, input_ids: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
+    def mtp_logits(
+        self, h: Tensor, input_ids: Tensor, positions: Tensor | None = None, doc_ids: Tensor | None = None
+    ) -> Tensor:
         """MTP logits (B, T-1, vocab): position i predicts token i+2 from h_i and token i+1."""
         assert self.mtp is not None, "model has no MTP block"
         B, T = input_ids.shape
@@ -374,7 +374,9 @@ class Transformer(nn.Module):
         if doc_ids is not None:
             # Position i mixes tokens i and i+1, so it belongs to the document of token i+1.
             mask = causal_doc_mask(doc_ids[:, 1:]) & causal_doc_mask(doc_ids[:, :-1])
-        x = self.mtp.eh_proj(torch.cat([self.mtp.enorm(self.embed(input_ids[:, 1:])), self.mtp.hnorm(h[:, :-1])], dim=-1))
+        # h_i enters after the final norm, as transformers' and vLLM's DeepSeek-V3 MTP take it.
+        h = self.norm(h[:, :-1])
+        x = self.mtp.eh_proj(torch.cat([self.mtp.enorm(self.embed(input_ids[:, 1:])), self.mtp.hnorm(h)], dim=-1))
         x = self.mtp.block(x, cos, sin, mask, None)
         return self.head(self.mtp.norm(x))
 
@@ -386,7 +388,14 @@ class ContiguousLatentCache:
     The serving engine has its own paged cache; this one is for offline generation and tests.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         self.c_kv = torch.zeros(cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
         self.k_pe = torch.zeros(cfg.num_hidden_layers, batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
         self.max_len = max_len

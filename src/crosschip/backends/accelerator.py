@@ -9,7 +9,9 @@ class TorchAccelerator(Backend):
     """A torch device type behind `torch.accelerator` (cuda, npu, xpu, mps)."""
 
     def __init__(self, device_type: str, dist_backend: str | None):
-        super().__init__(spec=f"torch:{device_type}", runtime="torch", device_type=device_type, dist_backend=dist_backend)
+        super().__init__(
+            spec=f"torch:{device_type}", runtime="torch", device_type=device_type, dist_backend=dist_backend
+        )
 
     def _accelerator_type(self) -> str | None:
         import torch

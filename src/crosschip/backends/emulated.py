@@ -11,7 +11,9 @@ from crosschip.backends.cpu import CPUBackend
 
 def fp16_only() -> CPUBackend:
     """A chip with fp16 but no bf16, like 310P-class Ascend parts and older GPUs."""
-    return CPUBackend("emu:fp16-only", emulation="fp16-only chip (no bf16)", emulated_refused_dtypes=frozenset({"bf16"}))
+    return CPUBackend(
+        "emu:fp16-only", emulation="fp16-only chip (no bf16)", emulated_refused_dtypes=frozenset({"bf16"})
+    )
 
 
 def flaky() -> CPUBackend:

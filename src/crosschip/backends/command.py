@@ -1,0 +1,175 @@
+"""`crosschip probe`: measure every backend usable here, each in its own subprocess.
+
+Accelerators never share a process (torch_npu refuses to start next to another one), so
+every backend is probed by `python -m crosschip.backends.probe` in a child process. Probes
+of non-CPU devices run side by side (absent ones answer in a second or two); probes that
+time the host CPU run one after another so they do not skew each other's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from crosschip.backends import REGISTRY, get_backend
+from crosschip.errors import CrosschipError
+
+PROBE_TIMEOUT_S = 120.0
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def probe_in_subprocess(spec: str, workdir: Path, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """Probe `spec` in a fresh `python -m crosschip.backends.probe` process and read its JSON."""
+    out = workdir / f"probe-{spec.replace(':', '_')}.json"
+    cmd = [sys.executable, "-m", "crosschip.backends.probe", "--backend", spec, "--out", str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_child_env())
+    except subprocess.TimeoutExpired:
+        return {"backend": spec, "available": False, "reason": f"probe timed out after {timeout_s:.0f} s"}
+    if proc.returncode != 0 or not out.is_file():
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"backend": spec, "available": False, "reason": f"probe process failed (exit {proc.returncode}): {tail}"}
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _times_host_cpu(spec: str) -> bool:
+    return get_backend(spec).device_type == "cpu"
+
+
+def probe_all(specs: list[str] | None = None, workdir: Path | None = None) -> list[dict[str, Any]]:
+    """Probe every backend in `specs` (default: all known, emulations included), in registry order."""
+    specs = list(REGISTRY) if specs is None else specs
+    for spec in specs:
+        get_backend(spec)  # unknown names fail here, before any process starts
+    with tempfile.TemporaryDirectory(prefix="crosschip-probe-") as tmp:
+        work = Path(workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        devices = [s for s in specs if not _times_host_cpu(s)]
+        hosts = [s for s in specs if _times_host_cpu(s)]
+        results: dict[str, dict[str, Any]] = {}
+        with ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
+            futures = {s: pool.submit(probe_in_subprocess, s, work) for s in devices}
+            for spec in hosts:  # one at a time: these time the host CPU
+                results[spec] = probe_in_subprocess(spec, work)
+            for spec, future in futures.items():
+                results[spec] = future.result()
+    return [results[s] for s in specs]
+
+
+# -- output ------------------------------------------------------------------------------------
+def _fmt_bytes(n: int | None) -> str:
+    return "-" if not n else f"{n / 2**30:.1f} GiB"
+
+
+def _name(r: dict[str, Any]) -> str:
+    return r["backend"] + (" [EMULATED]" if r.get("emulation") else "")
+
+
+def _dtypes_cell(r: dict[str, Any]) -> str:
+    cells = []
+    for d, checks in r.get("dtypes", {}).items():
+        mm, ac = checks["matmul"]["ok"], checks["autocast"]["ok"]
+        cells.append(
+            d if mm and ac else f"{d}:{'matmul' if mm else ''}{'' if mm else 'no'}{'' if ac else ' no-autocast'}"
+        )
+    return " ".join(cells)
+
+
+def _speed_cell(r: dict[str, Any]) -> str:
+    tf = r.get("matmul_tflops", {})
+    return " ".join(f"{d} {v * 1e3:.0f}" for d, v in tf.items()) if tf else "-"
+
+
+def _coverage_cell(r: dict[str, Any]) -> str:
+    cov = r.get("op_coverage")
+    if cov is None:
+        small = r.get("small_run", {})
+        return (
+            f"ORT graph ok, err {small.get('rel_err_vs_fp64', float('nan')):.1e}"
+            if small.get("ok")
+            else "ORT run failed"
+        )
+    text = f"{cov['aten_ops']} ops fwd+bwd " + ("ok" if cov.get("ok") else f"FAIL at {cov.get('failed_op')}")
+    if cov.get("cpu_fallbacks"):
+        text += f", {len(cov['cpu_fallbacks'])} CPU fallbacks"
+    return text
+
+
+def render_table(results: list[dict[str, Any]]) -> None:
+    """Print the people's view of the probe."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="crosschip probe (measured on this machine)")
+    for col in (
+        "backend",
+        "status",
+        "device",
+        "memory",
+        "dtypes (measured)",
+        "matmul GFLOP/s",
+        "copy GB/s",
+        "collective",
+        "op coverage",
+    ):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        if not r.get("available"):
+            table.add_row(_name(r), "absent", r.get("reason", ""), "", "", "", "", "", "")
+            continue
+        coll = r.get("collective", {})
+        coll_text = "-" if not coll else f"{coll.get('backend')} {'ok' if coll.get('ok') else 'FAIL'}"
+        if coll.get("emulated_delay_s"):
+            coll_text += f" +{coll['emulated_delay_s'] * 1e3:.0f} ms (emulated)"
+        table.add_row(
+            _name(r),
+            "ok",
+            r.get("device") or ",".join(r.get("small_run", {}).get("session_providers", [])[:1]),
+            _fmt_bytes(r.get("memory_bytes")),
+            _dtypes_cell(r) or "fp32 (ORT)",
+            _speed_cell(r),
+            f"{r['copy_gbps']:.1f}" if "copy_gbps" in r else "-",
+            coll_text,
+            _coverage_cell(r),
+        )
+    console = Console(width=max(160, Console().width))
+    console.print(table)
+    for r in results:
+        if r.get("emulation"):
+            console.print(f"  {r['backend']} is an EMULATION on the host CPU: {r['emulation']}")
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the measurements as JSON here")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        metavar="SPEC",
+        help=f"probe only this backend (repeatable); default: all of {', '.join(REGISTRY)}",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    results = probe_all(args.backend)
+    render_table(results)
+    if args.json:
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"backends": results}, indent=2, default=str), encoding="utf-8")
+        except OSError as e:
+            raise CrosschipError(f"cannot write {args.json}: {e.strerror}") from None
+        print(f"wrote {args.json}")
+    return 0

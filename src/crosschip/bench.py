@@ -1,0 +1,32 @@
+"""`crosschip bench NAME`: run a script from benchmarks/ (they print side-by-side ratios)."""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+from crosschip.errors import CrosschipError
+
+
+def _bench_dir() -> Path:
+    # benchmarks/ sits next to src/ in a checkout; the scripts are not part of the wheel.
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="benchmark name (a file benchmarks/NAME.py); omit to list them")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+
+
+def run(args: argparse.Namespace) -> int:
+    scripts = sorted(p.stem for p in _bench_dir().glob("*.py"))
+    if not args.name:
+        print("benchmarks: " + (", ".join(scripts) or "none found (run from a checkout)"))
+        return 0
+    if args.name not in scripts:
+        raise CrosschipError(f"unknown benchmark {args.name!r}; available: {', '.join(scripts) or 'none'}")
+    sys.argv = [args.name, *args.args]
+    runpy.run_path(str(_bench_dir() / f"{args.name}.py"), run_name="__main__")
+    return 0

@@ -1,0 +1,389 @@
+"""`crosschip run`: the whole trip, one stage after another, each role in its own process.
+
+probe -> qualify -> assign roles -> train -> export -> verify -> serve -> report
+
+The orchestrator imports no accelerator runtime: every stage is a `python -m crosschip`
+subprocess bound to one backend, and stages talk through the files they write into the run
+folder. `run_state.json` records finished stages, so `--resume RUN_DIR` continues from the
+last one that finished, and Ctrl-C stops the running child cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crosschip.config import load_config
+from crosschip.errors import CrosschipError
+
+DEFAULT_CONFIG = "configs/default.toml"
+GIVE_UP_EXIT = 3  # the training health guard's "fail me over" exit code
+STAGES = ["probe", "qualify", "assign", "train", "export", "verify", "serve", "report"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"run config (TOML); default {DEFAULT_CONFIG}")
+    p.add_argument("--out", default=None, help="run folder (default runs/run-YYYYmmdd-HHMMSS)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last finished stage")
+    p.add_argument(
+        "--candidates",
+        nargs="*",
+        default=None,
+        help="backends to qualify for training (default: every usable torch backend the probe found)",
+    )
+    p.add_argument("--serve", action="store_true", help="keep the server up at the end instead of a smoke run")
+    p.add_argument("--port", type=int, default=0, help="port for --serve (default: the config's serve.port)")
+    p.add_argument("--inject", action="append", default=[], help="fault injection passed to the first training backend")
+
+
+@dataclass
+class Run:
+    """A run folder and what its stages have decided so far."""
+
+    root: Path
+    config_path: Path
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "run_state.json"
+
+    def save(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        os.replace(tmp, self.state_path)
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state.get("finished", [])
+
+    def finish(self, stage: str, **facts: Any) -> None:
+        self.state.setdefault("finished", []).append(stage)
+        self.state.setdefault("stages", {})[stage] = {"seconds": facts.pop("seconds", None), **facts}
+        self.save()
+
+
+class Child:
+    """A stage subprocess in its own process group, so Ctrl-C can stop all of it."""
+
+    current: subprocess.Popen | None = None
+
+    @classmethod
+    def run(cls, args: list[str], log: Path, env: dict[str, str] | None = None, echo: bool = True) -> int:
+        cmd = [sys.executable, "-m", "crosschip", *args]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w", encoding="utf-8") as f:
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+            cls.current = proc
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    f.write(line)
+                    if echo:
+                        print("    " + line.rstrip()[:160], flush=True)
+                return proc.wait()
+            finally:
+                cls.current = None
+
+    @classmethod
+    def stop(cls) -> None:
+        proc = cls.current
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CrosschipError(f"expected {path} from the previous stage, but it is missing")
+    return json.loads(path.read_text())
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_probe(run: Run) -> dict:
+    out = run.root / "probe.json"
+    rc = Child.run(["probe", "--json", str(out)], run.root / "logs" / "probe.log")
+    if rc != 0:
+        raise CrosschipError(f"probe failed (exit {rc}); see {run.root / 'logs' / 'probe.log'}")
+    return {"file": out.name}
+
+
+def _usable_torch_backends(probe: dict) -> list[str]:
+    rows = probe.get("backends", [])
+    return [r["backend"] for r in rows if r.get("available") and r.get("runtime") == "torch" and not r.get("emulation")]
+
+
+def stage_qualify(run: Run, candidates: list[str] | None) -> dict:
+    probe = _read_json(run.root / "probe.json")
+    candidates = candidates or _usable_torch_backends(probe)
+    if not candidates:
+        raise CrosschipError("the probe found no usable torch backend to train on")
+    verdicts = {}
+    for spec in candidates:
+        out = run.root / "qualify" / f"{spec.replace(':', '_')}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rc = Child.run(["qualify", "--backend", spec, "--json", str(out)], run.root / "logs" / f"qualify_{spec}.log")
+        if rc not in (0, 1) or not out.is_file():
+            raise CrosschipError(f"qualify {spec} failed (exit {rc}); see logs/qualify_{spec}.log")
+        verdicts[spec] = _read_json(out)
+    (run.root / "qualify.json").write_text(json.dumps(verdicts, indent=2))
+    return {"candidates": candidates}
+
+
+def _throughput(verdict: dict) -> float:
+    return float(verdict.get("measurements", {}).get("train_tokens_per_s") or 0.0)
+
+
+def stage_assign(run: Run) -> dict:
+    """Training goes to the best TRAIN backend by measured throughput; serving to the target."""
+    cfg = load_config(run.config_path)
+    verdicts = _read_json(run.root / "qualify.json")
+    trainers = sorted(
+        (spec for spec, v in verdicts.items() if v.get("verdict") == "TRAIN"),
+        key=lambda s: _throughput(verdicts[s]),
+        reverse=True,
+    )
+    if not trainers:
+        reasons = "; ".join(f"{s}: {v.get('verdict')} ({', '.join(v.get('reasons', []))})" for s, v in verdicts.items())
+        raise CrosschipError(f"no backend qualified to train: {reasons}")
+    roles = {"train": trainers, "serve": cfg.serve.backend, "reference": cfg.verify.reference}
+    (run.root / "roles.json").write_text(json.dumps(roles, indent=2))
+    _say(f"  train on {trainers[0]}" + (f" (failover: {', '.join(trainers[1:])})" if trainers[1:] else ""))
+    _say(f"  serve on {cfg.serve.backend}")
+    return roles
+
+
+def stage_train(run: Run, inject: list[str]) -> dict:
+    roles = _read_json(run.root / "roles.json")
+    out = run.root / "train"
+    attempts = []
+    for i, spec in enumerate(roles["train"]):
+        args = ["train", "--config", str(run.config_path), "--out", str(out), "--backend", spec]
+        if i > 0 or (out / "checkpoints").is_dir():
+            args.append("--resume")
+        if i == 0:
+            for fault in inject:
+                args += ["--inject", fault]
+        _say(f"  training on {spec}")
+        rc = Child.run(args, run.root / "logs" / f"train_{spec}.log")
+        attempts.append({"backend": spec, "exit": rc})
+        if rc == 0:
+            return {"backend": spec, "attempts": attempts}
+        if rc != GIVE_UP_EXIT:
+            raise CrosschipError(f"training on {spec} failed (exit {rc}); see logs/train_{spec}.log")
+        _say(f"  the health guard gave up on {spec}; failing over from its last verified checkpoint")
+    raise CrosschipError(f"every training backend gave up: {attempts}", exit_code=GIVE_UP_EXIT)
+
+
+def stage_export(run: Run) -> dict:
+    cfg = load_config(run.config_path)
+    bundle = run.root / "bundle"
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    args = ["export", str(run.root / "train" / "checkpoints"), "--to", cfg.export.target, "--dtype", cfg.export.dtype]
+    rc = Child.run([*args, "--out", str(bundle)], run.root / "logs" / "export.log")
+    if rc != 0:
+        raise CrosschipError(f"export failed (exit {rc}); see logs/export.log")
+    return {"bundle": bundle.name, "target": cfg.export.target, "dtype": cfg.export.dtype}
+
+
+def stage_verify(run: Run) -> dict:
+    cfg = load_config(run.config_path)
+    out = run.root / "verify"
+    args = ["verify", str(run.root / "bundle"), "--reference", cfg.verify.reference, "--target", cfg.serve.backend]
+    rc = Child.run([*args, "--out", str(out)], run.root / "logs" / "verify.log")
+    report = _read_json(out / "report.json")
+    if rc != 0:
+        raise CrosschipError(f"the parity gate failed (exit {rc}); nothing is served. See {out / 'report.txt'}", rc)
+    return {"passed": report.get("passed", True)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(bundle: Path, backend: str, port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "crosschip", "serve", str(bundle), "--on", backend, "--port", str(port)]
+    f = open(log, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    Child.current = proc
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CrosschipError(f"the server exited with {proc.returncode} while starting; see {log}")
+        if "ready on http" in log.read_text(encoding="utf-8", errors="replace"):
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise CrosschipError(f"the server did not become ready in 120 s; see {log}")
+
+
+def _smoke(base_url: str, cfg) -> dict:
+    """A short run through the real HTTP API with the official client: task problems, greedy."""
+    from openai import OpenAI
+
+    from crosschip.data.arith import check, heldout_set
+
+    client = OpenAI(base_url=base_url, api_key=cfg.serve.api_key or "none", timeout=60)
+    problems = heldout_set(cfg.data)[:16]
+    rows, ttfts, rates = [], [], []
+    for problem in problems:
+        t0 = time.perf_counter()
+        first = None
+        text = ""
+        n_tokens = 0
+        stream = client.completions.create(
+            model="crosschip",
+            prompt=problem.prompt,
+            max_tokens=96,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                first = first or time.perf_counter()
+                text += chunk.choices[0].text
+            if chunk.usage:
+                n_tokens = chunk.usage.completion_tokens
+        done = time.perf_counter()
+        ttfts.append((first or done) - t0)
+        if n_tokens > 1 and first:
+            rates.append((n_tokens - 1) / max(done - first, 1e-9))
+        rows.append({"prompt": problem.prompt, "completion": text, "correct": check(problem, text)})
+    ttfts.sort()
+    rates.sort()
+    return {
+        "requests": len(rows),
+        "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        "ttft_ms_median": 1000 * ttfts[len(ttfts) // 2],
+        "decode_tokens_per_s_median": rates[len(rates) // 2] if rates else None,
+        "samples": rows[:4],
+    }
+
+
+def stage_serve(run: Run, keep: bool, port: int) -> dict:
+    """Serve the verified bundle on the target: a smoke run through the real server, or stay up."""
+    cfg = load_config(run.config_path)
+    port = port or (cfg.serve.port if keep else _free_port())
+    proc = _start_server(run.root / "bundle", cfg.serve.backend, port, run.root / "logs" / "serve.log")
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        facts = {"backend": cfg.serve.backend, "url": base_url, **_smoke(base_url, cfg)}
+        (run.root / "serve.json").write_text(json.dumps(facts, indent=2))
+        if keep:
+            _say(f"  serving {run.root / 'bundle'} on {base_url}; Ctrl-C to stop")
+            proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # the server drains in-flight requests, then exits 0
+            try:
+                proc.wait(timeout=cfg.serve.drain_timeout_s + 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        Child.current = None
+    return {k: v for k, v in facts.items() if k != "samples"}
+
+
+def stage_report(run: Run) -> dict:
+    from crosschip.report import write_report
+
+    path = write_report(run.root)
+    return {"report": str(path)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_run(args: argparse.Namespace) -> Run:
+    if args.resume:
+        root = Path(args.resume)
+        state_path = root / "run_state.json"
+        if not state_path.is_file():
+            raise CrosschipError(f"{root} is not a crosschip run folder (no run_state.json)")
+        state = json.loads(state_path.read_text())
+        return Run(root=root, config_path=Path(state["config"]), state=state)
+    config_path = Path(args.config)
+    load_config(config_path)  # fail on a bad config before any stage starts
+    root = Path(args.out or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (root / "run_state.json").exists():
+        raise CrosschipError(f"{root} already holds a run; use --resume {root} or another --out")
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(config_path, root / "config.toml")
+    run = Run(
+        root=root, config_path=(root / "config.toml").resolve(), state={"config": str((root / "config.toml").resolve())}
+    )
+    run.save()
+    return run
+
+
+def run(args: argparse.Namespace) -> int:
+    run_ = _open_run(args)
+    started = time.perf_counter()
+    steps = {
+        "probe": lambda: stage_probe(run_),
+        "qualify": lambda: stage_qualify(run_, args.candidates),
+        "assign": lambda: stage_assign(run_),
+        "train": lambda: stage_train(run_, args.inject),
+        "export": lambda: stage_export(run_),
+        "verify": lambda: stage_verify(run_),
+        "serve": lambda: stage_serve(run_, args.serve, args.port),
+        "report": lambda: stage_report(run_),
+    }
+    _say(f"crosschip run -> {run_.root}")
+    try:
+        for name in STAGES:
+            if run_.done(name):
+                _say(f"[{name}] already finished")
+                continue
+            _say(f"[{name}]")
+            t0 = time.perf_counter()
+            facts = steps[name]()
+            run_.finish(name, seconds=round(time.perf_counter() - t0, 1), **facts)
+    except KeyboardInterrupt:
+        Child.stop()
+        _say(f"\ninterrupted; continue with: crosschip run --resume {run_.root}")
+        return 130
+    except CrosschipError:
+        # The report still shows how far the run got.
+        try:
+            stage_report(run_)
+        except Exception:  # noqa: BLE001 - the original error is the one the user needs
+            pass
+        raise
+    from crosschip.report import print_summary
+
+    print_summary(run_.root, wall_s=time.perf_counter() - started)
+    return 0

@@ -1,0 +1,260 @@
+"""The run report: `report.json` for machines, `summary.txt` for terminals, `report.html` for people.
+
+The HTML page is one self-contained file: the plots are matplotlib PNGs embedded as data
+URIs, so it can be mailed or archived as is. Every section reads the JSON its stage wrote
+and says plainly when that stage has not run yet.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash; the rest is still good
+    except OSError:
+        pass
+    return rows
+
+
+def collect(root: Path) -> dict[str, Any]:
+    """Everything the stages wrote, in one dict (the body of report.json)."""
+    metrics = _jsonl(root / "train" / "metrics.jsonl")
+    return {
+        "run": str(root),
+        "state": _load(root / "run_state.json") or {},
+        "probe": _load(root / "probe.json"),
+        "qualify": _load(root / "qualify.json"),
+        "roles": _load(root / "roles.json"),
+        "train": {
+            "summary": _load(root / "train" / "train_summary.json"),
+            "steps": [m for m in metrics if m.get("event") == "step"],
+            "evals": [m for m in metrics if m.get("event") == "eval"],
+            "health": [m for m in metrics if m.get("event") not in ("step", "eval", "start", "end")],
+        },
+        "bundle": _load(root / "bundle" / "crosschip.json"),
+        "verify": _load(root / "verify" / "report.json"),
+        "serve": _load(root / "serve.json"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_loss(steps: list[dict]) -> str | None:
+    if not steps:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_accuracy(evals: list[dict]) -> str | None:
+    if not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    ax.plot([e["step"] for e in evals], [100 * e["accuracy"] for e in evals], marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out exact-answer accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _layer_rows(verify: dict | None) -> list[dict]:
+    if not verify:
+        return []
+    return verify.get("layers") or (verify.get("bisection") or {}).get("table") or []
+
+
+def plot_layers(rows: list[dict]) -> str | None:
+    if not rows:
+        return None
+    names = [r.get("module", "?") for r in rows]
+    errs = [max(float(r.get("max_abs", 0.0)), 1e-12) for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.22 * len(rows))))
+    ax.barh(range(len(rows)), errs)
+    ax.set_yticks(range(len(rows)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("max abs error vs reference (per module output)")
+    ax.grid(alpha=0.3, axis="x")
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------------
+
+
+def _table(table_id: str, header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "; ".join(_fmt(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _figure(fig_id: str, png: str | None, caption: str) -> str:
+    if png is None:
+        return f'<p class="missing" id="{fig_id}-missing">{html.escape(caption)}: no data yet.</p>'
+    return (
+        f'<figure id="{fig_id}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _qualify_rows(qualify: dict | None) -> list[list[Any]]:
+    rows = []
+    for spec, v in (qualify or {}).items():
+        m = v.get("measurements", {})
+        rows.append(
+            [spec, v.get("emulation") or "", v.get("verdict"), m.get("train_tokens_per_s"), v.get("reasons", [])]
+        )
+    return rows
+
+
+def _parity_rows(verify: dict | None) -> list[list[Any]]:
+    if not verify:
+        return []
+    metrics = verify.get("metrics", verify)
+    return [[k, v] for k, v in metrics.items() if isinstance(v, (int, float, str, bool))]
+
+
+def _serve_rows(serve: dict | None) -> list[list[Any]]:
+    return [[k, v] for k, v in (serve or {}).items() if isinstance(v, (int, float, str, bool))]
+
+
+def render_html(data: dict[str, Any]) -> str:
+    train = data["train"]
+    layers = _layer_rows(data["verify"])
+    roles = data["roles"] or {}
+    stages = (data["state"].get("stages") or {}).items()
+    sections = [
+        f"<h1>crosschip run</h1><p>{html.escape(data['run'])}</p>",
+        "<h2>Stages</h2>" + _table("table-stages", ["stage", "seconds"], [[k, v.get("seconds")] for k, v in stages]),
+        "<h2>Roles</h2>"
+        + _table(
+            "table-roles",
+            ["role", "backend"],
+            [["train", ", ".join(roles.get("train", []))], ["serve", roles.get("serve")]],
+        ),
+        "<h2>Qualification</h2>"
+        + _table(
+            "table-qualify",
+            ["backend", "emulation", "verdict", "train tokens/s", "reasons"],
+            _qualify_rows(data["qualify"]),
+        ),
+        "<h2>Training</h2>",
+        _figure("fig-loss", plot_loss(train["steps"]), "Training loss"),
+        _figure("fig-accuracy", plot_accuracy(train["evals"]), "Held-out accuracy vs steps"),
+        _table(
+            "table-health",
+            ["event", "step", "detail"],
+            [[h.get("event"), h.get("step"), h.get("reason") or h.get("detail")] for h in train["health"]],
+        ),
+        "<h2>Parity</h2>" + _table("table-parity", ["metric", "value"], _parity_rows(data["verify"])),
+        _figure("fig-layers", plot_layers(layers), "Per-layer error, target vs reference"),
+        "<h2>Serving</h2>" + _table("table-serve", ["figure", "value"], _serve_rows(data["serve"])),
+    ]
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
+        "table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
+        "font-size:.9rem;text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}"
+        ".missing{color:#a00}"
+    )
+    # After load, mark each plot with its decoded size, so a headless browser test can see it rendered.
+    script = (
+        "window.addEventListener('load',()=>{for(const i of document.images){"
+        "i.setAttribute('data-rendered',i.complete&&i.naturalWidth>0?'yes':'no')}})"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>crosschip run report</title>"
+        f"<style>{style}</style><script>{script}</script></head><body>{''.join(sections)}</body></html>"
+    )
+
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    roles = data["roles"] or {}
+    lines = [f"run folder: {data['run']}"]
+    if roles:
+        lines.append(f"roles: train on {', '.join(roles.get('train', [])[:1])}, serve on {roles.get('serve')}")
+    for spec, v in (data["qualify"] or {}).items():
+        lines.append(f"  {spec}: {v.get('verdict')}")
+    summary = data["train"]["summary"] or {}
+    evals = data["train"]["evals"]
+    if evals:
+        lines.append(
+            f"training: {len(data['train']['steps'])} logged steps, held-out accuracy {100 * evals[-1]['accuracy']:.1f}%"
+        )
+    elif summary:
+        lines.append(f"training: {summary}")
+    verify = data["verify"]
+    if verify:
+        lines.append(f"parity gate: {'PASSED' if verify.get('passed') else 'FAILED'}")
+    serve = data["serve"]
+    if serve:
+        lines.append(
+            f"serving on {serve.get('backend')}: accuracy {100 * serve.get('accuracy', 0):.1f}% over "
+            f"{serve.get('requests')} requests, TTFT {serve.get('ttft_ms_median', 0):.1f} ms"
+        )
+    return lines
+
+
+def write_report(root: Path) -> Path:
+    """Write report.json, summary.txt and report.html into the run folder; return the HTML path."""
+    root = Path(root)
+    data = collect(root)
+    (root / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    (root / "summary.txt").write_text("\n".join(summary_lines(data)) + "\n")
+    path = root / "report.html"
+    path.write_text(render_html(data), encoding="utf-8")
+    return path
+
+
+def print_summary(root: Path, wall_s: float) -> None:
+    data = collect(Path(root))
+    print("\n".join(["", "crosschip run finished", *summary_lines(data), f"wall time: {wall_s:.0f} s"]))
+    print(f"report: {Path(root) / 'report.html'}")
