@@ -1,0 +1,101 @@
+"""`crosschip verify`: the parity gate between a reference and a target on the same prompts.
+
+Exit codes: 0 the gate passed; 4 the gate failed (report written); 1 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from crosschip.config import DataConfig, VerifyConfig
+from crosschip.verify.gate import GATE_FAILED_EXIT
+
+EPILOG = """
+exit codes: 0 gate passed, 4 gate failed (report.json / report.txt still written), 1 bad input.
+
+gates by precision class (the bundle's crosschip.json precision policy, or --target-dtype):
+  fp32       KL max <= 1e-6 and identical greedy output
+  fp16/bf16  top-1 agreement >= 99% and KL mean <= 1e-3
+  int8       task accuracy within 1 point of the reference
+
+examples:
+  crosschip verify bundle/ --reference torch:cpu --target ort:cpu --out runs/verify
+  crosschip verify bundle/ --target torch:cpu --target-dtype bf16
+  crosschip verify bundle/ --reference torch:cpu --target-url http://127.0.0.1:8000/v1
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d, v = DataConfig(), VerifyConfig()
+    p.epilog = (p.epilog or "") + "\n" + EPILOG
+    p.add_argument("bundle", type=Path, help="bundle folder (written by crosschip export)")
+    p.add_argument("--reference", default=v.reference, help=f"reference backend (default {v.reference})")
+    p.add_argument("--target", default=None, help="target backend, e.g. ort:cpu, torch:cpu (default ort:cpu)")
+    p.add_argument("--target-url", default=None, help="OpenAI-compatible server with logprobs instead of --target")
+    p.add_argument("--api-key", default=None, help="API key of --target-url")
+    p.add_argument("--model-name", default=None, help="model name at --target-url (default: its first model)")
+    p.add_argument("--top-k", type=int, default=20, help="logprobs per position asked of --target-url (default 20)")
+    p.add_argument(
+        "--reference-weights",
+        default="auto",
+        help="weights the reference runs in fp32: auto (the source checkpoint recorded in crosschip.json when it is "
+        "here, else the bundle), bundle, or a checkpoint/bundle folder (default auto)",
+    )
+    p.add_argument(
+        "--target-weights", type=Path, default=None, help="weights a torch target runs (default: the bundle)"
+    )
+    p.add_argument(
+        "--target-dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="compute precision of a torch target; also picks the gate (default: the bundle's policy)",
+    )
+    p.add_argument(
+        "--problems", type=int, default=v.prompts, help=f"held-out problems continued greedily (default {v.prompts})"
+    )
+    p.add_argument("--corpus-docs", type=int, default=16, help="corpus paragraphs scored for perplexity (default 16)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="greedy length (default: enough to finish every problem)"
+    )
+    p.add_argument("--digits", type=int, default=d.digits, help=f"operand digits of the problems (default {d.digits})")
+    p.add_argument("--no-bisect", action="store_true", help="skip the layer bisection when the gate fails")
+    p.add_argument(
+        "--no-record", action="store_true", help="do not record the parity report in the bundle's crosschip.json"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/verify"), help="folder for report.json, report.txt and the sides' files"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from crosschip.verify.parity import VerifyOptions, verify
+    from crosschip.verify.report import record_in_bundle, render_text, write_report
+
+    target = args.target if args.target or args.target_url else "ort:cpu"
+    opts = VerifyOptions(
+        bundle=args.bundle,
+        out=args.out,
+        reference=args.reference,
+        target=target,
+        target_url=args.target_url,
+        api_key=args.api_key,
+        model_name=args.model_name,
+        top_k=args.top_k,
+        reference_weights=args.reference_weights,
+        target_weights=args.target_weights,
+        target_dtype=args.target_dtype,
+        problems=args.problems,
+        scored_problems=min(48, args.problems),
+        corpus_docs=args.corpus_docs,
+        max_new_tokens=args.max_new_tokens,
+        digits=args.digits,
+        bisect=not args.no_bisect,
+    )
+    report = verify(opts)
+    json_path, _ = write_report(report, args.out)
+    print(render_text(report), end="")
+    if not args.no_record:
+        record_in_bundle(report, args.bundle)
+    print(f"report: {json_path}")
+    return 0 if report["gate"]["passed"] else GATE_FAILED_EXIT

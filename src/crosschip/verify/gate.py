@@ -1,0 +1,111 @@
+"""The parity gate: thresholds by the bundle's precision class.
+
+- fp32: KL max <= 1e-6 and identical greedy output on every prompt;
+- fp16 / bf16: top-1 agreement >= 99% and KL mean <= 1e-3;
+- int8 (weight-only): task accuracy within 1 point of the reference.
+
+A failed gate exits with `GATE_FAILED_EXIT` (4), distinct from user errors (1) and from the
+trainer's give-up (3), so a pipeline can tell "the target is not faithful" from "bad input".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+GATE_FAILED_EXIT = 4
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+_ALIASES = {
+    "float32": "fp32",
+    "float": "fp32",
+    "fp32": "fp32",
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    "fp16": "fp16",
+    "int8": "int8",
+    "int8-weight-only": "int8",
+    "w8": "int8",
+}
+
+
+def normalize_precision(name: Any) -> str | None:
+    return _ALIASES.get(str(name).lower()) if name is not None else None
+
+
+def precision_of_bundle(bundle: str | Path) -> tuple[str, str]:
+    """(precision class, where it was read): the manifest's precision policy, else config.json's dtype."""
+    folder = Path(bundle)
+    try:
+        manifest = json.loads((folder / "crosschip.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    policy = manifest.get("precision")
+    candidates = [
+        (policy.get("policy") if isinstance(policy, dict) else policy, "crosschip.json precision policy"),
+        (
+            (manifest.get("export") or {}).get("dtype") if isinstance(manifest.get("export"), dict) else None,
+            "crosschip.json export",
+        ),
+    ]
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    candidates.append((config.get("torch_dtype") or config.get("dtype"), "config.json torch_dtype"))
+    for value, where in candidates:
+        if (p := normalize_precision(value)) is not None:
+            return p, where
+    return "fp32", "default"
+
+
+@dataclass
+class Check:
+    name: str
+    value: float
+    threshold: float
+    op: str  # "<=" | ">=" | "=="
+    ok: bool
+
+
+@dataclass
+class GateResult:
+    precision: str
+    passed: bool
+    checks: list[Check]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check(name: str, value: float, op: str, threshold: float) -> Check:
+    ok = value <= threshold if op == "<=" else value >= threshold if op == ">=" else value == threshold
+    return Check(name, float(value), float(threshold), op, bool(ok))
+
+
+def evaluate(metrics: dict[str, Any], precision: str) -> GateResult:
+    """Judge `metrics` (see `verify.metrics.all_metrics`) by the thresholds of `precision`."""
+    notes: list[str] = []
+    if precision == "fp32":
+        checks = [
+            _check("kl_max", metrics["kl_max"], "<=", 1e-6),
+            _check("greedy_identical", metrics["greedy_identical"], "==", 1.0),
+        ]
+    elif precision in ("bf16", "fp16"):
+        checks = [_check("top1", metrics["top1"], ">=", 0.99), _check("kl_mean", metrics["kl_mean"], "<=", 1e-3)]
+    elif precision == "int8":
+        gap = abs(metrics["accuracy_target"] - metrics["accuracy_reference"])
+        checks = [_check("accuracy_gap", gap, "<=", 0.01)]
+        if metrics["accuracy_reference"] == 0:
+            notes.append("the reference solves no held-out problem, so the int8 accuracy gate says little")
+        if metrics["accuracy_problems"] < 100:
+            notes.append(f"{metrics['accuracy_problems']} problems: one problem is more than 1 point")
+    else:
+        raise ValueError(f"unknown precision class {precision!r}")
+    if metrics.get("kl_support", "").startswith("target top-"):
+        notes.append(f"KL is over the {metrics['kl_support']} support (remote target), renormalised on it")
+    return GateResult(precision, all(c.ok for c in checks), checks, notes)

@@ -1,0 +1,285 @@
+"""The parity check end to end: prompts, the two side processes, metrics, gate, bisection.
+
+The parent never runs the model: it writes the prompts, starts one worker process per side
+(`python -m crosschip.verify.worker`), reads their safetensors/JSON back, and judges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crosschip.errors import CrosschipError
+from crosschip.verify import gate as gate_mod
+from crosschip.verify.metrics import SideResult, all_metrics
+from crosschip.verify.prompts import PromptSet
+
+
+@dataclass
+class VerifyOptions:
+    bundle: Path
+    out: Path
+    reference: str = "torch:cpu"
+    target: str | None = "ort:cpu"
+    target_url: str | None = None
+    api_key: str | None = None
+    model_name: str | None = None
+    top_k: int = 20
+    reference_weights: str = "auto"
+    """`auto` (the source checkpoint the manifest records, when it is here; else the bundle),
+    `bundle`, or a weights folder."""
+    target_weights: Path | None = None
+    target_dtype: str | None = None
+    problems: int = 64
+    scored_problems: int = 48
+    corpus_docs: int = 16
+    max_len: int = 128
+    max_new_tokens: int | None = None
+    digits: int = 2
+    ops: list[str] = field(default_factory=lambda: ["+", "-"])
+    seed: int = 0
+    bisect: bool = True
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class SideSpec:
+    """How to start one side's worker."""
+
+    name: str
+    backend: str
+    weights: Path | None = None
+    dtype: str = "fp32"
+    url: str | None = None
+
+    def label(self) -> str:
+        return self.url or self.backend
+
+    def argv(self, opts: VerifyOptions, prompts: Path, capture: bool = False) -> list[str]:
+        cmd = [sys.executable, "-m", "crosschip.verify.worker", "--side", self.name, "--bundle", str(opts.bundle)]
+        cmd += ["--backend", self.backend, "--prompts", str(prompts), "--out", str(opts.out), "--dtype", self.dtype]
+        cmd += ["--threads", str(max(1, (os.cpu_count() or 2) // 2))]
+        if self.weights is not None:
+            cmd += ["--weights", str(self.weights)]
+        if self.url is not None:
+            cmd += ["--url", self.url, "--top-k", str(opts.top_k)]
+            if opts.api_key:
+                cmd += ["--api-key", opts.api_key]
+            if opts.model_name:
+                cmd += ["--model-name", opts.model_name]
+        if capture:
+            cmd.append("--capture")
+        return cmd
+
+
+# --------------------------------------------------------------------------------------------
+# Workers
+# --------------------------------------------------------------------------------------------
+
+
+def _start(side: SideSpec, opts: VerifyOptions, prompts: Path, capture: bool) -> tuple[subprocess.Popen, Path]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    log = opts.out / f"{side.name}{'.capture' if capture else ''}.log"
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.Popen(side.argv(opts, prompts, capture), stdout=f, stderr=subprocess.STDOUT, env=env)
+    return proc, log
+
+
+def run_workers(
+    sides: list[SideSpec], opts: VerifyOptions, prompts: Path, *, capture: bool = False, progress: Any = print
+) -> None:
+    """Run the sides' workers at once (one process each) and wait; a failure names its side."""
+    started = [(side, *_start(side, opts, prompts, capture)) for side in sides]
+    deadline = time.monotonic() + opts.timeout_s
+    failures = []
+    try:
+        for side, proc, log in started:
+            try:
+                rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                failures.append(
+                    f"{side.name} side ({side.label()}) did not finish within {opts.timeout_s:.0f} s (log: {log})"
+                )
+                continue
+            if rc != 0:
+                failures.append(f"{side.name} side ({side.label()}): {_last_error(log)}")
+            else:
+                progress(f"verify: {side.name} side ({side.label()}) done")
+    finally:
+        # Never leave a side running behind a failure, a timeout or Ctrl-C.
+        for _, proc, _ in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if failures:
+        raise CrosschipError("; ".join(failures))
+
+
+def _last_error(log: Path) -> str:
+    """The worker's one-line error, or the last line of its traceback with the log's path."""
+    lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line.removeprefix("error: ")
+    return f"{lines[-1] if lines else 'exited without output'} (full log: {log})"
+
+
+def read_side(out: Path, name: str, prompts: PromptSet) -> SideResult:
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / f"{name}.safetensors")
+    data = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+    n = len(prompts.scored)
+    result = SideResult(greedy=data["greedy"], info=data["info"])
+    if "scored.0" in tensors:
+        result.logits = [tensors[f"scored.{i}"] for i in range(n)]
+    else:
+        result.topk = [
+            (tensors[f"topk_ids.{i}"], tensors[f"topk_lp.{i}"], tensors[f"topk_exact.{i}"]) for i in range(n)
+        ]
+        result.token_logprobs = [tensors[f"token_lp.{i}"] for i in range(n)]
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The check
+# --------------------------------------------------------------------------------------------
+
+
+def check_inputs(opts: VerifyOptions) -> None:
+    """Clear errors before any process starts."""
+    from crosschip.backends import get_backend
+
+    if not opts.bundle.is_dir():
+        raise CrosschipError(f"bundle folder not found: {opts.bundle}")
+    for name in ("config.json", "tokenizer.json"):
+        if not (opts.bundle / name).is_file():
+            raise CrosschipError(f"{opts.bundle} is not a bundle: {name} is missing")
+    get_backend(opts.reference)
+    if (opts.target is None) == (opts.target_url is None):
+        raise CrosschipError("give exactly one of --target SPEC or --target-url URL")
+    if opts.target is not None:
+        get_backend(opts.target)
+    ref_w = None if opts.reference_weights in ("auto", "bundle") else Path(opts.reference_weights)
+    for w in (ref_w, opts.target_weights):
+        if w is not None and not (w / "config.json").is_file():
+            raise CrosschipError(f"weights folder not found or not a bundle/checkpoint: {w}")
+    if opts.target_url is not None:
+        from crosschip.verify.remote import check_reachable
+
+        check_reachable(opts.target_url, opts.api_key)
+
+
+def reference_weights(opts: VerifyOptions) -> Path | None:
+    """What the reference runs: the trained model when the bundle says where it is."""
+    if opts.reference_weights == "bundle":
+        return None
+    if opts.reference_weights != "auto":
+        return Path(opts.reference_weights)
+    try:
+        source = json.loads((opts.bundle / "crosschip.json").read_text(encoding="utf-8")).get("source") or {}
+    except (OSError, ValueError):
+        return None
+    path = Path(source["path"]) if isinstance(source, dict) and source.get("path") else None
+    if path is not None and path.resolve() != opts.bundle.resolve() and (path / "config.json").is_file():
+        return path
+    return None
+
+
+def sides_of(opts: VerifyOptions, precision: str) -> tuple[SideSpec, SideSpec]:
+    ref = SideSpec("reference", opts.reference, reference_weights(opts), "fp32")
+    if opts.target_url is not None:
+        return ref, SideSpec("target", "remote", url=opts.target_url)
+    compute = opts.target_dtype or ("fp32" if precision == "int8" else precision)
+    return ref, SideSpec("target", opts.target, opts.target_weights, compute)
+
+
+def build_prompt_file(opts: VerifyOptions) -> tuple[PromptSet, Path, Any]:
+    from crosschip.tokenizer import Tokenizer
+    from crosschip.verify.prompts import build_prompts
+
+    tokenizer = Tokenizer.load(opts.bundle)
+    prompts = build_prompts(
+        tokenizer,
+        problems=opts.problems,
+        scored_problems=min(opts.scored_problems, opts.problems),
+        corpus_docs=opts.corpus_docs,
+        digits=opts.digits,
+        ops=opts.ops,
+        seed=opts.seed,
+        max_len=opts.max_len,
+        max_new_tokens=opts.max_new_tokens,
+    )
+    path = opts.out / "prompts.json"
+    prompts.save(path)
+    return prompts, path, tokenizer
+
+
+def verify(opts: VerifyOptions, progress: Any = print) -> dict[str, Any]:
+    """Run the parity check; returns the report (its `gate.passed` says whether it passed)."""
+    check_inputs(opts)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    precision, source = gate_mod.precision_of_bundle(opts.bundle)
+    if opts.target_dtype and opts.target_url is None:
+        precision, source = opts.target_dtype, "--target-dtype"
+    prompts, prompt_path, tokenizer = build_prompt_file(opts)
+    ref_spec, tgt_spec = sides_of(opts, precision)
+    progress(
+        f"verify: {len(prompts.scored)} scored texts, {len(prompts.greedy)} greedy prompts x {prompts.max_new_tokens} tokens; "
+        f"reference {ref_spec.label()} | target {tgt_spec.label()} (each in its own process)"
+    )
+    t0 = time.perf_counter()
+    run_workers([ref_spec, tgt_spec], opts, prompt_path, progress=progress)
+    ref, tgt = read_side(opts.out, "reference", prompts), read_side(opts.out, "target", prompts)
+    metrics = all_metrics(prompts, ref, tgt, tokenizer)
+    result = gate_mod.evaluate(metrics, precision)
+    report = {
+        "bundle": str(opts.bundle.resolve()),
+        "reference": {"spec": ref_spec.label(), **ref.info},
+        "target": {"spec": tgt_spec.label(), **tgt.info},
+        "precision": {"class": precision, "from": source},
+        "prompts": prompts.meta | {"scored": len(prompts.scored), "greedy": len(prompts.greedy)},
+        "metrics": metrics,
+        "gate": result.to_dict(),
+        "bisect": None,
+        "elapsed_s": round(time.perf_counter() - t0, 2),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if not result.passed and opts.bisect:
+        progress("verify: gate failed; bisecting layer by layer")
+        report["bisect"] = bisect_sides(opts, prompt_path, ref_spec, tgt_spec, precision, progress)
+    return report
+
+
+def bisect_sides(
+    opts: VerifyOptions, prompt_path: Path, ref: SideSpec, tgt: SideSpec, precision: str, progress: Any = print
+) -> dict[str, Any]:
+    """Capture module outputs on both sides (torch) and find the first departure."""
+    from safetensors.torch import load_file
+
+    from crosschip.backends import get_backend
+    from crosschip.verify.bisect import bisect_report, compare
+
+    if tgt.url is not None:
+        return {
+            "first_departure": None,
+            "note": "a remote target cannot be bisected: its weights are not here",
+            "table": [],
+        }
+    note = ""
+    if get_backend(tgt.backend).runtime != "torch":
+        tgt = SideSpec("target", "torch:cpu", tgt.weights, "fp32" if precision == "int8" else precision)
+        note = (
+            f"bisected in torch:cpu with the target's weights and {precision} precision; "
+            f"a departure that only {opts.target} shows (its runtime's ops) does not appear here"
+        )
+    run_workers([ref, tgt], opts, prompt_path, capture=True, progress=progress)
+    records = [load_file(opts.out / f"{s}.capture.safetensors") for s in ("reference", "target")]
+    names = json.loads((opts.out / "reference.capture.json").read_text(encoding="utf-8"))["labels"]
+    return bisect_report(compare(*records, names, precision), precision, note=note)

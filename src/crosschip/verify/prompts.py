@@ -1,0 +1,108 @@
+"""The prompts both sides of a parity check run: held-out arithmetic problems and corpus text.
+
+The parent process builds them once with the bundle's tokenizer and writes them as JSON, so
+the reference and the target see exactly the same token ids.
+
+Three uses:
+- `scored`: full texts (problem + worked completion, corpus paragraphs) run teacher-forced;
+  every position's next-token distribution is compared (KL, top-1, tensor metrics) and the
+  corpus ones give the held-out perplexity;
+- `greedy`: problem prompts (and corpus prefixes) each side continues greedily; the match
+  length and the task accuracy come from them;
+- `capture`: the few scored texts the layer bisection records module outputs on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crosschip.data.arith import Problem, generate_problems
+from crosschip.data.corpus import builtin_corpus
+from crosschip.errors import CrosschipError
+
+
+@dataclass
+class Prompt:
+    """One token sequence; `problem` is (a, op, b) for arithmetic prompts."""
+
+    kind: str  # "arith" | "corpus"
+    ids: list[int]
+    problem: tuple[int, str, int] | None = None
+
+    def as_problem(self) -> Problem | None:
+        return Problem(*self.problem) if self.problem else None
+
+
+@dataclass
+class PromptSet:
+    scored: list[Prompt]
+    greedy: list[Prompt]
+    max_new_tokens: int
+    eos_ids: list[int]
+    capture: list[int] = field(default_factory=list)
+    """Indices into `scored` the bisection runs on."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self)), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PromptSet:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        to_prompt = lambda d: Prompt(d["kind"], list(d["ids"]), tuple(d["problem"]) if d["problem"] else None)
+        return cls(
+            scored=[to_prompt(d) for d in data["scored"]],
+            greedy=[to_prompt(d) for d in data["greedy"]],
+            max_new_tokens=int(data["max_new_tokens"]),
+            eos_ids=list(data["eos_ids"]),
+            capture=list(data.get("capture", [])),
+            meta=dict(data.get("meta", {})),
+        )
+
+
+def build_prompts(
+    tokenizer: Any,
+    *,
+    problems: int,
+    scored_problems: int,
+    corpus_docs: int,
+    digits: int,
+    ops: list[str],
+    seed: int,
+    max_len: int,
+    max_new_tokens: int | None = None,
+    capture: int = 4,
+) -> PromptSet:
+    """Tokenize the held-out problems and corpus paragraphs both sides will run.
+
+    problems: problems continued greedily (task accuracy); the first `scored_problems` of
+    them are also scored teacher-forced. corpus_docs: corpus paragraphs, cut to `max_len`
+    tokens, scored teacher-forced (perplexity) and continued greedily from a 16-token prefix.
+    max_new_tokens: greedy length; None = the longest worked completion plus 2, so a model
+    that has learned the task can finish every problem.
+    """
+    if problems < 1:
+        raise CrosschipError(f"verify: --problems must be >= 1, got {problems}")
+    chosen = generate_problems(problems, digits=digits, ops=ops, seed=seed, split="heldout")
+    bos = [tokenizer.bos_id]
+    scored, greedy = [], []
+    for i, p in enumerate(chosen):
+        key = (p.a, p.op, p.b)
+        greedy.append(Prompt("arith", bos + tokenizer.encode(p.prompt), key))
+        if i < scored_problems:
+            scored.append(Prompt("arith", (bos + tokenizer.encode(p.text) + [tokenizer.eos_id])[:max_len], key))
+    for text in builtin_corpus()[:corpus_docs]:
+        ids = (bos + tokenizer.encode(text))[:max_len]
+        scored.append(Prompt("corpus", ids))
+        greedy.append(Prompt("corpus", ids[:16]))
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer.encode(p.completion)) for p in chosen) + 2
+    # Capture a few of each kind: a fault may only show on one of them.
+    arith_idx = [i for i, p in enumerate(scored) if p.kind == "arith"][: capture // 2]
+    corpus_idx = [i for i, p in enumerate(scored) if p.kind == "corpus"][: capture - len(arith_idx)]
+    meta = {"digits": digits, "ops": list(ops), "seed": seed, "problems": problems, "corpus_docs": corpus_docs}
+    eos_ids = [tokenizer.eos_id] + ([tokenizer.end_id] if getattr(tokenizer, "end_id", None) is not None else [])
+    return PromptSet(scored, greedy, max_new_tokens, eos_ids, arith_idx + corpus_idx, meta)

@@ -1,0 +1,188 @@
+"""A remote target: any OpenAI-compatible server that returns logprobs (vLLM, vllm-ascend,
+MindIE, `crosschip serve`), driven by the official `openai` client.
+
+- Scoring uses vLLM's prompt-logprob semantics: `/v1/completions` with the prompt as token
+  ids, `echo=True`, `logprobs=K`, `max_tokens=1`. Entry t of the returned lists is token t's
+  log-probability given the tokens before it (entry 0 is null), with the top-K alternatives;
+  the one generated token's entry gives the distribution after the last prompt token. So
+  entry t+1 lines up with our logits row t.
+- The greedy continuation is `temperature=0` with the same token-id prompts.
+- Token ids come back as `token_id:N` strings when the server honours vLLM's
+  `return_tokens_as_token_ids`. Otherwise token strings are mapped back through the bundle's
+  tokenizer. A byte-level BPE has strings that several ids share (lone UTF-8 continuation
+  bytes all decode to U+FFFD), so each string maps to its *canonical* id (the smallest id with
+  that string): shared strings are left out of the KL support (a JSON object keeps one value
+  per key, so their log-probs are not trustworthy), and top-1 and greedy tokens compare by
+  canonical id on both sides. The side's info says how many entries that touched.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crosschip.errors import CrosschipError
+from crosschip.verify.sides import STOP, finish
+
+_TOKEN_ID = re.compile(r"^token_id:(\d+)$")
+EXTRA = {"return_tokens_as_token_ids": True}
+
+
+def _client(url: str, api_key: str | None, timeout: float = 120.0) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
+
+
+def _explain(url: str, e: Exception) -> CrosschipError:
+    import openai
+
+    if isinstance(e, openai.AuthenticationError):
+        return CrosschipError(f"{url} refused the API key (401); pass the right one with --api-key")
+    if isinstance(e, openai.APIConnectionError):
+        cause = e.__cause__ or e
+        return CrosschipError(f"cannot reach {url}: {' '.join(str(cause).split()) or type(cause).__name__}")
+    if isinstance(e, openai.APIStatusError):
+        return CrosschipError(f"{url} answered {e.status_code}: {' '.join(str(e.message).split())[:300]}")
+    return CrosschipError(f"{url}: {type(e).__name__}: {e}")
+
+
+def check_reachable(url: str, api_key: str | None) -> str:
+    """The server's first model id; a clear one-line error when it cannot be used."""
+    import openai
+
+    if not re.match(r"^https?://", url):
+        raise CrosschipError(f"--target-url must start with http:// or https://, got {url!r}")
+    try:
+        models = _client(url, api_key, timeout=10.0).models.list().data
+    except openai.OpenAIError as e:
+        raise _explain(url, e) from None
+    if not models:
+        raise CrosschipError(f"{url} lists no models")
+    return models[0].id
+
+
+def string_table(tokenizer: Any) -> tuple[dict[str, int], set[str]]:
+    """Token string -> canonical (smallest) id, and the strings several ids share."""
+    by_string: dict[str, int] = {}
+    shared: set[str] = set()
+    for i, s in enumerate(tokenizer.token_strings(list(range(tokenizer.vocab_size)))):
+        if s in by_string:
+            shared.add(s)
+        else:
+            by_string[s] = i
+    return by_string, shared
+
+
+def canonical_ids(tokenizer: Any) -> tuple[Tensor, Tensor]:
+    """(V,) each id -> the canonical id of its token string, and (V,) bool: the string is shared."""
+    by_string, shared = string_table(tokenizer)
+    strings = tokenizer.token_strings(list(range(tokenizer.vocab_size)))
+    return torch.tensor([by_string[s] for s in strings]), torch.tensor([s in shared for s in strings])
+
+
+class RemoteSide:
+    def __init__(
+        self, url: str, tokenizer: Any, *, api_key: str | None, model: str | None, top_k: int, workers: int = 8
+    ):
+        self.url = url
+        self.tokenizer = tokenizer
+        self.client = _client(url, api_key)
+        self.model = model or check_reachable(url, api_key)
+        self.top_k = top_k
+        self.workers = workers
+        self.extra = dict(EXTRA)
+        self._by_string: dict[str, int] | None = None
+        self._shared: set[str] = set()
+        self.mapped_from_strings = 0
+        self.ambiguous = 0
+
+    def _call(self, **kw: Any) -> Any:
+        import openai
+
+        try:
+            return self.client.completions.create(model=self.model, extra_body=self.extra, **kw)
+        except openai.BadRequestError as e:
+            # A strict server may refuse vLLM's extra field: ask again without it.
+            if self.extra and "return_tokens_as_token_ids" in str(e.message):
+                self.extra = {}
+                return self._call(**kw)
+            raise _explain(self.url, e) from None
+        except openai.OpenAIError as e:
+            raise _explain(self.url, e) from None
+
+    # -- token ids ----------------------------------------------------------------------------
+    def _id(self, token: str) -> tuple[int, bool]:
+        """(id, exact): the canonical id of a token string; exact is False for shared strings."""
+        if m := _TOKEN_ID.match(token):
+            return int(m[1]), True
+        if self._by_string is None:
+            self._by_string, self._shared = string_table(self.tokenizer)
+        self.mapped_from_strings += 1
+        if token not in self._by_string:
+            raise CrosschipError(f"{self.url} returned token {token!r}, which the bundle's tokenizer does not have")
+        exact = token not in self._shared
+        self.ambiguous += not exact
+        return self._by_string[token], exact
+
+    # -- scoring ------------------------------------------------------------------------------
+    def score_remote(self, ids: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Top-K ids (R, K), their log-probs (R, K), exact-id mask (R, K), next-token log-probs (T-1,)."""
+        resp = self._call(prompt=ids, echo=True, logprobs=self.top_k, max_tokens=1, temperature=0.0)
+        lp = resp.choices[0].logprobs
+        if lp is None or not lp.top_logprobs:
+            raise CrosschipError(f"{self.url} returned no logprobs for an echo=True, logprobs={self.top_k} request")
+        T = len(ids)
+        tops = [row for row in lp.top_logprobs[1 : T + 1] if row]
+        if len(tops) < T - 1 or lp.token_logprobs is None or len(lp.token_logprobs) < T:
+            raise CrosschipError(
+                f"{self.url} returned logprobs for {len(tops)} of {T} prompt positions; it must support echo=True with logprobs"
+            )
+        k = min(self.top_k, *(len(row) for row in tops))
+        top_ids, top_lp, exact = [], [], []
+        for row in tops:
+            best = sorted(row.items(), key=lambda kv: -kv[1])[:k]
+            mapped = [self._id(tok) for tok, _ in best]
+            top_ids.append([i for i, _ in mapped])
+            exact.append([e for _, e in mapped])
+            top_lp.append([v for _, v in best])
+        token_lp = torch.tensor([float(v) for v in lp.token_logprobs[1:T]], dtype=torch.float64)
+        return (
+            torch.tensor(top_ids, dtype=torch.long),
+            torch.tensor(top_lp, dtype=torch.float64),
+            torch.tensor(exact, dtype=torch.bool),
+            token_lp,
+        )
+
+    def score_all(self, prompts: Any) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        with ThreadPoolExecutor(self.workers) as pool:
+            for i, (ids, lp, exact, tok) in enumerate(pool.map(self.score_remote, [p.ids for p in prompts.scored])):
+                out[f"topk_ids.{i}"], out[f"topk_lp.{i}"], out[f"topk_exact.{i}"], out[f"token_lp.{i}"] = (
+                    ids,
+                    lp,
+                    exact,
+                    tok,
+                )
+        return out
+
+    # -- greedy -------------------------------------------------------------------------------
+    def _greedy_one(self, ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> list[int]:
+        resp = self._call(prompt=ids, max_tokens=max_new_tokens, temperature=0.0, logprobs=1)
+        choice = resp.choices[0]
+        if choice.logprobs is not None and choice.logprobs.tokens is not None:
+            generated = [self._id(t)[0] for t in choice.logprobs.tokens]
+        else:
+            generated = self.tokenizer.encode(choice.text)
+        generated = finish(generated, eos_ids)
+        if choice.finish_reason == "stop" and (not generated or generated[-1] != STOP):
+            generated.append(STOP)
+        return generated
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int]) -> list[list[int]]:
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(lambda p: self._greedy_one(p, max_new_tokens, eos_ids), prompts))
