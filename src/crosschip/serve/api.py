@@ -1,0 +1,462 @@
+"""The OpenAI-compatible HTTP layer (FastAPI) over an `AsyncEngine`.
+
+Every failure is an OpenAI nested error body, never a 500 with a traceback: bad parameters
+name themselves (400), a full queue or a draining server is 503 with Retry-After, and a
+client that goes away (streaming or not) aborts its request, so its cache blocks are freed
+at the next engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from crosschip.errors import CrosschipError
+from crosschip.serve.engine import AsyncEngine, Delta, NotAdmitting, QueueFull
+from crosschip.serve.metrics import ServeMetrics
+from crosschip.serve.protocol import (
+    Envelope,
+    LogprobFormatter,
+    chat_messages,
+    completion_prompts,
+    merge_deltas,
+    sampling_params,
+    usage,
+)
+from crosschip.serve.sampling import InvalidParameter, SamplingParams
+
+RETRY_AFTER_S = "1"
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def unavailable(message: str) -> ApiError:
+    return ApiError(503, message, type="service_unavailable", code="overloaded", headers={"Retry-After": RETRY_AFTER_S})
+
+
+@dataclass
+class ServerState:
+    """What the server is doing: loading (no engine yet), ready, or draining."""
+
+    model_name: str
+    engine: AsyncEngine | None = None
+    tokenizer: object = None
+    max_model_len: int = 0
+    draining: bool = False
+    api_key: str | None = None
+    metrics: ServeMetrics = field(default_factory=ServeMetrics)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+    def set_engine(self, engine: AsyncEngine, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = engine.engine.executor.max_seq_len
+        self.metrics.bind(engine.engine)
+        self.engine = engine
+
+
+# --------------------------------------------------------------------------------------------
+# Request plumbing
+# --------------------------------------------------------------------------------------------
+
+
+async def read_json(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_body") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(
+            400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return body
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client has gone away (the body was already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def merged(streams: list[AsyncIterator[list[Delta]]], offsets: list[int]) -> AsyncIterator[Delta]:
+    """Deltas of several requests as they come; choice index shifted by the request's offset."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[list[Delta]], offset: int) -> None:
+        try:
+            async for deltas in stream:
+                for d in deltas:
+                    d.index += offset
+                    await queue.put(d)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(s, o)) for s, o in zip(streams, offsets)]
+    try:
+        left = len(tasks)
+        while left:
+            d = await queue.get()
+            if d is None:
+                left -= 1
+            else:
+                yield d
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+@dataclass
+class Submitted:
+    """The engine requests behind one HTTP request (one per prompt)."""
+
+    request_ids: list[str]
+    prompt_ids: list[list[int]]
+    deltas: AsyncIterator[Delta]
+    n: int
+
+
+def submit_all(state: ServerState, prompts: list, params: SamplingParams, stream: bool) -> Submitted:
+    engine = state.engine
+    ids, prompt_ids, streams = [], [], []
+    try:
+        for p in prompts:
+            req, deltas = engine.submit(p, params, stream=stream)
+            ids.append(req.request_id)
+            prompt_ids.append(req.prompt_ids)
+            streams.append(deltas)
+    except (QueueFull, NotAdmitting) as e:
+        for rid in ids:
+            engine.abort(rid)
+        raise unavailable(str(e)) from None
+    except InvalidParameter as e:
+        for rid in ids:
+            engine.abort(rid)
+        raise ApiError(400, str(e), param=e.param) from None
+    state.metrics.prompt_tokens.inc(sum(len(p) for p in prompt_ids))
+    offsets = [i * params.n for i in range(len(prompts))]
+    deltas = flat(streams[0]) if len(streams) == 1 else merged(streams, offsets)
+    return Submitted(ids, prompt_ids, timed(deltas, state.metrics), params.n)
+
+
+async def flat(stream: AsyncIterator[list[Delta]]) -> AsyncIterator[Delta]:
+    async for deltas in stream:
+        for d in deltas:
+            yield d
+
+
+async def timed(deltas: AsyncIterator[Delta], metrics: ServeMetrics) -> AsyncIterator[Delta]:
+    """Record TTFT, inter-token and request latency and generated tokens as deltas pass.
+
+    TTFT comes from the engine (arrival to first token), so non-streaming requests, which
+    get one delta per choice at the end, report it too; inter-token gaps are streaming-only.
+    """
+    start = last = time.monotonic()
+    async for d in deltas:
+        now = time.monotonic()
+        if d.ttft_s is not None:
+            metrics.ttft.observe(d.ttft_s)
+        elif d.token_ids:
+            metrics.itl.observe(now - last)
+        if d.token_ids:
+            metrics.generation_tokens.inc(len(d.token_ids))
+            last = now
+        yield d
+    metrics.e2e.observe(time.monotonic() - start)
+
+
+async def collect(request: Request, sub: Submitted, state: ServerState) -> list[Delta]:
+    """All deltas of a non-streaming request, aborting it if the client disconnects first."""
+    per_choice: dict[int, list[Delta]] = {}
+
+    async def gather() -> None:
+        async for d in sub.deltas:
+            per_choice.setdefault(d.index, []).append(d)
+
+    work = asyncio.create_task(gather())
+    gone = asyncio.create_task(wait_for_disconnect(request))
+    done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if work not in done:
+        work.cancel()
+        for rid in sub.request_ids:
+            state.engine.abort(rid)
+        raise asyncio.CancelledError("client disconnected")
+    gone.cancel()
+    work.result()
+    return [merge_deltas(per_choice[i]) for i in sorted(per_choice)]
+
+
+def sse(obj: dict | str) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+
+
+async def guarded_stream(body: AsyncIterator[bytes], sub: Submitted, state: ServerState) -> AsyncIterator[bytes]:
+    """Abort the engine requests if the stream ends early (client disconnect cancels it)."""
+    finished = False
+    try:
+        async for chunk in body:
+            yield chunk
+        finished = True
+    finally:
+        if not finished:
+            for rid in sub.request_ids:
+                state.engine.abort(rid)
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoints
+# --------------------------------------------------------------------------------------------
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI app; `state.engine` may be set later (the server answers 503 until then)."""
+    app = FastAPI(title="crosschip", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        state.metrics.requests.labels(request.url.path, str(e.status)).inc()
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return ApiError(e.status_code, str(e.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error").response()
+
+    def check(request: Request) -> None:
+        if state.api_key and request.headers.get("authorization", "") != f"Bearer {state.api_key}":
+            raise ApiError(
+                401,
+                "invalid or missing API key (send Authorization: Bearer KEY)",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+        if state.engine is None:
+            raise unavailable("the model is still loading")
+        if state.draining:
+            raise unavailable("the server is shutting down")
+
+    def check_model(body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != state.model_name:
+            raise ApiError(
+                404,
+                f"model: {model!r} is not served here; this server serves {state.model_name!r}",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+
+    @app.get("/health")
+    async def health():
+        if state.ready:
+            return {"status": "ok"}
+        return JSONResponse(
+            {"status": "draining" if state.draining else "loading"},
+            status_code=503,
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if state.api_key:
+            check(request)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "crosschip",
+                    "max_model_len": state.max_model_len,
+                }
+            ],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check(request)
+        body = await read_json(request)
+        check_model(body)
+        try:
+            params = sampling_params(body, chat=False)
+            prompts = completion_prompts(body)
+            stream = _get_stream(body)
+        except InvalidParameter as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        lp = LogprobFormatter(state.tokenizer)
+        sub = submit_all(state, prompts, params, stream is not None)
+        env = Envelope.new("cmpl", "text_completion", state.model_name)
+        echo = bool(body.get("echo"))
+        if stream is not None:
+            out = guarded_stream(_completion_chunks(sub, env, stream, echo, state, lp), sub, state)
+            state.metrics.requests.labels("/v1/completions", "200").inc()
+            return StreamingResponse(out, media_type="text/event-stream")
+        choices = await collect(request, sub, state)
+        state.metrics.requests.labels("/v1/completions", "200").inc()
+        return env.body(
+            choices=[_completion_choice(d, sub, echo, state, lp) for d in choices], usage=_usage(sub, choices)
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check(request)
+        body = await read_json(request)
+        check_model(body)
+        try:
+            params = sampling_params(body, chat=True)
+            messages = chat_messages(body)
+            stream = _get_stream(body)
+            prompt = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except InvalidParameter as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        except CrosschipError as e:
+            raise ApiError(400, f"messages: {e}", param="messages") from None
+        lp = LogprobFormatter(state.tokenizer)
+        end_id = getattr(state.tokenizer, "end_id", None)
+        if end_id is not None:
+            params.stop_token_ids = [*params.stop_token_ids, end_id]  # `<|end|>` closes the assistant turn
+        prompt_ids = state.tokenizer.encode(prompt, add_bos=False)
+        sub = submit_all(state, [prompt_ids], params, stream is not None)
+        env = Envelope.new("chatcmpl", "chat.completion", state.model_name)
+        if stream is not None:
+            env.object = "chat.completion.chunk"
+            out = guarded_stream(_chat_chunks(sub, env, stream, lp), sub, state)
+            state.metrics.requests.labels("/v1/chat/completions", "200").inc()
+            return StreamingResponse(out, media_type="text/event-stream")
+        choices = await collect(request, sub, state)
+        state.metrics.requests.labels("/v1/chat/completions", "200").inc()
+        return env.body(
+            choices=[
+                {
+                    "index": d.index,
+                    "message": {"role": "assistant", "content": d.text},
+                    "logprobs": lp.chat(d.logprobs) if d.logprobs is not None else None,
+                    "finish_reason": d.finish_reason,
+                }
+                for d in choices
+            ],
+            usage=_usage(sub, choices),
+        )
+
+    return app
+
+
+def _get_stream(body: dict) -> dict | None:
+    """None when not streaming, else the stream options ({} when absent)."""
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidParameter("stream", "stream: expected boolean")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise InvalidParameter("stream_options", "stream_options: expected an object")
+    if opts and not stream:
+        raise InvalidParameter("stream_options", "stream_options: only allowed when stream is true")
+    return (opts or {}) if stream else None
+
+
+def _usage(sub: Submitted, choices: list[Delta]) -> dict:
+    return usage(sum(len(p) for p in sub.prompt_ids), sum(len(d.token_ids) for d in choices))
+
+
+def _completion_choice(d: Delta, sub: Submitted, echo: bool, state: ServerState, lp: LogprobFormatter) -> dict:
+    prompt_ids = sub.prompt_ids[d.index // sub.n]
+    text, logprobs = d.text, None
+    prompt_text = state.tokenizer.decode(prompt_ids) if echo else ""
+    if d.logprobs is not None:
+        entries, ids = list(d.logprobs), [e.token_id for e in d.logprobs]
+        if echo and d.prompt_logprobs is not None:
+            entries, ids = [*d.prompt_logprobs, *entries], [*prompt_ids, *ids]
+        logprobs = lp.completion(entries, ids)
+    return {"index": d.index, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": d.finish_reason}
+
+
+async def _completion_chunks(
+    sub: Submitted, env: Envelope, opts: dict, echo: bool, state: ServerState, lp: LogprobFormatter
+) -> AsyncIterator[bytes]:
+    started: set[int] = set()
+    generated = 0
+    async for d in sub.deltas:
+        generated += len(d.token_ids)
+        if not d.text and d.finish_reason is None and d.logprobs is None and d.index in started:
+            continue  # text held back (a partial UTF-8 char or a possible stop string)
+        choice = _completion_choice(d, sub, echo and d.index not in started, state, lp)
+        started.add(d.index)
+        yield sse(env.body(choices=[choice]))
+    if opts.get("include_usage"):
+        yield sse(env.body(choices=[], usage=usage(sum(len(p) for p in sub.prompt_ids), generated)))
+    yield sse("[DONE]")
+
+
+async def _chat_chunks(sub: Submitted, env: Envelope, opts: dict, lp: LogprobFormatter) -> AsyncIterator[bytes]:
+    include_usage = bool(opts.get("include_usage"))
+    extra = {"usage": None} if include_usage else {}
+    for i in range(sub.n):  # the role comes first, in a delta of its own, as OpenAI sends it
+        yield sse(
+            env.body(
+                choices=[
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ],
+                **extra,
+            )
+        )
+    generated = 0
+    async for d in sub.deltas:
+        generated += len(d.token_ids)
+        if not d.text and d.finish_reason is None and not d.logprobs:
+            continue  # text held back (a partial UTF-8 char or a possible stop string)
+        delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+        choice = {
+            "index": d.index,
+            "delta": delta,
+            "logprobs": lp.chat(d.logprobs) if d.logprobs else None,
+            "finish_reason": d.finish_reason,
+        }
+        yield sse(env.body(choices=[choice], **extra))
+    if include_usage:
+        yield sse(env.body(choices=[], usage=usage(sum(len(p) for p in sub.prompt_ids), generated)))
+    yield sse("[DONE]")

@@ -1,0 +1,173 @@
+"""`crosschip serve BUNDLE --on SPEC`: the OpenAI-compatible server over one bundle.
+
+The server listens at once and answers /health with 503 while the bundle loads; it prints
+`ready on http://HOST:PORT` when /health turns 200. SIGTERM (or Ctrl-C) drains: new
+requests get 503, in-flight ones finish (up to --drain-timeout, then they are aborted), and
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from crosschip.config import ServeConfig
+from crosschip.errors import BundleError, CrosschipError
+
+DEFAULTS = ServeConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, help="bundle folder (HF DeepseekV3 layout + tokenizer.json)")
+    parser.add_argument(
+        "--on", default="torch:cpu", metavar="SPEC", help="backend that runs the model (torch:cpu, ort:cpu, ...)"
+    )
+    parser.add_argument("--host", default=DEFAULTS.host, help="address to bind (default: loopback)")
+    parser.add_argument("--port", type=int, default=DEFAULTS.port)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("CROSSCHIP_API_KEY") or None,
+        help="require `Authorization: Bearer KEY` (env CROSSCHIP_API_KEY)",
+    )
+    parser.add_argument("--model-name", default=None, help="model id clients send (default: the bundle folder's name)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, help="sequences decoded together")
+    parser.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue, help="waiting sequences before 503")
+    parser.add_argument("--block-size", type=int, default=DEFAULTS.block_size, help="tokens per latent cache block")
+    parser.add_argument(
+        "--num-blocks",
+        type=int,
+        default=DEFAULTS.num_blocks,
+        help="latent cache blocks (0 = max-batch full-length sequences)",
+    )
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULTS.prefill_chunk, help="prompt tokens fed per step")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULTS.drain_timeout_s,
+        help="seconds SIGTERM waits for in-flight requests",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (see serve.compile)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+
+
+def load_engine(args: argparse.Namespace):
+    """Executor + tokenizer + async engine for the bundle (runs in a worker thread)."""
+    import torch
+
+    from crosschip.serve.engine import AsyncEngine, Engine
+    from crosschip.serve.executor import make_executor
+    from crosschip.tokenizer import Tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = dict(max_batch=args.max_batch, block_size=args.block_size, num_blocks=args.num_blocks)
+    if args.on.startswith("torch:"):
+        opts["compile"] = args.compile
+    executor = make_executor(args.bundle, args.on, **opts)
+    tokenizer = Tokenizer.load(args.bundle)
+    engine = Engine(
+        executor, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk
+    )
+    front = AsyncEngine(engine)
+    front.start()
+    return front, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from crosschip.serve.api import ServerState, create_app
+
+    if not args.bundle.is_dir():
+        raise BundleError(f"bundle folder not found: {args.bundle}")
+    if not (args.bundle / "tokenizer.json").is_file():
+        raise BundleError(f"bundle has no tokenizer.json: {args.bundle}")
+    if args.max_batch < 1 or args.max_queue < 1:
+        raise CrosschipError("--max-batch and --max-queue must be at least 1")
+    # The engine thread runs Python between torch ops; a shorter GIL switch interval than the
+    # default 5 ms lets the event loop answer and stream while a step is running.
+    sys.setswitchinterval(0.0005)
+    state = ServerState(model_name=args.model_name or args.bundle.resolve().name, api_key=args.api_key)
+    app = create_app(state)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
+    )
+    server = DrainingServer(config, state, args.drain_timeout)
+    return asyncio.run(server.run_until_drained(args))
+
+
+class DrainingServer:
+    """uvicorn with a drain on SIGTERM/SIGINT instead of an immediate stop."""
+
+    def __init__(self, config, state, drain_timeout: float):
+        import uvicorn
+
+        outer = self
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):  # signal handler, main thread
+                outer.on_signal(sig)
+
+        self.server = _Server(config)
+        self.state = state
+        self.drain_timeout = drain_timeout
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.drain_started = False
+        self.load_error: BaseException | None = None
+
+    def on_signal(self, sig: int) -> None:
+        if self.drain_started:  # a second signal: stop now
+            self.server.should_exit = True
+            self.server.force_exit = True
+            return
+        self.drain_started = True
+        self.state.draining = True
+        print(
+            f"crosschip serve: {signal.Signals(sig).name}: draining (up to {self.drain_timeout:g}s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.drain()))
+
+    async def drain(self) -> None:
+        front = self.state.engine
+        if front is not None:
+            front.engine.admitting = False
+            deadline = time.monotonic() + self.drain_timeout
+            while front.engine.requests and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            for rid in list(front.engine.requests):
+                front.abort(rid)
+            await asyncio.sleep(0.1)  # let the aborted streams end
+        self.server.should_exit = True
+
+    async def run_until_drained(self, args: argparse.Namespace) -> int:
+        self.loop = asyncio.get_running_loop()
+        serving = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if serving.done():
+                serving.result()
+                raise CrosschipError(f"could not start the server on {args.host}:{args.port}")
+            await asyncio.sleep(0.01)
+        try:
+            front, tokenizer = await asyncio.to_thread(load_engine, args)
+        except BaseException as e:
+            self.server.should_exit = True
+            await serving
+            raise e
+        self.state.set_engine(front, tokenizer)
+        if not self.drain_started:  # a SIGTERM during loading means: never become ready
+            port = self.server.servers[0].sockets[0].getsockname()[1]
+            print(
+                f"crosschip serve: {args.on}, model {self.state.model_name!r}; ready on http://{args.host}:{port}",
+                flush=True,
+            )
+        await serving
+        front.shutdown()
+        return 0

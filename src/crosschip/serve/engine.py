@@ -1,0 +1,501 @@
+"""The serving engine: scheduler and step loop over an `Executor`.
+
+Continuous batching: sequences join and leave the running batch between steps. Each step
+feeds every decoding sequence one token (one batched forward) plus up to `prefill_chunk`
+prompt tokens of sequences still prefilling, so a long prompt never stalls running decodes.
+A sequence is admitted only when the executor can hold its whole length (prompt +
+max_tokens), so a running sequence never runs out of cache and nothing is preempted.
+
+`Engine.generate` is the offline API; `AsyncEngine` runs the step loop in a background thread
+for the HTTP server (submit / stream / abort).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from crosschip.errors import CrosschipError
+from crosschip.serve.executor import Chunk, Executor
+from crosschip.serve.sampling import (
+    InvalidParameter,
+    SamplingParams,
+    TokenLogprob,
+    find_stop,
+    make_generator,
+    sample,
+    stream_safe_end,
+    token_logprob,
+)
+
+
+class QueueFull(CrosschipError):
+    """More requests are waiting than `max_queue`; the server answers 503 + Retry-After."""
+
+
+class NotAdmitting(CrosschipError):
+    """The engine is draining (SIGTERM) and takes no new requests."""
+
+
+@dataclass
+class Output:
+    """One finished choice of a request."""
+
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+@dataclass
+class Delta:
+    """What one step added to one choice: new tokens, the text now safe to send, logprobs."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    ttft_s: float | None = None
+    """Set on a choice's first delta: seconds from arrival to its first token."""
+
+
+@dataclass
+class Sequence:
+    """One choice of a request as the scheduler tracks it."""
+
+    seq_id: int
+    request: Request
+    index: int
+    generator: torch.Generator
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    computed: int = 0  # tokens already in the executor's cache
+    counts: torch.Tensor | None = None  # (V,) generated-token counts, only with penalties
+    text: str = ""  # decoded so far (incrementally, when streaming or watching stop strings)
+    prefix_offset: int = 0  # incremental detokenization window, as in vLLM
+    read_offset: int = 0
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    sent_logprobs: int = 0
+    finish_reason: str | None = None
+    stop_cut: bool = False  # finished on a stop string; `text` is already cut before it
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt_ids)
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    arrival: float
+    on_delta: object = None  # callable(list[Delta]) from the engine thread, or None (offline)
+    stream: bool = True  # False: one delta per choice, when it finishes
+    sequences: list[Sequence] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+
+class Engine:
+    """Scheduler + step loop over an executor (synchronous; one thread drives `step`)."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        tokenizer,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        prefill_chunk: int = 256,
+        eos_token_ids: list[int] | None = None,
+    ):
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        if eos_token_ids is None:
+            eos = getattr(tokenizer, "eos_id", None)
+            eos_token_ids = [eos] if eos is not None else []
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._aborts: deque[str] = deque()
+        self._lock = threading.Lock()
+        self.admitting = True
+        self.steps = 0
+
+    # -- requests -------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=True)
+        return list(prompt)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """The request's max_tokens after checking it fits the context; raises InvalidParameter."""
+        if not prompt_ids:
+            raise InvalidParameter("prompt", "prompt: must contain at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < self.executor.vocab_size]
+        if bad:
+            raise InvalidParameter(
+                "prompt", f"prompt: token id {bad[0]} is outside the vocabulary (0..{self.executor.vocab_size - 1})"
+            )
+        context = self.executor.max_seq_len
+        room = context - len(prompt_ids)
+        if params.max_tokens is None:
+            if room < 1:
+                raise InvalidParameter(
+                    "prompt", f"prompt: {len(prompt_ids)} tokens leave no room in the model's context of {context}"
+                )
+            return room
+        if params.max_tokens > room:
+            raise InvalidParameter(
+                "max_tokens",
+                f"max_tokens: the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's context of {context} tokens",
+            )
+        return params.max_tokens
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        on_delta=None,
+        stream: bool = True,
+    ) -> Request:
+        """Queue a request (thread-safe); raises InvalidParameter, QueueFull or NotAdmitting."""
+        prompt_ids = self.encode(prompt)
+        max_tokens = self.check_request(prompt_ids, params)
+        request = Request(
+            request_id or uuid.uuid4().hex, prompt_ids, params, max_tokens, time.monotonic(), on_delta, stream
+        )
+        base_seed = params.seed
+        for i in range(params.n):
+            seed = None if base_seed is None else base_seed + i
+            request.sequences.append(Sequence(next(self._seq_ids), request, i, make_generator(seed)))
+        with self._lock:
+            if not self.admitting:
+                raise NotAdmitting("the server is shutting down")
+            if len(self.waiting) + params.n > self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            self.requests[request.request_id] = request
+            self.waiting.extend(request.sequences)
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next step and free its cache (thread-safe)."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._aborts)
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> None:
+        """Apply aborts, admit, run one batched forward, sample, and finish sequences."""
+        self._apply_aborts()
+        self._admit()
+        if not self.running:
+            return
+        chunks, fed = self._schedule()
+        need_all = any(s.request.params.prompt_logprobs is not None and n > 1 for s, n in fed)
+        logits = self.executor.step(chunks, all_logits=need_all)
+        self.steps += 1
+        now = time.monotonic()
+        greedy_rows, greedy_seqs = [], []
+        for (seq, n), row in zip(fed, logits):
+            if need_all and seq.request.params.prompt_logprobs is not None and seq.prefilling:
+                self._record_prompt_logprobs(seq, row)
+            last = row if row.dim() == 1 else row[-1]
+            seq.computed += n
+            if seq.prefilling:
+                continue  # more prompt chunks to come
+            if seq.request.params.plain_greedy:
+                greedy_rows.append(last)
+                greedy_seqs.append(seq)
+            else:
+                self._append(seq, self._sample_one(seq, last))
+        if greedy_rows:
+            # One argmax for the whole batch: no per-row work for plain greedy decoding.
+            for seq, tok in zip(greedy_seqs, torch.stack(greedy_rows).argmax(dim=-1).tolist()):
+                self._append(seq, tok)
+        self._emit([seq for seq, _ in fed if len(seq.output_ids) > seq.sent_tokens], now)
+        self._retire()
+
+    def _emit(self, seqs: list[Sequence], now: float) -> None:
+        """Hand each streaming request the deltas of its choices that moved this step."""
+        by_request: dict[str, tuple[Request, list[Delta]]] = {}
+        for seq in seqs:
+            req = seq.request
+            if req.first_token_time is None:
+                req.first_token_time = now
+            if req.on_delta is None or (not req.stream and seq.finish_reason is None):
+                continue
+            by_request.setdefault(req.request_id, (req, []))[1].append(self._delta(seq))
+        for req, deltas in by_request.values():
+            req.on_delta(deltas)
+
+    def _apply_aborts(self) -> None:
+        """Drop aborted requests, free their blocks, and end their streams with "abort"."""
+        with self._lock:
+            ids = set(self._aborts)
+            self._aborts.clear()
+            if not ids:
+                return
+            self.waiting = deque(s for s in self.waiting if s.request.request_id not in ids)
+        self.running = [s for s in self.running if s.request.request_id not in ids]
+        for rid in ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            open_seqs = [s for s in req.sequences if s.finish_reason is None]
+            for seq in req.sequences:
+                self.executor.release(seq.seq_id)
+                seq.finish_reason = seq.finish_reason or "abort"
+            if req.on_delta is not None and open_seqs:
+                req.on_delta([Delta(index=s.index, token_ids=[], text="", finish_reason="abort") for s in open_seqs])
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            total = len(seq.prompt_ids) + seq.request.max_tokens
+            if not self.executor.can_allocate(seq.seq_id, total):
+                if not self.running:  # nothing will free up: this sequence can never fit the cache
+                    self.abort(seq.request.request_id)
+                break  # first come, first served: wait for blocks to free up
+            with self._lock:
+                self.waiting.popleft()
+            self.running.append(seq)
+
+    def _schedule(self) -> tuple[list[Chunk], list[tuple[Sequence, int]]]:
+        """Every decoding sequence gets one token; prefills share `prefill_chunk` tokens."""
+        chunks: list[Chunk] = []
+        fed: list[tuple[Sequence, int]] = []
+        budget = self.prefill_chunk
+        for seq in self.running:
+            if not seq.prefilling:
+                chunks.append(Chunk(seq.seq_id, [seq.output_ids[-1]], seq.total_len - 1))
+                fed.append((seq, 1))
+            elif budget > 0:
+                n = min(budget, len(seq.prompt_ids) - seq.computed)
+                chunks.append(Chunk(seq.seq_id, seq.prompt_ids[seq.computed : seq.computed + n], seq.computed))
+                fed.append((seq, n))
+                budget -= n
+        return chunks, fed
+
+    def _record_prompt_logprobs(self, seq: Sequence, rows: torch.Tensor) -> None:
+        """rows (T, V): logits after each fed prompt token, predicting the next prompt token."""
+        k = seq.request.params.prompt_logprobs or 0
+        if seq.computed == 0:
+            seq.prompt_logprobs.append(None)  # the first token has no context
+        start = seq.computed
+        for t in range(rows.shape[0]):
+            nxt = start + t + 1
+            if nxt < len(seq.prompt_ids):
+                seq.prompt_logprobs.append(token_logprob(rows[t], seq.prompt_ids[nxt], k))
+
+    def _sample_one(self, seq: Sequence, logits: torch.Tensor) -> int:
+        params = seq.request.params
+        if (params.presence_penalty or params.frequency_penalty) and seq.counts is None:
+            seq.counts = torch.zeros(logits.shape[-1])
+        tok = sample(logits, params, seq.counts, seq.generator)
+        if params.logprobs is not None:
+            seq.logprobs.append(token_logprob(logits, tok, params.logprobs))
+        if seq.counts is not None:
+            seq.counts[tok] += 1
+        return tok
+
+    def _append(self, seq: Sequence, tok: int) -> None:
+        params = seq.request.params
+        seq.output_ids.append(tok)
+        if tok in params.stop_token_ids or (tok in self.eos_token_ids and not params.ignore_eos):
+            seq.finish_reason = "stop"
+        elif params.stop or (seq.request.stream and seq.request.on_delta is not None):
+            before = len(seq.text)
+            self._detokenize(seq)
+            cut = find_stop(seq.text, params.stop, before) if params.stop else -1
+            if cut != -1:
+                seq.text = seq.text[:cut]
+                seq.finish_reason = "stop"
+                seq.stop_cut = True
+        if seq.finish_reason is None and len(seq.output_ids) >= seq.request.max_tokens:
+            seq.finish_reason = "length"
+
+    def _detokenize(self, seq: Sequence) -> None:
+        """Append the new token's text to `seq.text`, decoding only a short window of ids.
+
+        Text is committed once it no longer ends in a partial UTF-8 character (U+FFFD).
+        """
+        ids = seq.output_ids
+        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset])
+        full = self.tokenizer.decode(ids[seq.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            seq.text += full[len(prefix) :]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+
+    def _final_text(self, seq: Sequence) -> str:
+        """Decoded output without the stop token or stop string that ended it."""
+        if seq.stop_cut:
+            return seq.text
+        ids = seq.output_ids
+        if seq.finish_reason == "stop" and ids:
+            ids = ids[:-1]  # the stop token id or EOS is not part of the text
+        return self.tokenizer.decode(ids)
+
+    def _delta(self, seq: Sequence) -> Delta:
+        """The new part of a choice since the last delta; text held back near stop strings."""
+        req = seq.request
+        if seq.finish_reason is not None:
+            text = self._final_text(seq)
+            end = len(text)
+        else:
+            text = seq.text
+            end = stream_safe_end(text, req.params.stop)
+        new_text = text[seq.sent_chars : end] if end > seq.sent_chars else ""
+        delta = Delta(
+            index=seq.index,
+            token_ids=seq.output_ids[seq.sent_tokens :],
+            text=new_text,
+            logprobs=seq.logprobs[seq.sent_logprobs :] if req.params.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            prompt_logprobs=seq.prompt_logprobs
+            if seq.sent_tokens == 0 and req.params.prompt_logprobs is not None
+            else None,
+            ttft_s=req.first_token_time - req.arrival if seq.sent_tokens == 0 and req.first_token_time else None,
+        )
+        seq.sent_chars = max(seq.sent_chars, end)
+        seq.sent_tokens = len(seq.output_ids)
+        seq.sent_logprobs = len(seq.logprobs)
+        return delta
+
+    def _retire(self) -> None:
+        done = [s for s in self.running if s.finish_reason is not None]
+        for seq in done:
+            self.executor.release(seq.seq_id)
+            self.running.remove(seq)
+        for seq in done:
+            if seq.request.finished:
+                self.requests.pop(seq.request.request_id, None)
+
+    # -- offline ----------------------------------------------------------------------------
+    def output(self, seq: Sequence) -> Output:
+        params = seq.request.params
+        return Output(
+            request_id=seq.request.request_id,
+            index=seq.index,
+            prompt_token_ids=seq.prompt_ids,
+            token_ids=list(seq.output_ids),
+            text=self._final_text(seq),
+            finish_reason=seq.finish_reason,
+            logprobs=seq.logprobs if params.logprobs is not None else None,
+            prompt_logprobs=seq.prompt_logprobs if params.prompt_logprobs is not None else None,
+        )
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None) -> list[Output]:
+        """Run `prompts` to completion; one Output per prompt and choice, in prompt order."""
+        params = params or SamplingParams()
+        requests = [self.add_request(p, params) for p in prompts]
+        while any(not r.finished for r in requests):
+            self.step()
+        return [self.output(s) for r in requests for s in r.sequences]
+
+
+# --------------------------------------------------------------------------------------------
+# Async front for the server
+# --------------------------------------------------------------------------------------------
+
+
+class AsyncEngine:
+    """Runs `Engine.step` in a background thread; asyncio callers submit, stream and abort."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="crosschip-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.engine.step()
+            except Exception as e:  # keep serving; the failing requests are aborted
+                self.error = e
+                for rid in list(self.engine.requests):
+                    self._fail(rid)
+
+    def _fail(self, rid: str) -> None:
+        self.engine.abort(rid)  # the abort ends the request's stream with finish_reason "abort"
+
+    def submit(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, *, stream: bool = True
+    ) -> tuple[Request, AsyncIterator[list[Delta]]]:
+        """Queue a request; returns it and an async iterator of its deltas (ends when all choices finish)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[list[Delta]] = asyncio.Queue()
+
+        def on_delta(deltas: list[Delta]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, deltas)
+
+        request = self.engine.add_request(prompt, params, request_id, on_delta, stream)
+        self._wake.set()
+        return request, self._stream(request, queue)
+
+    async def _stream(self, request: Request, queue: asyncio.Queue) -> AsyncIterator[list[Delta]]:
+        open_choices = {s.index for s in request.sequences}
+        while open_choices:
+            deltas = await queue.get()
+            for d in deltas:
+                if d.finish_reason is not None:
+                    open_choices.discard(d.index)
+            yield deltas
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()

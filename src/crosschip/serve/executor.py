@@ -1,0 +1,339 @@
+"""The executor seam: runs the model for a batch of sequence chunks and owns the latent cache.
+
+The scheduler, sampling, streaming and the HTTP server only ever talk to an `Executor`, so a
+second runtime (ONNX Runtime, `serve/ort_executor.py`) plugs in behind the same few methods.
+
+`TorchExecutor` keeps the absorbed-MLA latents (`c_kv` after its norm, `k_pe` after RoPE) in a
+paged pool: fixed-size blocks preallocated once, handed to sequences through per-sequence block
+tables, so requests of different lengths share memory without fragmentation. A forward sees
+the pool through the model's `LatentCache` protocol (`PagedBatchCache`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from crosschip.errors import CrosschipError
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New tokens of one sequence: `token_ids` sit at positions `start_pos`, `start_pos + 1`, ..."""
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+
+
+class CacheFullError(CrosschipError):
+    """The latent cache has no room for a sequence that was not admitted through `can_allocate`."""
+
+
+class Executor(Protocol):
+    """Runs the model for a batch of sequence chunks and owns the latent cache storage."""
+
+    vocab_size: int
+    max_seq_len: int
+    cache_bytes_per_token_per_layer: int
+    """(kv_lora_rank + qk_rope_head_dim) * dtype size."""
+
+    def can_allocate(self, seq_id: int, total_tokens: int) -> bool:
+        """Whether the cache can hold sequence `seq_id` grown to `total_tokens` tokens.
+
+        The engine asks this before admitting a sequence (prompt + max_tokens). An executor may
+        reserve the room on a True answer (TorchExecutor does), so that later `step` calls of
+        that sequence never run out; `release` gives it back.
+        """
+        ...
+
+    def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> list[Tensor]:
+        """Feed each chunk's tokens, appending their latents to that sequence's cache.
+
+        Returns one fp32 CPU tensor per chunk: the logits of its last token (V,) or, with
+        `all_logits`, of every token (T, V).
+        """
+        ...
+
+    def release(self, seq_id: int) -> None:
+        """Free that sequence's cache (finish or abort); unknown ids are ignored."""
+        ...
+
+    def cache_usage(self) -> dict:
+        """{"blocks_total", "blocks_used", "bytes_used", ...}."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Paged latent pool
+# --------------------------------------------------------------------------------------------
+
+
+class BlockPool:
+    """Preallocated latent storage in fixed-size blocks with per-sequence block tables.
+
+    Storage is one tensor (layers, num_blocks * block_size, kv_lora_rank + rope): a token's
+    latents live at slot `table[pos // block_size] * block_size + pos % block_size`. Block 0
+    is scratch: padded tokens of a batch write there and it is never handed out.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        if num_blocks < 2:
+            raise CrosschipError(f"the latent cache needs at least 2 blocks, got {num_blocks}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_lora_rank = kv_lora_rank
+        # (L, slots, kv_lora_rank + rope): c_kv and k_pe side by side, so one gather reads both.
+        self.latent = torch.zeros(
+            num_layers, num_blocks * block_size, kv_lora_rank + rope_dim, dtype=dtype, device=device
+        )
+        self.free: list[int] = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
+        self.tables: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}  # seq_id -> tokens written
+
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
+
+    def capacity(self, seq_id: int) -> int:
+        return len(self.tables.get(seq_id, ())) * self.block_size
+
+    def reserve(self, seq_id: int, total_tokens: int) -> bool:
+        """Give `seq_id` enough blocks for `total_tokens`; False (and no change) if the pool is short."""
+        have = len(self.tables.get(seq_id, ()))
+        need = self.blocks_for(total_tokens) - have
+        if need <= 0:
+            return True
+        if need > len(self.free):
+            return False
+        table = self.tables.setdefault(seq_id, [])
+        table.extend(self.free.pop() for _ in range(need))
+        self.lengths.setdefault(seq_id, 0)
+        return True
+
+    def release(self, seq_id: int) -> None:
+        self.free.extend(reversed(self.tables.pop(seq_id, [])))
+        self.lengths.pop(seq_id, None)
+
+    @property
+    def blocks_used(self) -> int:
+        return self.num_blocks - 1 - len(self.free)
+
+    def block_bytes(self) -> int:
+        return self.latent[:, : self.block_size].numel() * self.latent.element_size()
+
+
+class PagedBatchCache:
+    """The model's `LatentCache` over a `BlockPool` for one forward of a padded batch.
+
+    write_slots (B, T): where each new token's latents go (padding -> scratch slot 0).
+    read_slots (B, S): the slots of positions 0..S-1 of each row. mask (B, T, S): True where
+    a query may attend (its own sequence, not after itself).
+    """
+
+    def __init__(self, pool: BlockPool, write_slots: Tensor, read_slots: Tensor, mask: Tensor):
+        self.pool = pool
+        self.write_slots = write_slots.flatten()
+        self.read_slots = read_slots
+        self.mask = mask
+
+    def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        seen, mask = self.update_latent(layer, c_kv, k_pe)
+        C = self.pool.kv_lora_rank
+        return seen[..., :C], seen[..., C:], mask
+
+    def update_latent(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
+        """`update` without the split: latents (B, S, kv_lora_rank + rope) and the mask."""
+        latent = self.pool.latent[layer]  # (slots, C + R)
+        new = torch.cat([c_kv, k_pe], dim=-1).reshape(-1, latent.shape[-1]).to(latent.dtype)
+        latent.index_copy_(0, self.write_slots, new)
+        return latent[self.read_slots], self.mask  # (B, S, C + R)
+
+
+def build_batch(pool: BlockPool, chunks: list[Chunk], device: torch.device) -> tuple[Tensor, Tensor, PagedBatchCache]:
+    """Pad `chunks` into (B, T) input ids and positions plus the cache view for one forward.
+
+    A handful of tensor ops whatever the batch size: the per-row work is list building only.
+    """
+    lens = [len(c.token_ids) for c in chunks]
+    T = max(lens)
+    ends = [c.start_pos + n for c, n in zip(chunks, lens)]
+    S = max(ends)
+    bs = pool.block_size
+    n_blocks = -(-S // bs)
+    input_ids = torch.tensor([c.token_ids + [0] * (T - n) for c, n in zip(chunks, lens)])
+    tables = torch.tensor([(t := pool.tables[c.seq_id][:n_blocks]) + [0] * (n_blocks - len(t)) for c in chunks])
+    start = torch.tensor([c.start_pos for c in chunks])[:, None]  # (B, 1)
+    end = torch.tensor(ends)[:, None]
+    t_idx = torch.arange(T)
+    # Padded queries act as the row's last real token (no empty softmax rows) but write to scratch.
+    positions = torch.minimum(start + t_idx, end - 1)  # (B, T)
+    k_pos = torch.arange(S)
+    read = tables[:, k_pos // bs] * bs + k_pos % bs  # (B, S) slot of every position
+    write = torch.where(t_idx < torch.tensor(lens)[:, None], read.gather(1, positions), 0)
+    mask = (k_pos <= positions[:, :, None]) & (k_pos < end[:, :, None])  # (B, T, S)
+    cache = PagedBatchCache(pool, write.to(device), read.to(device), mask.to(device))
+    return input_ids.to(device), positions.to(device), cache
+
+
+def prefill_groups(lengths: list[tuple[int, int]], max_waste: float = 0.25) -> list[list[int]]:
+    """Group prefill chunks (index, length) into padded forwards wasting at most `max_waste` of a group."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = longest = 0
+    for i, n in sorted(lengths, key=lambda x: -x[1]):
+        longest = longest or n
+        if group and (len(group) + 1) * longest * (1 - max_waste) > real + n:
+            groups.append(group)
+            group, real, longest = [], 0, n
+        group.append(i)
+        real += n
+    if group:
+        groups.append(group)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------
+# TorchExecutor
+# --------------------------------------------------------------------------------------------
+
+
+class TorchExecutor:
+    """Runs a `Transformer` with the absorbed MLA path over a paged latent pool.
+
+    Chunks of one token (decodes) run together as one (B, 1) forward; longer chunks (prefill
+    pieces) run in padded forwards of similar lengths, so a long prompt never pads the decode batch.
+    The forward is `serve.compile.DecodeForward` (the model's weights in fewer, larger ops:
+    fused absorbed MLA, grouped-matmul MoE), optionally under torch.compile; it reads the pool
+    through `PagedBatchCache`, which also serves the model's own `cache=` path.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend: Any = None,
+        *,
+        max_batch: int = 32,
+        block_size: int = 16,
+        num_blocks: int = 0,
+        compile: bool = False,
+    ):
+        cfg = model.cfg
+        self.model = model.eval()
+        self.backend = backend
+        self.cfg = cfg
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        self.vocab_size = cfg.vocab_size
+        self.max_seq_len = cfg.max_position_embeddings
+        self.cache_bytes_per_token_per_layer = cfg.latent_dim * param.element_size()
+        if num_blocks <= 0:
+            num_blocks = max_batch * math.ceil(self.max_seq_len / block_size) + 1
+        self.pool = BlockPool(
+            cfg.num_hidden_layers,
+            num_blocks,
+            block_size,
+            cfg.kv_lora_rank,
+            cfg.qk_rope_head_dim,
+            self.dtype,
+            self.device,
+        )
+        from crosschip.serve.compile import DecodeForward, compile_forward
+
+        self.forward = DecodeForward(self.model)
+        if compile:
+            self.forward = compile_forward(self.forward)
+
+    # -- Executor ---------------------------------------------------------------------------
+    def can_allocate(self, seq_id: int, total_tokens: int) -> bool:
+        if total_tokens > self.max_seq_len:
+            return False
+        return self.pool.reserve(seq_id, total_tokens)
+
+    @torch.inference_mode()
+    def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> list[Tensor]:
+        for c in chunks:
+            self._ensure_room(c)
+        out: list[Tensor | None] = [None] * len(chunks)
+        decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+        groups = [decodes] if decodes else []
+        groups += prefill_groups([(i, len(c.token_ids)) for i, c in enumerate(chunks) if len(c.token_ids) > 1])
+        for group in groups:
+            batch = [chunks[i] for i in group]
+            logits = self._run(batch, all_logits)
+            for i, row in zip(group, logits):
+                out[i] = row
+        for c in chunks:
+            self.pool.lengths[c.seq_id] = c.start_pos + len(c.token_ids)
+        return out  # type: ignore[return-value]
+
+    def release(self, seq_id: int) -> None:
+        self.pool.release(seq_id)
+
+    def cache_usage(self) -> dict:
+        used = self.pool.blocks_used
+        return {
+            "blocks_total": self.pool.num_blocks - 1,
+            "blocks_used": used,
+            "block_size": self.pool.block_size,
+            "bytes_used": used * self.pool.block_bytes(),
+            "bytes_total": (self.pool.num_blocks - 1) * self.pool.block_bytes(),
+            "bytes_per_token_per_layer": self.cache_bytes_per_token_per_layer,
+            "sequences": len(self.pool.tables),
+        }
+
+    # -- internals --------------------------------------------------------------------------
+    def _ensure_room(self, c: Chunk) -> None:
+        end = c.start_pos + len(c.token_ids)
+        if end > self.max_seq_len:
+            raise CacheFullError(f"sequence {c.seq_id} reaches {end} tokens; the model's context is {self.max_seq_len}")
+        written = self.pool.lengths.get(c.seq_id, 0)
+        if c.start_pos != written:
+            raise CrosschipError(f"sequence {c.seq_id}: chunk starts at {c.start_pos} but {written} tokens are cached")
+        if end > self.pool.capacity(c.seq_id) and not self.pool.reserve(c.seq_id, end):
+            raise CacheFullError(f"the latent cache is full: no room for sequence {c.seq_id} at {end} tokens")
+
+    def _run(self, batch: list[Chunk], all_logits: bool) -> list[Tensor]:
+        input_ids, positions, cache = build_batch(self.pool, batch, self.device)
+        logits = self.forward(input_ids, positions, cache)  # (B, T, V)
+        logits = logits.float().cpu()
+        if all_logits:
+            return [logits[b, : len(c.token_ids)] for b, c in enumerate(batch)]
+        last = torch.tensor([len(c.token_ids) - 1 for c in batch])
+        return list(logits[torch.arange(len(batch)), last])
+
+
+def make_executor(bundle_dir: str | Path, backend_spec: str, **opts: Any) -> Executor:
+    """The executor for `backend_spec`: torch:* -> TorchExecutor, ort:* -> OrtExecutor.
+
+    opts: max_batch, block_size, num_blocks, compile, dtype (torch), and whatever the ORT
+    executor accepts.
+    """
+    from crosschip.backends import get_backend
+
+    backend = get_backend(backend_spec).require()
+    if backend.runtime == "ort":
+        from crosschip.serve.ort_executor import OrtExecutor
+
+        return OrtExecutor(bundle_dir, backend, **opts)
+    # The hand-off's loader reads every precision policy's bundle (int8 is dequantized) and
+    # verifies checksums.
+    from crosschip.handoff.precision import load_for_serving
+
+    model, _ = load_for_serving(bundle_dir, backend, dtype=opts.pop("dtype", None))
+    opts.pop("threads", None)  # an ORT option; torch threads are set by the caller
+    return TorchExecutor(model, backend, **opts)

@@ -1,0 +1,250 @@
+"""The ONNX Runtime executor: the same `Executor` seam as `TorchExecutor`, running the bundle's
+`model.onnx` on an execution provider (CPU, CUDA, CANN).
+
+The graph (see `handoff.onnx_export`) reads past latents from a paged pool through slot
+indices and returns the new tokens' latents. The pool lives on the execution provider's
+device as two OrtValues, bound once with IO binding; per step only the small index tensors
+(ids, positions, past slots, mask) go in and the logits come out. The new latents are
+committed into the pool where they are: on CPU by writing into the pool's memory (a numpy
+view of the OrtValue, zero copy); on other devices by a one-node ScatterND graph whose output
+is bound to the pool itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor
+
+from crosschip import hf
+from crosschip.errors import BundleError, CrosschipError
+from crosschip.serve.executor import CacheFullError, Chunk
+
+ONNX_FILE = "model.onnx"
+
+
+class SlotTables:
+    """Paged slot bookkeeping: fixed-size blocks, per-sequence block tables (block 0 is scratch)."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 2:
+            raise CrosschipError(f"the latent cache needs at least 2 blocks, got {num_blocks}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free = list(range(num_blocks - 1, 0, -1))
+        self.tables: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}
+
+    def capacity(self, seq_id: int) -> int:
+        return len(self.tables.get(seq_id, ())) * self.block_size
+
+    def reserve(self, seq_id: int, total_tokens: int) -> bool:
+        need = math.ceil(total_tokens / self.block_size) - len(self.tables.get(seq_id, ()))
+        if need <= 0:
+            return True
+        if need > len(self.free):
+            return False
+        self.tables.setdefault(seq_id, []).extend(self.free.pop() for _ in range(need))
+        self.lengths.setdefault(seq_id, 0)
+        return True
+
+    def release(self, seq_id: int) -> None:
+        self.free.extend(reversed(self.tables.pop(seq_id, [])))
+        self.lengths.pop(seq_id, None)
+
+    def slots(self, seq_id: int, start: int, end: int) -> np.ndarray:
+        """Pool slots of positions start..end-1 of `seq_id`."""
+        pos = np.arange(start, end)
+        table = np.asarray(self.tables[seq_id], dtype=np.int64)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    @property
+    def blocks_used(self) -> int:
+        return self.num_blocks - 1 - len(self.free)
+
+
+def _commit_graph() -> bytes:
+    """pool (L, P, D), indices (L, B, T, 2) of (layer, slot), updates (L, B, T, D) -> pool with them written."""
+    h, tp = onnx.helper, onnx.TensorProto
+    graph = h.make_graph(
+        [h.make_node("ScatterND", ["pool", "indices", "updates"], ["pool_out"])],
+        "commit_latents",
+        [
+            h.make_tensor_value_info("pool", tp.FLOAT, ["L", "P", "D"]),
+            h.make_tensor_value_info("indices", tp.INT64, ["L", "B", "T", 2]),
+            h.make_tensor_value_info("updates", tp.FLOAT, ["L", "B", "T", "D"]),
+        ],
+        [h.make_tensor_value_info("pool_out", tp.FLOAT, ["L", "P", "D"])],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]).SerializeToString()
+
+
+class OrtExecutor:
+    """Runs a bundle's `model.onnx` with ONNX Runtime behind the `Executor` protocol."""
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        backend: Any,
+        *,
+        max_batch: int = 32,
+        block_size: int = 16,
+        num_blocks: int = 0,
+        threads: int | None = None,
+        commit: str = "auto",
+        **_torch_only: Any,
+    ):
+        """backend: an OrtBackend (`get_backend("ort:cpu")`); its providers() and options are used.
+        threads: intra-op threads (default: torch's thread count, so `serve --threads` applies to both runtimes). commit: `auto` (numpy on CPU, graph
+        elsewhere) or `graph` (force the device-generic ScatterND commit). Torch-only options
+        (compile, dtype) are accepted and ignored."""
+        from crosschip.handoff.onnx_export import open_session
+
+        folder = Path(bundle_dir)
+        if not (folder / ONNX_FILE).is_file():
+            raise BundleError(f"{folder} has no {ONNX_FILE}; export it with `crosschip export ... --to {backend.spec}`")
+        if (folder / hf.MANIFEST_FILE).exists():
+            hf.verify_manifest(folder)
+        cfg = hf.model_config_from_hf(json.loads((folder / hf.CONFIG_FILE).read_text(encoding="utf-8")))
+        self.cfg, self.backend = cfg, backend
+        self.vocab_size = cfg.vocab_size
+        self.max_seq_len = cfg.max_position_embeddings
+        self.cache_bytes_per_token_per_layer = cfg.latent_dim * 4  # fp32 latents
+        self.session = open_session(folder / ONNX_FILE, backend, threads or torch.get_num_threads())
+        if num_blocks <= 0:
+            num_blocks = max_batch * math.ceil(self.max_seq_len / block_size) + 1
+        self.tables = SlotTables(num_blocks, block_size)
+        self.device_type = "cpu" if backend is None else backend.device_type
+        self._alloc_pool(num_blocks * block_size)
+        self.commit = "numpy" if commit == "auto" and self.device_type == "cpu" else "graph"
+        if self.commit == "graph":
+            import onnxruntime as ort
+
+            self.commit_session = ort.InferenceSession(_commit_graph(), providers=backend.providers())
+
+    def _alloc_pool(self, slots: int) -> None:
+        import onnxruntime as ort
+
+        L, C, R = self.cfg.num_hidden_layers, self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim
+        if self.device_type == "cpu":
+            # Host memory: the numpy arrays *are* the OrtValues' buffers (zero copy both ways).
+            self.host_pool = {"c_kv": np.zeros((L, slots, C), np.float32), "k_pe": np.zeros((L, slots, R), np.float32)}
+            self.pool = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.host_pool.items()}
+        else:
+            self.pool = {
+                k: ort.OrtValue.ortvalue_from_shape_and_type([L, slots, d], np.float32, self.device_type, 0)
+                for k, d in (("c_kv", C), ("k_pe", R))
+            }
+        self.binding = self.session.io_binding()
+        self.binding.bind_ortvalue_input("past_c_kv", self.pool["c_kv"])
+        self.binding.bind_ortvalue_input("past_k_pe", self.pool["k_pe"])
+
+    # -- Executor ---------------------------------------------------------------------------
+    def can_allocate(self, seq_id: int, total_tokens: int) -> bool:
+        return total_tokens <= self.max_seq_len and self.tables.reserve(seq_id, total_tokens)
+
+    def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> list[Tensor]:
+        for c in chunks:
+            self._ensure_room(c)
+        out: list[Tensor | None] = [None] * len(chunks)
+        decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+        groups = ([decodes] if decodes else []) + [[i] for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+        for group in groups:
+            for i, row in zip(group, self._run([chunks[i] for i in group], all_logits)):
+                out[i] = row
+        for c in chunks:
+            self.tables.lengths[c.seq_id] = c.start_pos + len(c.token_ids)
+        return out  # type: ignore[return-value]
+
+    def release(self, seq_id: int) -> None:
+        self.tables.release(seq_id)
+
+    def cache_usage(self) -> dict:
+        t = self.tables
+        block_bytes = t.block_size * self.cfg.num_hidden_layers * self.cache_bytes_per_token_per_layer
+        return {
+            "blocks_total": t.num_blocks - 1,
+            "blocks_used": t.blocks_used,
+            "block_size": t.block_size,
+            "bytes_used": t.blocks_used * block_bytes,
+            "bytes_total": (t.num_blocks - 1) * block_bytes,
+            "bytes_per_token_per_layer": self.cache_bytes_per_token_per_layer,
+            "sequences": len(t.tables),
+        }
+
+    # -- internals --------------------------------------------------------------------------
+    def _ensure_room(self, c: Chunk) -> None:
+        end = c.start_pos + len(c.token_ids)
+        if end > self.max_seq_len:
+            raise CacheFullError(f"sequence {c.seq_id} reaches {end} tokens; the model's context is {self.max_seq_len}")
+        written = self.tables.lengths.get(c.seq_id, 0)
+        if c.start_pos != written:
+            raise CrosschipError(f"sequence {c.seq_id}: chunk starts at {c.start_pos} but {written} tokens are cached")
+        if end > self.tables.capacity(c.seq_id) and not self.tables.reserve(c.seq_id, end):
+            raise CacheFullError(f"the latent cache is full: no room for sequence {c.seq_id} at {end} tokens")
+
+    def _batch(self, batch: list[Chunk]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Padded (B, T) inputs, past slots (B, S), mask (B, T, S+T), and the (B, T) slots the
+        new latents go to (padding -> scratch slot 0, never read unmasked)."""
+        B, T = len(batch), max(len(c.token_ids) for c in batch)
+        S = max(c.start_pos for c in batch)
+        ids = np.zeros((B, T), np.int64)
+        positions = np.zeros((B, T), np.int64)
+        past = np.zeros((B, S), np.int64)  # padding reads scratch slot 0, masked out
+        write = np.zeros((B, T), np.int64)
+        mask = np.zeros((B, T, S + T), np.bool_)
+        causal = np.tril(np.ones((T, T), np.bool_))
+        for b, c in enumerate(batch):
+            n, start = len(c.token_ids), c.start_pos
+            ids[b, :n] = c.token_ids
+            positions[b] = start + np.arange(T)
+            past[b, :start] = self.tables.slots(c.seq_id, 0, start)
+            write[b, :n] = self.tables.slots(c.seq_id, start, start + n)
+            mask[b, :, :start] = True
+            mask[b, :, S : S + n] = causal[:, :n]
+        feeds = {"input_ids": ids, "positions": positions, "past_slots": past, "attention_mask": mask}
+        return feeds, write
+
+    def _run(self, batch: list[Chunk], all_logits: bool) -> list[Tensor]:
+        feeds, write = self._batch(batch)
+        io = self.binding
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        for name in ("logits", "present_c_kv", "present_k_pe"):
+            io.bind_output(name, self.device_type)
+        self.session.run_with_iobinding(io)
+        logits, present_c_kv, present_k_pe = io.get_outputs()
+        self._commit({"c_kv": present_c_kv, "k_pe": present_k_pe}, write)
+        logits = torch.from_numpy(logits.numpy())  # (B, T, V): the one device -> host copy per step
+        if all_logits:
+            return [logits[b, : len(c.token_ids)] for b, c in enumerate(batch)]
+        return [logits[b, len(c.token_ids) - 1] for b, c in enumerate(batch)]
+
+    def _commit(self, present: dict[str, Any], write: np.ndarray) -> None:
+        """Write the new tokens' latents (L, B, T, D) into pool slots `write` (B, T)."""
+        L = self.cfg.num_hidden_layers
+        if self.commit == "numpy":
+            for key, value in present.items():
+                new = value.numpy()
+                self.host_pool[key][:, write.ravel()] = new.reshape(L, -1, new.shape[-1])
+            return
+        # (L, B, T, 2) (layer, slot) pairs: the present OrtValues go in as they are, on the device.
+        layer = np.broadcast_to(np.arange(L)[:, None, None], (L, *write.shape))
+        index = np.ascontiguousarray(np.stack([layer, np.broadcast_to(write, layer.shape)], axis=-1))
+        for key, value in present.items():
+            self._scatter(key, index, value)
+
+    def _scatter(self, key: str, index: np.ndarray, updates: Any) -> None:
+        # The output is bound to the pool itself: ScatterND skips its copy when input and
+        # output are the same buffer, so only the B*T new rows are written, on the device.
+        io = self.commit_session.io_binding()
+        io.bind_ortvalue_input("pool", self.pool[key])
+        io.bind_cpu_input("indices", index)
+        io.bind_ortvalue_input("updates", updates)
+        io.bind_ortvalue_output("pool_out", self.pool[key])
+        self.commit_session.run_with_iobinding(io)

@@ -1,0 +1,215 @@
+"""OpenAI API shapes: request parsing (each bad value names its parameter) and response bodies.
+
+Kept apart from the HTTP layer so the same parsing serves both endpoints and the tests can
+read the shapes in one place.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from crosschip.serve.engine import Delta
+from crosschip.serve.sampling import InvalidParameter, SamplingParams, TokenLogprob
+
+_MISSING = object()
+
+
+def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, *, nullable: bool = True) -> Any:
+    """body[name] checked against `kinds`; bool is not accepted as a number."""
+    value = body.get(name, _MISSING)
+    if value is _MISSING or (value is None and nullable):
+        return default
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        names = " or ".join(
+            "number"
+            if k is float
+            else {int: "integer", str: "string", bool: "boolean", list: "array", dict: "object"}.get(k, k.__name__)
+            for k in kinds
+        )
+        raise InvalidParameter(
+            name, f"{name}: expected {names}, got {type(value).__name__ if value is not None else 'null'}"
+        )
+    return value
+
+
+def _number(body: dict, name: str, default: float) -> float:
+    return float(_get(body, name, (int, float), default))
+
+
+def _stop(body: dict) -> list[str]:
+    stop = _get(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) for s in stop):
+        raise InvalidParameter("stop", "stop: expected a string or an array of strings")
+    return stop
+
+
+def _int_list(body: dict, name: str) -> list[int]:
+    v = _get(body, name, (list,), [])
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise InvalidParameter(name, f"{name}: expected an array of integers")
+    return v
+
+
+def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
+    """SamplingParams from an OpenAI request body; raises InvalidParameter naming the field."""
+    if chat:
+        max_tokens = _get(body, "max_completion_tokens", (int,), None)
+        max_tokens = _get(body, "max_tokens", (int,), max_tokens)
+        want_logprobs = _get(body, "logprobs", (bool,), False)
+        top = _get(body, "top_logprobs", (int,), None)
+        if top is not None and not want_logprobs:
+            raise InvalidParameter("top_logprobs", "top_logprobs: requires logprobs to be true")
+        logprobs = (top or 0) if want_logprobs else None
+        prompt_logprobs = None
+    else:
+        max_tokens = _get(body, "max_tokens", (int,), 16)
+        logprobs = _get(body, "logprobs", (int,), None)
+        echo = _get(body, "echo", (bool,), False)
+        prompt_logprobs = logprobs if echo and logprobs is not None else None
+        if _get(body, "suffix", (str,), None):
+            raise InvalidParameter("suffix", "suffix: not supported")
+    n = _get(body, "n", (int,), 1)
+    best_of = _get(body, "best_of", (int,), None)
+    if best_of is not None and best_of != n:
+        raise InvalidParameter("best_of", "best_of: only best_of == n is supported")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0),
+        top_p=_number(body, "top_p", 1.0),
+        top_k=_get(body, "top_k", (int,), -1),
+        min_p=_number(body, "min_p", 0.0),
+        seed=_get(body, "seed", (int,), None),
+        presence_penalty=_number(body, "presence_penalty", 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0),
+        stop=_stop(body),
+        stop_token_ids=_int_list(body, "stop_token_ids"),
+        ignore_eos=_get(body, "ignore_eos", (bool,), False),
+        n=n,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+def completion_prompts(body: dict) -> list[str | list[int]]:
+    """`prompt`: a string, an array of strings, an array of token ids, or an array of those."""
+    prompt = body.get("prompt", _MISSING)
+    if prompt is _MISSING or prompt is None:
+        raise InvalidParameter("prompt", "prompt: required")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [prompt]
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(
+            isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt
+        ):
+            return list(prompt)
+    raise InvalidParameter("prompt", "prompt: expected a string, an array of strings or an array of token ids")
+
+
+def chat_messages(body: dict) -> list[dict[str, str]]:
+    """`messages` with string content (an array of text parts is joined)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidParameter("messages", "messages: expected a non-empty array of messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidParameter("messages", f"messages[{i}]: expected an object with 'role' and 'content'")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+                raise InvalidParameter("messages", f"messages[{i}].content: only text parts are supported")
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise InvalidParameter("messages", f"messages[{i}].content: expected a string")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Envelope:
+    """The fields every response and chunk of one request share."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, prefix: str, obj: str, model: str) -> Envelope:
+        return cls(f"{prefix}-{uuid.uuid4().hex}", obj, int(time.time()), model)
+
+    def body(self, **fields: Any) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model, **fields}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class LogprobFormatter:
+    """Token strings for logprob bodies; completions and chat use different shapes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.token_strings([token_id])[0]
+
+    def completion(self, entries: list[TokenLogprob | None], token_ids: list[int], offset: int = 0) -> dict:
+        """{"tokens", "token_logprobs", "top_logprobs", "text_offset"} (legacy completions shape)."""
+        tokens = [self.token(t) for t in token_ids]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [None if e is None else e.logprob for e in entries],
+            "top_logprobs": [None if e is None else {self.token(i): lp for i, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+    def chat(self, entries: list[TokenLogprob]) -> dict:
+        def item(token_id: int, logprob: float) -> dict:
+            s = self.token(token_id)
+            return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
+
+        return {
+            "content": [
+                {**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries
+            ]
+        }
+
+
+def merge_deltas(deltas: list[Delta]) -> Delta:
+    """Concatenate the deltas of one choice (non-streaming responses)."""
+    first = deltas[0]
+    logprobs = None if first.logprobs is None else [lp for d in deltas for lp in (d.logprobs or [])]
+    prompt_lp = next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None)
+    return Delta(
+        index=first.index,
+        token_ids=[t for d in deltas for t in d.token_ids],
+        text="".join(d.text for d in deltas),
+        logprobs=logprobs,
+        finish_reason=deltas[-1].finish_reason,
+        prompt_logprobs=prompt_lp,
+    )

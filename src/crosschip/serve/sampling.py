@@ -1,0 +1,189 @@
+"""Sampling parameters and the per-sequence sampler.
+
+Order of the logits processors, as in vLLM: presence/frequency penalties on the raw logits,
+then temperature, then the top-k, top-p and min-p masks, then a draw from the request's own
+`torch.Generator` (so a `seed` reproduces a request whatever else is in the batch).
+Reported logprobs are those of the raw model distribution (log_softmax of the logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from crosschip.errors import CrosschipError
+
+MAX_LOGPROBS = 20
+
+
+class InvalidParameter(CrosschipError):
+    """A sampling parameter out of range; `param` names it as the API reports it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    """How one request is sampled; names and defaults follow the OpenAI API and vLLM."""
+
+    max_tokens: int | None = 16
+    """Tokens to generate at most; None = up to the model's context."""
+    temperature: float = 1.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 or 0 = off."""
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+    """None = no logprobs; k >= 0 = the chosen token's logprob plus the k most likely."""
+    prompt_logprobs: int | None = None
+    """Like `logprobs`, for the prompt tokens (completions `echo` with `logprobs`)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, param: str, msg: str) -> None:
+            if not cond:
+                raise InvalidParameter(param, f"{param}: {msg}")
+
+        need(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
+        need(0.0 <= self.temperature <= 2.0, "temperature", f"must be between 0 and 2, got {self.temperature}")
+        need(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        need(self.top_k >= -1, "top_k", f"must be -1 (off) or >= 0, got {self.top_k}")
+        need(0.0 <= self.min_p <= 1.0, "min_p", f"must be between 0 and 1, got {self.min_p}")
+        need(
+            -2.0 <= self.presence_penalty <= 2.0,
+            "presence_penalty",
+            f"must be between -2 and 2, got {self.presence_penalty}",
+        )
+        need(
+            -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty",
+            f"must be between -2 and 2, got {self.frequency_penalty}",
+        )
+        need(1 <= self.n <= 16, "n", f"must be between 1 and 16, got {self.n}")
+        need(len(self.stop) <= 4 and all(self.stop), "stop", "at most 4 non-empty strings")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            need(v is None or 0 <= v <= MAX_LOGPROBS, name, f"must be between 0 and {MAX_LOGPROBS}, got {v}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that needs the row on its own: one batched argmax serves it."""
+        return self.greedy and not self.presence_penalty and not self.frequency_penalty and self.logprobs is None
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's logprob and the `top` most likely (token_id, logprob) pairs."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def apply_penalties(logits: Tensor, counts: Tensor | None, presence: float, frequency: float) -> Tensor:
+    """OpenAI penalties: logits - frequency * count - presence * (count > 0), over generated tokens."""
+    if counts is None or (not presence and not frequency):
+        return logits
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def top_k_mask(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits (ties at the k-th kept); k <= 0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_mask(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= p  # mass before this token already reaches p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_mask(logits: Tensor, min_p: float) -> Tensor:
+    """Drop tokens whose probability is below min_p times the top token's."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    return g
+
+
+def sample(logits: Tensor, params: SamplingParams, counts: Tensor | None, generator: torch.Generator) -> int:
+    """One token id from fp32 logits (V,)."""
+    x = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
+    if params.greedy:
+        return int(x.argmax())
+    x = x / params.temperature
+    x = top_k_mask(x, params.top_k)
+    x = top_p_mask(x, params.top_p)
+    x = min_p_mask(x, params.min_p)
+    probs = x.softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits: Tensor, token_id: int, top: int) -> TokenLogprob:
+    """The raw-distribution logprob of `token_id` and the `top` most likely tokens."""
+    lp = logits.float().log_softmax(dim=-1)
+    best: list[tuple[int, float]] = []
+    if top:
+        values, ids = lp.topk(top)
+        best = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token_id, float(lp[token_id]), best)
+
+
+def find_stop(text: str, stops: list[str], start: int) -> int:
+    """Index in `text` of the earliest stop string that ends at or after `start`; -1 if none.
+
+    Only text from `start - len(stop) + 1` on is searched, so a stop string split across
+    tokens is found on the token that completes it.
+    """
+    best = -1
+    for s in stops:
+        i = text.find(s, max(0, start - len(s) + 1))
+        if i != -1 and (best == -1 or i < best):
+            best = i
+    return best
+
+
+def stream_safe_end(text: str, stops: list[str]) -> int:
+    """How much of `text` can be sent now: hold back a tail that may still grow into a stop
+    string, and a trailing replacement char from a UTF-8 sequence split across tokens."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end = min(end, len(text[:end]) - k)
+                break
+    return end

@@ -1,0 +1,20 @@
+"""Shared fixtures (append-only: several helpers add fixtures here)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def debug_bundle(tmp_path_factory):
+    """A bundle on disk: a `debug`-preset model with random weights (seed 0) and `default_tokenizer(512)`."""
+    import torch
+
+    from crosschip.config import model_preset
+    from crosschip.hf import save_bundle
+    from crosschip.model import Transformer
+    from crosschip.tokenizer import default_tokenizer
+
+    torch.manual_seed(0)
+    model = Transformer(model_preset("debug"))
+    return save_bundle(model, tmp_path_factory.mktemp("debug_bundle") / "debug", tokenizer=default_tokenizer(512))

@@ -1,0 +1,67 @@
+"""Start a real `crosschip serve` process on a free loopback port (used by tests/test_serve_*.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+
+class ServerProcess:
+    """`python -m crosschip serve BUNDLE --port 0 ...`; `url` is known once it prints `ready on`."""
+
+    def __init__(self, bundle: Path, *args: str, timeout: float = 120.0):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "crosschip", "serve", str(bundle), "--port", "0", "--threads", "1", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self.url = ""
+        ready = threading.Event()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                m = re.search(r"ready on (http://\S+)", line)
+                if m:
+                    self.url = m.group(1)
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(timeout) or not self.url:
+            self.stop()
+            raise RuntimeError("server did not become ready:\n" + "".join(self.lines))
+
+    @property
+    def api(self) -> str:
+        return self.url + "/v1"
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics").text
+        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        assert m, f"metric {name} not found"
+        return float(m.group(1))
+
+    def wait_metric(self, name: str, value: float, timeout: float = 5.0) -> float:
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.metric(name)
+            if v == value or time.monotonic() > deadline:
+                return v
+            time.sleep(0.02)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

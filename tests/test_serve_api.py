@@ -1,0 +1,299 @@
+"""The OpenAI-compatible server, end to end: a real `crosschip serve` process on loopback,
+driven by the official `openai` client (sync and async, streaming and not) and raw httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+import torch
+
+from crosschip.hf import load_bundle
+from crosschip.serve.engine import Engine
+from crosschip.serve.executor import TorchExecutor
+from crosschip.serve.sampling import SamplingParams
+from serve_helpers import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "12+34=",
+    "The quick brown fox",
+    "Once upon a time there was",
+    "7-3=",
+    "hello",
+    "a b c d e f g",
+    "99+1=",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def server(debug_bundle):
+    srv = ServerProcess(debug_bundle, "--max-batch", "8")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(debug_bundle):
+    torch.set_num_threads(1)
+    model, tok = load_bundle(debug_bundle)
+    return Engine(TorchExecutor(model, max_batch=8), tok, max_batch=8), tok
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0)
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_health_models_and_metrics(server, client):
+    assert httpx.get(server.url + "/health").status_code == 200
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["debug"]
+    text = httpx.get(server.url + "/metrics").text
+    for name in (
+        "crosschip_requests_total",
+        "crosschip_time_to_first_token_seconds",
+        "crosschip_inter_token_latency_seconds",
+        "crosschip_queue_depth",
+        "crosschip_cache_blocks_used",
+    ):
+        assert name in text
+
+
+def test_greedy_completion_equals_offline_engine(client, offline):
+    engine, _ = offline
+    expected = engine.generate(PROMPTS[:3], SamplingParams(max_tokens=20, temperature=0))
+    for prompt, exp in zip(PROMPTS[:3], expected):
+        r = client.completions.create(model="debug", prompt=prompt, max_tokens=20, temperature=0)
+        assert r.choices[0].text == exp.text
+        assert r.choices[0].finish_reason == exp.finish_reason
+
+
+def test_streaming_completion_concatenates_to_the_same_text(client):
+    r = client.completions.create(model="debug", prompt=PROMPTS[1], max_tokens=20, temperature=0)
+    chunks = list(
+        client.completions.create(model="debug", prompt=PROMPTS[1], max_tokens=20, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_concurrent_requests_return_what_each_returns_alone(server):
+    async def run() -> tuple[list[str], list[str]]:
+        aclient = openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0)
+
+        async def one(p: str) -> str:
+            r = await aclient.completions.create(model="debug", prompt=p, max_tokens=24, temperature=0)
+            return r.choices[0].text
+
+        alone = [await one(p) for p in PROMPTS]
+        together = await asyncio.gather(*(one(p) for p in PROMPTS))
+        return alone, list(together)
+
+    alone, together = asyncio.run(run())
+    assert together == alone
+
+
+def test_async_chat_streaming(server, offline):
+    _, tok = offline
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "What is 2+2?"}]
+        full = await aclient.chat.completions.create(model="debug", messages=messages, max_tokens=12, temperature=0)
+        stream = await aclient.chat.completions.create(
+            model="debug",
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+        return full, chunks
+
+    full, chunks = asyncio.run(run())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_raw_sse_format(server):
+    body = {
+        "model": "debug",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    r = httpx.post(server.api + "/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_usage_counts_match_the_tokenizer(client, offline):
+    _, tok = offline
+    r = client.completions.create(model="debug", prompt=PROMPTS[2], max_tokens=7, temperature=0)
+    assert r.usage.prompt_tokens == len(tok.encode(PROMPTS[2], add_bos=True))
+    assert r.usage.completion_tokens == 7 and r.usage.total_tokens == r.usage.prompt_tokens + 7
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three."}]
+    c = client.chat.completions.create(model="debug", messages=messages, max_tokens=5, temperature=0)
+    assert c.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(messages), add_bos=False))
+
+
+def test_logprobs_and_echo(client, offline):
+    _, tok = offline
+    r = client.completions.create(model="debug", prompt=PROMPTS[0], max_tokens=3, temperature=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    n_prompt = len(tok.encode(PROMPTS[0], add_bos=True))
+    assert len(lp.token_logprobs) == n_prompt + 3 and lp.token_logprobs[0] is None
+    assert all(x < 0 for x in lp.token_logprobs[1:])
+    assert r.choices[0].text.startswith(PROMPTS[0])
+    c = client.chat.completions.create(
+        model="debug",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = c.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 3 for t in content)
+    # Greedy: the chosen token is the most likely one.
+    assert all(t.logprob == max(x.logprob for x in t.top_logprobs) for t in content)
+
+
+def test_n_choices_with_seed_are_reproducible(client):
+    kw = dict(model="debug", prompt=PROMPTS[1], max_tokens=8, temperature=1.0, n=3, seed=42)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+        ({"prompt": "hi", "top_p": 2}, "top_p"),
+        ({"prompt": "hi", "n": 0}, "n"),
+        ({"max_tokens": 3}, "prompt"),
+        ({"prompt": "hi", "stop": [1, 2]}, "stop"),
+        ({"prompt": "hi", "stream": "yes"}, "stream"),
+    ],
+)
+def test_invalid_parameters_get_400_naming_the_param(server, body, param):
+    r = httpx.post(server.api + "/completions", json={"model": "debug", **body})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and param in err["message"]
+
+
+def test_malformed_bodies_get_400(server):
+    r = httpx.post(
+        server.api + "/completions", content=b'{"prompt": "hi",', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(
+        server.api + "/chat/completions",
+        content=b'{"messages": "\xff\xfe"}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and "UTF-8" in r.json()["error"]["message"]
+    r = httpx.post(
+        server.api + "/chat/completions", json={"model": "debug", "messages": [{"role": "wizard", "content": "x"}]}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(server.api + "/completions", json={"model": "gpt-9", "prompt": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_openai_client_sees_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="debug", prompt="hi", max_tokens=100000)
+    assert e.value.body["param"] == "max_tokens"
+
+
+def long_body(stream: bool) -> dict:
+    return {"model": "debug", "prompt": "x", "max_tokens": 250, "temperature": 0, "ignore_eos": True, "stream": stream}
+
+
+def test_streaming_disconnect_frees_blocks(server):
+    steps_before = server.metric("crosschip_engine_steps")
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.api + "/completions", json=long_body(True)) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # one chunk, then hang up
+    assert server.wait_metric("crosschip_cache_blocks_used", 0.0) == 0.0
+    assert server.wait_metric("crosschip_running_sequences", 0.0) == 0.0
+    assert server.metric("crosschip_engine_steps") - steps_before < 200  # stopped well before its 250 tokens
+
+
+def test_non_streaming_disconnect_frees_blocks(server):
+    steps_before = server.metric("crosschip_engine_steps")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.api + "/completions", json=long_body(False), timeout=httpx.Timeout(30, read=0.1))
+    assert server.wait_metric("crosschip_cache_blocks_used", 0.0) == 0.0
+    assert server.metric("crosschip_engine_steps") - steps_before < 200
+
+
+def test_overload_gets_503_with_retry_after_and_api_key_is_enforced(debug_bundle):
+    srv = ServerProcess(debug_bundle, "--max-batch", "1", "--max-queue", "2", "--api-key", "sekret")
+    try:
+        r = httpx.post(srv.api + "/completions", json={"prompt": "hi"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        headers = {"Authorization": "Bearer sekret"}
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60, headers=headers) as http:
+                return await asyncio.gather(
+                    *(http.post(srv.api + "/completions", json=long_body(False)) for _ in range(8))
+                )
+
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert codes.count(200) >= 2 and 503 in codes, (
+            codes
+        )  # two queue places (plus one running); the rest are refused
+        refused = next(r for r in asyncio.run(burst()) if r.status_code == 503)
+        assert refused.headers["retry-after"] and refused.json()["error"]["type"] == "service_unavailable"
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(debug_bundle):
+    srv = ServerProcess(debug_bundle, "--drain-timeout", "30")
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", srv.api + "/completions", json=long_body(True)) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            srv.proc.terminate()  # SIGTERM while the request is in flight
+            health = httpx.get(srv.url + "/health")
+            late = httpx.post(srv.api + "/completions", json={"prompt": "hi"})
+            rest = [first, *(line for line in lines if line.startswith("data: "))]
+    assert health.status_code == 503
+    assert late.status_code == 503 and late.headers["retry-after"]
+    assert rest[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: ") :]) for line in rest[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert srv.proc.wait(30) == 0

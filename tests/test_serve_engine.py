@@ -1,0 +1,271 @@
+"""The engine core: paged latent cache, absorbed decode, scheduler, offline generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crosschip.hf import load_bundle
+from crosschip.serve.engine import Engine, QueueFull
+from crosschip.serve.executor import Chunk, TorchExecutor, make_executor
+from crosschip.serve.sampling import InvalidParameter, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+PROMPTS = ["12+34=", "The quick brown fox jumps over the lazy dog, again and again and again.", "7"]
+
+
+@pytest.fixture(scope="module")
+def loaded(debug_bundle):
+    torch.set_num_threads(1)
+    return load_bundle(debug_bundle)
+
+
+def make_engine(loaded, *, max_batch: int = 8, block_size: int = 8, **kw) -> Engine:
+    model, tok = loaded
+    executor = TorchExecutor(model, max_batch=max_batch, block_size=block_size)
+    return Engine(executor, tok, max_batch=max_batch, **kw)
+
+
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy continuation with the model's full (naive-attention) forward, no cache."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(x)[0, -1].argmax()
+            x = torch.cat([x, nxt.view(1, 1)], dim=1)
+    return x[0, len(ids) :].tolist()
+
+
+def test_cache_bytes_per_token_per_layer(loaded):
+    model, _ = loaded
+    ex = TorchExecutor(model, max_batch=2)
+    cfg = model.cfg
+    assert ex.cache_bytes_per_token_per_layer == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    assert ex.pool.block_bytes() == ex.pool.block_size * cfg.num_hidden_layers * ex.cache_bytes_per_token_per_layer
+
+
+def test_absorbed_decode_over_paged_cache_equals_full_forward(loaded):
+    check_absorbed_decode(loaded[0])
+
+
+def test_absorbed_decode_without_q_lora():
+    from crosschip.config import model_preset
+    from crosschip.model import Transformer
+
+    torch.manual_seed(1)
+    check_absorbed_decode(Transformer(model_preset("debug", q_lora_rank=None)).eval())
+
+
+def check_absorbed_decode(model) -> None:
+    """Prefill pieces (padded together when of similar length) then batched decode, against the naive forward."""
+    ex = TorchExecutor(model, max_batch=4, block_size=4)
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)  # naive attention, no cache
+    for s in range(3):
+        assert ex.can_allocate(s, 21)
+    # Prefill pieces of different lengths in one step, then decode the rows together.
+    first = [7, 6, 1]  # 7 and 6 run as one padded forward
+    outs = ex.step([Chunk(s, ids[s, : first[s]].tolist(), 0) for s in range(3)], all_logits=True)
+    for s in range(3):
+        torch.testing.assert_close(outs[s], full[s, : first[s]], rtol=1e-5, atol=1e-5)
+    lens = list(first)
+    while min(lens) < 21:
+        chunks = [Chunk(s, [int(ids[s, lens[s]])], lens[s]) for s in range(3) if lens[s] < 21]
+        for c, logits in zip(chunks, ex.step(chunks)):
+            torch.testing.assert_close(logits, full[c.seq_id, c.start_pos], rtol=1e-5, atol=1e-5)
+            lens[c.seq_id] += 1
+
+
+def test_blocks_are_reserved_and_released(loaded):
+    model, _ = loaded
+    ex = TorchExecutor(model, max_batch=1, block_size=8, num_blocks=5)  # 4 usable blocks = 32 tokens
+    assert ex.can_allocate(0, 20)  # 3 blocks
+    assert ex.cache_usage()["blocks_used"] == 3
+    assert not ex.can_allocate(1, 16)  # only 1 block left
+    assert ex.can_allocate(1, 8)
+    ex.release(0)
+    assert ex.cache_usage()["blocks_used"] == 1
+    assert ex.can_allocate(2, 24)
+    assert ex.cache_usage()["bytes_used"] == 4 * ex.pool.block_bytes()
+
+
+def test_make_executor_loads_the_bundle(debug_bundle):
+    ex = make_executor(debug_bundle, "torch:cpu", max_batch=2)
+    assert ex.vocab_size == 512 and ex.max_seq_len == 256
+
+
+def test_greedy_generate_equals_the_full_forward_loop(loaded):
+    model, tok = loaded
+    engine = make_engine(loaded, prefill_chunk=5)  # prompts longer than 5 tokens prefill in chunks
+    outs = engine.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == reference_greedy(model, tok.encode(prompt, add_bos=True), 24)
+        assert out.finish_reason == "length"
+        assert out.text == tok.decode(out.token_ids)
+    assert engine.executor.cache_usage()["blocks_used"] == 0
+
+
+def test_batched_requests_return_what_each_returns_alone(loaded):
+    engine = make_engine(loaded)
+    together = engine.generate(PROMPTS * 3, GREEDY)
+    for prompt, out in zip(PROMPTS * 3, together):
+        assert out.token_ids == engine.generate([prompt], GREEDY)[0].token_ids
+
+
+def test_requests_join_a_running_batch(loaded):
+    engine = make_engine(loaded)
+    first = engine.add_request(PROMPTS[0], GREEDY)
+    for _ in range(5):
+        engine.step()
+    assert len(first.sequences[0].output_ids) > 0
+    second = engine.add_request(PROMPTS[1], GREEDY)
+    engine.step()
+    assert {s.seq_id for s in engine.running} == {first.sequences[0].seq_id, second.sequences[0].seq_id}
+    while not (first.finished and second.finished):
+        engine.step()
+    alone = engine.generate(PROMPTS[:2], GREEDY)
+    assert [engine.output(r.sequences[0]).token_ids for r in (first, second)] == [o.token_ids for o in alone]
+
+
+def test_chunked_prefill_does_not_stall_running_decodes(loaded):
+    model, tok = loaded
+    engine = make_engine(loaded, prefill_chunk=4)
+    short = engine.add_request(PROMPTS[0], GREEDY)
+    engine.step()
+    engine.step()  # short is decoding
+    long_ids = tok.encode("word " * 40, add_bos=True)
+    engine.add_request(long_ids, GREEDY)
+    before = len(short.sequences[0].output_ids)
+    for _ in range(5):
+        engine.step()  # the long prompt needs 10+ steps to prefill; the short one gains a token every step
+    assert len(short.sequences[0].output_ids) == before + 5
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(loaded):
+    engine = make_engine(loaded)
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=123, ignore_eos=True)
+    alone = engine.generate([PROMPTS[0]], params)[0].token_ids
+    mixed = engine.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], params)
+    assert mixed[1].token_ids == alone
+
+
+def test_n_choices_and_logprobs(loaded):
+    model, tok = loaded
+    engine = make_engine(loaded)
+    outs = engine.generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=6, temperature=1.0, seed=1, n=3, logprobs=2, ignore_eos=True)
+    )
+    assert [o.index for o in outs] == [0, 1, 2]
+    ids = tok.encode(PROMPTS[0], add_bos=True)
+    out = outs[0]
+    with torch.no_grad():
+        full = model(torch.tensor([ids + out.token_ids]))[0].log_softmax(-1)
+    for t, lp in enumerate(out.logprobs):
+        assert lp.token_id == out.token_ids[t]
+        assert abs(lp.logprob - float(full[len(ids) - 1 + t, lp.token_id])) < 1e-4
+        assert len(lp.top) == 2
+
+
+def test_prompt_logprobs_match_the_full_forward(loaded):
+    model, tok = loaded
+    engine = make_engine(loaded, prefill_chunk=3)
+    ids = tok.encode(PROMPTS[1], add_bos=True)
+    out = engine.generate([ids], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=1))[0]
+    with torch.no_grad():
+        lps = model(torch.tensor([ids]))[0].log_softmax(-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for i in range(1, len(ids)):
+        assert abs(out.prompt_logprobs[i].logprob - float(lps[i - 1, ids[i]])) < 1e-4
+
+
+def test_stop_string_across_token_boundary(loaded):
+    _, tok = loaded
+    engine = make_engine(loaded)
+    base = engine.generate([PROMPTS[0]], GREEDY)[0]
+    # A stop string made of the end of token 3 and the start of token 4.
+    pieces = [tok.decode(base.token_ids[:i]) for i in range(len(base.token_ids) + 1)]
+    k = next(i for i in range(3, 20) if len(pieces[i]) > len(pieces[i - 1]) and len(pieces[i + 1]) > len(pieces[i]))
+    stop = pieces[k][-1] + pieces[k + 1][len(pieces[k])]
+    cut = pieces[k + 1].find(stop)
+    out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0, stop=[stop], ignore_eos=True))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == pieces[k + 1][:cut]
+    assert len(out.token_ids) <= k + 1
+
+
+def test_stop_token_ids_end_the_choice(loaded):
+    engine = make_engine(loaded)
+    base = engine.generate([PROMPTS[0]], GREEDY)[0]
+    out = engine.generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[base.token_ids[4]], ignore_eos=True)
+    )[0]
+    first = base.token_ids.index(base.token_ids[4])
+    assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: first + 1]
+
+
+def test_bad_requests_are_refused_before_queueing(loaded):
+    engine = make_engine(loaded, max_queue=2)
+    with pytest.raises(InvalidParameter) as e:
+        engine.add_request(PROMPTS[0], SamplingParams(max_tokens=1000))
+    assert e.value.param == "max_tokens"
+    with pytest.raises(InvalidParameter) as e:
+        engine.add_request([1, 99999], SamplingParams())
+    assert e.value.param == "prompt"
+    engine.add_request(PROMPTS[0], SamplingParams())
+    engine.add_request(PROMPTS[0], SamplingParams())
+    with pytest.raises(QueueFull):
+        engine.add_request(PROMPTS[0], SamplingParams())
+
+
+def test_abort_frees_the_blocks_at_the_next_step(loaded):
+    engine = make_engine(loaded)
+    req = engine.add_request(PROMPTS[1], GREEDY)
+    engine.step()
+    assert engine.executor.cache_usage()["blocks_used"] > 0
+    engine.abort(req.request_id)
+    engine.step()
+    assert engine.executor.cache_usage()["blocks_used"] == 0
+    assert not engine.has_work()
+
+
+def test_serve_cli_refuses_a_missing_bundle_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "crosschip", "serve", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1
+    assert "bundle folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_request_larger_than_the_whole_cache_is_aborted_not_stuck(loaded):
+    model, tok = loaded
+    engine = Engine(TorchExecutor(model, max_batch=1, block_size=4, num_blocks=3), tok, max_batch=1)  # 8 tokens
+    req = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=4))
+    for _ in range(3):
+        engine.step()
+    assert req.sequences[0].finish_reason == "abort" and not engine.has_work()
+
+
+def test_paged_cache_serves_the_models_own_absorbed_path(loaded):
+    """PagedBatchCache implements the model's LatentCache protocol (what `cache=` expects)."""
+    from crosschip.serve.executor import build_batch
+
+    model, _ = loaded
+    ex = TorchExecutor(model, max_batch=2, block_size=4)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    for s in range(2):
+        ex.can_allocate(s, 9)
+    with torch.no_grad():
+        full = model(ids)
+        input_ids, positions, cache = build_batch(
+            ex.pool, [Chunk(0, ids[0, :5].tolist(), 0), Chunk(1, ids[1].tolist(), 0)], ex.device
+        )
+        out = model(input_ids, positions, cache=cache)
+    torch.testing.assert_close(out[0, :5], full[0, :5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], full[1], rtol=1e-5, atol=1e-5)

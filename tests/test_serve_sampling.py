@@ -1,0 +1,122 @@
+"""Sampling: the logits processors, seeds, penalties and stop strings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from crosschip.serve.sampling import (
+    InvalidParameter,
+    SamplingParams,
+    apply_penalties,
+    find_stop,
+    make_generator,
+    min_p_mask,
+    sample,
+    stream_safe_end,
+    token_logprob,
+    top_k_mask,
+    top_p_mask,
+)
+
+
+def kept(x: torch.Tensor) -> list[int]:
+    return torch.isfinite(x).nonzero().flatten().tolist()
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.0, 0.5])
+    assert kept(top_k_mask(logits, 2)) == [1, 3]
+    assert kept(top_k_mask(logits, -1)) == [0, 1, 2, 3, 4]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    assert kept(top_p_mask(logits, 0.5)) == [0]
+    assert kept(top_p_mask(logits, 0.8)) == [0, 1]
+    assert kept(top_p_mask(logits, 0.81)) == [0, 1, 2]
+    assert kept(top_p_mask(logits[[3, 2, 1, 0]], 0.8)) == [2, 3]  # order of the vocabulary does not matter
+
+
+def test_min_p_is_relative_to_the_top_token():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    assert kept(min_p_mask(probs.log(), 0.3)) == [0, 1, 2]  # 0.15 >= 0.3 * 0.5
+    assert kept(min_p_mask(probs.log(), 0.5)) == [0, 1]
+
+
+def test_penalties_follow_the_openai_formula():
+    logits = torch.zeros(4)
+    counts = torch.tensor([0.0, 1.0, 3.0, 0.0])
+    out = apply_penalties(logits, counts, presence=0.5, frequency=0.25)
+    assert out.tolist() == [0.0, -0.75, -1.25, 0.0]
+
+
+def test_a_penalty_changes_the_greedy_choice():
+    logits = torch.tensor([1.0, 0.9, 0.0])
+    counts = torch.tensor([2.0, 0.0, 0.0])
+    params = SamplingParams(temperature=0, frequency_penalty=0.1)
+    assert sample(logits, params, counts, make_generator(0)) == 1
+    assert sample(logits, SamplingParams(temperature=0), counts, make_generator(0)) == 0
+
+
+def test_a_seed_reproduces_the_draws_and_different_seeds_differ():
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=1.0)
+
+    def draws(seed: int) -> list[int]:
+        g = make_generator(seed)
+        return [sample(logits, params, None, g) for _ in range(20)]
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_sampling_respects_the_masks():
+    logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    g = make_generator(0)
+    seen = {sample(logits, SamplingParams(temperature=2.0, top_k=2), None, g) for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0])
+    lp = token_logprob(logits, 1, top=2)
+    expected = logits.log_softmax(-1)
+    assert math.isclose(lp.logprob, float(expected[1]), rel_tol=1e-6)
+    assert [t for t, _ in lp.top] == [0, 1]
+
+
+def test_stop_string_split_across_tokens_is_found_when_completed():
+    stops = ["END"]
+    text = "abc E"  # "E" arrived; "ND" will come with the next token
+    assert find_stop(text, stops, start=4) == -1
+    assert stream_safe_end(text, stops) == 4  # the "E" is held back, it may start "END"
+    text2 = text + "ND more"
+    assert find_stop(text2, stops, start=len(text)) == 4
+    assert stream_safe_end("abc x", stops) == 5
+
+
+def test_stream_holds_back_a_split_utf8_character():
+    assert stream_safe_end("ab\ufffd", []) == 2
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -1.0),
+        ("top_p", 0.0),
+        ("top_k", -2),
+        ("min_p", 1.5),
+        ("n", 0),
+        ("max_tokens", 0),
+        ("logprobs", 21),
+    ],
+)
+def test_invalid_parameters_name_themselves(field, value):
+    with pytest.raises(InvalidParameter) as e:
+        SamplingParams(**{field: value})
+    assert e.value.param == field
+    assert field in str(e.value)
