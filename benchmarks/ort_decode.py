@@ -1,0 +1,123 @@
+"""Decode tokens/s: ONNX Runtime executor vs the torch executor, same bundle, same threads.
+
+    python benchmarks/ort_decode.py [--bundle DIR] [--preset arith-tiny] [--threads 2] [--steps 64]
+
+Without --bundle, a random-weight model of --preset is exported (fp32, ort:cpu) to a temp
+folder. Both executors run the same greedy loop (prefill 32 tokens, then --steps decode steps)
+at batch 1 and 8; the median of --repeats runs is reported with the ratio ORT / torch.
+Appends a dated section to benchmarks/RESULTS.md.
+
+On a shared 2-core machine prefer --threads 1: with 2 threads and other load, torch's
+OpenMP pool makes each tiny matmul of the absorbed attention take ~10 ms (thread wake-ups),
+which measures the machine's load, not the executors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def decode_tokens_per_s(executor, batch: int, prompt_len: int, steps: int) -> float:
+    from crosschip.serve.executor import Chunk
+
+    for i in range(batch):
+        assert executor.can_allocate(i, prompt_len + steps + 1)
+    prompts = [[(7 * i + j) % 100 + 1 for j in range(prompt_len)] for i in range(batch)]
+    logits = executor.step([Chunk(i, p, 0) for i, p in enumerate(prompts)])
+    start = time.perf_counter()
+    for s in range(steps):
+        logits = executor.step([Chunk(i, [int(row.argmax())], prompt_len + s) for i, row in enumerate(logits)])
+    elapsed = time.perf_counter() - start
+    for i in range(batch):
+        executor.release(i)
+    return batch * steps / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, help="an fp32 bundle with model.onnx (default: export a random --preset)")
+    ap.add_argument("--preset", default="arith-tiny")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+
+    from crosschip import hf
+    from crosschip.backends import get_backend
+    from crosschip.config import model_preset
+    from crosschip.handoff.export import export_bundle
+    from crosschip.model import Transformer
+    from crosschip.serve.executor import TorchExecutor
+    from crosschip.serve.ort_executor import OrtExecutor
+
+    torch.set_num_threads(args.threads)
+    bundle = args.bundle
+    if bundle is None:
+        tmp = Path(tempfile.mkdtemp(prefix="ort_decode_"))
+        torch.manual_seed(0)
+        hf.save_bundle(Transformer(model_preset(args.preset)), tmp / "src")
+        bundle = tmp / "bundle"
+        print(f"exporting a random {args.preset} to {bundle} ...", file=sys.stderr)
+        export_bundle(tmp / "src", bundle, target="ort:cpu", policy="fp32", progress=False)
+    model, _ = hf.load_bundle(bundle)
+    batches = [int(b) for b in args.batches.split(",")]
+    max_batch = max(batches)
+    torch_ex = TorchExecutor(model, get_backend("torch:cpu"), max_batch=max_batch)
+    ort_ex = OrtExecutor(bundle, get_backend("ort:cpu"), max_batch=max_batch, threads=args.threads)
+
+    rows = []
+    print(f"{'batch':>5} {'torch tok/s':>12} {'ort tok/s':>12} {'ort/torch':>10}")
+    for batch in batches:
+        results = {}
+        for name, ex in (("torch", torch_ex), ("ort", ort_ex)):
+            decode_tokens_per_s(ex, batch, 32, 8)  # warm-up
+            results[name] = statistics.median(
+                decode_tokens_per_s(ex, batch, 32, args.steps) for _ in range(args.repeats)
+            )
+        ratio = results["ort"] / results["torch"]
+        rows.append((batch, results["torch"], results["ort"], ratio))
+        print(f"{batch:>5} {results['torch']:>12.1f} {results['ort']:>12.1f} {ratio:>9.2f}x")
+
+    if not args.no_record:
+        record(rows, args)
+
+
+def record(rows, args) -> None:
+    """Append a self-contained, dated section to benchmarks/RESULTS.md."""
+    import os
+
+    path = Path(__file__).with_name("RESULTS.md")
+    if not path.exists():
+        path.write_text("# Benchmark results\n\nDated, machine-named rows; append only.\n", encoding="utf-8")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()[0]
+    what = args.bundle or f"random {args.preset}"
+    lines = [
+        "",
+        f"## ort_decode — {now}, {platform.node()} ({os.cpu_count()} cores), {what} fp32, {args.threads} threads, load average {load:.1f}",
+        "",
+        f"`.venv/bin/python benchmarks/ort_decode.py --threads {args.threads}` (greedy decode, {args.steps} steps after a"
+        f" 32-token prefill, median of {args.repeats}; OrtExecutor vs TorchExecutor on the same bundle)",
+        "",
+        "| batch | torch tok/s | ort tok/s | ort / torch |",
+        "|---:|---:|---:|---:|",
+        *(f"| {b} | {t:.0f} | {o:.0f} | {r:.2f}x |" for b, t, o, r in rows),
+        "",
+    ]
+    with path.open("a", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""`crosschip export SRC --to TARGET --dtype POLICY --out BUNDLE`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from crosschip.handoff.precision import POLICIES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "src",
+        metavar="SRC",
+        help="checkpoint folder, checkpoint root / training run folder (newest verified checkpoint), or a bundle",
+    )
+    parser.add_argument(
+        "--to",
+        dest="target",
+        default="ort:cpu",
+        help="target backend, e.g. ort:cpu, ort:cann, torch:npu (default ort:cpu)",
+    )
+    parser.add_argument("--dtype", default="fp32", help=f"precision policy: {', '.join(POLICIES)} (default fp32)")
+    parser.add_argument("--out", required=True, help="bundle folder to write")
+    parser.add_argument(
+        "--fp16-overflow", choices=["error", "warn"], default="error", help="what an fp16 overflow does (default error)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument(
+        "--measure-memory",
+        action="store_true",
+        help="also serve the bundle in a subprocess and record its resident memory",
+    )
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from crosschip import hf
+    from crosschip.handoff.export import export_bundle
+
+    manifest = export_bundle(
+        args.src,
+        args.out,
+        target=args.target,
+        policy=args.dtype,
+        fp16_overflow=args.fp16_overflow,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    if args.measure_memory:
+        from crosschip.handoff.memory import measure_serving_rss
+
+        hf.write_manifest(args.out, {"resident": measure_serving_rss(args.out, manifest["target"]["spec"])})
+        manifest = hf.read_manifest(args.out)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        print(summary(args.out, manifest))
+    return 0
+
+
+def summary(out: str, m: dict) -> str:
+    sizes = m["sizes"]
+    lines = [
+        f"bundle {out}: {m['precision']['policy']} for {m['target']['spec']} from {m['source']['kind']} {m['source']['path']}",
+        f"  weights {sizes['weights_bytes'] / 1e6:.2f} MB, onnx {sizes['onnx_bytes'] / 1e6:.2f} MB, total {sizes['total_bytes'] / 1e6:.2f} MB",
+    ]
+    if m.get("onnx"):
+        o = m["onnx"]
+        lines.append(
+            f"  onnx: {o['expert_weights']} expert weights, ORT vs torch max |diff| {o['parity_fp32_max_abs']:.2e}"
+        )
+    if r := m["precision"].get("fp16_range"):
+        lines.append(f"  fp16 range: {len(r['overflow'])} tensors overflow, {len(r['underflow'])} underflow")
+    if res := m.get("resident"):
+        lines.append(f"  resident memory when served on {res['backend']}: {res['rss_served_bytes'] / 1e6:.1f} MB")
+    return "\n".join(lines)

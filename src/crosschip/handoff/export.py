@@ -1,0 +1,187 @@
+"""`crosschip export`: a checkpoint becomes a bundle for a target.
+
+Bundle = the HF DeepseekV3 folder (`hf.save_bundle`) in the policy's storage dtype, plus
+`model.onnx` for ONNX Runtime targets, plus `crosschip.json` recording the source checkpoint,
+the training backend fingerprint, the target, the precision policy (with its fp16 range
+report), the ONNX facts (expert count, parity against torch) and the size of every file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crosschip import hf
+from crosschip.backends import get_backend
+from crosschip.errors import CrosschipError
+from crosschip.handoff import precision
+from crosschip.handoff.source import Source, resolve_source
+
+ONNX_FILE = "model.onnx"
+PHASES = ["load source", "check precision", "write HF bundle", "export ONNX", "check ONNX vs torch", "write manifest"]
+
+
+def check_target(target: str, policy: str) -> Any:
+    """The target backend (not required to run here: exporting for a CANN box is the point)."""
+    backend = get_backend(target)
+    precision.check_policy(policy)
+    if policy in backend.emulated_refused_dtypes:
+        raise CrosschipError(f"{backend} refuses {policy}; export with --dtype fp16, int8 or fp32")
+    return backend
+
+
+@contextmanager
+def _progress(enabled: bool):
+    """A rich progress bar over the export phases (on stderr); a no-op callable when disabled."""
+    if not enabled:
+        yield lambda phase, detail="": None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [
+        SpinnerColumn(),
+        TextColumn("[bold]export[/] {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+    ]
+    with Progress(
+        *columns, TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True
+    ) as bar:
+        task = bar.add_task(PHASES[0], total=len(PHASES))
+
+        def advance(phase: str, detail: str = "") -> None:
+            done = PHASES.index(phase) if phase in PHASES else bar.tasks[0].completed
+            bar.update(task, completed=done, description=f"{phase}{': ' + detail if detail else ''}")
+
+        yield advance
+        bar.update(task, completed=len(PHASES), description="done")
+
+
+def export_bundle(
+    src: str | Path,
+    out: str | Path,
+    *,
+    target: str = "ort:cpu",
+    policy: str = "fp32",
+    fp16_overflow: str = "error",
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Export SRC to the bundle folder `out` for `target` under precision `policy`; returns the manifest."""
+    backend = check_target(target, policy)
+    out = Path(out)
+    _prepare_out(Path(src), out, force)
+    started = time.time()
+    with _progress(progress) as phase:
+        phase("load source", str(src))
+        source = resolve_source(src)
+        phase("check precision", policy)
+        precision_info = _check_precision(source, policy, fp16_overflow)
+        phase("write HF bundle", str(out))
+        _write_hf(source, out, policy)
+        onnx_info = None
+        if backend.runtime == "ort":
+            phase("export ONNX")
+            served = precision.round_model(source.model, policy)
+            onnx_info = _write_onnx(served, out, policy, lambda msg: phase("export ONNX", msg))
+            phase("check ONNX vs torch")
+            onnx_info["parity_fp32_max_abs"] = onnx_parity(served, out / ONNX_FILE, backend=None)
+        phase("write manifest")
+        manifest = {
+            "source": source.info,
+            "training_backend": source.training,
+            "target": {"spec": backend.spec, "runtime": backend.runtime, "device_type": backend.device_type},
+            "precision": precision_info,
+            "onnx": onnx_info,
+            "export": {"time_s": round(time.time() - started, 2), "torch": torch.__version__},
+        }
+        hf.write_manifest(out, manifest)
+        hf.write_manifest(out, {"sizes": bundle_sizes(out)})
+    return hf.read_manifest(out)
+
+
+def _prepare_out(src: Path, out: Path, force: bool) -> None:
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise CrosschipError(f"--out {out} is the source itself; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise CrosschipError(f"--out {out} is a file")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise CrosschipError(f"--out {out} is not empty; pass --force to replace it")
+        shutil.rmtree(out)
+
+
+def _check_precision(source: Source, policy: str, fp16_overflow: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "policy": policy,
+        "keep_fp32": "RMSNorm weights, router gate.weight and e_score_correction_bias",
+    }
+    if policy == "int8":
+        info["int8"] = {
+            "scheme": "weight-only, symmetric, per output channel",
+            "weights": "attention/MLP/expert linears, embed_tokens, lm_head",
+            "keys": "<name>.weight int8 (out, in) + <name>.weight_scale fp32 (out,); w = weight * weight_scale[:, None]",
+            "onnx": "int8 initializer + fp32 scale -> DequantizeLinear (ORT CPU fuses it into MatMulNBits)",
+        }
+    if policy == "fp16":
+        state = hf.to_hf(source.model.state_dict(), source.model.cfg)
+        report = precision.check_fp16_range(state)
+        warnings = precision.enforce_fp16(report, fp16_overflow)
+        info["fp16_range"] = {**report.to_dict(), "on_overflow": fp16_overflow, "warnings": warnings}
+        for w in warnings:
+            print(f"crosschip export: warning: {w}")
+    return info
+
+
+def _write_hf(source: Source, out: Path, policy: str) -> None:
+    dtype = precision.TORCH_DTYPES.get(policy)
+    hf.save_bundle(source.model, out, tokenizer=source.tokenizer, dtype=dtype if policy != "fp32" else torch.float32)
+    if policy == "int8":
+        precision.write_int8_weights(out, hf.to_hf(source.model.state_dict(), source.model.cfg))
+
+
+def _write_onnx(model: torch.nn.Module, out: Path, policy: str, say) -> dict[str, Any]:
+    from crosschip.handoff.onnx_export import export_onnx
+
+    return export_onnx(model, out / ONNX_FILE, policy=policy, progress=say)
+
+
+def onnx_parity(model: torch.nn.Module, onnx_path: Path, backend: Any = None, seed: int = 0) -> float:
+    """Max |ORT - torch| over logits and latents of a cached step with a ragged past (fp32 compute)."""
+    from crosschip.handoff.onnx_export import INPUT_NAMES, CachedStep, causal_mask, open_session
+
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    B, T, S, P = 3, 4, 6, 32
+    lens = torch.tensor([S, 2, 0])
+    inputs = (
+        torch.randint(0, cfg.vocab_size, (B, T), generator=g),
+        lens[:, None] + torch.arange(T),
+        torch.randn(cfg.num_hidden_layers, P, cfg.kv_lora_rank, generator=g),
+        torch.randn(cfg.num_hidden_layers, P, cfg.qk_rope_head_dim, generator=g),
+        torch.randint(0, P, (B, S), generator=g),
+        causal_mask(lens, T, S),
+    )
+    with torch.no_grad():
+        ref = CachedStep(model)(*inputs)
+    got = open_session(onnx_path, backend).run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})
+    return max(float(np.abs(r.numpy() - o).max()) for r, o in zip(ref, got))
+
+
+def bundle_sizes(folder: str | Path) -> dict[str, Any]:
+    """Bytes on disk: every file, the HF weights, the ONNX graph (with external data), the total."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        "files": files,
+        "weights_bytes": sum(n for f, n in files.items() if f.endswith(".safetensors")),
+        "onnx_bytes": sum(n for f, n in files.items() if f.startswith(ONNX_FILE)),
+        "total_bytes": sum(files.values()),
+    }

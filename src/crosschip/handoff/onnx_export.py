@@ -1,0 +1,303 @@
+"""Export the absorbed-MLA decode/prefill step to one ONNX graph with an explicit latent cache.
+
+Graph contract (every dim dynamic except the model's widths):
+
+inputs
+  input_ids       (B, T)            int64   the new tokens of each row
+  positions       (B, T)            int64   their absolute positions (RoPE)
+  past_c_kv       (L, P, C)         float   latent pool of P token slots, C = kv_lora_rank
+  past_k_pe       (L, P, R)         float   rope-key pool,                 R = qk_rope_head_dim
+  past_slots      (B, S)            int64   pool slot of past token s of row b (padding: any slot)
+  attention_mask  (B, T, S + T)     bool    True = attend; the first S columns are the past
+                                            slots, the last T the new tokens
+outputs
+  logits          (B, T, V)         float
+  present_c_kv    (L, B, T, C)      float   latents of the new tokens only (the caller commits them)
+  present_k_pe    (L, B, T, R)      float
+
+A (L, B, S, C) past is the pool reshaped to (L, B*S, C) with past_slots = arange(B*S).view(B, S):
+the plain "past in, present out" contract. The slot indirection lets a serving engine keep a
+paged pool (fixed-size blocks, per-sequence block tables) bound once through IO binding and
+change only small index tensors between steps: the graph gathers exactly the (B, S) past
+latents it needs, so per step nothing crosses the host/device boundary but ids, positions,
+slots, the mask, the logits and the new latents.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from crosschip.model import MoE, Transformer
+
+INPUT_NAMES = ["input_ids", "positions", "past_c_kv", "past_k_pe", "past_slots", "attention_mask"]
+OUTPUT_NAMES = ["logits", "present_c_kv", "present_k_pe"]
+
+
+class PoolLatentCache:
+    """LatentCache over a (L, P, *) slot pool: gathers each row's past slots, concatenates the new tokens."""
+
+    def __init__(self, past_c_kv: Tensor, past_k_pe: Tensor, past_slots: Tensor, mask: Tensor):
+        self.past_c_kv, self.past_k_pe, self.past_slots, self.mask = past_c_kv, past_k_pe, past_slots, mask
+        self.new_c_kv: list[Tensor] = []
+        self.new_k_pe: list[Tensor] = []
+
+    def _past(self, pool: Tensor, layer: int) -> Tensor:
+        # One gather of exactly the (B, S) slots from the flattened pool; pool[layer] first
+        # would copy the layer's whole slab in ONNX Runtime.
+        L, P, D = pool.shape
+        return pool.reshape(L * P, D)[self.past_slots + layer * P]  # (B, S, D)
+
+    def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        self.new_c_kv.append(c_kv)
+        self.new_k_pe.append(k_pe)
+        c_kv_all = torch.cat([self._past(self.past_c_kv, layer).to(c_kv.dtype), c_kv], dim=1)
+        k_pe_all = torch.cat([self._past(self.past_k_pe, layer).to(k_pe.dtype), k_pe], dim=1)
+        return c_kv_all, k_pe_all, self.mask
+
+
+class CachedStep(nn.Module):
+    """The exported step: model + PoolLatentCache, returning logits and the new latents."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        past_c_kv: Tensor,
+        past_k_pe: Tensor,
+        past_slots: Tensor,
+        attention_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        cache = PoolLatentCache(past_c_kv, past_k_pe, past_slots, attention_mask)
+        logits = self.model(input_ids, positions=positions, cache=cache)
+        return logits.float(), torch.stack(cache.new_c_kv), torch.stack(cache.new_k_pe)
+
+
+def example_inputs(model: Transformer, B: int = 2, T: int = 3, S: int = 4, P: int = 11) -> tuple:
+    """Inputs of the traced step. Every dynamic dim is >= 2 and distinct, so export does not specialise it."""
+    cfg = model.cfg
+    L = cfg.num_hidden_layers
+    dtype = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    positions = torch.arange(S, S + T).expand(B, T).contiguous()
+    past_c_kv = torch.randn(L, P, cfg.kv_lora_rank, generator=g).to(dtype)
+    past_k_pe = torch.randn(L, P, cfg.qk_rope_head_dim, generator=g).to(dtype)
+    slots = torch.randperm(P, generator=g)[: B * S].view(B, S)
+    mask = causal_mask(torch.full((B,), S), T)
+    return ids, positions, past_c_kv, past_k_pe, slots, mask
+
+
+def causal_mask(past_lens: Tensor, T: int, S: int | None = None) -> Tensor:
+    """(B, T, S+T) mask for rows whose first `past_lens[b]` of S past columns are real tokens."""
+    S = int(past_lens.max()) if S is None else S
+    past = torch.arange(S)[None, None, :] < past_lens[:, None, None]  # (B, 1, S)
+    new = torch.ones(T, T, dtype=torch.bool).tril()[None]  # (1, T, T)
+    B = past_lens.shape[0]
+    return torch.cat([past.expand(B, T, S), new.expand(B, T, T)], dim=-1)
+
+
+def dynamic_shapes() -> dict:
+    B, T, S, P, ST = (torch.export.Dim(n) for n in ("batch", "seq", "past", "slots", "past_plus_seq"))
+    return {
+        "input_ids": {0: B, 1: T},
+        "positions": {0: B, 1: T},
+        "past_c_kv": {1: P},
+        "past_k_pe": {1: P},
+        "past_slots": {0: B, 1: S},
+        "attention_mask": {0: B, 1: T, 2: ST},
+    }
+
+
+def export_onnx(model: Transformer, path: str | Path, *, policy: str = "fp32", progress=None) -> dict[str, Any]:
+    """Export `model` (fp32, eval mode) to `path` as one graph with the contract above.
+
+    The model's weights should already be rounded as `policy` stores them
+    (`precision.round_model`); the graph then stores them in the policy's dtype. Weights go
+    to external data next to the graph when they pass 1 GiB (`model.onnx.data`).
+    progress: optional callable(str) told about each phase. Returns facts for the manifest.
+    """
+    path = Path(path)
+    say = progress or (lambda msg: None)
+    model = model.eval()
+    step = CachedStep(model)
+    say("tracing the cached step (torch.export)")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            step,
+            example_inputs(model),
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_shapes=dynamic_shapes(),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    say("optimizing the graph")
+    program.optimize()
+    proto = program.model_proto
+    strip_metadata(proto)
+    say(f"storing weights as {policy}")
+    stats = store_weights(proto, policy)
+    experts = count_expert_weights(proto)
+    # Only the main layers run in the step (an MTP block is a training/draft head, not exported).
+    expected = 3 * sum(isinstance(layer.ffn, MoE) for layer in model.layers) * model.cfg.n_routed_experts
+    if experts != expected:
+        raise RuntimeError(
+            f"ONNX graph holds {experts} routed-expert weights, expected {expected}: tracing dropped experts"
+        )
+    say(f"writing {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = proto.ByteSize() > 1 << 30
+    onnx.save(proto, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
+    say("checking the graph (onnx.checker)")
+    onnx.checker.check_model(str(path), full_check=True)  # by path: works with external data too
+    return {
+        "file": path.name,
+        "policy": policy,
+        "expert_weights": experts,
+        "opset": proto.opset_import[0].version,
+        **stats,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Weight storage per precision policy
+# --------------------------------------------------------------------------------------------
+
+# Initializers that keep fp32 whatever the policy: the router (top-k over small score gaps).
+KEEP_FP32 = re.compile(r"\.gate\.(weight|bias)$")
+ONNX_DTYPES = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
+
+
+def _weights(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """fp32 initializers of rank >= 2 (matmul and lookup weights, possibly pre-transposed by the optimizer)."""
+    return [
+        t
+        for t in graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2 and not KEEP_FP32.search(t.name)
+    ]
+
+
+def _exact_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int], int] | None:
+    """Find the 2-D view and axis in which `w` is exactly int8 x per-channel scale.
+
+    The graph's weights were rounded through the int8 policy before export, but the optimizer
+    may have transposed (head, linears) or split (W_UK / W_UV from wkv_b) them, so the output
+    channel can be any leading or trailing group of dims. Returns (q, scale, 2-D shape, axis).
+    """
+    for k in range(1, w.ndim):
+        shape2 = (int(np.prod(w.shape[:k])), int(np.prod(w.shape[k:])))
+        w2 = w.reshape(shape2)
+        for axis in (0, 1):
+            amax = np.abs(w2).max(axis=1 - axis)
+            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+            q = w2 / (scale[:, None] if axis == 0 else scale[None, :])
+            if np.abs(q - np.round(q)).max() < 1e-3:
+                return np.round(q).astype(np.int8), scale, shape2, axis
+    return None
+
+
+def _half_tensor(w: np.ndarray, name: str, policy: str) -> onnx.TensorProto:
+    if policy == "fp16":
+        return onnx.numpy_helper.from_array(w.astype(np.float16), name)
+    # bf16 is the top half of fp32; the values were rounded to bf16 already, so truncation is exact.
+    raw = (np.ascontiguousarray(w, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    return onnx.helper.make_tensor(name, onnx.TensorProto.BFLOAT16, w.shape, raw, raw=True)
+
+
+def strip_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node stack traces and docs: they are about half the file."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+
+
+def session_options(threads: int | None = None) -> Any:
+    """ORT session options for our graphs.
+
+    ORT fuses DequantizeLinear -> MatMul into MatMulNBits; its default accuracy level 4
+    quantizes activations to int8 too, which is not weight-only int8 (logits drift ~1e-2).
+    Level 1 keeps fp32 activations: int8 weights, exact fp32 compute.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def open_session(path: str | Path, backend: Any = None, threads: int | None = None) -> Any:
+    """An InferenceSession on `backend`'s execution providers (OrtBackend.providers(); CPU by default)."""
+    import onnxruntime as ort
+
+    providers = backend.providers() if backend is not None else [("CPUExecutionProvider", {})]
+    return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+
+
+def store_weights(model: onnx.ModelProto, policy: str) -> dict[str, Any]:
+    """Rewrite the graph's weight initializers into the policy's storage dtype, in place.
+
+    fp16/bf16: stored in that dtype, with a Cast to fp32 (compute stays fp32 on CPU; the
+    values are exactly the rounded ones). int8: int8 + per-channel fp32 scale feeding a
+    DequantizeLinear (standard ONNX, runs on every execution provider). Returns counts.
+    """
+    graph = model.graph
+    stats = {"converted": 0, "kept_fp32": 0}
+    if policy == "fp32":
+        return stats
+    nodes, keep = [], []
+    for t in _weights(graph):
+        w = onnx.numpy_helper.to_array(t)
+        name = t.name
+        if policy in ONNX_DTYPES:
+            stored = _half_tensor(w, name + "_" + policy, policy)
+            graph.initializer.append(stored)
+            nodes.append(onnx.helper.make_node("Cast", [stored.name], [name], to=onnx.TensorProto.FLOAT))
+        else:
+            found = _exact_int8(w)
+            if found is None:
+                keep.append(name)
+                continue
+            q, scale, shape2, axis = found
+            graph.initializer.extend(
+                [onnx.numpy_helper.from_array(q, name + "_q"), onnx.numpy_helper.from_array(scale, name + "_scale")]
+            )
+            flat = name if shape2 == tuple(w.shape) else name + "_2d"
+            nodes.append(onnx.helper.make_node("DequantizeLinear", [name + "_q", name + "_scale"], [flat], axis=axis))
+            if flat != name:
+                graph.initializer.append(
+                    onnx.numpy_helper.from_array(np.array(w.shape, dtype=np.int64), name + "_shape")
+                )
+                nodes.append(onnx.helper.make_node("Reshape", [flat, name + "_shape"], [name]))
+        graph.initializer.remove(t)
+        stats["converted"] += 1
+    stats["kept_fp32"] = len(keep)
+    # The decoding nodes go first: ONNX wants a topologically sorted graph.
+    old = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + old)
+    return stats
+
+
+def count_expert_weights(model: onnx.ModelProto) -> int:
+    """Routed-expert weight tensors present in the graph (initializers or decoded initializers)."""
+    names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    return sum(bool(re.fullmatch(r".*layers\.\d+\.ffn\.experts\.\d+\.w[123]\.weight", n)) for n in names)

@@ -1,0 +1,95 @@
+"""Find what `crosschip export SRC` exports: a checkpoint, a checkpoint root, or a bundle."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crosschip import hf
+from crosschip.errors import CrosschipError
+
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class Source:
+    """A resolved export source: the model, its tokenizer and where they came from."""
+
+    model: Any
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+    """path, kind (checkpoint | bundle), step, weights sha256."""
+    training: dict[str, Any] | None = None
+    """Training backend fingerprint (backend, device, torch version) and dtype, when recorded."""
+
+
+def _checkpoint_root(path: Path) -> Path | None:
+    """`path` itself or its `checkpoints/` when that holds step_XXXXXXXX folders."""
+    from crosschip.train.checkpoint import list_checkpoints
+
+    for root in (path / "checkpoints", path):
+        if root.is_dir() and list_checkpoints(root):
+            return root
+    return None
+
+
+def _weights_sha(folder: Path) -> str | None:
+    try:
+        return hf.read_manifest(folder).get("files", {}).get(hf.WEIGHTS_FILE)
+    except CrosschipError:
+        return None
+
+
+def resolve_source(src: str | Path) -> Source:
+    """Load SRC: a training checkpoint folder, a checkpoint root (its newest verified
+    checkpoint), a training run folder (its `checkpoints/`), or an existing bundle."""
+    path = Path(src)
+    if not path.exists():
+        raise CrosschipError(f"export source not found: {path}")
+    if not path.is_dir():
+        raise CrosschipError(f"export source must be a checkpoint or bundle folder, got a file: {path}")
+    if (path / TRAINER_STATE).is_file():
+        return _from_checkpoint(path)
+    if (path / hf.CONFIG_FILE).is_file():
+        return _from_bundle(path)
+    root = _checkpoint_root(path)
+    if root is None:
+        raise CrosschipError(
+            f"{path} is not a checkpoint, a checkpoint root or a bundle (no trainer_state.json, config.json or step_* folders)"
+        )
+    from crosschip.train.checkpoint import latest_verified
+
+    newest = latest_verified(root)
+    if newest is None:
+        raise CrosschipError(f"no checkpoint under {root} passes its checksums")
+    return _from_checkpoint(newest)
+
+
+def _from_checkpoint(folder: Path) -> Source:
+    from crosschip.train.checkpoint import load_model
+
+    model, tokenizer = load_model(folder)
+    state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+    training = None
+    if isinstance(state.get("backend"), dict):
+        training = {**state["backend"], "dtype": state.get("dtype")}
+    info = {
+        "path": str(folder.resolve()),
+        "kind": "checkpoint",
+        "step": state.get("step"),
+        "weights_sha256": _weights_sha(folder),
+    }
+    return Source(model, tokenizer, info, training)
+
+
+def _from_bundle(folder: Path) -> Source:
+    from crosschip.handoff.precision import load_for_serving
+
+    model, tokenizer = load_for_serving(folder)
+    manifest = hf.read_manifest(folder) if (folder / hf.MANIFEST_FILE).exists() else {}
+    info = {"path": str(folder.resolve()), "kind": "bundle", "weights_sha256": _weights_sha(folder)}
+    if manifest.get("precision", {}).get("policy") not in (None, "fp32"):
+        info["note"] = f"re-exported from a {manifest['precision']['policy']} bundle: its rounding is kept"
+    return Source(model, tokenizer, info, manifest.get("training_backend"))

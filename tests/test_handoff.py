@@ -1,0 +1,193 @@
+"""`crosschip export`: precision policies, the manifest, checksums, sources and CLI errors (real files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from crosschip import hf
+from crosschip.cli import main
+from crosschip.errors import BundleError
+from crosschip.handoff import precision
+from crosschip.handoff.export import export_bundle
+
+
+@pytest.fixture(scope="module")
+def exported(debug_bundle, tmp_path_factory):
+    """Every policy exported for a torch target (no ONNX: fast); the ONNX variants are in test_ort."""
+    root = tmp_path_factory.mktemp("policies")
+    return {
+        p: export_bundle(debug_bundle, root / p, target="torch:cpu", policy=p, progress=False) and root / p
+        for p in precision.POLICIES
+    }
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids)
+
+
+@pytest.mark.parametrize("policy", precision.POLICIES)
+def test_every_policy_exports_and_reloads(debug_bundle, exported, policy):
+    bundle = exported[policy]
+    manifest = hf.read_manifest(bundle)
+    assert manifest["precision"]["policy"] == policy
+    assert manifest["target"]["spec"] == "torch:cpu"
+    assert manifest["source"]["kind"] == "bundle" and manifest["source"]["path"].endswith("debug")
+    assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert manifest["sizes"]["weights_bytes"] == (bundle / "model.safetensors").stat().st_size
+    weights = load_file(bundle / "model.safetensors")
+    # The router and norms stay fp32 under every policy.
+    assert weights["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    assert weights["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert weights["model.norm.weight"].dtype == torch.float32
+    expected = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}[policy]
+    assert weights["model.layers.1.mlp.experts.3.up_proj.weight"].dtype == expected
+    if policy == "int8":
+        assert weights["lm_head.weight_scale"].shape == (512,)
+
+    reference, _ = hf.load_bundle(debug_bundle)
+    served, tok = precision.load_for_serving(bundle)
+    assert tok is not None
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    # Loading reproduces exactly the policy's rounding of the reference...
+    torch.testing.assert_close(
+        _logits(served, ids), _logits(precision.round_model(reference, policy), ids), rtol=1e-5, atol=1e-6
+    )
+    # ...which stays close to the fp32 model.
+    band = {"fp32": 1e-6, "bf16": 2e-2, "fp16": 2e-3, "int8": 2e-2}[policy]
+    assert (_logits(served, ids) - _logits(reference, ids)).abs().max() < band * _logits(
+        reference, ids
+    ).abs().max() + band
+
+
+def test_int8_weights_take_at_most_30_percent(exported):
+    fp32 = precision.weight_bytes(exported["fp32"])
+    int8 = precision.weight_bytes(exported["int8"])
+    assert int8 <= 0.30 * fp32, (int8, fp32)
+    sizes = {p: hf.read_manifest(b)["sizes"]["weights_bytes"] for p, b in exported.items()}
+    assert sizes["fp16"] < 0.55 * sizes["fp32"] and sizes["bf16"] < 0.55 * sizes["fp32"]
+
+
+def test_int8_bundle_is_refused_by_plain_loader(exported):
+    # A loader that knows nothing of int8 must not silently read int8 as weights.
+    with pytest.raises(BundleError, match="weight_scale"):
+        hf.load_bundle(exported["int8"])
+
+
+def test_quantize_roundtrip_per_output_channel():
+    w = torch.randn(6, 40) * torch.logspace(-3, 1, 6)[:, None]
+    q, scale = precision.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (6,)
+    assert (q.abs().amax(dim=1) == 127).all()  # each row uses its full range
+    err = (precision.dequantize_int8(q, scale) - w).abs().amax(dim=1)
+    assert (err <= scale / 2 + 1e-9).all()
+
+
+def test_fp16_overflow_report_catches_planted_weight(debug_bundle, tmp_path):
+    model, tok = hf.load_bundle(debug_bundle)
+    with torch.no_grad():
+        model.layers[1].ffn.experts[2].w3.weight[3, 5] = 1e6
+        model.layers[0].attn.wkv_a.weight[0, :4] = 1e-9  # flushes to zero in fp16
+    src = hf.save_bundle(model, tmp_path / "planted", tokenizer=tok)
+    with pytest.raises(precision.PrecisionError, match=r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight"):
+        export_bundle(src, tmp_path / "out", target="torch:cpu", policy="fp16", progress=False)
+    manifest = export_bundle(
+        src, tmp_path / "out", target="torch:cpu", policy="fp16", fp16_overflow="warn", force=True, progress=False
+    )
+    report = manifest["precision"]["fp16_range"]
+    assert [t["name"] for t in report["overflow"]] == ["model.layers.1.mlp.experts.2.up_proj.weight"]
+    assert report["overflow"][0]["overflow"] == 1 and report["overflow"][0]["max_abs"] == 1e6
+    flushed = {t["name"]: t["flush_to_zero"] for t in report["underflow"]}
+    assert flushed["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"] >= 4
+    assert report["warnings"] and report["on_overflow"] == "warn"
+
+
+def test_tampered_bundle_is_refused(exported, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(exported["int8"], bad)
+    state = load_file(bad / "model.safetensors")
+    state["lm_head.weight_scale"] = state["lm_head.weight_scale"] * 2
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        precision.load_for_serving(bad)
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        hf.load_bundle(bad)
+
+
+def test_export_from_checkpoint_root_takes_newest_verified(debug_bundle, tmp_path):
+    from crosschip.train.checkpoint import TrainState, save_checkpoint
+
+    model, tok = hf.load_bundle(debug_bundle)
+    fingerprint = {"backend": "torch:cpu", "device": "x86_64", "torch": torch.__version__}
+    root = tmp_path / "run" / "checkpoints"
+    for step in (10, 20):
+        scalars = {"backend": fingerprint, "dtype": "fp32"}
+        save_checkpoint(
+            root,
+            TrainState(step, model.state_dict(), {}, {"torch_cpu": torch.get_rng_state()}, scalars),
+            model.cfg,
+            tokenizer=tok,
+        )
+    (root / "step_00000020" / "model.safetensors").write_bytes(b"corrupt")  # the newest no longer verifies
+    manifest = export_bundle(tmp_path / "run", tmp_path / "b", target="ort:cpu", policy="int8", progress=False)
+    assert manifest["source"]["kind"] == "checkpoint" and manifest["source"]["step"] == 10
+    assert manifest["source"]["path"].endswith("step_00000010")
+    assert manifest["training_backend"] == {**fingerprint, "dtype": "fp32"}
+    assert manifest["target"]["spec"] == "ort:cpu" and manifest["onnx"]["parity_fp32_max_abs"] < 1e-5
+    assert manifest["sizes"]["onnx_bytes"] > 0 and "model.onnx" in manifest["files"]
+
+
+def _cli(capsys, *argv):
+    rc = main(["export", *argv])
+    return rc, capsys.readouterr()
+
+
+def test_cli_errors_are_one_line(debug_bundle, tmp_path, capsys):
+    rc, out = _cli(capsys, str(tmp_path / "nope"), "--to", "ort:cpu", "--out", str(tmp_path / "o"))
+    assert rc == 1 and "export source not found" in out.err and len(out.err.strip().splitlines()) == 1
+    rc, out = _cli(capsys, str(debug_bundle), "--to", "ort:tpu", "--out", str(tmp_path / "o"))
+    assert rc == 1 and "unknown backend 'ort:tpu'" in out.err and "ort:cann" in out.err
+    rc, out = _cli(capsys, str(debug_bundle), "--dtype", "fp8", "--out", str(tmp_path / "o"))
+    assert rc == 1 and "unknown precision policy 'fp8'" in out.err and "int8" in out.err
+    rc, out = _cli(capsys, str(debug_bundle), "--to", "emu:fp16-only", "--dtype", "bf16", "--out", str(tmp_path / "o"))
+    assert rc == 1 and "refuses bf16" in out.err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    rc, out = _cli(capsys, str(debug_bundle), "--to", "torch:cpu", "--out", str(tmp_path / "full"))
+    assert rc == 1 and "not empty" in out.err and (tmp_path / "full" / "x").exists()
+    assert "Traceback" not in out.err
+
+
+def test_cli_exports_and_prints_summary(debug_bundle, tmp_path, capsys):
+    rc, out = _cli(
+        capsys,
+        str(debug_bundle),
+        "--to",
+        "torch:cpu",
+        "--dtype",
+        "bf16",
+        "--out",
+        str(tmp_path / "b"),
+        "--json",
+        "--no-progress",
+    )
+    assert rc == 0
+    manifest = json.loads(out.out)
+    assert manifest["precision"]["policy"] == "bf16" and manifest["onnx"] is None
+
+
+@pytest.mark.slow
+def test_resident_memory_per_policy(debug_bundle, exported, tmp_path):
+    from crosschip.handoff.memory import measure_serving_rss
+
+    onnx_int8 = tmp_path / "int8"
+    export_bundle(debug_bundle, onnx_int8, target="ort:cpu", policy="int8", progress=False)
+    torch_rss = measure_serving_rss(exported["int8"], "torch:cpu")
+    ort_rss = measure_serving_rss(onnx_int8, "ort:cpu")
+    for r in (torch_rss, ort_rss):
+        assert r["rss_after_decode_bytes"] >= r["rss_baseline_bytes"] > 50e6

@@ -1,0 +1,233 @@
+"""ONNX export of the cached step and the ONNX Runtime executor, against torch on real files."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from crosschip import hf
+from crosschip.backends import get_backend
+from crosschip.handoff.export import export_bundle
+from crosschip.handoff.onnx_export import INPUT_NAMES, CachedStep, causal_mask, count_expert_weights, open_session
+from crosschip.serve.executor import Chunk, TorchExecutor
+from crosschip.serve.ort_executor import OrtExecutor
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(debug_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort") / "fp32"
+    export_bundle(debug_bundle, out, target="ort:cpu", policy="fp32", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(fp32_bundle):
+    return hf.load_bundle(fp32_bundle)[0]
+
+
+@pytest.fixture(scope="module")
+def session(fp32_bundle):
+    return open_session(fp32_bundle / "model.onnx", get_backend("ort:cpu"))
+
+
+def test_graph_passes_checker_and_keeps_every_expert(fp32_bundle, model):
+    proto = onnx.load(str(fp32_bundle / "model.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    cfg = model.cfg
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    assert count_expert_weights(proto) == 3 * moe_layers * cfg.n_routed_experts
+    names = {t.name for t in proto.graph.initializer}
+    for j in range(cfg.n_routed_experts):
+        assert f"model.layers.1.ffn.experts.{j}.w2.weight" in names
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert dims["input_ids"] == ["batch", "seq"] and dims["attention_mask"][0] == "batch"
+    manifest = hf.read_manifest(fp32_bundle)
+    assert manifest["onnx"]["expert_weights"] == 3 * moe_layers * cfg.n_routed_experts
+    assert manifest["onnx"]["parity_fp32_max_abs"] < 1e-5
+
+
+def _random_step(cfg, B, T, S, P, seed):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(0, S + 1, (B,), generator=g)
+    lens[0] = S  # the longest row sets S; the others are ragged (masked padding)
+    L = cfg.num_hidden_layers
+    return (
+        torch.randint(0, cfg.vocab_size, (B, T), generator=g),
+        lens[:, None] + torch.arange(T),
+        torch.randn(L, P, cfg.kv_lora_rank, generator=g),
+        torch.randn(L, P, cfg.qk_rope_head_dim, generator=g),
+        torch.randint(0, P, (B, S), generator=g),
+        causal_mask(lens, T, S),
+    )
+
+
+@pytest.mark.parametrize(
+    "B,T,S,P", [(1, 1, 0, 4), (1, 1, 7, 16), (4, 1, 12, 64), (3, 9, 0, 8), (5, 6, 11, 70), (2, 33, 3, 9)]
+)
+def test_ort_matches_torch_over_dynamic_batch_seq_and_cache(session, model, B, T, S, P):
+    inputs = _random_step(model.cfg, B, T, S, P, seed=B * 100 + T)
+    with torch.no_grad():
+        want = CachedStep(model)(*inputs)
+    got = session.run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})
+    for w, g in zip(want, got):
+        assert g.shape == tuple(w.shape)
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_ort_prefill_matches_naive_forward(session, model):
+    """Against the model's naive (expanded, cache-free) path: absorbed + ONNX + ORT change nothing."""
+    cfg = model.cfg
+    ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)
+    feeds = {
+        "input_ids": ids.numpy(),
+        "positions": torch.arange(20).expand(2, 20).numpy(),
+        "past_c_kv": np.zeros((cfg.num_hidden_layers, 1, cfg.kv_lora_rank), np.float32),
+        "past_k_pe": np.zeros((cfg.num_hidden_layers, 1, cfg.qk_rope_head_dim), np.float32),
+        "past_slots": np.zeros((2, 0), np.int64),
+        "attention_mask": causal_mask(torch.zeros(2, dtype=torch.long), 20, 0).numpy(),
+    }
+    logits = session.run(["logits"], feeds)[0]
+    np.testing.assert_allclose(logits, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _greedy(executor, prompts: list[list[int]], n: int) -> list[list[int]]:
+    seqs = [list(p) for p in prompts]
+    for i, p in enumerate(prompts):
+        assert executor.can_allocate(i, len(p) + n)
+    logits = executor.step([Chunk(i, p, 0) for i, p in enumerate(prompts)])
+    for _ in range(n):
+        chunks = []
+        for i, row in enumerate(logits):
+            token = int(row.argmax())
+            chunks.append(Chunk(i, [token], len(seqs[i])))
+            seqs[i].append(token)
+        logits = executor.step(chunks)
+    return seqs
+
+
+def test_executor_all_logits_and_release(fp32_bundle, model):
+    ex = OrtExecutor(fp32_bundle, get_backend("ort:cpu"), max_batch=2, block_size=4)
+    assert ex.can_allocate(7, 12)
+    prompt = [5, 6, 7, 8, 9, 10]
+    # Prefill in two chunks through the paged cache == one naive forward.
+    first = ex.step([Chunk(7, prompt[:4], 0)], all_logits=True)[0]
+    second = ex.step([Chunk(7, prompt[4:], 4)], all_logits=True)[0]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt]))[0]
+    torch.testing.assert_close(torch.cat([first, second]), want, rtol=1e-5, atol=1e-5)
+    usage = ex.cache_usage()
+    assert usage["blocks_used"] == 3 and usage["bytes_per_token_per_layer"] == model.cfg.latent_dim * 4
+    ex.release(7)
+    assert ex.cache_usage()["blocks_used"] == 0
+
+
+@pytest.mark.slow
+def test_greedy_256_tokens_equal_torch_executor(tmp_path):
+    """fp32 greedy continuations of a batch of 3 ragged prompts agree token for token.
+
+    The weights are scaled up so that logits are peaked, as in a trained model (a random
+    debug model's logits nearly tie, and any 1e-7 difference could flip an argmax).
+    `commit=graph` drives the device-generic ScatterND commit path on CPU.
+    """
+    from crosschip.config import model_preset
+    from crosschip.model import Transformer
+
+    torch.manual_seed(0)
+    m = Transformer(model_preset("debug", max_position_embeddings=300))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(5)
+    hf.save_bundle(m, tmp_path / "src")
+    export_bundle(tmp_path / "src", tmp_path / "b", target="ort:cpu", policy="fp32", progress=False)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(11, 30))]
+    model, _ = hf.load_bundle(tmp_path / "b")
+    want = _greedy(TorchExecutor(model, get_backend("torch:cpu"), max_batch=4), prompts, 256)
+    for commit in ("auto", "graph"):
+        got = _greedy(OrtExecutor(tmp_path / "b", get_backend("ort:cpu"), max_batch=4, commit=commit), prompts, 256)
+        assert got == want, commit
+    assert len(set(want[0][5:])) > 20  # a real continuation, not one repeated token
+
+
+def test_executor_refuses_tampered_graph(fp32_bundle, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(fp32_bundle, bad)
+    data = bytearray((bad / "model.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(hf.BundleError, match="checksum mismatch.*model.onnx"):
+        OrtExecutor(bad, get_backend("ort:cpu"))
+
+
+def test_executor_needs_an_onnx_graph(debug_bundle):
+    with pytest.raises(hf.BundleError, match="no model.onnx"):
+        OrtExecutor(debug_bundle, get_backend("ort:cpu"))
+
+
+def test_session_uses_backend_providers(fp32_bundle):
+    session = open_session(fp32_bundle / "model.onnx", get_backend("ort:cpu"))
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    cann = get_backend("ort:cann")
+    cann.provider_options["precision_mode"] = "allow_fp32_to_fp16"
+    assert cann.providers()[0] == ("CANNExecutionProvider", {"precision_mode": "allow_fp32_to_fp16"})
+
+
+@pytest.mark.slow
+def test_serve_on_ort_cpu_matches_torch_engine(fp32_bundle, model):
+    """`crosschip serve BUNDLE --on ort:cpu`: same scheduler and HTTP API; greedy text equals the torch engine's."""
+    import openai
+
+    from crosschip.serve.engine import Engine
+    from crosschip.serve.sampling import SamplingParams
+    from crosschip.tokenizer import Tokenizer
+    from serve_helpers import ServerProcess
+
+    prompts = ["12+34=", "Once upon a time", "7-3="]
+    tok = Tokenizer.load(fp32_bundle)
+    expected = Engine(TorchExecutor(model, max_batch=4), tok, max_batch=4).generate(
+        prompts, SamplingParams(max_tokens=24, temperature=0)
+    )
+    srv = ServerProcess(fp32_bundle, "--on", "ort:cpu", "--max-batch", "4")
+    try:
+        client = openai.OpenAI(base_url=srv.api, api_key="unused", max_retries=0)
+        for prompt, exp in zip(prompts, expected):
+            got = client.completions.create(model="fp32", prompt=prompt, max_tokens=24, temperature=0)
+            assert got.choices[0].text == exp.text
+        stream = client.completions.create(model="fp32", prompt=prompts[0], max_tokens=24, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream) == expected[0].text
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["fp16", "bf16", "int8"])
+def test_low_precision_graphs_store_small_weights_and_match_torch(debug_bundle, fp32_bundle, tmp_path, policy):
+    """Each policy's graph stores its weights in that dtype (int8 + scales for int8) and, computing
+    in fp32 on CPU, reproduces the torch model with the same rounding to fp32 accuracy."""
+    from crosschip.handoff import precision
+
+    manifest = export_bundle(debug_bundle, tmp_path / policy, target="ort:cpu", policy=policy, progress=False)
+    assert manifest["onnx"]["parity_fp32_max_abs"] < 1e-5
+    proto = onnx.load(str(tmp_path / policy / "model.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    assert count_expert_weights(proto) == manifest["onnx"]["expert_weights"] == 24
+    stored = {onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer if len(t.dims) >= 2}
+    want = {"fp16": "FLOAT16", "bf16": "BFLOAT16", "int8": "INT8"}[policy]
+    assert want in stored
+    # The router stays fp32 in the graph too.
+    router = next(t for t in proto.graph.initializer if t.name.endswith("layers.1.ffn.gate.weight"))
+    assert router.data_type == onnx.TensorProto.FLOAT
+    ratio = manifest["sizes"]["onnx_bytes"] / hf.read_manifest(fp32_bundle)["sizes"]["onnx_bytes"]
+    assert ratio < {"fp16": 0.6, "bf16": 0.6, "int8": 0.4}[policy]
+    # Served through the executor: logits of a prefill equal the rounded torch model's.
+    rounded = precision.round_model(hf.load_bundle(debug_bundle)[0], policy)
+    ex = OrtExecutor(tmp_path / policy, get_backend("ort:cpu"))
+    ex.can_allocate(0, 16)
+    got = ex.step([Chunk(0, list(range(3, 19)), 0)], all_logits=True)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(got, rounded(torch.arange(3, 19)[None])[0], rtol=1e-5, atol=1e-5)
