@@ -40,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="backends to qualify for training (default: every usable torch backend the probe found)",
     )
+    p.add_argument(
+        "--train-on",
+        default=None,
+        metavar="A,B",
+        help="skip probe and qualify and train on these backends in this order (failover left to right)",
+    )
     p.add_argument("--serve", action="store_true", help="keep the server up at the end instead of a smoke run")
     p.add_argument("--port", type=int, default=0, help="port for --serve (default: the config's serve.port)")
     p.add_argument("--inject", action="append", default=[], help="fault injection passed to the first training backend")
@@ -181,6 +187,17 @@ def stage_assign(run: Run) -> dict:
     return roles
 
 
+def assign_by_user(run: Run, train_on: str) -> dict:
+    """Roles named on the command line; probe and qualify are skipped and the report says so."""
+    cfg = load_config(run.config_path)
+    trainers = [s.strip() for s in train_on.split(",") if s.strip()]
+    if not trainers:
+        raise CrosschipError("--train-on needs at least one backend, e.g. --train-on torch:cpu")
+    roles = {"train": trainers, "serve": cfg.serve.backend, "reference": cfg.verify.reference, "assigned_by": "user"}
+    (run.root / "roles.json").write_text(json.dumps(roles, indent=2))
+    return roles
+
+
 def stage_train(run: Run, inject: list[str]) -> dict:
     roles = _read_json(run.root / "roles.json")
     out = run.root / "train"
@@ -219,11 +236,15 @@ def stage_verify(run: Run) -> dict:
     cfg = load_config(run.config_path)
     out = run.root / "verify"
     args = ["verify", str(run.root / "bundle"), "--reference", cfg.verify.reference, "--target", cfg.serve.backend]
+    args += ["--problems", str(cfg.verify.prompts), "--digits", str(cfg.data.digits), "--layers"]
     rc = Child.run([*args, "--out", str(out)], run.root / "logs" / "verify.log")
     report = _read_json(out / "report.json")
-    if rc != 0:
-        raise CrosschipError(f"the parity gate failed (exit {rc}); nothing is served. See {out / 'report.txt'}", rc)
-    return {"passed": report.get("passed", True)}
+    passed = bool(report.get("gate", {}).get("passed"))
+    if rc != 0 or not passed:
+        raise CrosschipError(
+            f"the parity gate failed (exit {rc}); nothing is served. See {out / 'report.txt'}", rc or 4
+        )
+    return {"passed": passed, "precision": report.get("precision", {}).get("class")}
 
 
 def _free_port() -> int:
@@ -257,6 +278,7 @@ def _smoke(base_url: str, cfg) -> dict:
     from crosschip.data.arith import check, heldout_set
 
     client = OpenAI(base_url=base_url, api_key=cfg.serve.api_key or "none", timeout=60)
+    model = client.models.list().data[0].id
     problems = heldout_set(cfg.data)[:16]
     rows, ttfts, rates = [], [], []
     for problem in problems:
@@ -265,7 +287,7 @@ def _smoke(base_url: str, cfg) -> dict:
         text = ""
         n_tokens = 0
         stream = client.completions.create(
-            model="crosschip",
+            model=model,
             prompt=problem.prompt,
             max_tokens=96,
             temperature=0,
@@ -300,8 +322,13 @@ def stage_serve(run: Run, keep: bool, port: int) -> dict:
     port = port or (cfg.serve.port if keep else _free_port())
     proc = _start_server(run.root / "bundle", cfg.serve.backend, port, run.root / "logs" / "serve.log")
     base_url = f"http://127.0.0.1:{port}/v1"
+    from openai import OpenAIError
+
     try:
-        facts = {"backend": cfg.serve.backend, "url": base_url, **_smoke(base_url, cfg)}
+        try:
+            facts = {"backend": cfg.serve.backend, "url": base_url, **_smoke(base_url, cfg)}
+        except OpenAIError as e:
+            raise CrosschipError(f"the serving smoke run failed: {e}; see {run.root / 'logs' / 'serve.log'}") from None
         (run.root / "serve.json").write_text(json.dumps(facts, indent=2))
         if keep:
             _say(f"  serving {run.root / 'bundle'} on {base_url}; Ctrl-C to stop")
@@ -352,10 +379,15 @@ def _open_run(args: argparse.Namespace) -> Run:
 def run(args: argparse.Namespace) -> int:
     run_ = _open_run(args)
     started = time.perf_counter()
+    train_on = args.train_on or run_.state.get("train_on")
+    if train_on:
+        run_.state["train_on"] = train_on
     steps = {
-        "probe": lambda: stage_probe(run_),
-        "qualify": lambda: stage_qualify(run_, args.candidates),
-        "assign": lambda: stage_assign(run_),
+        "probe": lambda: {"skipped": "roles given with --train-on"} if train_on else stage_probe(run_),
+        "qualify": lambda: (
+            {"skipped": "roles given with --train-on"} if train_on else stage_qualify(run_, args.candidates)
+        ),
+        "assign": lambda: assign_by_user(run_, train_on) if train_on else stage_assign(run_),
         "train": lambda: stage_train(run_, args.inject),
         "export": lambda: stage_export(run_),
         "verify": lambda: stage_verify(run_),

@@ -100,13 +100,13 @@ def plot_accuracy(evals: list[dict]) -> str | None:
 def _layer_rows(verify: dict | None) -> list[dict]:
     if not verify:
         return []
-    return verify.get("layers") or (verify.get("bisection") or {}).get("table") or []
+    return (verify.get("bisect") or {}).get("table") or []
 
 
 def plot_layers(rows: list[dict]) -> str | None:
     if not rows:
         return None
-    names = [r.get("module", "?") for r in rows]
+    names = [r.get("label", r.get("key", "?")) for r in rows]
     errs = [max(float(r.get("max_abs", 0.0)), 1e-12) for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.22 * len(rows))))
     ax.barh(range(len(rows)), errs)
@@ -146,7 +146,10 @@ def _figure(fig_id: str, png: str | None, caption: str) -> str:
     )
 
 
-def _qualify_rows(qualify: dict | None) -> list[list[Any]]:
+def _qualify_rows(qualify: dict | None, state: dict) -> list[list[Any]]:
+    skipped = (state.get("stages") or {}).get("qualify", {}).get("skipped")
+    if skipped:
+        return [["(all)", "", "not run", None, [skipped]]]
     rows = []
     for spec, v in (qualify or {}).items():
         m = v.get("measurements", {})
@@ -159,8 +162,10 @@ def _qualify_rows(qualify: dict | None) -> list[list[Any]]:
 def _parity_rows(verify: dict | None) -> list[list[Any]]:
     if not verify:
         return []
-    metrics = verify.get("metrics", verify)
-    return [[k, v] for k, v in metrics.items() if isinstance(v, (int, float, str, bool))]
+    rows = [[k, v] for k, v in verify.get("metrics", {}).items() if isinstance(v, (int, float, str, bool))]
+    for check in verify.get("gate", {}).get("checks", []):
+        rows.append([f"gate: {check['name']} {check['op']} {check['threshold']}", "ok" if check["ok"] else "FAILED"])
+    return rows
 
 
 def _serve_rows(serve: dict | None) -> list[list[Any]]:
@@ -185,7 +190,7 @@ def render_html(data: dict[str, Any]) -> str:
         + _table(
             "table-qualify",
             ["backend", "emulation", "verdict", "train tokens/s", "reasons"],
-            _qualify_rows(data["qualify"]),
+            _qualify_rows(data["qualify"], data["state"]),
         ),
         "<h2>Training</h2>",
         _figure("fig-loss", plot_loss(train["steps"]), "Training loss"),
@@ -233,7 +238,13 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         lines.append(f"training: {summary}")
     verify = data["verify"]
     if verify:
-        lines.append(f"parity gate: {'PASSED' if verify.get('passed') else 'FAILED'}")
+        gate = verify.get("gate", {})
+        m = verify.get("metrics", {})
+        lines.append(
+            f"parity gate ({gate.get('precision')}): {'PASSED' if gate.get('passed') else 'FAILED'}; "
+            f"KL max {m.get('kl_max', float('nan')):.2e}, top-1 {100 * m.get('top1', 0):.2f}%, "
+            f"greedy identical {100 * m.get('greedy_identical', 0):.0f}%"
+        )
     serve = data["serve"]
     if serve:
         lines.append(

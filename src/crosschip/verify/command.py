@@ -60,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--digits", type=int, default=d.digits, help=f"operand digits of the problems (default {d.digits})")
     p.add_argument("--no-bisect", action="store_true", help="skip the layer bisection when the gate fails")
+    p.add_argument("--layers", action="store_true", help="also compute the per-layer error table when the gate passes")
     p.add_argument(
         "--no-record", action="store_true", help="do not record the parity report in the bundle's crosschip.json"
     )
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         digits=args.digits,
         bisect=not args.no_bisect,
+        layers=args.layers,
     )
     report = verify(opts)
     json_path, _ = write_report(report, args.out)

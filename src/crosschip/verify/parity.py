@@ -45,6 +45,8 @@ class VerifyOptions:
     ops: list[str] = field(default_factory=lambda: ["+", "-"])
     seed: int = 0
     bisect: bool = True
+    layers: bool = False
+    """Compute the per-layer error table even when the gate passes (the run report charts it)."""
     timeout_s: float = 1800.0
 
 
@@ -251,8 +253,8 @@ def verify(opts: VerifyOptions, progress: Any = print) -> dict[str, Any]:
         "elapsed_s": round(time.perf_counter() - t0, 2),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if not result.passed and opts.bisect:
-        progress("verify: gate failed; bisecting layer by layer")
+    if opts.bisect and (not result.passed or opts.layers):
+        progress("verify: gate failed; bisecting layer by layer" if not result.passed else "verify: per-layer errors")
         report["bisect"] = bisect_sides(opts, prompt_path, ref_spec, tgt_spec, precision, progress)
     return report
 
