@@ -78,18 +78,28 @@ def _name(r: dict[str, Any]) -> str:
 
 
 def _dtypes_cell(r: dict[str, Any]) -> str:
+    """Dtypes whose matmul and autocast both worked; a refused/failed one shows as `-bf16`."""
     cells = []
     for d, checks in r.get("dtypes", {}).items():
-        mm, ac = checks["matmul"]["ok"], checks["autocast"]["ok"]
-        cells.append(
-            d if mm and ac else f"{d}:{'matmul' if mm else ''}{'' if mm else 'no'}{'' if ac else ' no-autocast'}"
-        )
-    return " ".join(cells)
+        works = checks["matmul"]["ok"] and checks["autocast"]["ok"]
+        cells.append(d if works else f"-{d}")
+    return " ".join(cells) or "fp32 (ORT)"
 
 
 def _speed_cell(r: dict[str, Any]) -> str:
+    """Matmul GFLOP/s as fp32|bf16|fp16, `-` for a dtype that does not work."""
     tf = r.get("matmul_tflops", {})
-    return " ".join(f"{d} {v * 1e3:.0f}" for d, v in tf.items()) if tf else "-"
+    return "|".join(f"{tf[d] * 1e3:.0f}" if d in tf else "-" for d in ("fp32", "bf16", "fp16")) if tf else "-"
+
+
+def _collective_cell(r: dict[str, Any]) -> str:
+    coll = r.get("collective")
+    if not coll:
+        return "-"
+    text = f"{coll.get('backend')} {'ok' if coll.get('ok') else 'FAIL'}"
+    if coll.get("emulated_delay_s"):
+        text += f" +{coll['emulated_delay_s'] * 1e3:.0f}ms/op"
+    return text
 
 
 def _coverage_cell(r: dict[str, Any]) -> str:
@@ -97,58 +107,55 @@ def _coverage_cell(r: dict[str, Any]) -> str:
     if cov is None:
         small = r.get("small_run", {})
         return (
-            f"ORT graph ok, err {small.get('rel_err_vs_fp64', float('nan')):.1e}"
-            if small.get("ok")
-            else "ORT run failed"
+            f"ORT graph err {small.get('rel_err_vs_fp64', float('nan')):.0e}" if small.get("ok") else "ORT run FAILED"
         )
-    text = f"{cov['aten_ops']} ops fwd+bwd " + ("ok" if cov.get("ok") else f"FAIL at {cov.get('failed_op')}")
+    text = "fwd+bwd ok" if cov.get("ok") else f"FAIL at {cov.get('failed_op')}"
     if cov.get("cpu_fallbacks"):
         text += f", {len(cov['cpu_fallbacks'])} CPU fallbacks"
     return text
 
 
 def render_table(results: list[dict[str, Any]]) -> None:
-    """Print the people's view of the probe."""
+    """Print the people's view of the probe: one row per backend, then notes."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="crosschip probe (measured on this machine)")
+    table = Table(title="crosschip probe: measured on this machine")
     for col in (
         "backend",
         "status",
-        "device",
+        "dtypes",
         "memory",
-        "dtypes (measured)",
-        "matmul GFLOP/s",
+        "GFLOP/s fp32|bf16|fp16",
         "copy GB/s",
         "collective",
-        "op coverage",
+        "debug model",
     ):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, no_wrap=col in ("backend", "status"))
+    notes = []
     for r in results:
+        name = r["backend"] + (" (EMULATED)" if r.get("emulation") else "")
         if not r.get("available"):
-            table.add_row(_name(r), "absent", r.get("reason", ""), "", "", "", "", "", "")
+            table.add_row(name, "absent", "", "", "", "", "", "")
+            notes.append(f"{r['backend']}: absent: {r.get('reason', '')}")
             continue
-        coll = r.get("collective", {})
-        coll_text = "-" if not coll else f"{coll.get('backend')} {'ok' if coll.get('ok') else 'FAIL'}"
-        if coll.get("emulated_delay_s"):
-            coll_text += f" +{coll['emulated_delay_s'] * 1e3:.0f} ms (emulated)"
-        table.add_row(
-            _name(r),
-            "ok",
-            r.get("device") or ",".join(r.get("small_run", {}).get("session_providers", [])[:1]),
-            _fmt_bytes(r.get("memory_bytes")),
-            _dtypes_cell(r) or "fp32 (ORT)",
-            _speed_cell(r),
-            f"{r['copy_gbps']:.1f}" if "copy_gbps" in r else "-",
-            coll_text,
-            _coverage_cell(r),
+        copy = f"{r['copy_gbps']:.1f}" if "copy_gbps" in r else "-"
+        cells = [_dtypes_cell(r), _fmt_bytes(r.get("memory_bytes")), _speed_cell(r), copy, _collective_cell(r)]
+        table.add_row(name, "ok", *map(escape, cells), escape(_coverage_cell(r)))
+        where = r.get("device") or ", ".join(r.get("small_run", {}).get("session_providers", []))
+        notes.append(
+            f"{r['backend']}: {where}"
+            + (f"; EMULATION on the host CPU: {r['emulation']}" if r.get("emulation") else "")
         )
-    console = Console(width=max(160, Console().width))
+        for d, checks in r.get("dtypes", {}).items():
+            for kind in ("matmul", "autocast"):
+                if not checks[kind]["ok"]:
+                    notes.append(f"{r['backend']}: {d} {kind} does not work: {checks[kind].get('error', '')}")
+    console = Console(width=max(150, Console().width))
     console.print(table)
-    for r in results:
-        if r.get("emulation"):
-            console.print(f"  {r['backend']} is an EMULATION on the host CPU: {r['emulation']}")
+    for note in notes:
+        console.print("  " + escape(note), highlight=False)
 
 
 # -- CLI ---------------------------------------------------------------------------------------

@@ -309,10 +309,6 @@ def probe(spec: str) -> dict[str, Any]:
         backend.require()
     except CrosschipError as e:
         return {**result, "available": False, "reason": str(e), "seconds": time.perf_counter() - t0}
-    if backend.device_type == "cpu" and backend.runtime == "torch":
-        import torch
-
-        torch.set_num_threads(int(os.environ.get("CROSSCHIP_PROBE_THREADS", torch.get_num_threads())))
     measured = probe_torch(backend) if backend.runtime == "torch" else probe_ort(backend)
     return {
         **result,

@@ -1,0 +1,70 @@
+"""`crosschip qualify`: judge backends TRAIN, SERVE-ONLY or UNFIT against a reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from crosschip.backends import REGISTRY, get_backend
+from crosschip.errors import CrosschipError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help=f"backend to qualify (repeatable; the reference is measured once): {', '.join(REGISTRY)}",
+    )
+    parser.add_argument("--reference", default="torch:cpu", metavar="SPEC", help="trusted backend (default torch:cpu)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the verdict(s) and every measurement as JSON")
+    parser.add_argument("--workdir", type=Path, help="keep the children's outputs (training runs, tensors) here")
+    parser.add_argument("--steps", type=int, default=None, help="steps of the stability runs (default 40)")
+
+
+def render(result: dict[str, Any]) -> str:
+    """The people's view of one verdict: the verdict line, its reasons, the key numbers."""
+    name = result["backend"] + (f" [EMULATED: {result['emulation']}]" if result.get("emulation") else "")
+    lines = [f"{name}: {result['verdict']}   (reference {result['reference']}, {result.get('seconds', 0):.0f} s)"]
+    lines += [f"  - {r}" for r in result["reasons"]]
+    m = result.get("measurements", {})
+    numbers = []
+    if m.get("train_tokens_per_s") is not None:
+        numbers.append(f"train {m['train_tokens_per_s']:.0f} tokens/s")
+    if m.get("step_time_cv") is not None:
+        numbers.append(f"step-time CV {m['step_time_cv']:.2f}")
+    if m.get("deterministic") is not None:
+        numbers.append(
+            "deterministic" if m["deterministic"] else f"NOT deterministic (repeat gap {m['repeat_gap']:.2e})"
+        )
+    if isinstance(m.get("collectives"), str):
+        numbers.append(f"collectives {m['collectives']}")
+    if numbers:
+        lines.append("  measured: " + ", ".join(numbers))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from crosschip.qualify.qualifier import STABILITY_STEPS, Qualifier
+
+    for spec in [*args.backend, args.reference]:
+        get_backend(spec)  # unknown names fail before any work starts
+    if args.steps is not None and args.steps < 8:
+        raise CrosschipError(f"--steps must be at least 8, got {args.steps}")
+    qualifier = Qualifier(args.reference, args.workdir, args.steps or STABILITY_STEPS)
+    results = {}
+    for spec in args.backend:
+        results[spec] = qualifier.qualify(spec)
+        print(render(results[spec]), flush=True)
+    if args.json:
+        payload = results[args.backend[0]] if len(args.backend) == 1 else results
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+        except OSError as e:
+            raise CrosschipError(f"cannot write {args.json}: {e.strerror}") from None
+        print(f"wrote {args.json}")
+    return 0

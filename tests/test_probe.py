@@ -1,0 +1,95 @@
+"""crosschip probe: real measurements on this machine, each backend in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from crosschip.backends import get_backend
+from crosschip.backends.probe import check_autocast, check_matmul, probe
+
+
+def test_absent_accelerator_is_reported_with_a_reason_not_an_error():
+    result = probe("torch:npu")  # torch_npu is not installed here
+    assert result["available"] is False
+    assert "torch_npu" in result["reason"]
+
+
+def test_emulated_fp16_only_chip_refuses_bf16_but_computes_fp16():
+    backend = get_backend("emu:fp16-only")
+    refused = check_matmul(backend, "bf16")
+    assert refused["ok"] is False and "refuses bf16" in refused["error"] and "emulation" in refused["error"]
+    assert check_autocast(backend, "bf16")["ok"] is False
+    fp16 = check_matmul(backend, "fp16")
+    assert fp16["ok"] and 0 < fp16["rel_err"] < 1e-2  # really computed in fp16, so not exact
+    assert check_autocast(backend, "fp16")["output_dtype"] == "float16"
+
+
+def test_unknown_backend_is_one_clear_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "crosschip", "probe", "--backend", "torch:tpu"], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0
+    assert "unknown backend 'torch:tpu'" in proc.stderr and "torch:cpu" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    """The real `crosschip probe --json` on this machine (about 20-40 s on 2 shared cores)."""
+    out = tmp_path_factory.mktemp("probe") / "probe.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "crosschip", "probe", "--json", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["backends"]}
+    return rows, proc.stdout
+
+
+@pytest.mark.slow
+def test_probe_measures_cpu_and_ort(probed):
+    rows, table = probed
+    cpu = rows["torch:cpu"]
+    assert cpu["available"] and cpu["emulation"] is None
+    for d in ("fp32", "bf16", "fp16"):
+        assert cpu["dtypes"][d]["matmul"]["ok"] and cpu["dtypes"][d]["autocast"]["ok"], d
+        assert cpu["matmul_tflops"][d] > 0
+    # bf16/fp16 really ran in low precision: their error vs fp64 is far above fp32's.
+    assert cpu["dtypes"]["bf16"]["matmul"]["rel_err"] > 100 * cpu["dtypes"]["fp32"]["matmul"]["rel_err"]
+    assert cpu["copy_gbps"] > 0 and cpu["memory_bytes"] > 0
+    assert cpu["collective"] == {**cpu["collective"], "backend": "gloo", "ok": True}
+    assert cpu["op_coverage"]["ok"] and cpu["op_coverage"]["params_with_grad"] > 10
+    assert cpu["op_coverage"]["cpu_fallbacks"] == []
+    ort = rows["ort:cpu"]
+    assert ort["available"] and ort["small_run"]["ok"] and ort["small_run"]["latency_ms"] > 0
+    assert "CPUExecutionProvider" in ort["available_providers"]
+    assert "torch:cpu" in table and "ort:cpu" in table
+
+
+@pytest.mark.slow
+def test_probe_reports_absent_accelerators_and_names_emulations(probed):
+    rows, table = probed
+    for spec in ("torch:cuda", "torch:npu", "ort:cuda", "ort:cann"):
+        assert rows[spec]["available"] is False and rows[spec]["reason"], spec
+    assert "torch_npu" in rows["torch:npu"]["reason"]
+    for spec in ("emu:fp16-only", "emu:flaky", "emu:slow-collectives"):
+        assert rows[spec]["emulation"], spec
+        assert f"{spec} (EMULATED)" in table
+    assert rows["emu:fp16-only"]["dtypes"]["bf16"]["matmul"]["ok"] is False
+    assert rows["emu:fp16-only"]["dtypes"]["fp16"]["matmul"]["ok"] is True
+    assert rows["emu:slow-collectives"]["collective"]["emulated_delay_s"] == 0.05
+
+
+@pytest.mark.slow
+def test_every_backend_was_probed_in_its_own_process(probed):
+    rows, _ = probed
+    pids = [r["pid"] for r in rows.values()]
+    assert len(set(pids)) == len(pids)  # one process per backend
+    assert os.getpid() not in pids
+    # Each probe's parent is the `crosschip probe` process, not this test and not another probe.
+    parents = {r["parent_pid"] for r in rows.values()}
+    assert len(parents) == 1 and parents.isdisjoint(pids) and os.getpid() not in parents
