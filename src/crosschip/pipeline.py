@@ -199,21 +199,33 @@ def assign_by_user(run: Run, train_on: str) -> dict:
 
 
 def stage_train(run: Run, inject: list[str]) -> dict:
+    """Train on the first TRAIN backend; when its health guard gives up, fail over to the next.
+
+    Every attempt after the first resumes from the newest verified checkpoint, whichever
+    backend wrote it (checkpoints are in the HF layout with full state dicts). Attempts are
+    recorded in the run state, so `--resume` does not return to a backend that gave up.
+    """
     roles = _read_json(run.root / "roles.json")
     out = run.root / "train"
-    attempts = []
-    for i, spec in enumerate(roles["train"]):
+    attempts = run.state.setdefault("train_attempts", [])
+    gave_up = {a["backend"] for a in attempts if a["exit"] == GIVE_UP_EXIT}
+    for spec in roles["train"]:
+        if spec in gave_up:
+            continue
         args = ["train", "--config", str(run.config_path), "--out", str(out), "--backend", spec]
-        if i > 0 or (out / "checkpoints").is_dir():
+        if (out / "checkpoints").is_dir():
             args.append("--resume")
-        if i == 0:
+        if not attempts:
             for fault in inject:
                 args += ["--inject", fault]
         _say(f"  training on {spec}")
         rc = Child.run(args, run.root / "logs" / f"train_{spec}.log")
+        if rc == 130:
+            raise KeyboardInterrupt
         attempts.append({"backend": spec, "exit": rc})
+        run.save()
         if rc == 0:
-            return {"backend": spec, "attempts": attempts}
+            return {"backend": spec, "attempts": list(attempts)}
         if rc != GIVE_UP_EXIT:
             raise CrosschipError(f"training on {spec} failed (exit {rc}); see logs/train_{spec}.log")
         _say(f"  the health guard gave up on {spec}; failing over from its last verified checkpoint")

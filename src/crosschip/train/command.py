@@ -1,0 +1,125 @@
+"""`crosschip train`: the CLI entry point (thin: the work is in trainer.Trainer)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from crosschip.config import RunConfig, load_config
+
+EPILOG_EXTRA = """
+faults (for tests and demos), repeatable:
+  --inject nan@step=40 | nan@p=0.05 | spike@step=K | hang@step=30 | slow@p=0.1
+  --inject crash@step=25 | crash@save=2     (append ,times=N to repeat a step fault)
+
+several processes (torchrun underneath):
+  crosschip train --config configs/default.toml --out runs/t --nproc 2
+  multi-node, on every node:
+  crosschip train ... --nproc 8 --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --rdzv-id job1
+
+exit codes: 0 done, 1 user error, 3 the health guard gave up (fail over), 130 interrupted
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (parser.epilog or "") + "\n" + EPILOG_EXTRA
+    parser.add_argument("--config", help="run config TOML (default: built-in defaults)")
+    parser.add_argument(
+        "--out", required=True, help="run folder: metrics.jsonl, checkpoints/, loss.png, train_summary.json"
+    )
+    parser.add_argument(
+        "--backend", help="backend spec, overrides train.backend (e.g. torch:cpu, torch:cuda, torch:npu)"
+    )
+    parser.add_argument("--steps", type=int, help="total optimizer steps, overrides train.steps")
+    parser.add_argument(
+        "--max-minutes", type=float, help="stop after this much training time, overrides train.max_minutes"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the newest verified checkpoint in --out")
+    parser.add_argument("--inject", action="append", default=[], metavar="SPEC", help="plant a fault (see below)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    dist = parser.add_argument_group("several processes (passed to torchrun)")
+    dist.add_argument("--nproc", type=int, default=1, help="processes per node (one device each)")
+    dist.add_argument("--nnodes", help="nodes, or MIN:MAX for elastic")
+    dist.add_argument("--node-rank", type=int, help="this node's rank (static rendezvous)")
+    dist.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous")
+    dist.add_argument("--rdzv-backend", help="rendezvous backend (default c10d)")
+    dist.add_argument("--rdzv-id", help="job id shared by every node")
+    dist.add_argument("--master-addr", help="static rendezvous address (with --node-rank)")
+    dist.add_argument("--master-port", type=int, help="static rendezvous port")
+    dist.add_argument("--max-restarts", type=int, help="torchrun restarts of a failed worker group")
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    cfg = load_config(args.config) if args.config else RunConfig()
+    if args.backend:
+        cfg.train.backend = args.backend
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    if args.max_minutes is not None:
+        cfg.train.max_minutes = args.max_minutes
+    return cfg
+
+
+def _worker_argv(argv: list[str]) -> list[str]:
+    """The user's arguments minus the launcher's own (torchrun gets those)."""
+    launcher = {"--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--rdzv-id"}
+    launcher |= {"--master-addr", "--master-port", "--max-restarts"}
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in launcher:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def _gave_up(out: str) -> int:
+    """3 when the workers' health guard gave up (torchrun itself only reports a failure)."""
+    import json
+    from pathlib import Path
+
+    path = Path(out) / "train_summary.json"
+    try:
+        return 3 if json.loads(path.read_text(encoding="utf-8")).get("status") == "gave_up" else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from crosschip.backends import get_backend
+    from crosschip.train import distributed as D
+    from crosschip.train.health import HealthGaveUp
+    from crosschip.train.trainer import Trainer
+
+    cfg = _config(args)
+    if args.nproc < 1:
+        from crosschip.errors import CrosschipError
+
+        raise CrosschipError(f"--nproc must be >= 1, got {args.nproc}")
+    if (args.nproc > 1 or args.nnodes) and not D.in_torchrun():
+        get_backend(cfg.train.backend).require()  # fail here, once, rather than in every worker
+        argv = sys.argv[sys.argv.index("train") + 1 :] if "train" in sys.argv else []
+        code = D.launch_torchrun(args, _worker_argv(argv))
+        return _gave_up(args.out) or code
+    # A worker group restarted by torchrun (--max-restarts) continues from the last checkpoint.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    trainer = Trainer(cfg, args.out, resume=args.resume or restarted, inject=args.inject, verbose=not args.quiet)
+    ok = False
+    try:
+        summary = trainer.fit()
+        ok = True
+    except HealthGaveUp:
+        ok = True  # every process reached the same verdict: end the group cleanly
+        raise
+    finally:
+        trainer.close(ok)
+    if not args.quiet and trainer.dist.is_main:
+        acc = summary.get("accuracy")
+        extra = f", held-out accuracy {acc:.1%}" if acc is not None else ""
+        print(f"done: step {summary['step']}, loss {summary['final_loss']:.4f}{extra}; {args.out}/train_summary.json")
+    return 0

@@ -1,0 +1,206 @@
+"""The training batch stream: packed fixed-length rows with per-document masks, and a cursor.
+
+Every step draws one *global* batch of `batch_size` rows of `seq_len` tokens. All processes
+build the same global batch and each keeps its own rows, so a run's data does not depend on
+the number of processes, and the cursor (a few integers) is all a checkpoint needs to resume
+the stream exactly.
+
+Arithmetic rows hold whole problems `<bos> prompt completion <eos>` packed next-fit; a
+problem never straddles two rows. `doc_ids` keeps attention inside a problem and
+`positions` restart at 0 per problem, so a packed row trains exactly like separate padded
+rows without the padding. With `mask_prompt`, loss is only taken on the completion and its
+EOS: the operands are uniformly random, so predicting them teaches nothing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from crosschip.config import DataConfig
+from crosschip.data.arith import Problem, iter_problems
+from crosschip.data.corpus import load_texts, pack_documents
+from crosschip.errors import CrosschipError
+from crosschip.tokenizer import Tokenizer
+
+IGNORE = -100
+"""Label of positions that carry no loss (cross_entropy's ignore_index)."""
+
+
+@dataclass
+class Batch:
+    """One batch of packed rows; every tensor is (B, T) int64."""
+
+    input_ids: Tensor
+    labels: Tensor
+    """Next-token target of each position, IGNORE where no loss is taken."""
+    positions: Tensor
+    doc_ids: Tensor
+    """Document of each token, -1 for padding."""
+
+    @property
+    def n_label_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    def rows(self, index: slice | Tensor) -> Batch:
+        return Batch(self.input_ids[index], self.labels[index], self.positions[index], self.doc_ids[index])
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            *(t.to(device, non_blocking=True) for t in (self.input_ids, self.labels, self.positions, self.doc_ids))
+        )
+
+
+class ArithStream:
+    """Packed batches of the arithmetic task; the cursor counts problems and batches drawn."""
+
+    def __init__(self, data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int):
+        self.data, self.tok = data, tokenizer
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.mask_prompt = data.mask_prompt
+        self.problems = 0
+        self.batches = 0
+        self._restart()
+
+    def _restart(self) -> None:
+        self._it: Iterator[Problem] = iter_problems(digits=self.data.digits, ops=self.data.ops, seed=self.data.seed)
+        self._ahead: deque[tuple[list[int], int]] = deque()
+        for _ in range(self.problems):
+            next(self._it)
+
+    def _peek(self) -> tuple[list[int], int]:
+        """The next problem as (tokens, prompt length including BOS), not yet consumed."""
+        if not self._ahead:
+            chunk = [next(self._it) for _ in range(256)]
+            prompts = self.tok.encode_batch([p.prompt for p in chunk], add_bos=True)
+            completions = self.tok.encode_batch([p.completion for p in chunk])
+            for p, c in zip(prompts, completions):
+                self._ahead.append((p + c + [self.tok.eos_id], len(p)))
+        return self._ahead[0]
+
+    def _take(self) -> None:
+        self._ahead.popleft()
+        self.problems += 1
+
+    def draw(self) -> Batch:
+        """The next global batch (B, T)."""
+        B, T = self.batch_size, self.seq_len
+        ids = torch.full((B, T), self.tok.pad_id, dtype=torch.int64)
+        labels = torch.full((B, T), IGNORE, dtype=torch.int64)
+        positions = torch.zeros((B, T), dtype=torch.int64)
+        doc_ids = torch.full((B, T), -1, dtype=torch.int64)
+        for row in range(B):
+            used, doc = 0, 0
+            while True:
+                tokens, n_prompt = self._peek()
+                n = len(tokens)
+                if n > T:
+                    raise CrosschipError(
+                        f"train.seq_len {T} is shorter than one problem ({n} tokens); raise train.seq_len"
+                    )
+                if used + n > T:
+                    break
+                self._take()
+                ids[row, used : used + n] = torch.tensor(tokens)
+                positions[row, used : used + n] = torch.arange(n)
+                doc_ids[row, used : used + n] = doc
+                # label at i is token i+1; the first label-carrying position is the last prompt token.
+                first = n_prompt - 1 if self.mask_prompt else 0
+                labels[row, used + first : used + n - 1] = torch.tensor(tokens[first + 1 :])
+                used, doc = used + n, doc + 1
+        self.batches += 1
+        return Batch(ids, labels, positions, doc_ids)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"problems": self.problems, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.problems, self.batches = int(state["problems"]), int(state["batches"])
+        self._restart()
+
+
+class CorpusStream:
+    """Packed batches of the user's text; rows are reshuffled every epoch from the seed."""
+
+    def __init__(self, data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int):
+        if not data.corpus:
+            raise CrosschipError('data.corpus is empty: give paths of .txt/.jsonl files for data.task = "corpus"')
+        docs = [[tokenizer.bos_id, *ids, tokenizer.eos_id] for ids in tokenizer.encode_batch(load_texts(data.corpus))]
+        self.blocks = pack_documents(docs, seq_len, pad_id=tokenizer.pad_id)
+        self.labels = self.blocks.labels(IGNORE)
+        if int((self.labels != IGNORE).sum()) == 0:
+            raise CrosschipError("data.corpus: the corpus has no token to predict (every document is empty)")
+        self.seed, self.batch_size = data.seed, batch_size
+        self.rows_drawn = 0
+        self.batches = 0
+        self._epoch, self._epoch_order = -1, []
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._epoch != epoch:
+            self._epoch_order = list(range(len(self.blocks)))
+            random.Random(f"crosschip-corpus:{self.seed}:{epoch}").shuffle(self._epoch_order)
+            self._epoch = epoch
+        return self._epoch_order
+
+    def draw(self) -> Batch:
+        n = len(self.blocks)
+        index = []
+        for k in range(self.rows_drawn, self.rows_drawn + self.batch_size):
+            index.append(self._order(k // n)[k % n])
+        self.rows_drawn += self.batch_size
+        self.batches += 1
+        rows = torch.tensor(index)
+        b = self.blocks
+        return Batch(b.input_ids[rows], self.labels[rows], b.positions[rows], b.doc_ids[rows])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"rows": self.rows_drawn, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.rows_drawn, self.batches = int(state["rows"]), int(state["batches"])
+
+
+class BatchStream:
+    """Global batches in a fixed order, minus the batches the health guard chose to skip."""
+
+    def __init__(self, data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int):
+        cls = ArithStream if data.task == "arith" else CorpusStream
+        self.source = cls(data, tokenizer, batch_size, seq_len)
+        self.skip: set[int] = set()
+        """Indices of global batches never to train on again (they caused a rollback)."""
+
+    @property
+    def next_index(self) -> int:
+        return self.source.batches
+
+    def next(self) -> tuple[int, Batch]:
+        """(index, batch) of the next global batch that is not skipped."""
+        while True:
+            index = self.source.batches
+            batch = self.source.draw()
+            if index not in self.skip:
+                return index, batch
+
+    def state_dict(self) -> dict:
+        return {**self.source.state_dict(), "skip": sorted(self.skip)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+        self.skip |= set(state.get("skip", []))
+
+
+def shard_rows(batch: Batch, rank: int, world: int, grad_accum: int) -> list[Batch]:
+    """This process's micro-batches: rows rank::world of the global batch, in grad_accum chunks."""
+    B = batch.input_ids.shape[0]
+    if B % (world * grad_accum):
+        raise CrosschipError(
+            f"train.batch_size {B} must be divisible by processes x grad_accum ({world} x {grad_accum})"
+        )
+    mine = batch.rows(slice(rank, None, world))
+    per = mine.input_ids.shape[0] // grad_accum
+    return [mine.rows(slice(i * per, (i + 1) * per)) for i in range(grad_accum)]

@@ -1,0 +1,104 @@
+"""Fault injection for tests and demos: `crosschip train --inject SPEC`.
+
+    nan@step=40        the loss of step 40 becomes NaN (so do its gradients)
+    nan@p=0.05         each step's loss becomes NaN with probability 0.05
+    spike@step=K       the loss of step K is multiplied by 100 (a forced loss spike)
+    hang@step=30       step 30 sleeps until the watchdog interrupts it
+    slow@p=0.1         a step is delayed (straggler) with probability 0.1
+    crash@step=25      the process SIGKILLs itself during step 25
+    crash@save=2       the process SIGKILLs itself inside its 2nd checkpoint save, after the
+                       files are written and before the folder is renamed into place
+
+A step fault fires once by default; `,times=N` makes it fire the first N times that step is
+reached (to exhaust the rollback cap). Probabilistic faults draw from their own seeded RNG so
+they never perturb training randomness. An emulated backend's `emulated_faults` are added to
+the user's.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+from dataclasses import dataclass
+
+from crosschip.errors import CrosschipError
+
+KINDS = ("nan", "spike", "hang", "slow", "crash")
+SPIKE_FACTOR = 100.0
+_SPEC = re.compile(r"^(?P<kind>[a-z]+)@(?P<key>step|p|save)=(?P<value>[0-9.eE+-]+)(?:,times=(?P<times>\d+))?$")
+
+
+@dataclass
+class Fault:
+    kind: str
+    step: int | None = None
+    p: float | None = None
+    save: int | None = None
+    times: int = 1
+    spec: str = ""
+
+
+def parse_fault(spec: str) -> Fault:
+    """One `--inject` spec; a CrosschipError explains the grammar for a bad one."""
+    m = _SPEC.match(spec.strip())
+    grammar = "expected KIND@step=N, KIND@p=P or crash@save=N (optionally ,times=N) with KIND in " + ", ".join(KINDS)
+    if m is None or m["kind"] not in KINDS:
+        raise CrosschipError(f"--inject {spec!r}: {grammar}")
+    kind, key, value = m["kind"], m["key"], m["value"]
+    times = int(m["times"] or 1)
+    try:
+        if key == "p":
+            p = float(value)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError
+            return Fault(kind, p=p, times=times, spec=spec)
+        n = int(value)
+        if n < 1:
+            raise ValueError
+    except ValueError:
+        raise CrosschipError(
+            f"--inject {spec!r}: {key} must be {'a probability' if key == 'p' else 'a positive integer'}"
+        ) from None
+    if key == "save" and kind != "crash":
+        raise CrosschipError(f"--inject {spec!r}: only crash@save=N is supported")
+    return Fault(kind, step=n if key == "step" else None, save=n if key == "save" else None, times=times, spec=spec)
+
+
+class FaultInjector:
+    """Decides, step by step, which planted faults fire."""
+
+    def __init__(self, specs: list[str], seed: int = 0):
+        self.faults = [parse_fault(s) for s in specs]
+        self.fired: dict[int, int] = {}
+        self.rng = random.Random(f"crosschip-faults:{seed}")
+        self.saves = 0
+
+    def _fires(self, i: int, fault: Fault, step: int) -> bool:
+        if fault.p is not None:
+            return self.rng.random() < fault.p
+        if fault.step == step and self.fired.get(i, 0) < fault.times:
+            self.fired[i] = self.fired.get(i, 0) + 1
+            return True
+        return False
+
+    def at_step(self, step: int) -> set[str]:
+        """Kinds of fault that fire during `step` (crash fires right here)."""
+        kinds = {f.kind for i, f in enumerate(self.faults) if f.save is None and self._fires(i, f, step)}
+        if "crash" in kinds:
+            kill_self()
+        return kinds
+
+    def on_save(self) -> None:
+        """Called inside every checkpoint save, before the rename."""
+        self.saves += 1
+        if any(f.save == self.saves for f in self.faults):
+            kill_self()
+
+
+def kill_self() -> None:
+    """SIGKILL this process: no handler, no cleanup, no flush, like an OOM kill or a power cut."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)  # never reached

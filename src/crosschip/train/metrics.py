@@ -1,0 +1,129 @@
+"""The run's outputs for people and machines: metrics.jsonl, progress, loss.png, train_summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as strings so every line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """Appends one JSON object per line; every line has "event" and "time". Only rank 0 writes."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        self.records: list[dict[str, Any]] = []
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def event(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"event": event, "time": time.time(), **_clean(fields)}
+        self.records.append(record)
+        if self.enabled:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        return record
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl (a line cut by a kill mid-write is ignored)."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class Progress:
+    """A rich progress bar (loss, tokens/s, ETA) on a terminal; a line now and then otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.every = max(1, total // 20)
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        info = f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total}  {info}", flush=True)
+
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
+    """loss.png: training loss per step, held-out accuracy on a second axis, rollbacks marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # A step redone after a rollback or resume keeps its last value: the surviving trajectory.
+    kept = {r["step"]: r["loss"] for r in records if r["event"] == "step" and isinstance(r.get("loss"), float)}
+    steps = sorted(kept.items())
+    evals = sorted({r["step"]: r["accuracy"] for r in records if r["event"] == "eval"}.items())
+    rollbacks = [r["from_step"] for r in records if r["event"] == "rollback"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if steps:
+        ax.plot(*zip(*steps), lw=1, label="train loss")
+        ax.set_yscale("log")
+    for s in rollbacks:
+        ax.axvline(s, color="red", alpha=0.4, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), "o-", color="tab:green", label="held-out accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("exact-answer accuracy")
+    ax.set_title("crosschip train" + (f" ({len(rollbacks)} rollbacks)" if rollbacks else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

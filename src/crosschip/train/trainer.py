@@ -1,0 +1,569 @@
+"""The training loop: one backend, one or several processes, guarded by the health checks.
+
+A step draws one global batch, runs `grad_accum` micro-batches forward and backward, agrees
+on the global loss and gradient norm, lets the health guard judge them, then clips, steps
+AdamW, updates the auxiliary-loss-free balance bias and logs. Faults roll back to the newest
+verified checkpoint and skip the offending batch; past the cap the run gives up (exit 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from crosschip.backends import Backend, get_backend
+from crosschip.config import RunConfig, to_dict
+from crosschip.data.arith import heldout_set
+from crosschip.errors import CrosschipError
+from crosschip.model import Transformer, count_params
+from crosschip.tokenizer import Tokenizer, default_tokenizer
+from crosschip.train import checkpoint as ckpt
+from crosschip.train import distributed as D
+from crosschip.train.data import IGNORE, Batch, BatchStream, shard_rows
+from crosschip.train.evaluate import arith_accuracy
+from crosschip.train.faults import SPIKE_FACTOR, FaultInjector
+from crosschip.train.health import HealthGaveUp, HealthGuard, StepHang, Watchdog
+from crosschip.train.metrics import MetricsLog, Progress, plot_loss
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to `lr` over `warmup` steps, then cosine decay to `lr * min_ratio` at `total`."""
+    if warmup > 0 and step <= warmup:
+        return lr * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resolve_dtype(requested: str, backend: Backend) -> str:
+    """The compute dtype: `auto` is fp32 on CPU and bf16 on accelerators (fp16 where bf16 is refused)."""
+    if requested not in ("auto", *DTYPES):
+        raise CrosschipError(f"train.dtype must be auto, fp32, bf16 or fp16, got {requested!r}")
+    if requested == "auto":
+        if backend.device_type == "cpu":
+            return "fp32"
+        requested = "fp16" if "bf16" in backend.emulated_refused_dtypes else "bf16"
+    if requested in backend.emulated_refused_dtypes:
+        raise CrosschipError(f"{backend}: this backend refuses {requested} compute; use train.dtype = fp16 or fp32")
+    return requested
+
+
+def estimate_memory(cfg: RunConfig, world: int) -> dict[str, int]:
+    """Bytes one process needs: fp32 params + grads + AdamW moments (sharded over `world`) + activations."""
+    m, t = cfg.model, cfg.train
+    total = count_params(m).total
+    state = total * (4 + 4 + 8) // world
+    micro = max(1, t.batch_size // (world * t.grad_accum))
+    T = t.seq_len
+    moe_width = m.num_experts_per_tok * m.moe_intermediate_size * 3
+    per_layer = 4 * (34 * m.hidden_size + moe_width + 5 * m.num_attention_heads * T)
+    layers = m.num_hidden_layers + m.num_nextn_predict_layers
+    activations = micro * T * (layers * per_layer + 3 * 4 * m.vocab_size)
+    return {"params": total, "states": state, "activations": activations, "total": state + activations}
+
+
+@torch.no_grad()
+def update_balance_bias(moes: list, loads: Tensor, gamma: float) -> None:
+    """Auxiliary-loss-free balancing: b_i += gamma * sign(mean_load - load_i).
+
+    loads: (n_moe_layers, n_routed_experts) token counts of the global batch. An overloaded
+    expert's bias drops, so selection (which uses scores + bias) routes fewer tokens to it;
+    the bias is an fp32 buffer outside the optimizer and never touches the gating weights.
+    """
+    for moe, load in zip(moes, loads):
+        moe.gate.bias += gamma * torch.sign(load.mean() - load).to(moe.gate.bias.dtype)
+
+
+class Trainer:
+    """Trains `cfg.model` on `cfg.data` with `cfg.train`, writing everything into `out_dir`."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        inject: list[str] | tuple[str, ...] = (),
+        verbose: bool = True,
+    ):
+        self.cfg, self.t = cfg, cfg.train
+        self.out = Path(out_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.backend = get_backend(self.t.backend).require()
+        self.faults = FaultInjector([*inject, *self.backend.emulated_faults], seed=self.t.seed)
+        self.dtype = resolve_dtype(self.t.dtype, self.backend)
+        self.dist = D.init_distributed(self.backend)
+        self.device = self.backend.device(self.dist.local_rank)
+        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.dist.is_main)
+        self.verbose = verbose and self.dist.is_main
+        self._check_memory()
+        self.tokenizer = self._tokenizer()
+        self.stream = BatchStream(cfg.data, self.tokenizer, self.t.batch_size, self.t.seq_len)
+        if self.t.batch_size % (self.dist.world * self.t.grad_accum):
+            raise CrosschipError(
+                f"train.batch_size {self.t.batch_size} must be divisible by processes x grad_accum "
+                f"({self.dist.world} x {self.t.grad_accum})"
+            )
+        self.model = self._build_model()
+        self.optimizer = self._build_optimizer()
+        self.scaler = torch.amp.GradScaler(self.backend.device_type) if self.dtype == "fp16" else None
+        self.guard = HealthGuard(self.t)
+        if self.t.compile:
+            # The whole forward + loss; the MoE's data-dependent expert sizes need dynamic shapes.
+            self.micro_loss = torch.compile(self.micro_loss, dynamic=True)
+        self.step = 0
+        self.train_time_s = 0.0
+        self.train_cpu_s = 0.0
+        self.tokens_seen = 0
+        self.lost_steps = 0
+        self._start(resume)
+
+    # -- setup ------------------------------------------------------------------------------
+    def _check_memory(self) -> None:
+        need = estimate_memory(self.cfg, self.dist.world)
+        have = self.backend.memory_bytes()
+        if have is not None and need["total"] > 0.9 * have:
+            gib = 2**30
+            raise CrosschipError(
+                f"the config does not fit in memory: {need['params'] / 1e9:.2f}B parameters need about "
+                f"{need['total'] / gib:,.1f} GiB per process (weights, grads and AdamW states "
+                f"{need['states'] / gib:,.1f} GiB + activations {need['activations'] / gib:,.1f} GiB) but "
+                f"{self.backend.spec} has {have / gib:,.1f} GiB; use a smaller model preset, a smaller batch, "
+                "or more processes (--nproc)"
+            )
+
+    def _tokenizer(self) -> Tokenizer:
+        size = min(self.cfg.model.vocab_size, 1024)
+        if size < 263:
+            raise CrosschipError(
+                f"model.vocab_size {self.cfg.model.vocab_size} is below the tokenizer's minimum of 263"
+            )
+        return default_tokenizer(size)
+
+    def _build_model(self) -> torch.nn.Module:
+        torch.manual_seed(self.t.seed)
+        model = Transformer(self.cfg.model).to(self.device)
+        model.train()
+        if self.dist.enabled:
+            D.shard_model(model)
+        return model
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        kwargs = dict(lr=self.t.lr, betas=(self.t.beta1, self.t.beta2))
+        # fused where the backend has it (one kernel for every tensor), foreach otherwise.
+        if not self.dist.enabled:
+            with contextlib.suppress(RuntimeError, TypeError, ValueError):
+                return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+    def _start(self, resume: bool) -> None:
+        # Rank 0 looks and decides for everyone: another rank could otherwise already see the
+        # step-0 checkpoint rank 0 is about to write.
+        existing = self.dist.broadcast_object(
+            bool(ckpt.list_checkpoints(self.ckpt_root)) if self.dist.is_main else None
+        )
+        if existing and not resume:
+            raise CrosschipError(
+                f"{self.out} already holds checkpoints; pass --resume to continue that run or choose another --out"
+            )
+        fingerprint = self.backend.fingerprint()
+        if resume:
+            found = ckpt.latest_verified(self.ckpt_root, report=self._report_corrupt) if self.dist.is_main else None
+            found = self.dist.broadcast_object(str(found) if found else None)
+            if found is None:
+                raise CrosschipError(f"--resume: no verified checkpoint under {self.ckpt_root}")
+            path = Path(found)
+            self._restore(path)
+            done = [r["step"] for r in _read_all(self.out / "metrics.jsonl") if r["event"] == "step"]
+            lost = max(0, max(done, default=0) - self.step)
+            self.lost_steps += lost
+            self.log.event(
+                "resume",
+                step=self.step,
+                checkpoint=str(path),
+                backend=fingerprint,
+                world=self.dist.world,
+                lost_steps=lost,
+            )
+        else:
+            self.log.event(
+                "start",
+                config=to_dict(self.cfg),
+                backend=fingerprint,
+                dtype=self.dtype,
+                world=self.dist.world,
+                params=count_params(self.cfg.model).total,
+            )
+            self.save()  # step 0: a rollback target from the very first step
+
+    def _report_corrupt(self, path: Path, reason: str) -> None:
+        self.log.event("corrupt_checkpoint", checkpoint=str(path), reason=reason)
+        if self.dist.is_main:
+            print(f"crosschip train: skipping corrupt checkpoint {path}: {reason}", file=sys.stderr)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _state(self) -> ckpt.TrainState:
+        msd, osd = D.full_state(self.model, self.optimizer, self.dist.enabled)
+        tensors, groups = ckpt.flatten_optimizer(osd)
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if self.backend.device_type != "cpu":
+            rng["device"] = torch.get_device_module(self.backend.device_type).get_rng_state()
+        py = random.getstate()
+        scalars = {
+            "data": self.stream.state_dict(),
+            "param_groups": groups,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "python_rng": [py[0], list(py[1]), py[2]],
+            "health": {"loss_avg": self.guard.loss_avg, "good_steps": self.guard.good_steps},
+            "train_time_s": self.train_time_s,
+            "tokens_seen": self.tokens_seen,
+            "world": self.dist.world,
+            "backend": self.backend.fingerprint(),
+            "dtype": self.dtype,
+        }
+        return ckpt.TrainState(self.step, msd, tensors, rng, scalars)
+
+    def save(self) -> Path | None:
+        state = self._state()  # a collective when distributed: every rank takes part
+        path = None
+        if self.dist.is_main:
+            t0 = time.perf_counter()
+            path = ckpt.save_checkpoint(
+                self.ckpt_root,
+                state,
+                self.cfg.model,
+                tokenizer=self.tokenizer,
+                keep=self.t.keep_checkpoints,
+                before_rename=self.faults.on_save,
+            )
+            self.log.event("checkpoint", step=self.step, path=str(path), seconds=time.perf_counter() - t0)
+        self.dist.barrier()
+        return path
+
+    def _restore(self, path: Path) -> None:
+        state, cfg = ckpt.read_checkpoint(path)
+        if asdict(cfg) != asdict(self.cfg.model):
+            raise CrosschipError(f"checkpoint {path} holds a different model shape than the config's [model]")
+        s = state.scalars
+        osd = ckpt.unflatten_optimizer(state.optimizer, s["param_groups"])
+        D.load_full_state(self.model, self.optimizer, state.model, osd, self.dist.enabled)
+        if self.scaler is not None and s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
+        torch.set_rng_state(state.rng["torch_cpu"])
+        if "device" in state.rng and self.backend.device_type != "cpu":
+            torch.get_device_module(self.backend.device_type).set_rng_state(state.rng["device"])
+        v, internal, gauss = s["python_rng"]
+        random.setstate((v, tuple(internal), gauss))
+        self.stream.load_state_dict(s["data"])
+        self.guard.loss_avg, self.guard.good_steps = s["health"]["loss_avg"], s["health"]["good_steps"]
+        self.train_time_s, self.tokens_seen = s["train_time_s"], s["tokens_seen"]
+        self.step = state.step
+
+    # -- one step ---------------------------------------------------------------------------
+    def _autocast(self):
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.backend.device_type, dtype=DTYPES[self.dtype])
+
+    def micro_loss(self, mb: Batch, n_global: int) -> tuple[Tensor, Tensor]:
+        """(loss to backpropagate, summed token CE) for one micro-batch.
+
+        Losses are sums over tokens divided by the global number of label tokens, so
+        micro-batches and processes add up to the global-batch mean exactly; the factor
+        `world` undoes FSDP's averaging of gradients over processes.
+        """
+        model = self.model
+        with self._autocast():
+            h = model.hidden(mb.input_ids, mb.positions, mb.doc_ids)
+            logits = model.logits(h).float()
+            ce = F.cross_entropy(logits.flatten(0, 1), mb.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+            loss = ce / n_global
+            if model.mtp is not None and self.t.mtp_loss_weight > 0:
+                loss = loss + self.t.mtp_loss_weight * self._mtp_loss(h, mb) / n_global
+            if self.t.seq_aux_loss_alpha > 0:
+                loss = loss + self.t.seq_aux_loss_alpha * self._seq_balance_loss()
+        return loss * self.dist.world, ce.detach()
+
+    def _mtp_loss(self, h: Tensor, mb: Batch) -> Tensor:
+        # MTP position i predicts token i+2, i.e. the main label of position i+1, and mixes
+        # tokens i and i+1, so both must be in the same document.
+        labels = mb.labels[:, 1:].masked_fill(mb.doc_ids[:, 1:] != mb.doc_ids[:, :-1], IGNORE)
+        logits = self.model.mtp_logits(h, mb.input_ids, mb.positions, mb.doc_ids).float()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+    def _seq_balance_loss(self) -> Tensor:
+        """DeepSeek-V3's sequence-wise balance loss: sum_i f_i P_i per row, averaged."""
+        total = 0.0
+        for moe in self.model.moe_layers():
+            scores, indices = moe.last_scores, moe.last_indices  # (B, T, E), (B, T, K)
+            E, K, T = scores.shape[-1], indices.shape[-1], scores.shape[1]
+            counts = torch.zeros(scores.shape[0], E, device=scores.device).scatter_add_(
+                1, indices.flatten(1), torch.ones_like(indices.flatten(1), dtype=torch.float32)
+            )
+            f = counts * E / (K * T)
+            p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+            total = total + (f * p).sum(-1).mean()
+        return total
+
+    def train_step(self, step: int) -> dict[str, Any] | tuple[str, dict]:
+        """Run one optimizer step; a (fault event, details) pair when the guard refuses it."""
+        index, batch = self.stream.next()
+        self._batch_index = index
+        faults = self.faults.at_step(step)
+        if "hang" in faults:
+            time.sleep(10 * self.t.hang_timeout_s + 60)  # the watchdog interrupts this
+        if "slow" in faults:
+            time.sleep(max(0.05, 2 * self.t.straggler_factor * self.guard.median_step_time()))
+        n_global = batch.n_label_tokens
+        micros = shard_rows(batch, self.dist.rank, self.dist.world, self.t.grad_accum)
+        ce_sum = torch.zeros((), device=self.device)
+        moes = self.model.moe_layers()
+        loads = torch.zeros(len(moes), self.cfg.model.n_routed_experts, device=self.device)
+        for i, mb in enumerate(micros):
+            mb = mb.to(self.device)
+            if self.dist.enabled:
+                self.model.set_requires_gradient_sync(i == len(micros) - 1)
+            loss, ce = self.micro_loss(mb, n_global)
+            if "nan" in faults:
+                loss = loss * float("nan")
+                ce = ce * float("nan")
+            if "spike" in faults:
+                loss, ce = loss * SPIKE_FACTOR, ce * SPIKE_FACTOR
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            ce_sum += ce
+            loads += torch.stack([m.last_load.float() for m in moes]) if moes else 0
+        self.dist.all_reduce_sum(ce_sum)
+        loss_value = float(ce_sum) / n_global  # float() syncs with the device
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip()
+        fault = self.guard.check(loss_value, grad_norm)
+        if fault is not None and not (self.scaler is not None and math.isfinite(loss_value) and fault[0] == "nan"):
+            self.optimizer.zero_grad(set_to_none=True)
+            return fault[0], {**fault[1], "batch": index}
+        lr = lr_at(
+            step, lr=self.t.lr, warmup=self.t.warmup_steps, total=self.total_steps, min_ratio=self.t.min_lr_ratio
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.guard.accept(loss_value)
+        self.dist.all_reduce_sum(loads)
+        update_balance_bias(moes, loads, self.t.bias_update_speed)
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": batch.input_ids.numel(), "loads": loads}
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # -- faults -----------------------------------------------------------------------------
+    def rollback(self, step: int, reason: str, details: dict) -> None:
+        """Back to the newest verified checkpoint, skipping the offending batch; give up past the cap."""
+        n = self.guard.count_rollback(step)
+        if n > self.t.max_rollbacks:
+            self.give_up(f"{reason} at step {step} persisted through {self.t.max_rollbacks} rollbacks", step)
+        found = ckpt.latest_verified(self.ckpt_root, report=self._report_corrupt) if self.dist.is_main else None
+        path = self.dist.broadcast_object(str(found) if found else None)
+        if path is None:
+            self.give_up(f"{reason} at step {step} and no verified checkpoint to roll back to", step)
+        skip = set(self.stream.skip)
+        if details.get("batch") is not None:
+            skip.add(details["batch"])
+        self._restore(Path(path))
+        self.stream.skip |= skip
+        self.lost_steps += step - 1 - self.step
+        self.log.event(
+            "rollback",
+            from_step=step,
+            to_step=self.step,
+            reason=reason,
+            checkpoint=path,
+            attempt=n,
+            skipped_batches=sorted(skip),
+            lost_steps=step - 1 - self.step,
+        )
+        if self.verbose:
+            self.progress.note(f"{reason} at step {step}: rolled back to step {self.step} ({path}), attempt {n}")
+
+    def give_up(self, message: str, step: int) -> None:
+        self.log.event("give_up", step=step, reason=message, rollbacks=self.guard.rollbacks)
+        self._write_summary("gave_up", message)
+        raise HealthGaveUp(
+            f"health guard gave up: {message}; fail over to another backend (see {self.out / 'metrics.jsonl'})"
+        )
+
+    def _on_hang(self, elapsed: float) -> None:
+        self.log.event("hang", step=self.step + 1, elapsed_s=elapsed, timeout_s=self.t.hang_timeout_s)
+        if self.dist.enabled:
+            # Other ranks wait inside collectives and cannot roll back with us: stop, resume later.
+            self._on_stuck()
+
+    def _on_stuck(self) -> None:
+        self.log.event("give_up", step=self.step + 1, reason="step hung and could not be interrupted")
+        self._write_summary("gave_up", "step hung and could not be interrupted")
+        print("crosschip train: error: a step hung past the watchdog timeout; restart with --resume", file=sys.stderr)
+        os._exit(3)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self, steps: int | None = None) -> dict[str, Any]:
+        """Train until `steps` (default train.steps) or train.max_minutes; returns the summary."""
+        self.total_steps = steps or self.t.steps
+        self.progress = Progress(self.total_steps, self.step, self.verbose)
+        watchdog = Watchdog(self.t.hang_timeout_s, self._on_hang, self._on_stuck)
+        grace = 10.0  # the first step after a (re)start may compile or warm caches
+        try:
+            while self.step < self.total_steps and not self._out_of_time():
+                step = self.step + 1
+                t0, c0 = time.perf_counter(), time.process_time()
+                self._batch_index = None
+                watchdog.arm(grace)
+                try:
+                    result = self.train_step(step)
+                except StepHang:
+                    watchdog.disarm()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.rollback(step, "hang", {"batch": self._batch_index})
+                    grace = 10.0
+                    continue
+                watchdog.disarm()
+                if isinstance(result, tuple):
+                    event, details = result
+                    self.log.event(event, step=step, **details)
+                    self.rollback(step, event, details)
+                    grace = 10.0
+                    continue
+                grace = 1.0
+                self.train_cpu_s += time.process_time() - c0  # CPU seconds: robust on a shared machine
+                self._after_step(step, result, time.perf_counter() - t0)
+        finally:
+            watchdog.close()
+            self.progress.close()
+        return self.finish()
+
+    def _out_of_time(self) -> bool:
+        return self.t.max_minutes > 0 and self.train_time_s >= 60 * self.t.max_minutes
+
+    def _after_step(self, step: int, r: dict[str, Any], dt: float) -> None:
+        self.step = step
+        self.train_time_s += dt
+        self.tokens_seen += r["tokens"]
+        tps = r["tokens"] / dt
+        slow = self.guard.straggler(dt)
+        if slow is not None:
+            self.log.event("straggler", step=step, **slow)
+        loads = r["loads"].long().tolist()
+        self.log.event(
+            "step",
+            step=step,
+            loss=r["loss"],
+            lr=r["lr"],
+            grad_norm=r["grad_norm"],
+            tokens_per_s=tps,
+            step_time_s=dt,
+            expert_load=loads,
+        )
+        self.progress.update(step, r["loss"], tps)
+        if step % self.t.ckpt_every == 0 and step < self.total_steps:
+            self.save()
+        if (
+            self.cfg.data.task == "arith"
+            and self.t.eval_every > 0
+            and step % self.t.eval_every == 0
+            and step < self.total_steps
+        ):
+            self.evaluate(step, self.t.eval_problems)
+
+    def evaluate(self, step: int, n: int) -> float | None:
+        """Held-out exact-answer accuracy on rank 0 (a full-weights copy when sharded)."""
+        model = self.model
+        if self.dist.enabled:
+            msd = D.full_model_state(self.model, True)
+            if self.dist.is_main:
+                model = Transformer(self.cfg.model).to(self.device)
+                model.load_state_dict(msd)
+        acc = None
+        if self.dist.is_main:
+            problems = heldout_set(self.cfg.data)[:n]
+            t0 = time.perf_counter()
+            acc, _ = arith_accuracy(model, self.tokenizer, problems)
+            self.log.event("eval", step=step, accuracy=acc, n=len(problems), seconds=time.perf_counter() - t0)
+            self.progress.note(f"step {step}: held-out accuracy {acc:.1%} on {len(problems)} problems")
+        self.dist.barrier()
+        return acc
+
+    def finish(self) -> dict[str, Any]:
+        latest = ckpt.list_checkpoints(self.ckpt_root)
+        if not latest or latest[0].name != ckpt.step_dir(self.ckpt_root, self.step).name:
+            self.save()
+        acc = None
+        if self.cfg.data.task == "arith" and self.t.eval_every >= 0:
+            acc = self.evaluate(self.step, self.cfg.data.heldout_size)
+        return self._write_summary("done", None, accuracy=acc)
+
+    def _write_summary(self, status: str, reason: str | None, **extra: Any) -> dict[str, Any]:
+        records = _read_all(self.out / "metrics.jsonl") if self.dist.is_main else self.log.records
+        steps = [r for r in records if r["event"] == "step"]
+        counts: dict[str, int] = {}
+        for r in records:
+            counts[r["event"]] = counts.get(r["event"], 0) + 1
+        summary = {
+            "status": status,
+            "reason": reason,
+            "step": self.step,
+            "final_loss": steps[-1]["loss"] if steps else None,
+            "train_time_s": self.train_time_s,
+            "train_cpu_s": self.train_cpu_s,
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_s": self.tokens_seen / self.train_time_s if self.train_time_s else None,
+            "events": counts,
+            "rollbacks": counts.get("rollback", 0),
+            "lost_steps": self.lost_steps,
+            "backend": self.backend.fingerprint(),
+            "dtype": self.dtype,
+            "world": self.dist.world,
+            "latest_checkpoint": str(p)
+            if (p := ckpt.latest_verified(self.ckpt_root, report=lambda *a: None))
+            else None,
+            **extra,
+        }
+        if self.dist.is_main:
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            plot_loss(records, self.out / "loss.png")
+        return summary
+
+    def close(self, ok: bool = True) -> None:
+        self.log.close()
+        if ok:
+            D.shutdown(self.dist)
+
+
+def _read_all(path: Path) -> list[dict[str, Any]]:
+    from crosschip.train.metrics import read_metrics
+
+    return read_metrics(path) if path.exists() else []

@@ -1,0 +1,112 @@
+"""`crosschip run` end to end: the real stages as real processes, on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from report_helpers import assert_report_complete
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "crosschip", "run", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def _state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run_state.json").read_text())
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _resumes_on_cpu(run_dir: Path) -> list[dict]:
+    return [e for e in _events(run_dir) if e["event"] == "resume" and e["backend"]["backend"] == "torch:cpu"]
+
+
+def test_failover_interrupt_and_resume(tmp_path):
+    """The R2 story on one machine: the flaky chip gives up, training fails over to the CPU
+    from the flaky chip's last verified checkpoint; Ctrl-C then stops the run cleanly and
+    --resume finishes it from the last finished stage."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "crosschip", "run", "--config", "configs/smoke.toml", "--out", str(run_dir)]
+    cmd += ["--train-on", "emu:flaky,torch:cpu", "--inject", "nan@step=15,times=20"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Interrupt once the run has failed over and the CPU has started training.
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "train" / "metrics.jsonl").exists() and _resumes_on_cpu(run_dir):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert f"crosschip run --resume {run_dir}" in out
+    state = _state(run_dir)
+    assert state["finished"] == ["probe", "qualify", "assign"]
+    assert state["train_attempts"] == [{"backend": "emu:flaky", "exit": 3}]
+
+    events = _events(run_dir)
+    give_up = [e for e in events if e["event"] == "give_up"]
+    assert give_up, "the health guard on emu:flaky did not give up"
+
+    resumed = _run("--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "[assign] already finished" in resumed.stdout
+    state = _state(run_dir)
+    assert state["finished"] == ["probe", "qualify", "assign", "train", "export", "verify", "serve", "report"]
+    assert state["train_attempts"][-1] == {"backend": "torch:cpu", "exit": 0}
+    # The CPU continued from a checkpoint the flaky chip wrote, not from scratch.
+    first_cpu = _resumes_on_cpu(run_dir)[0]
+    assert 0 < first_cpu["step"] <= 15 and "step_" in first_cpu["checkpoint"]
+    assert json.loads((run_dir / "verify" / "report.json").read_text())["gate"]["passed"]
+    serve = json.loads((run_dir / "serve.json").read_text())
+    assert serve["backend"] == "ort:cpu" and serve["requests"] == 16
+    assert_report_complete(run_dir / "report.html")
+
+
+def test_default_run_finishes_in_ten_minutes_and_learns(tmp_path):
+    """`make run`'s command: probe, qualify, train arith-tiny on torch:cpu, export and
+    serve on ONNX Runtime, all within 10 minutes, and the model really learned the task."""
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    out = _run("--config", "configs/default.toml", "--out", str(run_dir), timeout=900)
+    wall = time.monotonic() - t0
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert wall <= 600, f"default run took {wall:.0f} s"
+    assert "report: " in out.stdout and "wall time" in out.stdout
+    evals = [e for e in _events(run_dir) if e["event"] == "eval"]
+    final = evals[-1]
+    assert final["n"] >= 500 and final["accuracy"] >= 0.90, final
+    verify = json.loads((run_dir / "verify" / "report.json").read_text())
+    assert verify["gate"]["passed"] and verify["metrics"]["greedy_identical"] == 1.0
+    assert json.loads((run_dir / "serve.json").read_text())["accuracy"] >= 0.8
+    qualify = json.loads((run_dir / "qualify.json").read_text())
+    assert qualify["torch:cpu"]["verdict"] == "TRAIN"
+    assert_report_complete(run_dir / "report.html")
+
+
+def test_bad_config_fails_before_any_stage(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nstepz = 3\n")
+    out = _run("--config", str(bad), "--out", str(tmp_path / "r"))
+    assert out.returncode == 1
+    assert "unknown key train.'stepz'" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_of_a_non_run_folder_is_a_clear_error(tmp_path):
+    out = _run("--resume", str(tmp_path))
+    assert out.returncode == 1 and "not a crosschip run folder" in out.stderr

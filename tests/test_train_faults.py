@@ -1,0 +1,63 @@
+"""The health guard against planted faults: detection, rollback, bounded loss, give-up with exit 3.
+
+Each run is a real `crosschip train` process with `--inject`; the hang is a real blocked step
+that only the watchdog thread can end.
+"""
+
+from __future__ import annotations
+
+import json
+
+from train_helpers import events, losses, train, write_config
+
+CKPT_EVERY = 5
+
+
+def test_nan_spike_and_hang_are_detected_and_rolled_back(tmp_path):
+    cfg = write_config(tmp_path, steps=20, ckpt_every=CKPT_EVERY, hang_timeout_s=4.0)
+    run = tmp_path / "run"
+    proc = train(cfg, run, "--inject", "nan@step=7", "--inject", "spike@step=13", "--inject", "hang@step=17")
+    assert proc.returncode == 0, proc.stderr
+
+    (nan,) = [e for e in events(run, "nan") if e["step"] == 7]
+    (spike,) = [e for e in events(run, "spike") if e["step"] == 13]
+    assert spike["factor"] > 3
+    (hang,) = [e for e in events(run, "hang") if e["step"] == 17]
+    assert 4.0 <= hang["elapsed_s"] < 4.0 + 2.0, "the watchdog fires within its timeout (plus one poll)"
+
+    rollbacks = {r["from_step"]: r for r in events(run, "rollback")}
+    for step, reason in ((7, "nan"), (13, "spike"), (17, "hang")):
+        r = rollbacks[step]
+        assert r["reason"] == reason
+        assert r["to_step"] == (step - 1) // CKPT_EVERY * CKPT_EVERY  # the newest checkpoint before it
+        assert 0 <= r["lost_steps"] < CKPT_EVERY  # at most one checkpoint interval lost
+    assert rollbacks[7]["skipped_batches"] == [nan["batch"]]  # the offending batch is never retried
+
+    got = losses(run)
+    assert sorted(got) == list(range(1, 21)) and all(v == v and v < 10 for v in got.values())
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["status"] == "done" and summary["step"] == 20 and summary["rollbacks"] >= 3
+
+
+def test_repeated_failure_past_the_cap_gives_up_with_exit_code_3(tmp_path):
+    cfg = write_config(tmp_path, steps=10, ckpt_every=CKPT_EVERY, max_rollbacks=2)
+    run = tmp_path / "run"
+    proc = train(cfg, run, "--inject", "nan@step=7,times=99")
+    assert proc.returncode == 3, proc.stderr
+    assert "health guard gave up" in proc.stderr and "Traceback" not in proc.stderr
+    assert [r["attempt"] for r in events(run, "rollback")] == [1, 2]
+    (give_up,) = events(run, "give_up")
+    assert give_up["step"] == 7 and "2 rollbacks" in give_up["reason"]
+    assert json.loads((run / "train_summary.json").read_text())["status"] == "gave_up"
+
+
+def test_emulated_flaky_chip_trains_through_its_faults(tmp_path):
+    """emu:flaky plants nan@p=0.05 and slow@p=0.2; the run still finishes, with events logged."""
+    cfg = write_config(tmp_path, steps=30, ckpt_every=CKPT_EVERY)
+    run = tmp_path / "run"
+    proc = train(cfg, run, "--backend", "emu:flaky")
+    assert proc.returncode in (0, 3), proc.stderr
+    assert events(run, "start")[0]["backend"]["emulation"]
+    if proc.returncode == 0:
+        assert sorted(losses(run)) == list(range(1, 31))
+    assert events(run, "nan") or events(run, "straggler"), "the flaky chip's faults show up in the log"

@@ -1,0 +1,79 @@
+"""Resume is exact, survives SIGKILL (also mid-save), and skips corrupt checkpoints.
+
+Every run is a real `crosschip train` process on the `debug` model; kills are real SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from crosschip.train.checkpoint import latest_verified
+from train_helpers import events, losses, train, write_config
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """12 uninterrupted steps, checkpoints every 4."""
+    root = tmp_path_factory.mktemp("ref")
+    cfg = write_config(root)
+    proc = train(cfg, root / "run")
+    assert proc.returncode == 0, proc.stderr
+    return cfg, root / "run"
+
+
+def test_reference_run_writes_every_output(reference):
+    _, run = reference
+    assert (run / "loss.png").stat().st_size > 0
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["status"] == "done" and summary["step"] == 12
+    step = events(run, "step")[0]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "expert_load"} <= set(step)
+    assert len(step["expert_load"]) == 1 and len(step["expert_load"][0]) == 8  # one MoE layer, 8 experts
+    assert latest_verified(run / "checkpoints").name == "step_00000012"
+
+
+def test_kill_then_resume_is_bit_identical(reference, tmp_path):
+    cfg, ref = reference
+    run = tmp_path / "run"
+    killed = train(cfg, run, "--inject", "crash@step=7")
+    assert killed.returncode == -9
+    assert max(losses(run)) == 6
+    resumed = train(cfg, run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    (resume,) = events(run, "resume")
+    assert resume["step"] == 4 and resume["lost_steps"] == 2  # at most one checkpoint interval
+    assert losses(run) == losses(ref), "2N steps and N steps + resume must give bit-identical losses"
+
+
+def test_kill_during_checkpoint_save_resumes_from_the_previous_one(reference, tmp_path):
+    cfg, ref = reference
+    run = tmp_path / "run"
+    # saves: 1st = step 0, 2nd = step 4, 3rd = step 8 (killed before its rename)
+    killed = train(cfg, run, "--inject", "crash@save=3")
+    assert killed.returncode == -9
+    assert latest_verified(run / "checkpoints").name == "step_00000004"
+    resumed = train(cfg, run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert events(run, "resume")[0]["step"] == 4
+    assert events(run, "resume")[0]["lost_steps"] == 4
+    assert losses(run) == losses(ref)
+
+
+def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference, tmp_path):
+    cfg, ref = reference
+    run = tmp_path / "run"
+    assert train(cfg, run).returncode == 0
+    weights = run / "checkpoints" / "step_00000012" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    for i in range(100, 110):
+        data[-i] ^= 0x5A
+    weights.write_bytes(bytes(data))
+    resumed = train(cfg, run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipping corrupt checkpoint" in resumed.stderr and "step_00000012" in resumed.stderr
+    (bad,) = events(run, "corrupt_checkpoint")
+    assert bad["checkpoint"].endswith("step_00000012") and "checksum" in bad["reason"]
+    assert events(run, "resume")[0]["step"] == 8
+    assert losses(run) == losses(ref)

@@ -1,0 +1,303 @@
+"""Training building blocks: LR schedule, balance bias, packing, checkpoints, faults, clear errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from crosschip.backends import BackendUnavailable
+from crosschip.config import DataConfig, RunConfig, model_preset
+from crosschip.data.arith import generate_problems
+from crosschip.errors import CrosschipError
+from crosschip.model import Transformer
+from crosschip.tokenizer import default_tokenizer
+from crosschip.train import checkpoint as ckpt
+from crosschip.train.data import IGNORE, ArithStream, BatchStream, shard_rows
+from crosschip.train.faults import parse_fault
+from crosschip.train.health import HealthGuard
+from crosschip.train.trainer import Trainer, lr_at, update_balance_bias
+
+
+def debug_cfg(**train) -> RunConfig:
+    cfg = RunConfig(model=model_preset("debug"), data=DataConfig(digits=2, heldout_size=20))
+    for k, v in {"steps": 6, "batch_size": 4, "seq_len": 64, "ckpt_every": 3, "eval_every": 0, **train}.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+# -- schedule and balance -----------------------------------------------------------------------
+
+
+def test_lr_warmup_then_cosine_to_floor():
+    kw = dict(lr=1e-3, warmup=10, total=110, min_ratio=0.1)
+    assert lr_at(1, **kw) == pytest.approx(1e-4)
+    assert lr_at(10, **kw) == pytest.approx(1e-3)
+    assert lr_at(60, **kw) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half-way through the cosine
+    assert lr_at(110, **kw) == pytest.approx(1e-4)
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), "decay must be monotone"
+
+
+def test_balance_bias_moves_against_the_load():
+    model = Transformer(model_preset("debug"))
+    moe = model.moe_layers()[0]
+    loads = torch.tensor([[10.0, 0.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])
+    update_balance_bias([moe], loads, gamma=0.01)
+    bias = moe.gate.bias
+    assert bias.dtype == torch.float32
+    assert bias[0] == pytest.approx(-0.01)  # overloaded -> less attractive
+    assert bias[1] == pytest.approx(0.01)  # starved -> more attractive
+    assert torch.all(bias[2:] == 0)
+    assert not any(b is moe.gate.bias for b in model.parameters()), "the bias must stay outside the optimizer"
+
+
+def test_balance_bias_reduces_imbalance():
+    """Routing with the updated bias sends fewer tokens to the overloaded expert."""
+    torch.manual_seed(0)
+    model = Transformer(model_preset("debug")).train()
+    moe = model.moe_layers()[0]
+    x = torch.randn(512, 64)
+    with torch.no_grad():
+        moe.gate.weight[0] += 0.5 * x.mean(0)  # make expert 0 popular
+    first = None
+    for _ in range(30):
+        moe(x)
+        if first is None:
+            first = moe.last_load.clone()
+        update_balance_bias([moe], moe.last_load[None].float(), gamma=0.01)
+    assert moe.last_load.max() < first.max()
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def test_packed_rows_mask_attention_restart_positions_and_teach_only_completions():
+    tok = default_tokenizer(512)
+    stream = ArithStream(DataConfig(digits=2), tok, batch_size=2, seq_len=96)
+    batch = stream.draw()
+    problems = generate_problems(stream.problems, digits=2, ops=["+", "-"], seed=0)
+    row_ids, row_docs, row_pos, row_lab = (
+        t[0].tolist() for t in (batch.input_ids, batch.doc_ids, batch.positions, batch.labels)
+    )
+    n_docs = max(row_docs) + 1
+    assert n_docs >= 2, "a row holds several problems"
+    for doc in range(n_docs):
+        at = [i for i, d in enumerate(row_docs) if d == doc]
+        p = problems[doc]
+        prompt = tok.encode(p.prompt, add_bos=True)
+        assert [row_ids[i] for i in at] == prompt + tok.encode(p.completion) + [tok.eos_id]
+        assert [row_pos[i] for i in at] == list(range(len(at)))
+        taught = [row_lab[i] for i in at if row_lab[i] != IGNORE]
+        assert taught == tok.encode(p.completion) + [tok.eos_id]
+    # padding and the last token of each problem carry no loss
+    assert all(lab == IGNORE for d, lab in zip(row_docs, row_lab) if d < 0)
+
+
+def test_stream_cursor_resumes_exactly_and_skips():
+    tok = default_tokenizer(512)
+    a = BatchStream(DataConfig(digits=2), tok, 4, 64)
+    for _ in range(3):
+        a.next()
+    state = a.state_dict()
+    _, want = a.next()
+    b = BatchStream(DataConfig(digits=2), tok, 4, 64)
+    b.load_state_dict(state)
+    _, got = b.next()
+    assert torch.equal(want.input_ids, got.input_ids) and torch.equal(want.labels, got.labels)
+    c = BatchStream(DataConfig(digits=2), tok, 4, 64)
+    c.load_state_dict({**state, "skip": [3]})
+    index, _ = c.next()
+    assert index == 4
+
+
+def test_shard_rows_partitions_the_global_batch():
+    tok = default_tokenizer(512)
+    batch = BatchStream(DataConfig(digits=1), tok, 8, 32).next()[1]
+    parts = [mb for r in range(2) for mb in shard_rows(batch, r, 2, 2)]
+    assert sum(mb.n_label_tokens for mb in parts) == batch.n_label_tokens
+    with pytest.raises(CrosschipError, match="divisible"):
+        shard_rows(batch, 0, 3, 1)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def _state(step: int) -> ckpt.TrainState:
+    model = Transformer(model_preset("debug"))
+    return ckpt.TrainState(
+        step, model.state_dict(), {"w/exp_avg": torch.ones(3)}, {"torch_cpu": torch.get_rng_state()}, {"x": 1}
+    )
+
+
+def test_checkpoint_round_trip_keep_k_and_hf_loadable(tmp_path):
+    cfg = model_preset("debug")
+    for step in (0, 5, 10, 15):
+        ckpt.save_checkpoint(tmp_path, _state(step), cfg, tokenizer=default_tokenizer(512), keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000015", "step_00000010"]
+    state, got_cfg = ckpt.read_checkpoint(tmp_path / "step_00000015")
+    assert state.step == 15 and state.scalars == {"x": 1} and got_cfg == cfg
+    model, tok = ckpt.load_model(tmp_path / "step_00000015")
+    assert tok is not None
+    for k, v in _state(15).model.items():
+        assert v.shape == model.state_dict()[k].shape
+
+
+def test_corrupt_checkpoint_is_reported_and_skipped(tmp_path):
+    cfg = model_preset("debug")
+    for step in (5, 10):
+        ckpt.save_checkpoint(tmp_path, _state(step), cfg)
+    weights = tmp_path / "step_00000010" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    reports = []
+    found = ckpt.latest_verified(tmp_path, report=lambda p, why: reports.append((p.name, why)))
+    assert found == tmp_path / "step_00000005"
+    assert reports and reports[0][0] == "step_00000010" and "checksum" in reports[0][1]
+    with pytest.raises(CrosschipError, match="corrupt"):
+        ckpt.read_checkpoint(tmp_path / "step_00000010")
+
+
+def test_a_save_killed_before_the_rename_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL inside save_checkpoint (a real process, a real kill)."""
+    code = f"""
+import torch
+from crosschip.config import model_preset
+from crosschip.model import Transformer
+from crosschip.train import checkpoint as ckpt
+from crosschip.train.faults import kill_self
+cfg = model_preset("debug")
+m = Transformer(cfg)
+st = lambda s: ckpt.TrainState(s, m.state_dict(), {{}}, {{"torch_cpu": torch.get_rng_state()}}, {{}})
+ckpt.save_checkpoint({str(tmp_path)!r}, st(5), cfg)
+ckpt.save_checkpoint({str(tmp_path)!r}, st(10), cfg, before_rename=kill_self)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9
+    assert ckpt.latest_verified(tmp_path) == tmp_path / "step_00000005"
+    assert list(tmp_path.glob(".tmp-step_00000010-*")), "the half-written save stays hidden under a temp name"
+    ckpt.save_checkpoint(tmp_path, _state(15), model_preset("debug"))
+    assert not list(tmp_path.glob(".tmp-*")), "the next save cleans temp folders"
+
+
+# -- faults and health --------------------------------------------------------------------------
+
+
+def test_fault_specs():
+    f = parse_fault("nan@step=40")
+    assert (f.kind, f.step, f.times) == ("nan", 40, 1)
+    assert parse_fault("slow@p=0.1").p == 0.1
+    assert parse_fault("crash@save=2").save == 2
+    assert parse_fault("nan@step=3,times=5").times == 5
+    for bad in ("nan", "boom@step=3", "nan@step=0", "slow@p=2", "hang@save=1"):
+        with pytest.raises(CrosschipError, match="--inject"):
+            parse_fault(bad)
+
+
+def test_health_guard_verdicts():
+    cfg = debug_cfg().train
+    guard = HealthGuard(cfg)
+    assert guard.check(float("nan"), 1.0)[0] == "nan"
+    assert guard.check(1.0, math.inf)[0] == "nan"
+    for _ in range(12):
+        assert guard.check(2.0, 1.0) is None
+        guard.accept(2.0)
+    assert guard.check(2.0 * cfg.spike_factor + 1, 1.0)[0] == "spike"
+    assert guard.check(2.0, cfg.grad_norm_limit + 1)[0] == "grad_explosion"
+    for _ in range(12):
+        assert guard.straggler(0.1) is None
+    assert guard.straggler(0.1 * cfg.straggler_factor * 2)["factor"] > cfg.straggler_factor
+
+
+# -- clear errors -------------------------------------------------------------------------------
+
+
+def test_unknown_backend_is_a_clear_error(tmp_path):
+    cfg = debug_cfg(backend="torch:tpu9")
+    with pytest.raises(CrosschipError, match="unknown backend 'torch:tpu9'; known backends"):
+        Trainer(cfg, tmp_path)
+
+
+def test_unavailable_backend_is_a_clear_error(tmp_path):
+    cfg = debug_cfg(backend="torch:npu")
+    with pytest.raises(BackendUnavailable, match="torch:npu"):
+        Trainer(cfg, tmp_path)
+
+
+def test_too_big_config_is_refused_before_allocating(tmp_path):
+    cfg = debug_cfg()
+    cfg.model = model_preset("deepseek-v3")
+    with pytest.raises(CrosschipError, match=r"does not fit in memory: 6\d\d\.\d\dB parameters"):
+        Trainer(cfg, tmp_path)
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("   \n")
+    cfg = debug_cfg()
+    cfg.data = DataConfig(task="corpus", corpus=[str(tmp_path / "empty.txt")])
+    with pytest.raises(CrosschipError, match="no non-empty documents"):
+        Trainer(cfg, tmp_path / "run")
+    cfg.data = DataConfig(task="corpus", corpus=[])
+    with pytest.raises(CrosschipError, match="data.corpus is empty"):
+        Trainer(cfg, tmp_path / "run")
+
+
+def test_refused_dtype_on_an_emulated_chip(tmp_path):
+    cfg = debug_cfg(backend="emu:fp16-only", dtype="bf16")
+    with pytest.raises(CrosschipError, match="refuses bf16"):
+        Trainer(cfg, tmp_path)
+
+
+def test_existing_run_needs_resume(tmp_path):
+    cfg = debug_cfg(steps=1)
+    t = Trainer(cfg, tmp_path, verbose=False)
+    t.close()
+    with pytest.raises(CrosschipError, match="--resume"):
+        Trainer(cfg, tmp_path, verbose=False)
+
+
+# -- greedy evaluation --------------------------------------------------------------------------
+
+
+def test_cached_greedy_decoding_matches_full_recomputation():
+    """The absorbed-MLA cache path gives the same greedy tokens as re-running the whole prefix."""
+    from crosschip.train.evaluate import greedy_generate
+
+    torch.manual_seed(0)
+    model = Transformer(model_preset("debug")).eval()
+    prompts = [[0, 5, 6, 7], [0, 9, 8, 7], [0, 3, 4]]  # two lengths -> two buckets
+    got = greedy_generate(model, prompts, max_new_tokens=6, stop_ids={1})
+    for prompt, out in zip(prompts, got):
+        ids = list(prompt)
+        for _ in range(len(out)):
+            with torch.no_grad():
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert ids[len(prompt) :] == out
+
+
+def test_trains_on_a_text_corpus(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(f'{{"text": "document {i} says hello to the trainer"}}' for i in range(40)))
+    cfg = debug_cfg(steps=3)
+    cfg.data = DataConfig(task="corpus", corpus=[str(docs)])
+    t = Trainer(cfg, tmp_path / "run", verbose=False)
+    summary = t.fit()
+    t.close()
+    assert summary["status"] == "done" and summary["step"] == 3 and summary["final_loss"] < 7
+
+
+@pytest.mark.parametrize(("backend", "dtype"), [("torch:cpu", "bf16"), ("emu:fp16-only", "fp16")])
+def test_mixed_precision_keeps_fp32_master_weights(tmp_path, backend, dtype):
+    """bf16 autocast, or fp16 with dynamic loss scaling where bf16 is refused; weights stay fp32."""
+    cfg = debug_cfg(steps=3, backend=backend, dtype=dtype)
+    t = Trainer(cfg, tmp_path, verbose=False)
+    summary = t.fit()
+    t.close()
+    assert summary["status"] == "done" and summary["dtype"] == dtype and math.isfinite(summary["final_loss"])
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
+    assert (t.scaler is not None) == (dtype == "fp16")
