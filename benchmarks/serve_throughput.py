@@ -6,6 +6,7 @@ transformers' `generate` at batch 1, 8 and 32. Prints ratios (medians of --repea
 rooflines and the fraction reached, and the server's peak RSS and cache bytes at 32 requests.
 
     .venv/bin/python benchmarks/serve_throughput.py --threads 1
+    .venv/bin/python benchmarks/serve_throughput.py --threads 1 --on ort:cpu   # exports model.onnx first
     .venv/bin/python benchmarks/serve_throughput.py --threads 2 --results benchmarks/RESULTS.md
 """
 
@@ -42,10 +43,17 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def make_bundle(preset: str, out: Path) -> Path:
+def make_bundle(preset: str, out: Path, on: str = "torch:cpu") -> Path:
+    """A random-weight bundle of `preset`; for an ort:* target, exported with its ONNX graphs (fp32)."""
     torch.manual_seed(0)
     model = Transformer(model_preset(preset))
-    return save_bundle(model, out / preset, tokenizer=default_tokenizer(model.cfg.vocab_size))
+    src = save_bundle(model, out / preset, tokenizer=default_tokenizer(model.cfg.vocab_size))
+    if not on.startswith("ort:"):
+        return src
+    from crosschip.handoff.export import export_bundle
+
+    export_bundle(src, out / f"{preset}-onnx", target=on, policy="fp32", progress=False)
+    return out / f"{preset}-onnx"
 
 
 def make_prompts(n: int, prompt_len: int, vocab: int, skip: int = 16) -> list[list[int]]:
@@ -94,7 +102,7 @@ class HF:
 class Offline:
     """crosschip's Engine.generate in this process."""
 
-    def __init__(self, bundle: Path, compile: bool):
+    def __init__(self, bundle: Path, compile: bool, on: str = "torch:cpu"):
         from crosschip.serve.engine import Engine
         from crosschip.serve.executor import make_executor
         from crosschip.serve.sampling import SamplingParams
@@ -102,7 +110,7 @@ class Offline:
 
         self.params = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         self.engine = Engine(
-            make_executor(bundle, "torch:cpu", max_batch=32, compile=compile), Tokenizer.load(bundle), max_batch=32
+            make_executor(bundle, on, max_batch=32, compile=compile), Tokenizer.load(bundle), max_batch=32
         )
 
     def run(self, prompts: list[list[int]], n: int) -> dict:
@@ -118,7 +126,7 @@ class Offline:
 class Server:
     """`crosschip serve` in its own process, driven over HTTP."""
 
-    def __init__(self, bundle: Path, threads: int, compile: bool):
+    def __init__(self, bundle: Path, threads: int, compile: bool, on: str = "torch:cpu"):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = [
             sys.executable,
@@ -132,6 +140,8 @@ class Server:
             str(threads),
             "--max-batch",
             "32",
+            "--on",
+            on,
         ]
         if compile:
             cmd.append("--compile")
@@ -269,23 +279,26 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="serve with torch.compile")
+    parser.add_argument(
+        "--on", default="torch:cpu", help="backend of the server and offline engine (torch:cpu, ort:cpu)"
+    )
     parser.add_argument("--results", type=Path, default=None, help="append dated rows to this RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = make_bundle(args.preset, Path(tmp))
+        bundle = make_bundle(args.preset, Path(tmp), args.on)
         cfg = model_preset(args.preset)
         prompts = make_prompts(32, args.prompt_len, cfg.vocab_size)
         n, r = args.new_tokens, args.repeats
         print(
-            f"{args.preset}, fp32, {args.threads} threads, prompt {args.prompt_len} tokens, {n} new tokens, median of {r}",
+            f"{args.preset}, fp32, {args.on}, {args.threads} threads, prompt {args.prompt_len} tokens, {n} new tokens, median of {r}",
             flush=True,
         )
-        server = Server(bundle, args.threads, args.compile)
+        server = Server(bundle, args.threads, args.compile, args.on)
         try:
-            contenders = {"hf": HF(bundle), "eng": Offline(bundle, args.compile), "srv": server}
+            contenders = {"hf": HF(bundle), "eng": Offline(bundle, args.compile, args.on), "srv": server}
             for c in contenders.values():  # warm-up
                 c.run(prompts[:2], 4)
             results: dict = {k: {c: [] for c in CONCURRENCY} for k in contenders}
@@ -353,6 +366,17 @@ def main() -> None:
         write_results(args, rows, frac1, frac32, srv[32])
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
 def write_results(args, rows: list[dict], frac1: float, frac32: float, s32: dict) -> None:
     path: Path = args.results
     if not path.exists():
@@ -360,14 +384,14 @@ def write_results(args, rows: list[dict], frac1: float, frac32: float, s32: dict
             "# Benchmark results\n\nDated, machine-named rows; append only. Each benchmark script prints how to rerun it.\n",
             encoding="utf-8",
         )
-    host = f"{platform.node()} ({os.cpu_count()} cores)"
+    host = f"{os.cpu_count()}-core {cpu_model()} ({platform.node()})"
     day = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = f", load average {os.getloadavg()[0]:.1f}"
     lines = [
         "",
-        f"## serve_throughput — {day}, {host}, {args.preset} fp32, {args.threads} threads{', compile' if args.compile else ''}{load}",
+        f"## serve_throughput — {day}, {host}, {args.preset} fp32, {args.on}, {args.threads} threads{', compile' if args.compile else ''}{load}",
         "",
-        f"`.venv/bin/python benchmarks/serve_throughput.py --threads {args.threads}{' --compile' if args.compile else ''}` (median of {args.repeats}, {args.new_tokens} new tokens)",
+        f"`.venv/bin/python benchmarks/serve_throughput.py --threads {args.threads} --on {args.on}{' --compile' if args.compile else ''}` (median of {args.repeats}, {args.new_tokens} new tokens)",
         "",
         "| concurrent | transformers tok/s | server tok/s | ratio | server streaming tok/s | ratio | offline engine tok/s | ratio | TTFT transformers ms | TTFT server ms | tok/CPU-s transformers | server | ratio | offline | ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -2,15 +2,16 @@
 
 `DecodeForward` runs the model's own weights through fewer, larger ops than the reference
 modules, for every step of the engine (chunked prefill and decode alike):
-- `AbsorbedMLA`: the absorbed attention over the caller's `LatentCache`, with the two
-  projections of the normed input fused into one matmul, both RoPE halves rotated together,
-  W_UK / W_UV pre-arranged per head, and one score matmul over side-by-side [c_kv, k_pe].
-- `GroupedExperts`: MoE dispatch by sort + `torch._grouped_mm` (about 15 ops per layer
-  whatever the expert count; the reference loops over every expert, chosen or not), or, for
-  a handful of tokens, a loop over only the chosen experts.
-- RMSNorm as one fused `F.rms_norm`.
-These keep stacked/concatenated copies of the attention input and expert weights (for the
-tiny CPU models here that is a few MB; a large deployment would free the originals).
+- `AbsorbedMLA`: the absorbed attention over the caller's `LatentCache` with W_UK and the
+  softmax scale folded into the query projection, W_UV folded into `wo`, the projections of
+  the normed input in one matmul, RoPE from a per-position table on pre-permuted rows, and one
+  score matmul over side-by-side [c_kv, k_pe] (~20 ops a layer instead of ~50);
+- `RoutedExperts`: for a handful of tokens, a loop over only the chosen experts (the shared
+  expert rides along as one more); for more, sort + `torch._grouped_mm` (about 15 ops per
+  layer whatever the expert count; the reference loops over every expert, chosen or not);
+- RMSNorm as one `F.rms_norm`; the head only on the rows whose logits are wanted.
+These keep folded/stacked copies of the attention and expert weights (for the tiny CPU models
+here a few MB; a large deployment would free the originals).
 
 `compile_forward` wraps it in `torch.compile` (`crosschip serve --compile`), falling back to
 eager if compiling fails. Measured on the 2-core CPU (torch 2.13, arith-tiny, fp32, 1 thread,
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crosschip.model import MLA, MoE, RMSNorm, Transformer, apply_rope, rope_cos_sin
+from crosschip.model import MLA, MoE, RMSNorm, Transformer, rope_cos_sin
 
 
 def has_grouped_mm() -> bool:
@@ -40,112 +41,190 @@ def has_grouped_mm() -> bool:
         return False
 
 
-class GroupedExperts:
-    """The routed experts of one MoE layer as stacked weights for `torch._grouped_mm`.
+class RoutedExperts:
+    """The routed (and shared) experts of one MoE layer, dispatched by batch size.
 
     w13 (E, D, 2 * moe_inter): gate and up projections side by side; w2 (E, moe_inter, D).
+    A shared expert of the same width is stacked as expert E, always chosen with weight 1.
+    - a handful of tokens: visit only the chosen experts (about 5 ops each, no weight copies;
+      gathering the chosen experts' weights for one bmm measured 2.5x slower on CPU: the
+      gather copies ~0.4 MB per expert);
+    - more tokens: sort the (token, expert) pairs by expert and run `torch._grouped_mm`
+      (about 15 ops per layer whatever the expert count), or the model's own loop.
     """
 
-    def __init__(self, moe: MoE):
+    def __init__(self, moe: MoE, grouped: bool):
         self.moe = moe
         self.topk = moe.topk
         self.n_experts = moe.n_experts
-        # Contiguous (E, in, out) copies: grouped_mm wants the reduction dim second.
-        self.w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight], dim=0).t() for e in moe.experts]).contiguous()
-        self.w2 = torch.stack([e.w2.weight.t() for e in moe.experts]).contiguous()
+        self.grouped = grouped
         self.inter = moe.experts[0].w1.weight.shape[0]
+        shared = moe.shared_experts
+        experts = list(moe.experts)
+        # The shared expert rides along as one more expert when it has the routed experts' width.
+        self.shared_stacked = shared is not None and shared.w1.weight.shape[0] == self.inter
+        if self.shared_stacked:
+            experts.append(shared)
+        # Contiguous (E, in, out) copies: grouped_mm and `row @ w13[e]` want the reduction dim second.
+        self.w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight], dim=0).t() for e in experts]).contiguous()
+        self.w2 = torch.stack([e.w2.weight.t() for e in experts]).contiguous()
+        # Per-expert views, so the few-token loop spends no op on indexing the stack.
+        self.w13_e, self.w2_e = list(self.w13.unbind(0)), list(self.w2.unbind(0))
 
-    @torch.compiler.disable  # data-dependent grouping: inductor cannot trace grouped_mm on CPU; runs eager
     def __call__(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
+        if x.shape[0] * self.topk > self.n_experts:
+            return self.many_tokens(x).view(shape)
         weights, indices, _ = self.moe.gate(x)
-        if x.shape[0] * self.topk <= self.n_experts:
-            return self.few_tokens(x, weights, indices).view(shape)
-        flat = indices.flatten()  # (N * topk,)
-        order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
-        offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
-        tok = order // self.topk
-        xs = x[tok]  # (N * topk, D)
-        gate_up = torch._grouped_mm(xs, self.w13, offs=offs)  # (N * topk, 2 * inter)
-        h = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
-        y = torch._grouped_mm(h, self.w2, offs=offs) * weights.flatten()[order, None].to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, tok, y)
-        if self.moe.shared_experts is not None:
-            out = out + self.moe.shared_experts(x)
-        return out.view(shape)
+        return self.few_tokens(x, weights, indices).view(shape)
 
     def few_tokens(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        """Decode of a handful of tokens: visit only the chosen experts (grouped_mm walks all of them)."""
-        out = self.moe.shared_experts(x) if self.moe.shared_experts is not None else torch.zeros_like(x)
-        w = weights.to(x.dtype)
-        for t, experts in enumerate(indices.tolist()):  # .tolist() syncs; free on CPU, small elsewhere
+        """Decode of a handful of tokens: only the chosen experts, accumulated with addmm."""
+        moe = self.moe
+        if self.shared_stacked:
+            out = self.expert(x, self.n_experts)
+        elif moe.shared_experts is not None:
+            out = moe.shared_experts(x)
+        else:
+            out = torch.zeros_like(x)
+        rows = [out] if x.shape[0] == 1 else out.split(1)
+        # .tolist() syncs with the device; free on CPU, and the loop needs host ints anyway.
+        for t, (experts, ws) in enumerate(zip(indices.tolist(), weights.tolist())):
             row = x[t : t + 1]
-            for k, e in enumerate(experts):
-                gate_up = row @ self.w13[e]
-                h = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
-                out[t : t + 1] += (h @ self.w2[e]) * w[t, k]
+            for e, w in zip(experts, ws):
+                gate, up = (row @ self.w13_e[e]).chunk(2, dim=-1)  # (1, inter) each
+                rows[t].addmm_(F.silu(gate) * up, self.w2_e[e], alpha=w)
         return out
+
+    def expert(self, x: Tensor, e: int) -> Tensor:
+        gate, up = (x @ self.w13_e[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.w2_e[e]
+
+    def many_tokens(self, x: Tensor) -> Tensor:
+        if not self.grouped:
+            return self.moe(x)
+        return self.grouped_mm(x)
+
+    @torch.compiler.disable  # data-dependent grouping: inductor cannot trace grouped_mm on CPU; runs eager
+    def grouped_mm(self, x: Tensor) -> Tensor:
+        weights, indices, _ = self.moe.gate(x)
+        E = self.n_experts
+        flat = indices.flatten()  # (N * topk,)
+        order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
+        offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+        tok = order // self.topk
+        xs = x[tok]  # (N * topk, D)
+        gate_up = torch._grouped_mm(xs, self.w13[:E], offs=offs)  # (N * topk, 2 * inter)
+        h = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
+        y = torch._grouped_mm(h, self.w2[:E], offs=offs) * weights.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, tok, y)
+        if self.shared_stacked:
+            out = out + self.expert(x, E)
+        elif self.moe.shared_experts is not None:
+            out = out + self.moe.shared_experts(x)
+        return out
+
+
+class FusedMLP:
+    """A dense SwiGLU layer with w1 and w3 in one matmul."""
+
+    def __init__(self, mlp: torch.nn.Module):
+        self.w13 = torch.cat([mlp.w1.weight, mlp.w3.weight], dim=0)  # (2 * inter, D)
+        self.w2 = mlp.w2.weight
+        self.inter = mlp.w1.weight.shape[0]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        gate_up = F.linear(x, self.w13)
+        return F.linear(F.silu(gate_up[..., : self.inter]) * gate_up[..., self.inter :], self.w2)
 
 
 def rms_norm(norm: RMSNorm, x: Tensor) -> Tensor:
     """The model's RMSNorm as one fused op (the module spends 8 small ops on it)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
     return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps).to(x.dtype)
 
 
-class AbsorbedMLA:
-    """MLA's absorbed path in fewer, larger ops, reading the caller's `LatentCache`.
+def rope_halves(dim: int) -> Tensor:
+    """Index that puts interleaved pairs (x0, x1), (x2, x3), ... as evens then odds."""
+    return torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])
 
-    Same math as `MLA.forward` with a cache: the query and latent projections that share the
-    input run as one matmul, both RoPE halves rotate together, W_UK / W_UV are pre-arranged
-    per head for batched matmuls, and the scores against c_kv and k_pe come from one matmul
-    over the cache's side-by-side (kv_lora_rank + rope) latents.
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on de-interleaved input [x1 | x2] with cos = [c, c], sin = [-s, s]: [x1 c - x2 s | x2 c + x1 s].
+
+    The result equals `model.apply_rope` of the interleaved input (which also returns evens then odds).
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+class AbsorbedMLA:
+    """MLA's absorbed path with its weights folded for serving, reading the caller's `LatentCache`.
+
+    Same math as `MLA.forward` with a cache, in ~20 ops instead of ~50:
+    - the input projections that share the normed input run as one matmul;
+    - W_UK and the softmax scale fold into the query projection, so it yields per head the
+      query in latent space and the (scaled) rope query side by side, (H, C + R);
+    - W_UV folds into `wo` (D, H * C), so the attention output in latent space goes straight out;
+    - the rope rows of the projections are permuted to evens-then-odds, so RoPE is 3 ops on a
+      precomputed per-position table; scores against [c_kv, k_pe] are one matmul.
+    Folds are computed in fp32 and stored in the model's dtype.
     """
 
     def __init__(self, attn: MLA):
-        self.attn = attn
         a = attn
-        self.H, self.nope, self.rope, self.C, self.v = (
-            a.n_heads,
-            a.qk_nope_head_dim,
-            a.qk_rope_head_dim,
-            a.kv_lora_rank,
-            a.v_head_dim,
-        )
-        first = a.wq.weight if a.q_lora_rank is None else a.wq_a.weight
-        self.q_width = first.shape[0]
-        self.w_in = torch.cat([first, a.wkv_a.weight], dim=0)  # (q_width + C + R, D)
-        w_uk, w_uv = a.absorb_kv()  # (H, nope, C), (H, v, C)
-        self.w_uk = w_uk.contiguous()
-        self.w_uv_t = w_uv.transpose(1, 2).contiguous()  # (H, C, v)
+        self.attn = a
+        self.layer_id = a.layer_id
+        H, nope, R, C, v = a.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank, a.v_head_dim
+        self.H, self.R, self.C = H, R, C
+        dtype = a.wkv_a.weight.dtype
+        perm = rope_halves(R)
+        w_uk, w_uv = (w.float() for w in a.absorb_kv())  # (H, nope, C), (H, v, C)
+        w_q = (a.wq.weight if a.q_lora_rank is None else a.wq_b.weight).float()
+        w_q = w_q.view(H, nope + R, -1)
+        w_q_lat = torch.einsum("hnc,hni->hci", w_uk, w_q[:, :nope])  # (H, C, q_in)
+        w_q = torch.cat([w_q_lat, w_q[:, nope:][:, perm]], dim=1) * a.softmax_scale  # (H, C + R, q_in)
+        self.w_q = w_q.reshape(H * (C + R), -1).to(dtype)
+        w_kv = a.wkv_a.weight
+        w_kv = torch.cat([w_kv[:C], w_kv[C:][perm]], dim=0)  # (C + R, D)
+        self.q_lora = a.q_lora_rank is not None
+        # One matmul of the normed input: [q_a (q_lora) | c_kv (C) | k_pe (R)] or [q (H*(C+R)) | c_kv | k_pe].
+        self.w_in = torch.cat([a.wq_a.weight if self.q_lora else self.w_q, w_kv], dim=0)
+        self.q_width = self.w_in.shape[0] - C - R
+        wo = a.wo.weight.float().view(-1, H, v)
+        self.w_o = torch.einsum("dhv,hvc->dhc", wo, w_uv).reshape(wo.shape[0], H * C).to(dtype)  # (D, H * C)
 
-    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, cache) -> Tensor:
-        a = self.attn
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor | None, cache) -> Tensor:
+        """x (B, T, D); cos/sin (B, T, R) from the rope table; bias (B, T, 1, S) additive mask or None."""
+        a, H, C, R = self.attn, self.H, self.C, self.R
         B, T, _ = x.shape
-        q, kv = F.linear(x, self.w_in).split([self.q_width, self.C + self.rope], dim=-1)
-        if a.q_lora_rank is not None:
-            q = a.wq_b(rms_norm(a.q_norm, q))
-        q = q.view(B, T, self.H, self.nope + self.rope)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        c_kv = rms_norm(a.kv_norm, kv[..., : self.C])  # (B, T, C)
-        pe = apply_rope(torch.cat([q_pe, kv[..., None, self.C :]], dim=2), cos, sin)  # (B, T, H + 1, R)
-        q_pe, k_pe = pe[:, :, : self.H], pe[:, :, self.H]
-        if hasattr(cache, "update_latent"):  # PagedBatchCache: c_kv and k_pe already side by side
-            latent, mask = cache.update_latent(a.layer_id, c_kv, k_pe)  # (B, S, C + R), (B, T, S)
+        q, c_kv, k_pe = F.linear(x, self.w_in).split([self.q_width, C, R], dim=-1)
+        if self.q_lora:
+            q = F.linear(rms_norm(a.q_norm, q), self.w_q)
+        q = q.reshape(B, T, H, C + R)  # a copy only without q_lora (q is then a slice of the fused output)
+        q[..., C:] = rotate(q[..., C:], cos[:, :, None], sin[:, :, None])
+        new = torch.cat([rms_norm(a.kv_norm, c_kv), rotate(k_pe, cos, sin)], dim=-1)  # (B, T, C + R)
+        if hasattr(cache, "update_latent"):  # PagedBatchCache: c_kv and k_pe side by side
+            latent, mask = cache.update_latent(self.layer_id, new)  # (B, S, C + R), (B, T, S)
         else:
-            c_all, k_all, mask = cache.update(a.layer_id, c_kv, k_pe)
+            c_all, k_all, mask = cache.update(self.layer_id, new[..., :C], new[..., C:])
             latent = torch.cat([c_all, k_all], dim=-1)
-        c_all = latent[..., : self.C]
-        # (H, B*T, nope) @ (H, nope, C) -> query in latent space, then [q_lat, q_pe] . [c_kv, k_pe].
-        q_lat = torch.bmm(q_nope.reshape(B * T, self.H, self.nope).transpose(0, 1), self.w_uk)
-        q_lat = q_lat.transpose(0, 1).reshape(B, T * self.H, self.C)
-        q_full = torch.cat([q_lat, q_pe.reshape(B, T * self.H, self.rope)], dim=-1) * a.softmax_scale
-        scores = torch.bmm(q_full, latent.transpose(1, 2)).view(B, T, self.H, -1)  # (B, T, H, S)
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(c_all.dtype).view(B, T * self.H, -1)
-        o_lat = torch.bmm(probs, c_all)  # (B, T*H, C)
-        o = torch.bmm(o_lat.view(B * T, self.H, self.C).transpose(0, 1), self.w_uv_t)  # (H, B*T, v)
-        return a.wo(o.transpose(0, 1).reshape(B, T, self.H * self.v))
+        if bias is None:
+            bias = attention_bias(mask, x.dtype)
+        scores = torch.bmm(q.reshape(B, T * H, C + R), latent.transpose(1, 2)).view(B, T, H, -1)  # (B, T, H, S)
+        scores = scores + bias
+        if x.dtype == torch.float32:
+            probs = scores.softmax(dim=-1)
+        else:
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        o_lat = torch.bmm(probs.view(B, T * H, -1), latent[..., :C])  # (B, T*H, C)
+        return F.linear(o_lat.view(B, T, H * C), self.w_o)
+
+
+def attention_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T, S) bool, True = attend -> (B, T, 1, S) additive 0 / -inf, shared by every head and layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, :, None]
 
 
 class DecodeForward:
@@ -161,17 +240,31 @@ class DecodeForward:
         )
         self.attn = [AbsorbedMLA(layer.attn) for layer in model.layers]
         self.ffn: list[Callable[[Tensor], Tensor]] = [
-            GroupedExperts(layer.ffn) if grouped and isinstance(layer.ffn, MoE) else layer.ffn for layer in model.layers
+            RoutedExperts(layer.ffn, grouped) if isinstance(layer.ffn, MoE) else FusedMLP(layer.ffn)
+            for layer in model.layers
         ]
+        # RoPE table over every position, (max_pos, R) each: cos = [c, c], sin = [-s, s] (see `rotate`).
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        cos, sin = rope_cos_sin(
+            torch.arange(cfg.max_position_embeddings, device=device), cfg.qk_rope_head_dim, cfg.rope_theta
+        )
+        self.cos = torch.cat([cos, cos], dim=-1).to(dtype)
+        self.sin = torch.cat([-sin, sin], dim=-1).to(dtype)
 
-    def __call__(self, input_ids: Tensor, positions: Tensor, cache) -> Tensor:
+    def __call__(self, input_ids: Tensor, positions: Tensor, cache, last: Tensor | None = None) -> Tensor:
+        """last: (B,) index of the one token per row whose logits are wanted; None = every token."""
         m = self.model
-        cos, sin = rope_cos_sin(positions, m.cfg.qk_rope_head_dim, m.cfg.rope_theta)
-        h = m.embed(input_ids)
+        cos, sin = self.cos[positions], self.sin[positions]  # (B, T, R)
+        mask = getattr(cache, "mask", None)
+        bias = attention_bias(mask, cos.dtype) if mask is not None else None
+        h = F.embedding(input_ids, m.embed.weight)
         for layer, attn, ffn in zip(m.layers, self.attn, self.ffn):
-            h = h + attn(rms_norm(layer.attn_norm, h), cos, sin, cache)
+            h = h + attn(rms_norm(layer.attn_norm, h), cos, sin, bias, cache)
             h = h + ffn(rms_norm(layer.ffn_norm, h))
-        return m.head(rms_norm(m.norm, h))
+        if last is not None and h.shape[1] > 1:
+            h = h[torch.arange(h.shape[0], device=h.device), last][:, None]  # (B, 1, D)
+        return F.linear(rms_norm(m.norm, h), m.head.weight)
 
 
 def compile_forward(forward: Callable, *, dynamic: bool = True) -> Callable:

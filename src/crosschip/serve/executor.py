@@ -151,15 +151,14 @@ class PagedBatchCache:
         self.mask = mask
 
     def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        seen, mask = self.update_latent(layer, c_kv, k_pe)
+        seen, mask = self.update_latent(layer, torch.cat([c_kv, k_pe], dim=-1))
         C = self.pool.kv_lora_rank
         return seen[..., :C], seen[..., C:], mask
 
-    def update_latent(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
-        """`update` without the split: latents (B, S, kv_lora_rank + rope) and the mask."""
+    def update_latent(self, layer: int, new: Tensor) -> tuple[Tensor, Tensor]:
+        """`update` with c_kv and k_pe side by side: new (B, T, C + R) -> past latents (B, S, C + R), mask."""
         latent = self.pool.latent[layer]  # (slots, C + R)
-        new = torch.cat([c_kv, k_pe], dim=-1).reshape(-1, latent.shape[-1]).to(latent.dtype)
-        latent.index_copy_(0, self.write_slots, new)
+        latent.index_copy_(0, self.write_slots, new.reshape(-1, latent.shape[-1]).to(latent.dtype))
         return latent[self.read_slots], self.mask  # (B, S, C + R)
 
 
@@ -309,12 +308,15 @@ class TorchExecutor:
 
     def _run(self, batch: list[Chunk], all_logits: bool) -> list[Tensor]:
         input_ids, positions, cache = build_batch(self.pool, batch, self.device)
-        logits = self.forward(input_ids, positions, cache)  # (B, T, V)
-        logits = logits.float().cpu()
         if all_logits:
+            logits = self.forward(input_ids, positions, cache).float().cpu()  # (B, T, V)
             return [logits[b, : len(c.token_ids)] for b, c in enumerate(batch)]
-        last = torch.tensor([len(c.token_ids) - 1 for c in batch])
-        return list(logits[torch.arange(len(batch)), last])
+        # Only each row's last token goes through the head: (B, 1, V).
+        last = None if input_ids.shape[1] == 1 else torch.tensor([len(c.token_ids) - 1 for c in batch])
+        logits = self.forward(input_ids, positions, cache, last)[:, 0]
+        if logits.dtype != torch.float32 or logits.device.type != "cpu":
+            logits = logits.float().cpu()
+        return list(logits.unbind(0))
 
 
 def make_executor(bundle_dir: str | Path, backend_spec: str, **opts: Any) -> Executor:
