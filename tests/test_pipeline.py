@@ -77,18 +77,22 @@ def test_failover_interrupt_and_resume(tmp_path):
     assert_report_complete(run_dir / "report.html")
 
 
-def test_default_run_finishes_in_ten_minutes_and_learns(tmp_path):
-    """`make run`'s command: probe, qualify, train arith-tiny on torch:cpu, export and
-    serve on ONNX Runtime, all within 10 minutes, and the model really learned the task."""
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`make run`'s command, once for the tests below: probe, qualify, train arith-tiny on
+    torch:cpu, export to ONNX Runtime, verify, serve."""
+    run_dir = tmp_path_factory.mktemp("default") / "run"
     t0 = time.monotonic()
     out = _run("--config", "configs/default.toml", "--out", str(run_dir), timeout=900)
-    wall = time.monotonic() - t0
+    return run_dir, out, time.monotonic() - t0
+
+
+def test_default_run_finishes_in_ten_minutes_and_learns(default_run):
+    run_dir, out, wall = default_run
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert wall <= 600, f"default run took {wall:.0f} s"
     assert "report: " in out.stdout and "wall time" in out.stdout
-    evals = [e for e in _events(run_dir) if e["event"] == "eval"]
-    final = evals[-1]
+    final = [e for e in _events(run_dir) if e["event"] == "eval"][-1]
     assert final["n"] >= 500 and final["accuracy"] >= 0.90, final
     verify = json.loads((run_dir / "verify" / "report.json").read_text())
     assert verify["gate"]["passed"] and verify["metrics"]["greedy_identical"] == 1.0
@@ -96,6 +100,35 @@ def test_default_run_finishes_in_ten_minutes_and_learns(tmp_path):
     qualify = json.loads((run_dir / "qualify.json").read_text())
     assert qualify["torch:cpu"]["verdict"] == "TRAIN"
     assert_report_complete(run_dir / "report.html")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_trained_model_passes_low_precision_gates_on_ort(default_run, dtype, tmp_path):
+    """The hand-off in lower precision, on the model the default run trained."""
+    run_dir, out, _ = default_run
+    assert out.returncode == 0, "the default run failed; see the test above"
+    bundle = tmp_path / f"bundle-{dtype}"
+    cmd = [sys.executable, "-m", "crosschip"]
+    export = subprocess.run(
+        [*cmd, "export", str(run_dir / "train"), "--to", "ort:cpu", "--dtype", dtype, "--out", str(bundle)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
+    verify = subprocess.run(
+        [*cmd, "verify", str(bundle), "--reference", "torch:cpu", "--target", "ort:cpu", "--problems", "200"]
+        + ["--out", str(tmp_path / "verify")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    report = json.loads((tmp_path / "verify" / "report.json").read_text())
+    assert report["gate"]["precision"] == dtype
+    assert verify.returncode == 0 and report["gate"]["passed"], verify.stdout[-3000:]
+    assert report["metrics"]["accuracy_reference"] >= 0.85
 
 
 def test_bad_config_fails_before_any_stage(tmp_path):

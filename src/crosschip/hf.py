@@ -591,10 +591,19 @@ def load_bundle(
     if verify_checksums and (folder / MANIFEST_FILE).exists():
         verify_manifest(folder)
     cfg = model_config_from_hf(_read_json(folder / CONFIG_FILE))
-    weights = _load_weights(folder)
-    cfg = _drop_absent_mtp(cfg, weights)
-    state = from_hf(weights, cfg)
+    return build_model(cfg, _load_weights(folder), device=device, dtype=dtype), _load_tokenizer(folder)
 
+
+def build_model(
+    cfg: ModelConfig,
+    hf_state: dict[str, Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """An eval-mode Transformer from an HF-layout float state dict; the router bias stays fp32."""
+    cfg = _drop_absent_mtp(cfg, hf_state)
+    state = from_hf(hf_state, cfg)
     # Build on meta and materialise on the target device: no wasted random init.
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -606,4 +615,4 @@ def load_bundle(
         model.to(dtype)
         for moe in model.moe_layers():
             moe.gate.bias.data = moe.gate.bias.data.float()
-    return model.eval(), _load_tokenizer(folder)
+    return model.eval()

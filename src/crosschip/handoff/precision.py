@@ -225,26 +225,7 @@ def round_model(model: torch.nn.Module, policy: str) -> torch.nn.Module:
         state = {
             k: v if KEEP_FP32.search(k) or not v.is_floating_point() else v.to(dt).float() for k, v in state.items()
         }
-    return build_model(cfg, state)
-
-
-def build_model(cfg, hf_state: dict[str, Tensor], device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """An eval-mode Transformer from a float HF state dict (meta build, no random init)."""
-    from crosschip.model import Transformer
-
-    cfg = hf._drop_absent_mtp(cfg, hf_state)
-    state = hf.from_hf(hf_state, cfg)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    if cfg.tie_word_embeddings:
-        model.head.weight = model.embed.weight
-    model.load_state_dict(state, strict=True)
-    if dtype is not None:
-        model.to(dtype)
-        for moe in model.moe_layers():
-            moe.gate.bias.data = moe.gate.bias.data.float()
-    return model.eval()
+    return hf.build_model(cfg, state)
 
 
 def write_int8_weights(bundle: Path, state: dict[str, Tensor]) -> None:
@@ -271,7 +252,7 @@ def load_for_serving(bundle: str | Path, backend: Any = None, *, dtype: torch.dt
     if weights is None or not is_quantized(weights):
         return hf.load_bundle(folder, device=_device(backend), dtype=dtype, verify_checksums=False)
     cfg = hf.model_config_from_hf(hf._read_json(folder / hf.CONFIG_FILE))
-    model = build_model(cfg, dequantize_state(weights), device=_device(backend), dtype=dtype)
+    model = hf.build_model(cfg, dequantize_state(weights), device=_device(backend), dtype=dtype)
     return model, hf._load_tokenizer(folder)
 
 

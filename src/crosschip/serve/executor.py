@@ -188,6 +188,20 @@ def build_batch(pool: BlockPool, chunks: list[Chunk], device: torch.device) -> t
     return input_ids.to(device), positions.to(device), cache
 
 
+def run_in_groups(chunks: list[Chunk], run, all_logits: bool) -> list[Tensor]:
+    """Run a step's chunks as few batched forwards: every single-token decode together, and
+    prefill pieces of similar length padded together (one run per chunk made TTFT at 32
+    concurrent requests ~4x transformers'). `run(batch, all_logits)` returns one row per chunk."""
+    out: list[Tensor | None] = [None] * len(chunks)
+    decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+    groups = [decodes] if decodes else []
+    groups += prefill_groups([(i, len(c.token_ids)) for i, c in enumerate(chunks) if len(c.token_ids) > 1])
+    for group in groups:
+        for i, row in zip(group, run([chunks[i] for i in group], all_logits)):
+            out[i] = row
+    return out  # type: ignore[return-value]
+
+
 def prefill_groups(lengths: list[tuple[int, int]], max_waste: float = 0.25) -> list[list[int]]:
     """Group prefill chunks (index, length) into padded forwards wasting at most `max_waste` of a group."""
     groups: list[list[int]] = []
@@ -267,15 +281,7 @@ class TorchExecutor:
     def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> list[Tensor]:
         for c in chunks:
             self._ensure_room(c)
-        out: list[Tensor | None] = [None] * len(chunks)
-        decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-        groups = [decodes] if decodes else []
-        groups += prefill_groups([(i, len(c.token_ids)) for i, c in enumerate(chunks) if len(c.token_ids) > 1])
-        for group in groups:
-            batch = [chunks[i] for i in group]
-            logits = self._run(batch, all_logits)
-            for i, row in zip(group, logits):
-                out[i] = row
+        out = run_in_groups(chunks, self._run, all_logits)
         for c in chunks:
             self.pool.lengths[c.seq_id] = c.start_pos + len(c.token_ids)
         return out  # type: ignore[return-value]

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from crosschip import hf
 from crosschip.errors import BundleError, CrosschipError
-from crosschip.serve.executor import CacheFullError, Chunk, prefill_groups
+from crosschip.serve.executor import CacheFullError, Chunk, run_in_groups
 
 ONNX_FILE = "model.onnx"
 
@@ -170,15 +170,7 @@ class OrtExecutor:
     def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> list[Tensor]:
         for c in chunks:
             self._ensure_room(c)
-        out: list[Tensor | None] = [None] * len(chunks)
-        decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-        # Prefill pieces of similar length share one padded run (per-chunk runs made TTFT at 32
-        # concurrent requests ~4x transformers').
-        groups = [decodes] if decodes else []
-        groups += prefill_groups([(i, len(c.token_ids)) for i, c in enumerate(chunks) if len(c.token_ids) > 1])
-        for group in groups:
-            for i, row in zip(group, self._run([chunks[i] for i in group], all_logits)):
-                out[i] = row
+        out = run_in_groups(chunks, self._run, all_logits)
         for c in chunks:
             self.tables.lengths[c.seq_id] = c.start_pos + len(c.token_ids)
         return out  # type: ignore[return-value]
