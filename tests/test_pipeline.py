@@ -37,34 +37,31 @@ def _resumes_on_cpu(run_dir: Path) -> list[dict]:
 
 def test_failover_interrupt_and_resume(tmp_path):
     """The R2 story on one machine: the flaky chip gives up, training fails over to the CPU
-    from the flaky chip's last verified checkpoint; Ctrl-C then stops the run cleanly and
-    --resume finishes it from the last finished stage."""
+    from the flaky chip's last verified checkpoint; Ctrl-C during the export then stops the
+    run cleanly and --resume finishes it from the last finished stage."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "crosschip", "run", "--config", "configs/smoke.toml", "--out", str(run_dir)]
     cmd += ["--train-on", "emu:flaky,torch:cpu", "--inject", "nan@step=15,times=20"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Interrupt once the run has failed over and the CPU has started training.
+    # Interrupt once training is done and the export (tens of seconds of ONNX work) runs.
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        if (run_dir / "train" / "metrics.jsonl").exists() and _resumes_on_cpu(run_dir):
+        if (run_dir / "run_state.json").exists() and "train" in _state(run_dir).get("finished", []):
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     assert f"crosschip run --resume {run_dir}" in out
     state = _state(run_dir)
-    assert state["finished"] == ["probe", "qualify", "assign"]
-    assert state["train_attempts"] == [{"backend": "emu:flaky", "exit": 3}]
-
-    events = _events(run_dir)
-    give_up = [e for e in events if e["event"] == "give_up"]
-    assert give_up, "the health guard on emu:flaky did not give up"
+    assert state["finished"] == ["probe", "qualify", "assign", "train"]
+    assert state["train_attempts"] == [{"backend": "emu:flaky", "exit": 3}, {"backend": "torch:cpu", "exit": 0}]
+    assert any(e["event"] == "give_up" for e in _events(run_dir)), "the health guard on emu:flaky did not give up"
 
     resumed = _run("--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "[assign] already finished" in resumed.stdout
+    assert "[train] already finished" in resumed.stdout
     state = _state(run_dir)
     assert state["finished"] == ["probe", "qualify", "assign", "train", "export", "verify", "serve", "report"]
     assert state["train_attempts"][-1] == {"backend": "torch:cpu", "exit": 0}
