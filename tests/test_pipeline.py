@@ -42,17 +42,21 @@ def test_failover_interrupt_and_resume(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "crosschip", "run", "--config", "configs/smoke.toml", "--out", str(run_dir)]
     cmd += ["--train-on", "emu:flaky,torch:cpu", "--inject", "nan@step=15,times=20"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "run.log"  # a file, not a pipe: nobody reads the pipe while we wait
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
     # Interrupt once training is done and the export (tens of seconds of ONNX work) runs.
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if (run_dir / "run_state.json").exists() and "train" in _state(run_dir).get("finished", []):
             break
         time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + log.read_text()
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    out = log.read_text()
     assert proc.returncode == 130, out
+    # The interrupted export was stopped with the run, not left writing into the run folder.
+    assert str(run_dir) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"crosschip run --resume {run_dir}" in out
     state = _state(run_dir)
     assert state["finished"] == ["probe", "qualify", "assign", "train"]

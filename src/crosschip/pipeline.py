@@ -105,6 +105,11 @@ class Child:
                     if echo:
                         print("    " + line.rstrip()[:160], flush=True)
                 return proc.wait()
+            except KeyboardInterrupt:
+                # Stop the stage before this frame forgets it; an orphaned stage would keep
+                # writing into the run folder that --resume is about to redo.
+                cls.stop()
+                raise
             finally:
                 cls.current = None
 
