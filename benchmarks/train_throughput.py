@@ -8,6 +8,10 @@ shape (plain causal rows of the same packed tokens). The two are timed interleav
 of the matmul GFLOP/s measured in the same run (the compute roofline).
 
     python benchmarks/train_throughput.py --threads 2 --record
+    python benchmarks/train_throughput.py --backend torch:cuda --dtype bf16 --preset small-100m --batch 16 --seq 1024
+
+On an accelerator the roofline is MFU: the same FLOPs per token against the dense matmul rate
+measured in the same run, in the training dtype (bf16 8192^3 products).
 """
 
 from __future__ import annotations
@@ -29,13 +33,25 @@ from crosschip.train.trainer import Trainer
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
-def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, reps: int = 20) -> float:
+    """Dense matmul GFLOP/s on random data: 1024^3 on CPU, 8192^3 on an accelerator."""
+    n = 1024 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
@@ -61,17 +77,23 @@ def ours(cfg: RunConfig, out: Path):
 
 
 def theirs(cfg: RunConfig, trainer: Trainer):
+    """transformers' model of the same shape, with the trainer's precision recipe (autocast over
+    fp32 master weights, fused AdamW on an accelerator)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     hf = DeepseekV3Config(**{k: v for k, v in hf_config(cfg.model).items() if k not in ("architectures", "model_type")})
-    model = DeepseekV3ForCausalLM(hf).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    device = trainer.device
+    model = DeepseekV3ForCausalLM(hf).to(device).train()
+    fused = device.type != "cpu"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=not fused, fused=fused)
     B, T = cfg.train.batch_size, cfg.train.seq_len
+    dtype = DTYPES.get(trainer.dtype, torch.float32)
 
     def step() -> int:
         _, batch = trainer.stream.next()
-        ids = batch.input_ids
-        loss = model(input_ids=ids, labels=ids).loss
+        ids = batch.input_ids.to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -81,12 +103,14 @@ def theirs(cfg: RunConfig, trainer: Trainer):
     return step
 
 
-def timed(step, n: int) -> tuple[float, float]:
+def timed(step, n: int, device: torch.device) -> tuple[float, float]:
     """(tokens per wall second, tokens per CPU second of this process); the second is steadier
     on a shared machine, where other work takes turns on the cores."""
+    sync(device)
     tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
     for _ in range(n):
         tokens += step()
+    sync(device)
     return tokens / (time.perf_counter() - t0), tokens / (time.process_time() - c0)
 
 
@@ -96,6 +120,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", default="torch:cpu", help="training backend (torch:cpu, torch:cuda, ...)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="train.dtype")
+    p.add_argument("--no-anchor", action="store_true", help="time ours only (no transformers model)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile our loss computation")
@@ -107,17 +134,21 @@ def main() -> None:
     cfg = RunConfig(model=model_preset(args.preset))
     cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_every = args.batch, args.seq, 0
     cfg.train.compile = args.compile
+    cfg.train.backend, cfg.train.dtype = args.backend, args.dtype
     with tempfile.TemporaryDirectory() as tmp:
         ours_step, trainer = ours(cfg, Path(tmp) / "run")
-        theirs_step = theirs(cfg, trainer)
-        for step in (ours_step, theirs_step):  # warm-up (and compile)
-            timed(step, 2)
+        device, dtype = trainer.device, DTYPES.get(trainer.dtype, torch.float32)
+        steps = [ours_step] if args.no_anchor else [ours_step, theirs(cfg, trainer)]
+        for step in steps:  # warm-up (and compile)
+            timed(step, 2, device)
         a, b, g = [], [], []
         for _ in range(args.repeats):
-            a.append(timed(ours_step, args.steps))
-            b.append(timed(theirs_step, args.steps))
-            g.append(matmul_gflops())
+            a.append(timed(ours_step, args.steps, device))
+            if not args.no_anchor:
+                b.append(timed(steps[1], args.steps, device))
+            g.append(matmul_gflops(device, dtype))
         trainer.close()
+    b = b or [(float("nan"), float("nan"))]
 
     tps_ours, tps_theirs = (statistics.median(x[0] for x in a), statistics.median(x[0] for x in b))
     cpu_ours, cpu_theirs = (statistics.median(x[1] for x in a), statistics.median(x[1] for x in b))
@@ -127,9 +158,13 @@ def main() -> None:
     roof_theirs = fpt * tps_theirs / (gflops * 1e9)
     ratio = tps_ours / tps_theirs
     print(
-        f"config: {args.preset}, batch {args.batch} x seq {args.seq}, {args.threads} threads, median of {args.repeats}"
+        f"config: {args.preset}, batch {args.batch} x seq {args.seq}, {args.backend} {trainer.dtype}, "
+        f"{args.threads} threads, median of {args.repeats}{', compiled' if args.compile else ''}"
     )
-    print(f"FLOPs/token (6 x active + attention): {fpt / 1e6:.1f} MFLOP; matmul {gflops:.1f} GFLOP/s measured")
+    print(
+        f"FLOPs/token (6 x active + attention): {fpt / 1e6:.1f} MFLOP; "
+        f"{trainer.dtype} matmul {gflops:.1f} GFLOP/s measured on {device.type}"
+    )
     print(f"{'':14}{'tokens/s':>10}{'roofline':>10}{'tok/CPU-s':>11}")
     print(f"{'crosschip':14}{tps_ours:>10,.0f}{roof_ours:>10.1%}{cpu_ours:>11,.0f}")
     print(f"{'transformers':14}{tps_theirs:>10,.0f}{roof_theirs:>10.1%}{cpu_theirs:>11,.0f}")

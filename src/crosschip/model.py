@@ -206,9 +206,13 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     """DeepSeekMoE: shared experts plus fine-grained routed experts.
 
-    Dispatch gathers each expert's tokens with a static loop over experts (the count is
-    part of the config, so tracing and ONNX export keep every expert) and only computes
-    the chosen (token, expert) pairs.
+    `forward` sorts the (token, expert) pairs by expert and runs each expert once on its
+    contiguous slice: one gather, one scatter-add and one host sync (the per-expert counts) per
+    layer, whatever the expert count. Only the chosen pairs are computed.
+    `forward_static` is the same function with no host sync and no data-dependent split: a
+    static loop over every expert (the count is part of the config) that masks out its tokens.
+    Graph capture (ONNX export) uses it so that every expert stays in the graph; it costs one
+    NonZero, gather and scatter-add per expert, and on an accelerator one sync per expert.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -230,6 +234,20 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, indices, scores = self.gate(x)
         flat_expert = indices.flatten()  # (N * topk,)
+        order = flat_expert.argsort(stable=True)  # pairs grouped by expert, tokens in order within each
+        load = torch.bincount(flat_expert, minlength=self.n_experts)
+        tok = order // self.topk
+        slices = x[tok].split(load.tolist())  # .tolist() is the one host sync
+        y = torch.cat([expert(xs) for expert, xs in zip(self.experts, slices)])
+        y = y * weights.flatten()[order, None].to(y.dtype)
+        out = torch.zeros_like(x).index_add(0, tok, y.to(x.dtype))
+        return self._finish(x, out, shape, load, scores, indices)
+
+    def forward_static(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        weights, indices, scores = self.gate(x)
+        flat_expert = indices.flatten()  # (N * topk,)
         flat_weight = weights.flatten().to(x.dtype)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
@@ -237,10 +255,14 @@ class MoE(nn.Module):
             tok = rows // self.topk
             y = expert(x[tok]) * flat_weight[rows, None]
             out = out.index_add(0, tok, y)
+        load = torch.bincount(flat_expert, minlength=self.n_experts) if self.training else None
+        return self._finish(x, out, shape, load, scores, indices)
+
+    def _finish(self, x: Tensor, out: Tensor, shape, load: Tensor | None, scores: Tensor, indices: Tensor) -> Tensor:
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.training:
-            self.last_load = torch.bincount(flat_expert, minlength=self.n_experts).detach()
+            self.last_load = load.detach()
             self.last_scores, self.last_indices = scores.view(*shape[:-1], -1), indices.view(*shape[:-1], -1)
         return out.view(shape)
 

@@ -200,14 +200,16 @@ def folded_mla_forward(attn: MLA, x: Tensor, cos: Tensor, sin: Tensor, mask: Ten
 
 def export_model(model: Transformer, *, decode: bool = False) -> Transformer:
     """A copy of `model` with export-friendly forwards swapped in (the model class is untouched):
-    fusable RMSNorms, and with `decode` the MoE layers' `decode_moe_forward` and folded MLA."""
+    fusable RMSNorms, the MoE layers' `forward_static` (with `decode`: `decode_moe_forward`),
+    and with `decode` the folded MLA."""
     copied = copy.deepcopy(model)
     for module in copied.modules():
         if isinstance(module, RMSNorm):
             module.forward = types.MethodType(fusable_rms_norm_forward, module)
+    for moe in copied.moe_layers():
+        # No host sync or data-dependent split in a traced graph; every expert stays in it.
+        moe.forward = types.MethodType(decode_moe_forward if decode else MoE.forward_static, moe)
     if decode:
-        for moe in copied.moe_layers():
-            moe.forward = types.MethodType(decode_moe_forward, moe)
         for layer in copied.layers:
             fold_absorbed_mla(layer.attn)
     return copied

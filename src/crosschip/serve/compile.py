@@ -32,11 +32,13 @@ from torch import Tensor
 from crosschip.model import MLA, MoE, RMSNorm, Transformer, rope_cos_sin
 
 
-def has_grouped_mm() -> bool:
-    """torch._grouped_mm on this build and device type (CPU support landed in torch 2.9)."""
+def has_grouped_mm(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
+    """torch._grouped_mm on this build, device and dtype (CPU support landed in torch 2.9; CUDA
+    kernels want bf16 on recent chips)."""
     try:
-        x = torch.ones(2, 8)
-        return torch._grouped_mm(x, torch.ones(2, 8, 4), offs=torch.tensor([1, 2], dtype=torch.int32)).shape == (2, 4)
+        x = torch.ones(2, 8, device=device, dtype=dtype)
+        w = torch.ones(2, 8, 4, device=device, dtype=dtype)
+        return torch._grouped_mm(x, w, offs=torch.tensor([1, 2], dtype=torch.int32, device=device)).shape == (2, 4)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
@@ -233,10 +235,13 @@ class DecodeForward:
     def __init__(self, model: Transformer):
         self.model = model
         # grouped_mm wants 16-byte aligned strides: hidden and expert widths a multiple of 16 bytes.
-        elem = next(model.parameters()).element_size()
+        param = next(model.parameters())
+        elem = param.element_size()
         cfg = model.cfg
         grouped = (
-            has_grouped_mm() and (cfg.hidden_size * elem) % 16 == 0 and (cfg.moe_intermediate_size * elem) % 16 == 0
+            (cfg.hidden_size * elem) % 16 == 0
+            and (cfg.moe_intermediate_size * elem) % 16 == 0
+            and has_grouped_mm(param.device, param.dtype)
         )
         self.attn = [AbsorbedMLA(layer.attn) for layer in model.layers]
         self.ffn: list[Callable[[Tensor], Tensor]] = [

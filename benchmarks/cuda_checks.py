@@ -1,0 +1,158 @@
+"""The accelerator checks in one call: CUDA<->CPU parity, decode tokens/s, training tokens/s and MFU.
+
+    python benchmarks/cuda_checks.py --weights DIR --out OUT [--backend torch:cuda]
+
+Made for a short lease on a GPU machine, so every check runs as its own subprocess under a
+time limit: a failure or a hang costs that check, not the others' figures. Each check's
+output goes to OUT/<check>.log and a summary table is printed last.
+
+- parity: `crosschip verify` of a trained bundle, torch:cpu fp32 as the reference and the
+  accelerator fp32 as the target (KL, top-1 agreement, greedy match, the gate's verdict).
+  DIR holds the trained weights (model.safetensors, config.json, tokenizer files); a fresh
+  bundle with its own manifest is written from them.
+- decode: the serving engine's executor (paged latent cache, absorbed MLA, bf16) against
+  transformers' `generate` on the same random small-100m bundle: greedy, a 32-token prompt
+  plus 64 new tokens per row, batch 1, 8, 32 and 128, median of 3, prefill included for both.
+- train / train-compiled: benchmarks/train_throughput.py on small-100m in bf16 (tokens/s
+  against transformers and MFU against the bf16 matmul rate measured in the same run), then
+  ours with `train.compile`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_check(name: str, cmd: list[str], out: Path, timeout: float) -> tuple[str, float]:
+    """Run one check as a subprocess; its stdout and stderr go to OUT/name.log."""
+    log = out / f"{name}.log"
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            status = "ok" if rc == 0 else f"exit {rc}"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {timeout:.0f} s"
+    took = time.perf_counter() - t0
+    print(f"== {name}: {status} in {took:.0f} s", flush=True)
+    print(log.read_text()[-2500:], flush=True)
+    return status, took
+
+
+def parity(args: argparse.Namespace) -> None:
+    from crosschip import hf
+
+    model, tokenizer = hf.load_bundle(args.weights, verify_checksums=False)
+    bundle = args.out / "parity-bundle"
+    hf.save_bundle(model, bundle, tokenizer=tokenizer)
+    verify = [sys.executable, "-m", "crosschip", "verify", str(bundle), "--reference", "torch:cpu"]
+    verify += ["--target", args.backend, "--out", str(args.out / "parity"), "--layers"]
+    sys.exit(subprocess.run(verify).returncode)
+
+
+def decode(args: argparse.Namespace) -> None:
+    import tempfile
+
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    from crosschip import hf
+    from crosschip.config import model_preset
+    from crosschip.model import Transformer
+    from crosschip.serve.executor import Chunk, make_executor
+
+    batches, prompt_len, steps = [int(b) for b in args.decode_batches.split(",")], 32, 64
+    torch.manual_seed(0)
+    bundle = Path(tempfile.mkdtemp()) / "bundle"
+    hf.save_bundle(Transformer(model_preset("small-100m")), bundle)
+    ex = make_executor(bundle, args.backend, dtype=torch.bfloat16, max_batch=max(batches))
+    device = ex.device
+    theirs = DeepseekV3ForCausalLM.from_pretrained(bundle, dtype=torch.bfloat16).to(device).eval()
+
+    def sync() -> None:
+        if device.type != "cpu":
+            torch.accelerator.synchronize()
+
+    def prompts(b: int) -> list[list[int]]:
+        return [[(7 * i + j) % 1000 + 1 for j in range(prompt_len)] for i in range(b)]
+
+    def ours(b: int) -> float:
+        for i in range(b):
+            assert ex.can_allocate(i, prompt_len + steps + 1)
+        t0 = time.perf_counter()
+        logits = ex.step([Chunk(i, p, 0) for i, p in enumerate(prompts(b))])
+        for s in range(steps - 1):
+            logits = ex.step([Chunk(i, [int(row.argmax())], prompt_len + s) for i, row in enumerate(logits)])
+        took = time.perf_counter() - t0
+        for i in range(b):
+            ex.release(i)
+        return b * steps / took
+
+    @torch.inference_mode()
+    def transformers_generate(b: int) -> float:
+        ids = torch.tensor(prompts(b), device=device)
+        sync()
+        t0 = time.perf_counter()
+        theirs.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        sync()
+        return b * steps / (time.perf_counter() - t0)
+
+    where = torch.cuda.get_device_name() if device.type == "cuda" else device.type
+    print(f"decode on {where} (small-100m, bf16, {prompt_len}-token prompts, {steps} new tokens)")
+    print(f"{'batch':>5} {'transformers tok/s':>19} {'crosschip tok/s':>16} {'ratio':>7}")
+    for b in batches:
+        ours(b), transformers_generate(b)  # warm-up
+        a, t = [], []
+        for _ in range(3):
+            a.append(ours(b))
+            t.append(transformers_generate(b))
+        a_med, t_med = statistics.median(a), statistics.median(t)
+        print(f"{b:>5} {t_med:>19,.0f} {a_med:>16,.0f} {a_med / t_med:>6.2f}x", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("check", nargs="?", default="all", choices=["all", "parity", "decode"])
+    p.add_argument("--weights", type=Path, help="trained weights for the parity check (HF layout)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--backend", default="torch:cuda")
+    p.add_argument("--decode-batches", default="1,8,32,128")
+    p.add_argument("--skip", default="", help="comma-separated checks to leave out")
+    p.add_argument("--train-args", default="--batch 16 --seq 1024 --steps 8 --repeats 3 --threads 8")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.check == "parity":
+        return parity(args)
+    if args.check == "decode":
+        return decode(args)
+
+    me = [sys.executable, str(Path(__file__).resolve())]
+    common = ["--out", str(args.out), "--backend", args.backend]
+    train = [sys.executable, str(HERE / "train_throughput.py"), "--backend", args.backend, "--dtype", "bf16"]
+    train += ["--preset", "small-100m", *args.train_args.split()]
+    checks = [
+        ("parity", [*me, "parity", "--weights", str(args.weights), *common], 100),
+        ("decode", [*me, "decode", "--decode-batches", args.decode_batches, *common], 120),
+        ("train", train, 150),
+        ("train-compiled", [*train, "--compile", "--no-anchor"], 150),
+    ]
+    skip = set(filter(None, args.skip.split(",")))
+    results = [(name, *run_check(name, cmd, args.out, limit)) for name, cmd, limit in checks if name not in skip]
+    print("\nsummary:")
+    for name, status, took in results:
+        print(f"  {name:<15} {status:<24} {took:>5.0f} s")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
