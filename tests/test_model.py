@@ -174,6 +174,16 @@ def test_meta_device_presets_report_published_parameter_counts():
     assert 5e6 <= count_params(model_preset("arith-tiny")).total <= 10e6
 
 
+@pytest.mark.parametrize("preset", ["arith-tiny", "small-100m"])
+def test_count_from_one_moe_layer_equals_the_whole_model(preset):
+    cfg = model_preset(preset, num_nextn_predict_layers=1)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    whole = sum(p.numel() for p in model.parameters())
+    copies = model.embed.weight.numel() + model.head.weight.numel()  # the MTP layer's stored copies
+    assert count_params(cfg).total == whole + copies
+
+
 def test_active_count_is_total_minus_unchosen_experts_minus_embedding():
     cfg = model_preset("deepseek-v2-lite")
     d, i, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok

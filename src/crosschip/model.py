@@ -16,7 +16,7 @@ Nothing here knows about devices, processes or serving.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -442,22 +442,30 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def count_params(cfg: ModelConfig) -> ParamCounts:
-    """Total and per-token active parameters, built on the meta device (no memory used).
+    """Total and per-token active parameters, counted on the meta device (no memory used).
 
     Counted as the HF bundle stores them: with MTP, its copies of the embedding and head
     count too (the published 685B of DeepSeek-V3 includes them). Active parameters are the
     ones a token computes with: the embedding is a lookup, not compute, so it is left out,
     as in the published active counts.
+    Only the dense layers and one MoE layer are built: every later layer is a copy of that
+    one, so a 671B preset counts in well under a second.
     """
+    built = min(cfg.num_hidden_layers, cfg.first_k_dense_replace + 1)
     with torch.device("meta"):
-        model = Transformer(cfg)
-    total = sum(p.numel() for p in model.parameters())
+        model = Transformer(replace(cfg, num_hidden_layers=built))
+    copies = cfg.num_hidden_layers - built  # MoE layers like model.layers[-1]
+    total = _n_params(model) + copies * _n_params(model.layers[-1])
     inactive = 0
-    for moe in model.moe_layers():
-        per_expert = sum(p.numel() for p in moe.experts[0].parameters())
-        inactive += (moe.n_experts - moe.topk) * per_expert
+    moes = model.moe_layers()
+    if moes:
+        per_expert = _n_params(moes[0].experts[0])
+        inactive = (len(moes) + copies) * (moes[0].n_experts - moes[0].topk) * per_expert
     if model.mtp is not None:
-        copies = model.embed.weight.numel() + model.head.weight.numel()
-        total += copies
+        total += model.embed.weight.numel() + model.head.weight.numel()
     return ParamCounts(total=total, active=total - inactive - model.embed.weight.numel())
