@@ -298,7 +298,9 @@ def _export_graph(model: Transformer, path: Path, policy: str, say, optimize: bo
             dynamo=True,
             external_data=False,
             verbose=False,
-            optimize=optimize,
+            # Optimized once, below: exporting with optimize=True and then calling optimize()
+            # ran the whole rewriter twice (~6 s more per general graph on the 2-core CPU).
+            optimize=False,
         )
     say("optimizing the graph")
     if optimize:
