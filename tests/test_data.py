@@ -33,14 +33,14 @@ OP_SETS = [["+"], ["-"], ["+", "-"]]
 @pytest.mark.parametrize(
     "a, op, b, text",
     [
-        (243, "+", 606, "243+606=3+6+0=9 c0|4+0+0=4 c0|2+6+0=8 c0|answer: 849"),
-        (606, "-", 243, "606-243=6-3-0=3 b0|0-4-0=6 b1|6-2-1=3 b0|answer: 363"),
-        (243, "-", 606, "243-606=-(606-243)|6-3-0=3 b0|0-4-0=6 b1|6-2-1=3 b0|answer: -363"),
-        (7, "+", 243, "7+243=7+3+0=0 c1|0+4+1=5 c0|0+2+0=2 c0|answer: 250"),
-        (995, "+", 8, "995+8=5+8+0=3 c1|9+0+1=0 c1|9+0+1=0 c1|answer: 1003"),
-        (100, "-", 99, "100-99=0-9-0=1 b1|0-9-1=0 b1|1-0-1=0 b0|answer: 1"),
-        (5, "-", 5, "5-5=5-5-0=0 b0|answer: 0"),
-        (3, "-", 80, "3-80=-(80-3)|0-3-0=7 b1|8-0-1=7 b0|answer: -77"),
+        (243, "+", 606, "243+606=3+6+0=9 c0 9|4+0+0=4 c0 49|2+6+0=8 c0 849|answer: 849"),
+        (606, "-", 243, "606-243=6-3-0=3 b0 3|0-4-0=6 b1 63|6-2-1=3 b0 363|answer: 363"),
+        (243, "-", 606, "243-606=-(606-243)|6-3-0=3 b0 3|0-4-0=6 b1 63|6-2-1=3 b0 363|answer: -363"),
+        (7, "+", 243, "7+243=7+3+0=0 c1 0|0+4+1=5 c0 50|0+2+0=2 c0 250|answer: 250"),
+        (995, "+", 8, "995+8=5+8+0=3 c1 3|9+0+1=0 c1 03|9+0+1=0 c1 003|answer: 1003"),
+        (100, "-", 99, "100-99=0-9-0=1 b1 1|0-9-1=0 b1 01|1-0-1=0 b0 001|answer: 1"),
+        (5, "-", 5, "5-5=5-5-0=0 b0 0|answer: 0"),
+        (3, "-", 80, "3-80=-(80-3)|0-3-0=7 b1 7|8-0-1=7 b0 77|answer: -77"),
     ],
 )
 def test_exact_format(a: int, op: str, b: int, text: str):
@@ -49,7 +49,7 @@ def test_exact_format(a: int, op: str, b: int, text: str):
     assert p.prompt == f"{a}{op}{b}=" and p.answer == eval(f"{a}{op}{b}")
 
 
-_STEP = re.compile(r"(\d)([+-])(\d)[+-](\d)=(\d) [cb](\d)\|")
+_STEP = re.compile(r"(\d)([+-])(\d)[+-](\d)=(\d) [cb](\d) (\d+)\|")
 
 
 def _replay(p: Problem) -> int:
@@ -58,12 +58,13 @@ def _replay(p: Problem) -> int:
     steps = _STEP.findall(working)
     assert "".join(m.group(0) for m in _STEP.finditer(working)) == working.split(")|")[-1]
     digits, carry = [], 0
-    for x, op, y, c_in, d, c_out in steps:
+    for x, op, y, c_in, d, c_out, running in steps:
         x, y, c_in, d, c_out = map(int, (x, y, c_in, d, c_out))
         assert c_in == carry
         value = x + y + c_in if op == "+" else x - y - c_in
         assert (d, c_out) == ((value % 10, value // 10) if op == "+" else (value % 10, int(value < 0)))
         digits.append(d)
+        assert running == "".join(map(str, reversed(digits)))  # this digit in front of the last result
         carry = c_out
     magnitude = int("".join(map(str, reversed(digits)))) + (carry * 10 ** len(digits) if p.op == "+" else 0)
     return -magnitude if working.startswith("-(") else magnitude

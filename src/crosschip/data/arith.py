@@ -2,19 +2,23 @@
 
 A problem is `a OP b` with non-negative operands of 1 to `digits` digits. The prompt is the
 plain expression (`"243+606="`); the completion works the sum out one digit column at a time,
-least significant column first, and ends with `answer: N`. Every step only needs the three
-numbers written inside it, so a tiny transformer can learn the task in minutes:
+least significant column first, and ends with `answer: N`. Every step only needs numbers
+written close to it, so a tiny transformer can learn the task in minutes:
 
-    243+606=3+6+0=9 c0|4+0+0=4 c0|2+6+0=8 c0|answer: 849
-    606-243=6-3-0=3 b0|0-4-0=6 b1|6-2-1=3 b0|answer: 363
-    243-606=-(606-243)|6-3-0=3 b0|0-4-0=6 b1|6-2-1=3 b0|answer: -363
+    243+606=3+6+0=9 c0 9|4+0+0=4 c0 49|2+6+0=8 c0 849|answer: 849
+    606-243=6-3-0=3 b0 3|0-4-0=6 b1 63|6-2-1=3 b0 363|answer: 363
+    243-606=-(606-243)|6-3-0=3 b0 3|0-4-0=6 b1 63|6-2-1=3 b0 363|answer: -363
 
-A step `x+y+c=s cK` adds the column digits and the carry in, writes the digit `s` and the carry
-out `K`. A subtraction step `x-y-k=d bK` subtracts the column digits and the borrow in, writes
-the digit `d` (after borrowing 10 when negative) and the borrow out `K`. When `a < b` the
-working first writes the swap `-(b-a)` and subtracts the larger operand from the smaller, so
-no step ever needs a complement pass. Shorter operands are padded with zeros inside the steps
-(`7+243=7+3+0=0 c1|0+4+1=5 c0|0+2+0=2 c0|answer: 250`).
+A step `x+y+c=s cK R` adds the column digits and the carry in, writes the digit `s`, the carry
+out `K` and the running result `R`: `s` in front of the previous step's `R`. A subtraction step
+`x-y-k=d bK R` subtracts the column digits and the borrow in, writes the digit `d` (after
+borrowing 10 when negative), the borrow out `K` and the running result. The answer is the last
+running result with the final carry in front and leading zeros dropped, so it is copied from
+the step just before it rather than gathered digit by digit from the whole working (that
+reversal was where a model that had every column right still failed). When `a < b` the working
+first writes the swap `-(b-a)` and subtracts the larger operand from the smaller, so no step
+ever needs a complement pass. Shorter operands are padded with zeros inside the steps
+(`7+243=7+3+0=0 c1 0|0+4+1=5 c0 50|0+2+0=2 c0 250|answer: 250`).
 
 Sampling: each operand independently draws its length uniformly from 1..`digits`, then its
 value uniformly among the numbers of that length (0..9 for one digit, 10..99 for two,
@@ -97,21 +101,23 @@ def _columns(a: int, b: int) -> list[tuple[int, int]]:
 
 
 def _add_steps(a: int, b: int) -> str:
-    steps, carry = [], 0
+    steps, carry, result = [], 0, ""
     for x, y in _columns(a, b):
         total = x + y + carry
-        steps.append(f"{x}+{y}+{carry}={total % 10} c{total // 10}|")
+        result = f"{total % 10}{result}"
+        steps.append(f"{x}+{y}+{carry}={total % 10} c{total // 10} {result}|")
         carry = total // 10
     return "".join(steps)
 
 
 def _sub_steps(a: int, b: int) -> str:
     """Column subtraction of `a - b` with `a >= b`."""
-    steps, borrow = [], 0
+    steps, borrow, result = [], 0, ""
     for x, y in _columns(a, b):
         diff = x - y - borrow
         out = 1 if diff < 0 else 0
-        steps.append(f"{x}-{y}-{borrow}={diff + 10 * out} b{out}|")
+        result = f"{diff + 10 * out}{result}"
+        steps.append(f"{x}-{y}-{borrow}={diff + 10 * out} b{out} {result}|")
         borrow = out
     return "".join(steps)
 
