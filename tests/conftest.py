@@ -18,3 +18,21 @@ def debug_bundle(tmp_path_factory):
     torch.manual_seed(0)
     model = Transformer(model_preset("debug"))
     return save_bundle(model, tmp_path_factory.mktemp("debug_bundle") / "debug", tokenizer=default_tokenizer(512))
+
+
+@pytest.fixture(scope="session")
+def ort_bundle_of(debug_bundle, tmp_path_factory):
+    """`ort_bundle_of(policy)`: `debug_bundle` exported for ort:cpu in that precision policy,
+    once per session (an export takes ~15 s). Tests that write into a bundle copy it first."""
+    from crosschip.handoff.export import export_bundle
+
+    root = tmp_path_factory.mktemp("ort_bundles")
+    done: dict[str, object] = {}
+
+    def get(policy: str):
+        if policy not in done:
+            export_bundle(debug_bundle, root / policy, target="ort:cpu", policy=policy, progress=False)
+            done[policy] = root / policy
+        return done[policy]
+
+    return get

@@ -16,10 +16,8 @@ from crosschip.serve.ort_executor import OrtExecutor
 
 
 @pytest.fixture(scope="module")
-def fp32_bundle(debug_bundle, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ort") / "fp32"
-    export_bundle(debug_bundle, out, target="ort:cpu", policy="fp32", progress=False)
-    return out
+def fp32_bundle(ort_bundle_of):
+    return ort_bundle_of("fp32")
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +204,15 @@ def test_serve_on_ort_cpu_matches_torch_engine(fp32_bundle, model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["fp16", "bf16", "int8"])
-def test_low_precision_graphs_store_small_weights_and_match_torch(debug_bundle, fp32_bundle, tmp_path, policy):
+def test_low_precision_graphs_store_small_weights_and_match_torch(debug_bundle, fp32_bundle, ort_bundle_of, policy):
     """Each policy's graph stores its weights in that dtype (int8 + scales for int8) and, computing
     in fp32 on CPU, reproduces the torch model with the same rounding to fp32 accuracy."""
     from crosschip.handoff import precision
 
-    manifest = export_bundle(debug_bundle, tmp_path / policy, target="ort:cpu", policy=policy, progress=False)
+    bundle = ort_bundle_of(policy)
+    manifest = hf.read_manifest(bundle)
     assert manifest["onnx"]["parity_fp32_max_abs"] < 1e-5
-    proto = onnx.load(str(tmp_path / policy / "model.onnx"))
+    proto = onnx.load(str(bundle / "model.onnx"))
     onnx.checker.check_model(proto, full_check=True)
     assert count_expert_weights(proto) == manifest["onnx"]["expert_weights"] == 24
     stored = {onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer if len(t.dims) >= 2}
@@ -226,7 +225,7 @@ def test_low_precision_graphs_store_small_weights_and_match_torch(debug_bundle, 
     assert ratio < {"fp16": 0.6, "bf16": 0.6, "int8": 0.4}[policy]
     # Served through the executor: logits of a prefill equal the rounded torch model's.
     rounded = precision.round_model(hf.load_bundle(debug_bundle)[0], policy)
-    ex = OrtExecutor(tmp_path / policy, get_backend("ort:cpu"))
+    ex = OrtExecutor(bundle, get_backend("ort:cpu"))
     ex.can_allocate(0, 16)
     got = ex.step([Chunk(0, list(range(3, 19)), 0)], all_logits=True)[0]
     with torch.no_grad():
