@@ -79,10 +79,6 @@ def decode(args: argparse.Namespace) -> None:
     device = ex.device
     theirs = DeepseekV3ForCausalLM.from_pretrained(bundle, dtype=torch.bfloat16).to(device).eval()
 
-    def sync() -> None:
-        if device.type != "cpu":
-            torch.accelerator.synchronize()
-
     def prompts(b: int) -> list[list[int]]:
         return [[(7 * i + j) % 1000 + 1 for j in range(prompt_len)] for i in range(b)]
 
@@ -101,10 +97,10 @@ def decode(args: argparse.Namespace) -> None:
     @torch.inference_mode()
     def transformers_generate(b: int) -> float:
         ids = torch.tensor(prompts(b), device=device)
-        sync()
+        ex.backend.synchronize()
         t0 = time.perf_counter()
         theirs.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-        sync()
+        ex.backend.synchronize()
         return b * steps / (time.perf_counter() - t0)
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else device.type

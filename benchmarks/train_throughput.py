@@ -25,33 +25,27 @@ from pathlib import Path
 
 import torch
 
+from crosschip.backends import Backend
 from crosschip.config import RunConfig, model_preset
 from crosschip.hf import hf_config
 from crosschip.model import count_params
-from crosschip.train.trainer import Trainer
+from crosschip.train.trainer import DTYPES, Trainer
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize()
-
-
-def matmul_gflops(device: torch.device, dtype: torch.dtype, reps: int = 20) -> float:
+def matmul_gflops(backend: Backend, dtype: torch.dtype, reps: int = 20) -> float:
     """Dense matmul GFLOP/s on random data: 1024^3 on CPU, 8192^3 on an accelerator."""
-    n = 1024 if device.type == "cpu" else 8192
+    n = 1024 if backend.device_type == "cpu" else 8192
+    device = backend.device()
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    sync(device)
+    backend.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    sync(device)
+    backend.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
@@ -103,14 +97,14 @@ def theirs(cfg: RunConfig, trainer: Trainer):
     return step
 
 
-def timed(step, n: int, device: torch.device) -> tuple[float, float]:
+def timed(step, n: int, backend: Backend) -> tuple[float, float]:
     """(tokens per wall second, tokens per CPU second of this process); the second is steadier
     on a shared machine, where other work takes turns on the cores."""
-    sync(device)
+    backend.synchronize()
     tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
     for _ in range(n):
         tokens += step()
-    sync(device)
+    backend.synchronize()
     return tokens / (time.perf_counter() - t0), tokens / (time.process_time() - c0)
 
 
@@ -137,16 +131,16 @@ def main() -> None:
     cfg.train.backend, cfg.train.dtype = args.backend, args.dtype
     with tempfile.TemporaryDirectory() as tmp:
         ours_step, trainer = ours(cfg, Path(tmp) / "run")
-        device, dtype = trainer.device, DTYPES.get(trainer.dtype, torch.float32)
+        backend, dtype = trainer.backend, DTYPES.get(trainer.dtype, torch.float32)
         steps = [ours_step] if args.no_anchor else [ours_step, theirs(cfg, trainer)]
         for step in steps:  # warm-up (and compile)
-            timed(step, 2, device)
+            timed(step, 2, backend)
         a, b, g = [], [], []
         for _ in range(args.repeats):
-            a.append(timed(ours_step, args.steps, device))
+            a.append(timed(ours_step, args.steps, backend))
             if not args.no_anchor:
-                b.append(timed(steps[1], args.steps, device))
-            g.append(matmul_gflops(device, dtype))
+                b.append(timed(steps[1], args.steps, backend))
+            g.append(matmul_gflops(backend, dtype))
         trainer.close()
     b = b or [(float("nan"), float("nan"))]
 
@@ -163,7 +157,7 @@ def main() -> None:
     )
     print(
         f"FLOPs/token (6 x active + attention): {fpt / 1e6:.1f} MFLOP; "
-        f"{trainer.dtype} matmul {gflops:.1f} GFLOP/s measured on {device.type}"
+        f"{trainer.dtype} matmul {gflops:.1f} GFLOP/s measured on {backend.device_type}"
     )
     print(f"{'':14}{'tokens/s':>10}{'roofline':>10}{'tok/CPU-s':>11}")
     print(f"{'crosschip':14}{tps_ours:>10,.0f}{roof_ours:>10.1%}{cpu_ours:>11,.0f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -134,11 +135,13 @@ def _side_by_side(commands: list[list[str]], logs: Path, timeout: float) -> list
     """Run commands at once, one torch thread each (logged to files, so no pipe fills up)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     files = [logs.with_name(f"{logs.name}-{i}.log") for i in range(len(commands))]
-    procs = [
-        subprocess.Popen(c, stdout=f.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        for c, f in zip(commands, files)
-    ]
-    codes = [p.wait(timeout=timeout) for p in procs]
+    codes = []
+    with contextlib.ExitStack() as stack:
+        outs = [stack.enter_context(f.open("w")) for f in files]
+        procs = [
+            subprocess.Popen(c, stdout=o, stderr=subprocess.STDOUT, cwd=ROOT, env=env) for c, o in zip(commands, outs)
+        ]
+        codes = [p.wait(timeout=timeout) for p in procs]
     return [subprocess.CompletedProcess(c, rc, f.read_text(), "") for c, rc, f in zip(commands, codes, files)]
 
 
