@@ -107,12 +107,17 @@ class MLA(nn.Module):
         cache: LatentCache | None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        # The query's first projection and wkv_a read the same x: one matmul of both.
+        wq = self.wq if self.q_lora_rank is None else self.wq_a
+        q, kv = F.linear(x, torch.cat([wq.weight, self.wkv_a.weight])).split(
+            [wq.out_features, self.wkv_a.out_features], dim=-1
+        )
+        if self.q_lora_rank is not None:
+            q = self.wq_b(self.q_norm(q))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
 
-        kv = self.wkv_a(x)
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_norm(c_kv)  # (B, T, kv_lora_rank)
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin)[:, :, 0]  # (B, T, rope), one key shared by all heads
@@ -165,8 +170,14 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(inter_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, inter_dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        """`scale` (N, 1), optional: the routing weight of each row. It is applied before w2,
+        which is linear, so it costs a multiply over the narrow inter_dim, not over dim."""
+        # w1 and w3 read the same x: one matmul of both (measured ~12% off an arith-tiny MoE
+        # layer's forward and backward on 2 CPU threads).
+        gate, up = F.linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        return self.w2(h if scale is None else h * scale)
 
 
 class Gate(nn.Module):
@@ -237,9 +248,12 @@ class MoE(nn.Module):
         order = flat_expert.argsort(stable=True)  # pairs grouped by expert, tokens in order within each
         load = torch.bincount(flat_expert, minlength=self.n_experts)
         tok = order // self.topk
-        slices = x[tok].split(load.tolist())  # .tolist() is the one host sync
-        y = torch.cat([expert(xs) for expert, xs in zip(self.experts, slices)])
-        y = y * weights.flatten()[order, None].to(y.dtype)
+        counts = load.tolist()  # the one host sync
+        # index_select, not x[tok]: its backward is an index_add, where advanced indexing's is
+        # an accumulating index_put (several times slower on CPU).
+        xs = x.index_select(0, tok).split(counts)
+        ws = weights.flatten().index_select(0, order).to(x.dtype)[:, None].split(counts)
+        y = torch.cat([expert(xe, we) for expert, xe, we in zip(self.experts, xs, ws)])
         out = torch.zeros_like(x).index_add(0, tok, y.to(x.dtype))
         return self._finish(x, out, shape, load, scores, indices)
 
@@ -251,9 +265,11 @@ class MoE(nn.Module):
         flat_weight = weights.flatten().to(x.dtype)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            rows = (flat_expert == e).nonzero().squeeze(-1)  # (n_e,) positions in the (N*topk) list
-            tok = rows // self.topk
-            y = expert(x[tok]) * flat_weight[rows, None]
+            # (token, slot) of each pair routed to e. Graph-friendly forms: no integer
+            # division, and index_select is one Gather where x[tok] is a GatherND chain.
+            hit = (indices == e).nonzero()
+            tok = hit[:, 0]
+            y = expert(x.index_select(0, tok), flat_weight.index_select(0, tok * self.topk + hit[:, 1])[:, None])
             out = out.index_add(0, tok, y)
         load = torch.bincount(flat_expert, minlength=self.n_experts) if self.training else None
         return self._finish(x, out, shape, load, scores, indices)

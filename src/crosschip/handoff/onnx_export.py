@@ -277,13 +277,11 @@ def export_onnx(model: Transformer, path: str | Path, *, policy: str = "fp32", p
     info = _export_graph(export_model(model), path, policy, say)
     small = decode_path(path)
     say(f"small-batch decode graph ({small.name})")
-    # The exporter's default optimizer would fold the expert stacks into anonymous constants;
-    # with small folding limits the graph keeps every expert by name.
-    _export_graph(export_model(model, decode=True), small, policy, say, optimize=False)
+    _export_graph(export_model(model, decode=True), small, policy, say)
     return {**info, "decode_file": small.name}
 
 
-def _export_graph(model: Transformer, path: Path, policy: str, say, optimize: bool = True) -> dict[str, Any]:
+def _export_graph(model: Transformer, path: Path, policy: str, say) -> dict[str, Any]:
     step = CachedStep(model)
     say("tracing the cached step (torch.export)")
     with torch.no_grad(), warnings.catch_warnings():
@@ -298,19 +296,16 @@ def _export_graph(model: Transformer, path: Path, policy: str, say, optimize: bo
             dynamo=True,
             external_data=False,
             verbose=False,
-            # Optimized once, below: exporting with optimize=True and then calling optimize()
-            # ran the whole rewriter twice (~6 s more per general graph on the 2-core CPU).
+            # Optimized once, below, with our own folding limits.
             optimize=False,
         )
     say("optimizing the graph")
-    if optimize:
-        program.optimize()
-    else:
-        import onnxscript.optimizer
+    import onnxscript.optimizer
 
-        # Fold only small constants: weight-sized ones (the expert stacks) stay computed from
-        # the named initializers (ONNX Runtime folds them when it loads the session).
-        onnxscript.optimizer.optimize(program.model, input_size_limit=1024, output_size_limit=1024)
+    # Fold only small constants. The default limits would fold an expert's w1 and w3 (stacked
+    # by the model's forward) into an anonymous constant; with these the graph keeps every
+    # weight under its own name, and ONNX Runtime folds the rest when it loads the session.
+    onnxscript.optimizer.optimize(program.model, input_size_limit=1024, output_size_limit=1024)
     proto = program.model_proto
     strip_metadata(proto)
     say(f"storing weights as {policy}")
