@@ -46,6 +46,18 @@ def test_graph_passes_checker_and_keeps_every_expert(fp32_bundle, model):
     assert manifest["onnx"]["parity_fp32_max_abs"] < 1e-5
 
 
+@pytest.mark.parametrize("policy", ["fp32", "int8"])
+def test_graphs_load_without_onnx_runtime_warnings(ort_bundle_of, policy, capfd):
+    # ONNX Runtime warns on stderr, from C++, about what it must clean up when it loads a graph
+    # (e.g. an initializer that no node reads); a served bundle should load silently.
+    bundle = ort_bundle_of(policy)
+    capfd.readouterr()
+    for name in ("model.onnx", "model.decode.onnx"):
+        open_session(bundle / name, get_backend("ort:cpu"), threads=1)
+    err = capfd.readouterr().err
+    assert "onnxruntime" not in err, err
+
+
 def _random_step(cfg, B, T, S, P, seed):
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(0, S + 1, (B,), generator=g)

@@ -346,6 +346,7 @@ def _export_graph(model: Transformer, path: Path, policy: str, say) -> dict[str,
     onnxscript.optimizer.optimize(program.model, input_size_limit=1024, output_size_limit=1024)
     proto = program.model_proto
     strip_metadata(proto)
+    drop_unused_initializers(proto)
     say(f"storing weights as {policy}")
     stats = store_weights(proto, policy)
     experts = count_expert_weights(proto)
@@ -420,6 +421,23 @@ def strip_metadata(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node reads, in the graph or its subgraphs (the optimizer can
+    leave one behind, and ONNX Runtime warns about it on every session load)."""
+
+    def reads(graph: onnx.GraphProto):
+        for node in graph.node:
+            yield from node.input
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                    yield from reads(sub)
+
+    used = set(reads(model.graph)) | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
 
 
 def session_options(threads: int | None = None) -> Any:
