@@ -291,8 +291,12 @@ def export_onnx(model: Transformer, path: str | Path, *, policy: str = "fp32", p
         try:
             error = result.recv()
         except EOFError:
+            # The child died before reporting: killed, or it could not start (under spawn a
+            # calling script without a __main__ guard re-runs itself). Trace the graph here.
             child.join()
-            error = f"its process died (exit code {child.exitcode})"
+            say(f"the second process exited with code {child.exitcode}; tracing {small.name} here")
+            _export_graph(export_model(model, decode=True), small, policy, say)
+            error = None
         if error is not None:
             raise CrosschipError(f"exporting {small.name} failed: {error}")
     finally:
