@@ -37,6 +37,14 @@ def _resumes_on_cpu(run_dir: Path) -> list[dict]:
     return [e for e in _events(run_dir) if e["event"] == "resume" and e["backend"]["backend"] == "torch:cpu"]
 
 
+def _ps_args() -> str:
+    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def _spawned_helpers() -> int:
+    return _ps_args().count("multiprocessing.spawn import spawn_main")
+
+
 def test_failover_interrupt_and_resume(tmp_path):
     """The R2 story on one machine: the flaky chip gives up, training fails over to the CPU
     from the flaky chip's last verified checkpoint; Ctrl-C during the export then stops the
@@ -45,6 +53,7 @@ def test_failover_interrupt_and_resume(tmp_path):
     cmd = [sys.executable, "-m", "crosschip", "run", "--config", "configs/smoke.toml", "--out", str(run_dir)]
     cmd += ["--train-on", "emu:flaky,torch:cpu", "--inject", "nan@step=15,times=20"]
     log = tmp_path / "run.log"  # a file, not a pipe: nobody reads the pipe while we wait
+    helpers = _spawned_helpers()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
     # Interrupt once training is done and the export (tens of seconds of ONNX work) runs.
     deadline = time.monotonic() + 600
@@ -58,7 +67,9 @@ def test_failover_interrupt_and_resume(tmp_path):
     out = log.read_text()
     assert proc.returncode == 130, out
     # The interrupted export was stopped with the run, not left writing into the run folder.
-    assert str(run_dir) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(run_dir) not in _ps_args()
+    # Nor its second tracing process (a spawned helper: its command line names no run folder).
+    assert _spawned_helpers() <= helpers, _ps_args()
     assert f"crosschip run --resume {run_dir}" in out
     state = _state(run_dir)
     assert state["finished"] == ["probe", "qualify", "assign", "train"]
