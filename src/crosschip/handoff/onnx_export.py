@@ -282,30 +282,43 @@ def export_onnx(model: Transformer, path: str | Path, *, policy: str = "fp32", p
     ctx = torch.multiprocessing.get_context("spawn")
     result, child_end = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_export_decode_graph, args=(model, small, policy, child_end), daemon=True)
-    child.start()
+    try:
+        child.start()  # hands the weights over through shared memory
+        say(f"small-batch decode graph ({small.name}) in a second process")
+    except (OSError, RuntimeError) as e:  # e.g. a /dev/shm too small for the weights (containers)
+        child = None
+        say(f"no second process ({type(e).__name__}: {e}); {small.name} follows {path.name}")
     child_end.close()
     try:
-        say(f"small-batch decode graph ({small.name}) in a second process")
         info = _export_graph(export_model(model), path, policy, say)
-        say(f"waiting for {small.name}")
-        try:
-            error = result.recv()
-        except EOFError:
-            # The child died before reporting: killed, or it could not start (under spawn a
-            # calling script without a __main__ guard re-runs itself). Trace the graph here.
-            child.join()
-            say(f"the second process exited with code {child.exitcode}; tracing {small.name} here")
+        if not _decode_graph_done(child, result, small, say):
             _export_graph(export_model(model, decode=True), small, policy, say)
-            error = None
-        if error is not None:
-            raise CrosschipError(f"exporting {small.name} failed: {error}")
     finally:
         # On any failure here (or Ctrl-C) the child is stopped, not waited for.
-        if child.is_alive():
-            child.kill()
-        child.join()
+        if child is not None:
+            if child.is_alive():
+                child.kill()
+            child.join()
         result.close()
     return {**info, "decode_file": small.name}
+
+
+def _decode_graph_done(child: Any, result: Any, small: Path, say) -> bool:
+    """Whether the second process wrote the decode graph. Raises its error; False when there
+    is no child or it died before reporting (killed, or it could not start: under spawn a
+    calling script without a __main__ guard re-runs itself), so the caller traces it here."""
+    if child is None:
+        return False
+    say(f"waiting for {small.name}")
+    try:
+        error = result.recv()
+    except EOFError:
+        child.join()
+        say(f"the second process exited with code {child.exitcode}; tracing {small.name} here")
+        return False
+    if error is not None:
+        raise CrosschipError(f"exporting {small.name} failed: {error}")
+    return True
 
 
 def _quiet(msg: str) -> None:
