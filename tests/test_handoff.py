@@ -190,3 +190,34 @@ def test_resident_memory_per_policy(exported, ort_bundle_of):
     ort_rss = measure_serving_rss(onnx_int8, "ort:cpu")
     for r in (torch_rss, ort_rss):
         assert r["rss_after_decode_bytes"] >= r["rss_baseline_bytes"] > 50e6
+
+
+# -- the export's second tracing process ---------------------------------------------------------
+def _debug_model():
+    from crosschip.config import model_preset
+    from crosschip.model import Transformer
+
+    torch.manual_seed(0)
+    return Transformer(model_preset("debug")).eval()
+
+
+def test_an_error_in_the_decode_graph_process_names_the_file(tmp_path):
+    from crosschip.errors import CrosschipError
+    from crosschip.handoff.onnx_export import export_onnx
+
+    (tmp_path / "model.decode.onnx").mkdir()  # the child cannot write its graph there
+    with pytest.raises(CrosschipError, match=r"exporting model\.decode\.onnx failed: IsADirectoryError"):
+        export_onnx(_debug_model(), tmp_path / "model.onnx")
+
+
+def test_export_traces_both_graphs_here_when_no_second_process_can_start(tmp_path, monkeypatch):
+    from crosschip.handoff.onnx_export import export_onnx
+
+    def no_shared_memory(self):
+        raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.multiprocessing.get_context("spawn").Process, "start", no_shared_memory)
+    said = []
+    export_onnx(_debug_model(), tmp_path / "model.onnx", progress=said.append)
+    assert any(m.startswith("no second process (RuntimeError") for m in said), said
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.decode.onnx").is_file()
