@@ -338,7 +338,13 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # nn.Embedding's own init is a normal_, and normal_ on a meta tensor (count_params,
+        # loading a bundle) imports torch._dynamo: ~1.5 s in every such process. So the weight
+        # is made here and drawn only when it is real, which keeps seeded inits as they were.
+        weight = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        if not weight.is_meta:
+            weight.normal_()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -349,6 +355,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.embed.weight.is_meta:  # shapes only: nothing to fill (and see __init__)
+            return
         std = self.cfg.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
