@@ -140,8 +140,17 @@ def _say(msg: str) -> None:
 
 
 def stage_probe(run: Run) -> dict:
+    """Probe the real backends. Emulated chips are demos and test targets: a run uses one only
+    when it is named (`--train-on`, which skips this stage), so probing them here would only
+    cost time (a process each)."""
+    from crosschip.backends import REGISTRY, get_backend
+
     out = run.root / "probe.json"
-    rc = Child.run(["probe", "--json", str(out)], run.root / "logs" / "probe.log")
+    argv = ["probe", "--json", str(out)]
+    for spec in REGISTRY:
+        if not get_backend(spec).emulation:
+            argv += ["--backend", spec]
+    rc = Child.run(argv, run.root / "logs" / "probe.log")
     if rc != 0:
         raise CrosschipError(f"probe failed (exit {rc}); see {run.root / 'logs' / 'probe.log'}")
     return {"file": out.name}
