@@ -182,6 +182,7 @@ def test_cli_exports_and_prints_summary(debug_bundle, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ort_bundles")
 def test_resident_memory_per_policy(exported, ort_bundle_of):
     from crosschip.handoff.memory import measure_serving_rss
 
@@ -193,12 +194,25 @@ def test_resident_memory_per_policy(exported, ort_bundle_of):
 
 
 # -- the export's second tracing process ---------------------------------------------------------
-def _debug_model():
+def _small_model():
+    """One MoE layer of two experts: these tests are about the processes, not the graph, and
+    tracing time grows with the layers and experts."""
+    from dataclasses import replace
+
     from crosschip.config import model_preset
     from crosschip.model import Transformer
 
+    cfg = replace(
+        model_preset("debug"),
+        num_hidden_layers=1,
+        first_k_dense_replace=0,
+        n_routed_experts=2,
+        num_experts_per_tok=1,
+        n_group=1,
+        topk_group=1,
+    )
     torch.manual_seed(0)
-    return Transformer(model_preset("debug")).eval()
+    return Transformer(cfg).eval()
 
 
 def test_an_error_in_the_decode_graph_process_names_the_file(tmp_path):
@@ -207,7 +221,7 @@ def test_an_error_in_the_decode_graph_process_names_the_file(tmp_path):
 
     (tmp_path / "model.decode.onnx").mkdir()  # the child cannot write its graph there
     with pytest.raises(CrosschipError, match=r"exporting model\.decode\.onnx failed: IsADirectoryError"):
-        export_onnx(_debug_model(), tmp_path / "model.onnx")
+        export_onnx(_small_model(), tmp_path / "model.onnx")
 
 
 def test_export_traces_both_graphs_here_when_no_second_process_can_start(tmp_path, monkeypatch):
@@ -218,6 +232,6 @@ def test_export_traces_both_graphs_here_when_no_second_process_can_start(tmp_pat
 
     monkeypatch.setattr(torch.multiprocessing.get_context("spawn").Process, "start", no_shared_memory)
     said = []
-    export_onnx(_debug_model(), tmp_path / "model.onnx", progress=said.append)
+    export_onnx(_small_model(), tmp_path / "model.onnx", progress=said.append)
     assert any(m.startswith("no second process (RuntimeError") for m in said), said
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.decode.onnx").is_file()
