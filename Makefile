@@ -41,8 +41,17 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
 	  || echo "chromium missing and not installable here: the report rendering test will fail"; }
 
+# The suite in two parts. Most tests spend their time in one Python thread (process start-up,
+# ONNX tracing, tiny models), so they run on one pytest worker per core at one torch thread
+# each. Tests marked solo measure the machine (the 5-minute learning check, step-time
+# statistics) and run afterwards with the machine to themselves. Both parts always
+# run; the target fails if either does. A plain `pytest` runs everything in one process.
+TEST_WORKERS ?= auto
 test: lint browser
-	$(BIN)/python -m pytest
+	@status=0; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not solo" || status=1; \
+	$(BIN)/python -m pytest -m solo || status=1; \
+	exit $$status
 
 clean-venv:
 	rm -rf $(VENV)

@@ -14,6 +14,9 @@ from crosschip.handoff.onnx_export import INPUT_NAMES, CachedStep, causal_mask, 
 from crosschip.serve.executor import Chunk, TorchExecutor
 from crosschip.serve.ort_executor import OrtExecutor
 
+# With the other users of the conftest's ort_bundle_of, on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("ort_bundles")
+
 
 @pytest.fixture(scope="module")
 def fp32_bundle(ort_bundle_of):

@@ -147,6 +147,8 @@ def test_unknown_backend_and_bad_reference_are_clear_errors():
 # About 3 minutes on 2 quiet cores (11 short training runs, 5 workers, 3 two-process
 # collective benchmarks); several times that when the machine is shared, hence the timeout.
 LONG = pytest.mark.timeout(1500)
+# Verdicts rest on step times and collective timings: measured with the machine to themselves.
+MEASURED = pytest.mark.solo
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +166,7 @@ def verdicts(tmp_path_factory):
 
 @pytest.mark.slow
 @LONG
+@MEASURED
 def test_real_cpu_qualifies_to_train(verdicts):
     results, text = verdicts
     cpu = results["torch:cpu"]
@@ -177,6 +180,7 @@ def test_real_cpu_qualifies_to_train(verdicts):
 
 @pytest.mark.slow
 @LONG
+@MEASURED
 def test_fp16_only_chip_trains_in_fp16_or_serves_with_the_reason(verdicts):
     results, text = verdicts
     fp16 = results["emu:fp16-only"]
@@ -192,6 +196,7 @@ def test_fp16_only_chip_trains_in_fp16_or_serves_with_the_reason(verdicts):
 
 @pytest.mark.slow
 @LONG
+@MEASURED
 def test_flaky_chip_cannot_train_because_of_its_nans(verdicts):
     results, _ = verdicts
     flaky = results["emu:flaky"]
@@ -204,6 +209,7 @@ def test_flaky_chip_cannot_train_because_of_its_nans(verdicts):
 
 @pytest.mark.slow
 @LONG
+@MEASURED
 def test_slow_interconnect_fails_the_throughput_check_but_serves(verdicts):
     results, _ = verdicts
     slow = results["emu:slow-collectives"]

@@ -13,7 +13,7 @@ import torch
 
 from crosschip.hf import load_bundle, read_manifest, save_bundle
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ort_bundles")]
 
 
 @pytest.fixture(scope="module")
