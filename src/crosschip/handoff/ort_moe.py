@@ -1,0 +1,96 @@
+"""The routed experts of a few decode tokens as one ONNX Runtime `com.microsoft.MoE` node.
+
+ORT's CPU kernel (interleaved SwiGLU, `swiglu_fusion=1`) selects the top-k of a softmax over
+its `router_probs` input and weights each chosen expert by that softmax. DeepSeek's router
+selects by biased sigmoid scores and weights by the unbiased ones, so the node is fed routing
+*logits* built from our own choice: log(weight) at the chosen experts, -inf elsewhere. Their
+softmax is weight / sum(weights) at exactly the chosen experts; multiplying the node's output
+by sum(weights) restores the weights as they are (normalised or not, with the route scale).
+
+In the traced graph the node stands for a torch custom op, `crosschip::ort_moe`, whose eager
+body computes the kernel's function (it runs only while tracing and in tests); `TRANSLATIONS`
+maps it to the ONNX node for `torch.onnx.export`. Measured on arith-tiny, CPU, 1 thread,
+trained weights, the decode graph's batch-1 step: 0.74 ms with gathered expert weights, 0.61 ms
+with this node. At 8 tokens and more the dense form stays faster, so only the few-token branch
+uses it.
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+import torch.nn.functional as F
+from onnx.defs import OpSchema
+from torch import Tensor
+
+from crosschip.model import MoE
+
+
+@torch.library.custom_op("crosschip::ort_moe", mutates_args=())
+def ort_moe(x: Tensor, logits: Tensor, fc1: Tensor, fc2: Tensor, k: int) -> Tensor:
+    """What the kernel computes. x (N, D); logits (N, E); fc1 (E, 2I, D) with gate and up rows
+    interleaved; fc2 (E, D, I)."""
+    weights, chosen = logits.float().softmax(-1).topk(k, dim=-1)  # (N, k)
+    h = torch.einsum("nd,nkod->nko", x, fc1[chosen])  # (N, k, 2I)
+    y = torch.einsum("nki,nkdi->nkd", F.silu(h[..., 0::2]) * h[..., 1::2], fc2[chosen])
+    return (weights[..., None].to(x.dtype) * y).sum(1)
+
+
+@ort_moe.register_fake
+def _(x: Tensor, logits: Tensor, fc1: Tensor, fc2: Tensor, k: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+def routed_experts(moe: MoE, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+    """sum_k weights[:, k] * expert_{indices[:, k]}(x) through `ort_moe`. The stacks are built
+    from the per-expert parameters in the graph (every expert keeps its own name); ONNX Runtime
+    folds them into constants when it loads the session."""
+    logits = torch.full((x.shape[0], moe.n_experts), float("-inf"), dtype=x.dtype, device=x.device)
+    logits = logits.scatter(1, indices, weights.log())
+    fc1 = torch.stack([torch.stack([e.w1.weight, e.w3.weight], dim=1).flatten(0, 1) for e in moe.experts])
+    fc2 = torch.stack([e.w2.weight for e in moe.experts])
+    return ort_moe(x, logits, fc1, fc2, moe.topk) * weights.sum(-1, keepdim=True)
+
+
+def _param(name: str, optional: bool = False) -> OpSchema.FormalParameter:
+    option = OpSchema.FormalParameterOption.Optional if optional else OpSchema.FormalParameterOption.Single
+    return OpSchema.FormalParameter(name, "T", param_option=option)
+
+
+# The part of ORT's contrib schema that we emit (onnx itself does not know the op).
+_SCHEMA = OpSchema(
+    "MoE",
+    "com.microsoft",
+    1,
+    inputs=[
+        _param("input"),
+        _param("router_probs"),
+        _param("fc1_experts_weights"),
+        _param("fc1_experts_bias", optional=True),
+        _param("fc2_experts_weights"),
+    ],  # fmt: skip
+    outputs=[OpSchema.FormalParameter("output", "T")],
+    type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
+    attributes=[
+        OpSchema.Attribute(name, kind, "")
+        for name, kind in (
+            ("k", OpSchema.AttrType.INT),
+            ("activation_type", OpSchema.AttrType.STRING),
+            ("swiglu_fusion", OpSchema.AttrType.INT),
+            ("normalize_routing_weights", OpSchema.AttrType.INT),
+            ("activation_alpha", OpSchema.AttrType.FLOAT),
+            ("activation_beta", OpSchema.AttrType.FLOAT),
+        )
+    ],
+)
+_MOE = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MoE", _SCHEMA)
+
+
+def _ort_moe_to_onnx(x, logits, fc1, fc2, k: int):
+    # alpha 1 and beta 0 make the kernel's SwiGLU silu(gate) * up (its defaults are other values).
+    return _MOE(x, logits, fc1, None, fc2, k=k, activation_type="swiglu", swiglu_fusion=1,
+                normalize_routing_weights=0, activation_alpha=1.0, activation_beta=0.0)  # fmt: skip
+
+
+TRANSLATIONS = {torch.ops.crosschip.ort_moe.default: _ort_moe_to_onnx}
+"""`custom_translation_table` for `torch.onnx.export`."""

@@ -1,0 +1,65 @@
+"""ONNX Runtime's fused MoE node against our MoE: the routing-logit mapping and the kernel's
+own function, eager and in a real ORT session."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import onnx
+import pytest
+import torch
+
+from crosschip.config import model_preset
+from crosschip.handoff.onnx_export import open_session
+from crosschip.handoff.ort_moe import TRANSLATIONS, routed_experts
+from crosschip.model import MoE
+
+
+class _Routed(torch.nn.Module):
+    """The routed part of one MoE layer through `routed_experts`, for export."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        weights, indices, _ = self.moe.gate(x)
+        return routed_experts(self.moe, x, weights, indices)
+
+
+@pytest.fixture
+def moe():
+    torch.manual_seed(0)
+    # Unnormalised, scaled weights: the node's softmax normalises, and the sum must undo it.
+    layer = MoE(replace(model_preset("debug"), norm_topk_prob=False, routed_scaling_factor=2.5)).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    layer.gate.bias.normal_(std=0.1)  # selection by biased scores, weights by unbiased ones
+    layer.shared_experts = None
+    return layer
+
+
+def test_routed_experts_equal_the_model_moe_in_eager(moe):
+    x = torch.randn(7, moe.gate.weight.shape[1])
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x)
+        torch.testing.assert_close(routed_experts(moe, x, weights, indices), moe(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_exported_node_runs_in_onnx_runtime_as_the_model_moe(moe, tmp_path):
+    x = torch.randn(5, moe.gate.weight.shape[1])
+    path = tmp_path / "moe.onnx"
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _Routed(moe).eval(),
+            (x,),
+            input_names=["x"],
+            dynamic_shapes={"x": {0: torch.export.Dim("n")}},
+            dynamo=True,
+            custom_translation_table=TRANSLATIONS,
+        )
+        program.save(str(path))
+        expected = moe(x)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node if n.domain == "com.microsoft"] == ["MoE"]
+    (out,) = open_session(path, threads=1).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-5, atol=1e-6)
