@@ -129,6 +129,10 @@ def test_default_run_finishes_in_ten_minutes_and_learns(default_run):
     assert json.loads((run_dir / "serve.json").read_text())["accuracy"] >= 0.8
     qualify = json.loads((run_dir / "qualify.json").read_text())
     assert qualify["torch:cpu"]["verdict"] == "TRAIN"
+    # The run probes the real backends only: emulated chips are used when named (--train-on).
+    probed = json.loads((run_dir / "probe.json").read_text())["backends"]
+    assert "torch:cpu" in [r["backend"] for r in probed]
+    assert not [r["backend"] for r in probed if r.get("emulation")]
     assert_report_complete(run_dir / "report.html")
 
 

@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crosschip.errors import CrosschipError
-from crosschip.handoff.ort_moe import TRANSLATIONS, routed_experts
 from crosschip.model import MLA, MoE, RMSNorm, Transformer
 
 INPUT_NAMES = ["input_ids", "positions", "past_c_kv", "past_k_pe", "past_slots", "attention_mask"]
@@ -108,6 +107,10 @@ def decode_moe_forward(moe: MoE, x: Tensor) -> Tensor:
     built from the per-expert parameters inside the graph, so every expert stays in it under
     its own name; ONNX Runtime folds them into constants when it loads the session.
     """
+    # Imported here, as in _export_graph: onnxscript and the custom op cost ~1.2 s to import,
+    # and serving (open_session, decode_path) imports this module too.
+    from crosschip.handoff.ort_moe import routed_experts
+
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # (N, D)
     weights, indices, _ = moe.gate(x)  # (N, K)
@@ -327,6 +330,8 @@ def _export_decode_graph(model: Transformer, path: Path, policy: str, conn) -> N
 
 
 def _export_graph(model: Transformer, path: Path, policy: str, say) -> dict[str, Any]:
+    from crosschip.handoff.ort_moe import TRANSLATIONS
+
     step = CachedStep(model)
     say("tracing the cached step (torch.export)")
     with torch.no_grad(), warnings.catch_warnings():
