@@ -220,10 +220,8 @@ class MoE(nn.Module):
     `forward` sorts the (token, expert) pairs by expert and runs each expert once on its
     contiguous slice: one gather, one scatter-add and one host sync (the per-expert counts) per
     layer, whatever the expert count. Only the chosen pairs are computed.
-    `forward_static` is the same function with no host sync and no data-dependent split: a
-    static loop over every expert (the count is part of the config) that masks out its tokens.
-    Graph capture (ONNX export) uses it so that every expert stays in the graph; it costs one
-    NonZero, gather and scatter-add per expert, and on an accelerator one sync per expert.
+    It is also what graph capture (ONNX export) traces: the counts become data-dependent sizes
+    of one Split, so every expert stays in the graph at ~6 nodes, with no per-expert NonZero.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -245,36 +243,24 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, indices, scores = self.gate(x)
         flat_expert = indices.flatten()  # (N * topk,)
-        order = flat_expert.argsort(stable=True)  # pairs grouped by expert, tokens in order within each
-        load = torch.bincount(flat_expert, minlength=self.n_experts)
+        M = flat_expert.shape[0]
+        # Pairs grouped by expert, in pair order within each (a stable argsort). Written as a
+        # top-k over unique keys and a scatter-add count: both export to ONNX (TopK,
+        # ScatterElements), where a stable sort and bincount have no translation.
+        order = (flat_expert * M + torch.arange(M, device=x.device)).topk(M, largest=False).indices
+        load = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
+        load = load.scatter_add(0, flat_expert, torch.ones_like(flat_expert))
         tok = order // self.topk
-        counts = load.tolist()  # the one host sync
+        counts = load.tolist()  # the one host sync; data-dependent sizes when traced
+        for c in counts:
+            torch._check(c >= 0)
+        torch._check(sum(counts) == M)
         # index_select, not x[tok]: its backward is an index_add, where advanced indexing's is
         # an accumulating index_put (several times slower on CPU).
         xs = x.index_select(0, tok).split(counts)
         ws = weights.flatten().index_select(0, order).to(x.dtype)[:, None].split(counts)
         y = torch.cat([expert(xe, we) for expert, xe, we in zip(self.experts, xs, ws)])
         out = torch.zeros_like(x).index_add(0, tok, y.to(x.dtype))
-        return self._finish(x, out, shape, load, scores, indices)
-
-    def forward_static(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (N, D)
-        weights, indices, scores = self.gate(x)
-        flat_expert = indices.flatten()  # (N * topk,)
-        flat_weight = weights.flatten().to(x.dtype)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            # (token, slot) of each pair routed to e. Graph-friendly forms: no integer
-            # division, and index_select is one Gather where x[tok] is a GatherND chain.
-            hit = (indices == e).nonzero()
-            tok = hit[:, 0]
-            y = expert(x.index_select(0, tok), flat_weight.index_select(0, tok * self.topk + hit[:, 1])[:, None])
-            out = out.index_add(0, tok, y)
-        load = torch.bincount(flat_expert, minlength=self.n_experts) if self.training else None
-        return self._finish(x, out, shape, load, scores, indices)
-
-    def _finish(self, x: Tensor, out: Tensor, shape, load: Tensor | None, scores: Tensor, indices: Tensor) -> Tensor:
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.training:
