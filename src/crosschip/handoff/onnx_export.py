@@ -24,10 +24,11 @@ slots, the mask, the logits and the new latents.
 
 `export_onnx` writes two graphs with this contract, both traced from copies of the model with
 export-friendly forwards swapped in from outside (`export_model`), both with the absorbed MLA
-folded into plain MatMuls (`folded_mla_weights`): `model.onnx` (the model's own MoE: pairs
-sorted by expert and split into one slice per expert, right for prefill and large batches)
-and `model.decode.onnx` for decode batches of a few rows (an MoE with no data-dependent
-shapes: ONNX Runtime's fused MoE node for 1-2 tokens (`ort_moe`), every expert densely above).
+folded into plain MatMuls (`folded_mla_weights`) and RoPE as ONNX Runtime's node (`ort_ops`):
+`model.onnx` (the model's own MoE: pairs sorted by expert and split into one slice per
+expert, right for prefill and large batches) and `model.decode.onnx` for decode batches of a
+few rows (an MoE with no data-dependent shapes: ONNX Runtime's fused MoE node for 1-2 tokens
+(`ort_moe`), every expert densely above).
 Measured on arith-tiny, CPU, 1 thread, trained weights, ms per decode step of `model.onnx`
 against `model.decode.onnx`: 1.15 against 0.77 at batch 1, 2.65 against 2.70 at batch 8.
 """
@@ -49,17 +50,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crosschip.errors import CrosschipError
-from crosschip.model import MLA, MoE, RMSNorm, Transformer
+from crosschip.model import MLA, MoE, RMSNorm, Transformer, rope_cos_sin
 
 INPUT_NAMES = ["input_ids", "positions", "past_c_kv", "past_k_pe", "past_slots", "attention_mask"]
 OUTPUT_NAMES = ["logits", "present_c_kv", "present_k_pe"]
 
 
 class PoolLatentCache:
-    """LatentCache over a (L, P, *) slot pool: gathers each row's past slots, concatenates the new tokens."""
+    """LatentCache over a (L, P, *) slot pool: gathers each row's past slots, concatenates the new tokens.
 
-    def __init__(self, past_c_kv: Tensor, past_k_pe: Tensor, past_slots: Tensor, mask: Tensor):
+    It also carries what the folded MLA needs for RoPE (as vLLM's attention metadata carries
+    positions): the new tokens' positions and cos / sin tables over every position.
+    """
+
+    def __init__(
+        self,
+        past_c_kv: Tensor,
+        past_k_pe: Tensor,
+        past_slots: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        rope_tables: tuple[Tensor, Tensor],
+    ):
         self.past_c_kv, self.past_k_pe, self.past_slots, self.mask = past_c_kv, past_k_pe, past_slots, mask
+        self.positions, self.rope_tables = positions, rope_tables
         self.new_c_kv: list[Tensor] = []
         self.new_k_pe: list[Tensor] = []
 
@@ -93,7 +107,9 @@ class CachedStep(nn.Module):
         past_slots: Tensor,
         attention_mask: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        cache = PoolLatentCache(past_c_kv, past_k_pe, past_slots, attention_mask)
+        cfg = self.model.cfg
+        tables = rope_cos_sin(torch.arange(cfg.max_position_embeddings), cfg.qk_rope_head_dim, cfg.rope_theta)
+        cache = PoolLatentCache(past_c_kv, past_k_pe, past_slots, attention_mask, positions, tables)
         logits = self.model(input_ids, positions=positions, cache=cache)
         return logits.float(), torch.stack(cache.new_c_kv), torch.stack(cache.new_k_pe)
 
@@ -110,7 +126,7 @@ def decode_moe_forward(moe: MoE, x: Tensor) -> Tensor:
     """
     # Imported here, as in _export_graph: onnxscript and the custom op cost ~1.2 s to import,
     # and serving (open_session, decode_path) imports this module too.
-    from crosschip.handoff.ort_moe import routed_experts
+    from crosschip.handoff.ort_ops import routed_experts
 
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # (N, D)
@@ -148,10 +164,10 @@ def fusable_rms_norm_forward(norm: RMSNorm, x: Tensor) -> Tensor:
 def folded_mla_weights(attn: MLA) -> tuple[Tensor, Tensor, Tensor]:
     """The absorbed MLA's weights folded: query (H * (C + R), q_in), kv (C + R, D), output (D, H * C).
 
-    W_UK and the softmax scale fold into the query projection (per head [q_lat (C) | q_pe (R)]),
-    W_UV into `wo`; the rope rows of both projections are permuted to evens-then-odds so RoPE
-    is a split, four products and a concat. The latents it stores are the model's (c_kv after
-    its norm, k_pe as `apply_rope` returns it), so both graphs share one pool.
+    W_UK and the softmax scale fold into the query projection, whose rows are every head's
+    q_lat (H * C) then every head's q_pe (H * R); W_UV folds into `wo`. The rope rows of both
+    projections are permuted to evens-then-odds, so RoPE rotates halves (`ort_rope`). The
+    latents it stores are the model's (c_kv after its norm, k_pe as `apply_rope` returns it).
     The products are computed from the parameters inside the graph, not stored: the graph
     keeps the model's own (rounded) weights, which a precision policy stores exactly, and
     ONNX Runtime folds the products in fp32 when it loads the session.
@@ -161,29 +177,26 @@ def folded_mla_weights(attn: MLA) -> tuple[Tensor, Tensor, Tensor]:
     w_uk, w_uv = attn.absorb_kv()  # (H, nope, C), (H, v, C)
     w_q = (attn.wq.weight if attn.q_lora_rank is None else attn.wq_b.weight).view(H, nope + R, -1)
     w_q_lat = torch.einsum("hnc,hni->hci", w_uk, w_q[:, :nope])  # (H, C, q_in)
-    w_q = torch.cat([w_q_lat, w_q[:, nope:][:, perm]], dim=1) * attn.softmax_scale
+    w_q = torch.cat([w_q_lat.flatten(0, 1), w_q[:, nope:][:, perm].flatten(0, 1)]) * attn.softmax_scale
     w_kv = attn.wkv_a.weight
     w_o = torch.einsum("dhv,hvc->dhc", attn.wo.weight.view(-1, H, v), w_uv)
-    return w_q.reshape(H * (C + R), -1), torch.cat([w_kv[:C], w_kv[C:][perm]]), w_o.reshape(w_o.shape[0], H * C)
-
-
-def _rope_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE on de-interleaved input [x1 | x2]: [x1 c - x2 s | x2 c + x1 s] (= `apply_rope` of the interleaved input)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return w_q, torch.cat([w_kv[:C], w_kv[C:][perm]]), w_o.reshape(w_o.shape[0], H * C)
 
 
 def folded_mla_forward(attn: MLA, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache) -> Tensor:
-    """MLA with a cache through `folded_mla_weights`: MatMuls instead of four Einsums per layer."""
+    """MLA with a PoolLatentCache through `folded_mla_weights`: MatMuls instead of four Einsums
+    per layer, RoPE as one node per projection (cos / sin come from the cache's tables)."""
+    from crosschip.handoff.ort_ops import ort_rope  # as in _export_graph: onnxscript is slow to import
+
     B, T, _ = x.shape
     H, R, C = attn.n_heads, attn.qk_rope_head_dim, attn.kv_lora_rank
     w_q, w_kv, w_o = folded_mla_weights(attn)
     q_in = x if attn.q_lora_rank is None else attn.q_norm(attn.wq_a(x))
-    q = F.linear(q_in, w_q).view(B, T, H, C + R)
-    q_lat, q_pe = q.split([C, R], dim=-1)
-    q_pe = _rope_halves(q_pe, cos[:, :, None], sin[:, :, None])  # (B, T, H, R)
+    q_lat, q_pe = F.linear(q_in, w_q).split([H * C, H * R], dim=-1)
+    q_pe = ort_rope(q_pe, cache.positions, *cache.rope_tables, H)  # (B, T, H * R)
     c_kv, k_pe = F.linear(x, w_kv).split([C, R], dim=-1)
-    c_all, k_all, mask = cache.update(attn.layer_id, attn.kv_norm(c_kv), _rope_halves(k_pe, cos, sin))
+    k_pe = ort_rope(k_pe, cache.positions, *cache.rope_tables, 1)
+    c_all, k_all, mask = cache.update(attn.layer_id, attn.kv_norm(c_kv), k_pe)
     scores = torch.matmul(q_lat.reshape(B, T * H, C), c_all.transpose(1, 2))
     scores = scores + torch.matmul(q_pe.reshape(B, T * H, R), k_all.transpose(1, 2))  # (B, T*H, S)
     scores = scores.view(B, T, H, -1).masked_fill(~mask[:, :, None], float("-inf"))
@@ -329,7 +342,7 @@ def _export_decode_graph(model: Transformer, path: Path, policy: str, conn) -> N
 
 
 def _export_graph(model: Transformer, path: Path, policy: str, say) -> dict[str, Any]:
-    from crosschip.handoff.ort_moe import TRANSLATIONS
+    from crosschip.handoff.ort_ops import TRANSLATIONS
 
     step = CachedStep(model)
     say("tracing the cached step (torch.export)")

@@ -1,5 +1,5 @@
-"""ONNX Runtime's fused MoE node against our MoE: the routing-logit mapping and the kernel's
-own function, eager and in a real ORT session."""
+"""ONNX Runtime's contrib nodes against our model (the fused MoE's routing-logit mapping, the
+RoPE node's layout): each op's eager function, and the node in a real ORT session."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 
 from crosschip.config import model_preset
 from crosschip.handoff.onnx_export import open_session
-from crosschip.handoff.ort_moe import TRANSLATIONS, routed_experts
-from crosschip.model import MoE
+from crosschip.handoff.ort_ops import TRANSLATIONS, ort_rope, routed_experts
+from crosschip.model import MoE, apply_rope, rope_cos_sin
 
 
 class _Routed(torch.nn.Module):
@@ -64,4 +64,44 @@ def test_the_exported_node_runs_in_onnx_runtime_as_the_model_moe(moe, tmp_path):
         expected = moe(x)
     assert [n.op_type for n in onnx.load(str(path)).graph.node if n.domain == "com.microsoft"] == ["MoE"]
     (out,) = open_session(path, threads=1).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-5, atol=1e-6)
+
+
+class _Rope(torch.nn.Module):
+    def __init__(self, tables, num_heads):
+        super().__init__()
+        self.tables, self.num_heads = tables, num_heads
+
+    def forward(self, x, positions):
+        return ort_rope(x, positions, *self.tables, self.num_heads)
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_rope_node_is_the_model_rope_on_deinterleaved_halves(num_heads, tmp_path):
+    """`ort_rope` of x's evens-then-odds is `apply_rope` of x, eagerly and as ORT's node."""
+    R, B, T, max_pos = 16, 3, 5, 64
+    torch.manual_seed(0)
+    x = torch.randn(B, T, num_heads, R)
+    positions = torch.randint(0, max_pos, (B, T))
+    perm = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
+    tables = rope_cos_sin(torch.arange(max_pos), R, 10000.0)
+    expected = apply_rope(x, *rope_cos_sin(positions, R, 10000.0)).reshape(B, T, -1)
+    halves = x[..., perm].reshape(B, T, -1)
+    torch.testing.assert_close(ort_rope(halves, positions, *tables, num_heads), expected)
+
+    path = tmp_path / "rope.onnx"
+    dim = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _Rope(tables, num_heads).eval(),
+            (halves, positions),
+            input_names=["x", "positions"],
+            dynamic_shapes={"x": dim, "positions": dim},
+            dynamo=True,
+            custom_translation_table=TRANSLATIONS,
+        )
+        program.save(str(path))
+    assert [n.op_type for n in onnx.load(str(path)).graph.node if n.domain == "com.microsoft"] == ["RotaryEmbedding"]
+    (out,) = open_session(path, threads=1).run(None, {"x": halves.numpy(), "positions": positions.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-5, atol=1e-6)
