@@ -236,22 +236,26 @@ class Engine:
         logits = self.executor.step(chunks, all_logits=need_all)
         self.steps += 1
         now = time.monotonic()
+        if need_all:
+            for (seq, _), rows in zip(fed, logits):
+                if seq.request.params.prompt_logprobs is not None and seq.prefilling:
+                    self._record_prompt_logprobs(seq, rows)
+            logits = torch.stack([rows[-1] for rows in logits])
         greedy_rows, greedy_seqs = [], []
-        for (seq, n), row in zip(fed, logits):
-            if need_all and seq.request.params.prompt_logprobs is not None and seq.prefilling:
-                self._record_prompt_logprobs(seq, row)
-            last = row if row.dim() == 1 else row[-1]
+        for i, (seq, n) in enumerate(fed):
             seq.computed += n
             if seq.prefilling:
                 continue  # more prompt chunks to come
             if seq.request.params.plain_greedy:
-                greedy_rows.append(last)
+                greedy_rows.append(i)
                 greedy_seqs.append(seq)
             else:
-                self._append(seq, self._sample_one(seq, last))
+                self._append(seq, self._sample_one(seq, logits[i]))
         if greedy_rows:
-            # One argmax for the whole batch: no per-row work for plain greedy decoding.
-            for seq, tok in zip(greedy_seqs, torch.stack(greedy_rows).argmax(dim=-1).tolist()):
+            # One argmax for the whole batch, in numpy (the logits are a CPU tensor): right
+            # after a forward has flushed the caches, torch's dispatch of row views, a stack and
+            # an argmax took ~4x numpy's time (280 against 70 us at batch 8, ~10% of a step).
+            for seq, tok in zip(greedy_seqs, logits.numpy()[greedy_rows].argmax(-1).tolist()):
                 self._append(seq, tok)
         self._emit([seq for seq, _ in fed if len(seq.output_ids) > seq.sent_tokens], now)
         self._retire()

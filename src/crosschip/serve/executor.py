@@ -52,11 +52,12 @@ class Executor(Protocol):
         """
         ...
 
-    def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> list[Tensor]:
+    def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> Tensor | list[Tensor]:
         """Feed each chunk's tokens, appending their latents to that sequence's cache.
 
-        Returns one fp32 CPU tensor per chunk: the logits of its last token (V,) or, with
-        `all_logits`, of every token (T, V).
+        Returns fp32 CPU logits: of each chunk's last token, one (len(chunks), V) tensor (row i
+        is chunk i; one tensor, so a caller can argmax a whole decode batch at once), or with
+        `all_logits`, a list of one (T, V) tensor per chunk.
         """
         ...
 
@@ -188,18 +189,27 @@ def build_batch(pool: BlockPool, chunks: list[Chunk], device: torch.device) -> t
     return input_ids.to(device), positions.to(device), cache
 
 
-def run_in_groups(chunks: list[Chunk], run, all_logits: bool) -> list[Tensor]:
+def run_in_groups(chunks: list[Chunk], run, all_logits: bool) -> Tensor | list[Tensor]:
     """Run a step's chunks as few batched forwards: every single-token decode together, and
     prefill pieces of similar length padded together (one run per chunk made TTFT at 32
-    concurrent requests ~4x transformers'). `run(batch, all_logits)` returns one row per chunk."""
-    out: list[Tensor | None] = [None] * len(chunks)
+    concurrent requests ~4x transformers'). `run(batch, all_logits)` returns what
+    `Executor.step` does for `batch`; the groups' results are put back in chunk order."""
     decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
     groups = [decodes] if decodes else []
     groups += prefill_groups([(i, len(c.token_ids)) for i, c in enumerate(chunks) if len(c.token_ids) > 1])
-    for group in groups:
-        for i, row in zip(group, run([chunks[i] for i in group], all_logits)):
-            out[i] = row
-    return out  # type: ignore[return-value]
+    if len(groups) == 1 and groups[0] == list(range(len(chunks))):
+        return run(chunks, all_logits)  # one forward in chunk order (every decode-only step)
+    results = [run([chunks[i] for i in group], all_logits) for group in groups]
+    if all_logits:
+        out: list[Tensor | None] = [None] * len(chunks)
+        for group, rows in zip(groups, results):
+            for i, row in zip(group, rows):
+                out[i] = row
+        return out  # type: ignore[return-value]
+    last = torch.empty(len(chunks), results[0].shape[-1], dtype=results[0].dtype)
+    for group, rows in zip(groups, results):
+        last[group] = rows
+    return last
 
 
 def prefill_groups(lengths: list[tuple[int, int]], max_waste: float = 0.25) -> list[list[int]]:
@@ -278,13 +288,13 @@ class TorchExecutor:
         return self.pool.reserve(seq_id, total_tokens)
 
     @torch.inference_mode()
-    def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> list[Tensor]:
+    def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> Tensor | list[Tensor]:
         for c in chunks:
             self._ensure_room(c)
         out = run_in_groups(chunks, self._run, all_logits)
         for c in chunks:
             self.pool.lengths[c.seq_id] = c.start_pos + len(c.token_ids)
-        return out  # type: ignore[return-value]
+        return out
 
     def release(self, seq_id: int) -> None:
         self.pool.release(seq_id)
@@ -312,7 +322,7 @@ class TorchExecutor:
         if end > self.pool.capacity(c.seq_id) and not self.pool.reserve(c.seq_id, end):
             raise CacheFullError(f"the latent cache is full: no room for sequence {c.seq_id} at {end} tokens")
 
-    def _run(self, batch: list[Chunk], all_logits: bool) -> list[Tensor]:
+    def _run(self, batch: list[Chunk], all_logits: bool) -> Tensor | list[Tensor]:
         input_ids, positions, cache = build_batch(self.pool, batch, self.device)
         if all_logits:
             logits = self.forward(input_ids, positions, cache).float().cpu()  # (B, T, V)
@@ -322,7 +332,7 @@ class TorchExecutor:
         logits = self.forward(input_ids, positions, cache, last)[:, 0]
         if logits.dtype != torch.float32 or logits.device.type != "cpu":
             logits = logits.float().cpu()
-        return list(logits.unbind(0))
+        return logits
 
 
 def make_executor(bundle_dir: str | Path, backend_spec: str, **opts: Any) -> Executor:
