@@ -188,8 +188,10 @@ def record(
         f"| {roof:.0%} | {gflops:.0f} |\n"
     )
     lines = text.rstrip("\n").split("\n")
-    # insert the row at the end of this script's table
-    at = max(i for i, line in enumerate(lines) if line.startswith("|") and i > lines.index(header))
+    # insert the row at the end of this script's table (other sections may follow it)
+    at = next(i for i in range(lines.index(header), len(lines)) if lines[i].startswith("|"))
+    while at + 1 < len(lines) and lines[at + 1].startswith("|"):
+        at += 1
     lines.insert(at + 1, row.rstrip("\n"))
     RESULTS.write_text("\n".join(lines) + "\n")
     print(f"recorded in {RESULTS}")
