@@ -170,7 +170,8 @@ def folded_mla_weights(attn: MLA) -> tuple[Tensor, Tensor, Tensor]:
     latents it stores are the model's (c_kv after its norm, k_pe as `apply_rope` returns it).
     The products are computed from the parameters inside the graph, not stored: the graph
     keeps the model's own (rounded) weights, which a precision policy stores exactly, and
-    ONNX Runtime folds the products in fp32 when it loads the session.
+    ONNX Runtime folds the products in fp32 when it loads the session (not under the int8
+    policy: ORT keeps its DequantizeLinear nodes, so there they are computed every step).
     """
     H, nope, R, C, v = attn.n_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank, attn.v_head_dim
     perm = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
