@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from crosschip import hf
 from crosschip.backends import get_backend
 from crosschip.handoff.export import export_bundle
-from crosschip.handoff.onnx_export import INPUT_NAMES, CachedStep, causal_mask, count_expert_weights, open_session
+from crosschip.handoff.onnx_export import (
+    INPUT_NAMES,
+    CachedStep,
+    causal_mask,
+    count_expert_weights,
+    open_session,
+    store_weights,
+)
 from crosschip.serve.executor import Chunk, TorchExecutor
 from crosschip.serve.ort_executor import OrtExecutor
 
@@ -245,3 +253,25 @@ def test_low_precision_graphs_store_small_weights_and_match_torch(debug_bundle, 
     got = ex.step([Chunk(0, list(range(3, 19)), 0)], all_logits=True)[0]
     with torch.no_grad():
         torch.testing.assert_close(got, rounded(torch.arange(3, 19)[None])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["fp16", "bf16"])
+def test_half_policies_keep_fp32_what_they_cannot_store_exactly(policy):
+    """A graph constant the policy would round stays fp32: the exported step folds the float
+    positions 0..511 of its RoPE tables into one, and bf16 cannot hold 257."""
+    h, tp = onnx.helper, onnx.TensorProto
+    rounded = torch.randn(4, 8).to(torch.bfloat16).float().numpy()  # exact in both policies
+    positions = np.arange(512, dtype=np.float32)[:, None]  # exact in fp16, not in bf16
+    graph = h.make_graph(
+        [h.make_node("Identity", ["w"], ["y"]), h.make_node("Identity", ["p"], ["z"])],
+        "g",
+        [],
+        [h.make_tensor_value_info("y", tp.FLOAT, [4, 8]), h.make_tensor_value_info("z", tp.FLOAT, [512, 1])],
+        [onnx.numpy_helper.from_array(rounded, "w"), onnx.numpy_helper.from_array(positions, "p")],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    stats = store_weights(model, policy)
+    assert stats == ({"converted": 2, "kept_fp32": 0} if policy == "fp16" else {"converted": 1, "kept_fp32": 1})
+    y, z = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+    np.testing.assert_array_equal(y, rounded)
+    np.testing.assert_array_equal(z, positions)

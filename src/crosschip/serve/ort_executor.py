@@ -2,8 +2,8 @@
 `model.onnx` on an execution provider (CPU, CUDA, CANN).
 
 A bundle may hold two graphs with the same contract (see `handoff.onnx_export`): `model.onnx`
-for prefill and large batches, and `model.decode.onnx` (folded MLA, MoE without a per-expert
-loop or data-dependent shapes) for decode batches of at most 2 * n_routed_experts /
+for prefill and large batches, and `model.decode.onnx` (an MoE without data-dependent
+shapes) for decode batches of at most 2 * n_routed_experts /
 num_experts_per_tok rows. The graphs read past latents from a paged pool through slot
 indices and returns the new tokens' latents. The pool lives on the execution provider's
 device as two OrtValues, bound once with IO binding; per step only the small index tensors
