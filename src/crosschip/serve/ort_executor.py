@@ -3,9 +3,8 @@
 
 A bundle may hold two graphs with the same contract (see `handoff.onnx_export`): `model.onnx`
 for prefill and large batches, and `model.decode.onnx` (an MoE without data-dependent
-shapes) for decode batches of at most 2 * n_routed_experts /
-num_experts_per_tok rows. The graphs read past latents from a paged pool through slot
-indices and returns the new tokens' latents. The pool lives on the execution provider's
+shapes) for decode batches of at most n_routed_experts x threads rows. The graphs read past
+latents from a paged pool through slot indices and return the new tokens' latents. The pool lives on the execution provider's
 device as two OrtValues, bound once with IO binding; per step only the small index tensors
 (ids, positions, past slots, mask) go in and the logits come out. The new latents are
 committed into the pool where they are: on CPU by writing into the pool's memory (a numpy
@@ -127,9 +126,13 @@ class OrtExecutor:
         # The small-batch decode graph, when the bundle has one (bundles exported before it still serve).
         small = decode_path(folder / ONNX_FILE)
         self.decode_session = open_session(small, backend, threads) if small.is_file() else None
-        # Up to this many decode rows the decode graph wins (dense experts read each expert once);
-        # measured per step on arith-tiny, CPU, 1 thread: 1.1-1.5x at 1 row, 1.0-1.05x at 8 and 12.
-        self.decode_rows = max(1, 2 * cfg.n_routed_experts // max(1, cfg.num_experts_per_tok))
+        # Up to this many decode rows the decode graph wins. Its dense experts read each expert
+        # once in two large products, whose FLOPs grow with the rows and spread over the threads;
+        # the general graph's per-expert slices are small products that barely use a second
+        # thread. Crossover measured with benchmarks/graph_ab.py (arith-tiny, CPU, 16 experts):
+        # ~16 rows on 1 thread (0.94x at 12, 1.02x at 16, 1.10x at 24), ~56 on 2 (0.92x at 32,
+        # 0.96x at 48, 1.00x at 64). Experts x threads sits on the winning side of both.
+        self.decode_rows = cfg.n_routed_experts * threads
         if num_blocks <= 0:
             num_blocks = max_batch * math.ceil(self.max_seq_len / block_size) + 1
         self.tables = SlotTables(num_blocks, block_size)
