@@ -12,10 +12,10 @@ script controls both:
 - **Order.** The session created last runs faster. Measured on arith-tiny, CPU, 1 thread,
   with one graph loaded twice: the session created second was 1-9% faster, whichever of
   the two ran first on an input; of four sessions created in a row, the last was 3-11%
-  faster than the other three. (Why is not measured; my guess is where each session's weights land
-  in memory.) Here the steps are split over two rounds with fresh
-  sessions, created A then B, then B then A, and within a round A and B take turns on
-  inputs of their own (A B A B ...).
+  faster than the other three. (Why is not measured; my guess is where each session's
+  weights land in memory.) Here the steps are split over two rounds with fresh sessions,
+  created A then B, then B then A, and within a round A and B take turns on inputs of
+  their own (A B A B ...).
 - **Routing.** With the same input ids every step, a token picks the same experts every
   step and their weights stay in the caches: batch 1 then measured 0.55 ms where a real
   decode (new tokens, new experts) took 1.0-1.3 ms. Every run here draws new ids.
