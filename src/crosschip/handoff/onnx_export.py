@@ -81,9 +81,10 @@ class PoolLatentCache:
 
     def _past(self, pool: Tensor, layer: int) -> Tensor:
         # One gather of exactly the (B, S) slots from the flattened pool; pool[layer] first
-        # would copy the layer's whole slab in ONNX Runtime.
+        # would copy the layer's whole slab in ONNX Runtime. A row lookup exports as Gather,
+        # which copies whole rows; advanced indexing exports as GatherND, element by element.
         L, P, D = pool.shape
-        return pool.reshape(L * P, D)[self.past_slots + layer * P]  # (B, S, D)
+        return F.embedding(self.past_slots + layer * P, pool.reshape(L * P, D))  # (B, S, D)
 
     def update(self, layer: int, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self.new_c_kv.append(c_kv)
