@@ -292,3 +292,60 @@ def test_half_policies_keep_fp32_what_they_cannot_store_exactly(policy):
     y, z = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
     np.testing.assert_array_equal(y, rounded)
     np.testing.assert_array_equal(z, positions)
+
+
+def test_general_graph_splits_the_pairs_by_the_counts_tensor(fp32_bundle, model):
+    """Each MoE layer's two Splits (inputs and routing weights, sorted by expert) read the
+    per-expert counts as one tensor, not rebuilt element by element (`feed_splits_whole_sizes`)."""
+    graph = onnx.load(str(fp32_bundle / "model.onnx"), load_external_data=False).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    experts = model.cfg.n_routed_experts
+    splits = [n for n in graph.node if n.op_type == "Split" and len(n.output) == experts and len(n.input) > 1]
+    assert len(splits) == 2 * len(model.moe_layers())
+    for split in splits:
+        assert producers[split.input[1]].op_type == "ScatterElements", split.name  # the counts themselves
+
+
+def _split_graph(order: list[int]) -> onnx.ModelProto:
+    """Split(x, Concat(Squeeze(Slice(counts, i, i+1)) for i in order)), the traced MoE's pattern."""
+    h = onnx.helper
+    nodes, parts = [], []
+    one = onnx.numpy_helper.from_array(np.array([1], np.int64), "one")
+    zero = onnx.numpy_helper.from_array(np.array([0], np.int64), "zero")
+    inits = [one, zero]
+    for i in order:
+        inits += [onnx.numpy_helper.from_array(np.array([i, i + 1], np.int64)[k : k + 1], f"b{i}_{k}") for k in (0, 1)]
+        nodes.append(h.make_node("Slice", ["counts", f"b{i}_0", f"b{i}_1", "zero"], [f"s{i}"]))
+        nodes.append(h.make_node("Squeeze", [f"s{i}", "zero"], [f"q{i}"]))
+        nodes.append(h.make_node("Unsqueeze", [f"q{i}", "zero"], [f"u{i}"]))
+        parts.append(f"u{i}")
+    nodes.append(h.make_node("Concat", parts, ["sizes"], axis=0))
+    nodes.append(h.make_node("Split", ["x", "sizes"], [f"y{i}" for i in order], axis=0))
+    tp = onnx.TensorProto
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", tp.FLOAT, [6, 2]), h.make_tensor_value_info("counts", tp.INT64, [3])],
+        [h.make_tensor_value_info(f"y{i}", tp.FLOAT, None) for i in order],
+        inits,
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("order,changed", [([0, 1, 2], 1), ([0, 2, 1], 0)])
+def test_split_sizes_are_fed_whole_only_when_they_are_the_tensor_in_order(order, changed):
+    import onnx_ir as ir
+
+    from crosschip.handoff.onnx_export import feed_splits_whole_sizes
+
+    model = ir.from_proto(_split_graph(order))
+    assert feed_splits_whole_sizes(model) == changed
+    proto = ir.to_proto(model)
+    x, counts = np.arange(12, dtype=np.float32).reshape(6, 2), np.array([1, 2, 3], np.int64)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "counts": counts}
+    )
+    sizes = counts[order]
+    want = np.split(x, np.cumsum(sizes)[:-1])
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
