@@ -310,11 +310,9 @@ def _split_graph(order: list[int]) -> onnx.ModelProto:
     """Split(x, Concat(Squeeze(Slice(counts, i, i+1)) for i in order)), the traced MoE's pattern."""
     h = onnx.helper
     nodes, parts = [], []
-    one = onnx.numpy_helper.from_array(np.array([1], np.int64), "one")
-    zero = onnx.numpy_helper.from_array(np.array([0], np.int64), "zero")
-    inits = [one, zero]
+    inits = [onnx.numpy_helper.from_array(np.array([0], np.int64), "zero")]
     for i in order:
-        inits += [onnx.numpy_helper.from_array(np.array([i, i + 1], np.int64)[k : k + 1], f"b{i}_{k}") for k in (0, 1)]
+        inits += [onnx.numpy_helper.from_array(np.array([i + k], np.int64), f"b{i}_{k}") for k in (0, 1)]
         nodes.append(h.make_node("Slice", ["counts", f"b{i}_0", f"b{i}_1", "zero"], [f"s{i}"]))
         nodes.append(h.make_node("Squeeze", [f"s{i}", "zero"], [f"q{i}"]))
         nodes.append(h.make_node("Unsqueeze", [f"q{i}", "zero"], [f"u{i}"]))

@@ -30,8 +30,8 @@ expert, right for prefill and large batches) and `model.decode.onnx` for decode 
 few rows (an MoE with no data-dependent shapes: ONNX Runtime's fused MoE node for 1-2 tokens
 (`ort_moe`), every expert densely above).
 Measured on arith-tiny, CPU, 1 thread, trained weights, ms per decode step of `model.onnx`
-against `model.decode.onnx` (benchmarks/graph_ab.py): 2.12 against 1.67 at batch 1, 3.52
-against 3.11 at batch 8, 3.73 against 3.80 at batch 16; the serving executor picks the
+against `model.decode.onnx` (benchmarks/graph_ab.py): 1.10 against 1.04 at batch 1, 2.78
+against 2.63 at batch 8, 3.72 against 3.94 at batch 16; the serving executor picks the
 decode graph up to a row count that grows with its threads (`OrtExecutor.decode_rows`).
 """
 

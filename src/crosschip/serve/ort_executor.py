@@ -4,12 +4,12 @@
 A bundle may hold two graphs with the same contract (see `handoff.onnx_export`): `model.onnx`
 for prefill and large batches, and `model.decode.onnx` (an MoE without data-dependent
 shapes) for decode batches of at most n_routed_experts x threads rows. The graphs read past
-latents from a paged pool through slot indices and return the new tokens' latents. The pool lives on the execution provider's
-device as two OrtValues, bound once with IO binding; per step only the small index tensors
-(ids, positions, past slots, mask) go in and the logits come out. The new latents are
-committed into the pool where they are: on CPU by writing into the pool's memory (a numpy
-view of the OrtValue, zero copy); on other devices by a one-node ScatterND graph whose output
-is bound to the pool itself.
+latents from a paged pool through slot indices and return the new tokens' latents. The pool
+lives on the execution provider's device as two OrtValues, bound once with IO binding; per
+step only the small index tensors (ids, positions, past slots, mask) go in and the logits
+come out. The new latents are committed into the pool where they are: on CPU by writing into
+the pool's memory (a numpy view of the OrtValue, zero copy); on other devices by a one-node
+ScatterND graph whose output is bound to the pool itself.
 """
 
 from __future__ import annotations
@@ -129,9 +129,10 @@ class OrtExecutor:
         # Up to this many decode rows the decode graph wins. Its dense experts read each expert
         # once in two large products, whose FLOPs grow with the rows and spread over the threads;
         # the general graph's per-expert slices are small products that barely use a second
-        # thread. Crossover measured with benchmarks/graph_ab.py (arith-tiny, CPU, 16 experts):
-        # ~16 rows on 1 thread (0.94x at 12, 1.02x at 16, 1.10x at 24), ~56 on 2 (0.92x at 32,
-        # 0.96x at 48, 1.00x at 64). Experts x threads sits on the winning side of both.
+        # thread. Decode graph against general graph, benchmarks/graph_ab.py (arith-tiny, CPU,
+        # 16 experts): 1 thread 0.95x at 8 rows, 0.96x at 12, 1.06x at 16, 1.13x at 24;
+        # 2 threads 0.81x at 16, 0.92x at 32, 1.00x at 48. Experts x threads is at the
+        # crossover on 1 thread and on the winning side on 2.
         self.decode_rows = cfg.n_routed_experts * threads
         if num_blocks <= 0:
             num_blocks = max_batch * math.ceil(self.max_seq_len / block_size) + 1
