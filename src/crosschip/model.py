@@ -221,7 +221,8 @@ class MoE(nn.Module):
     contiguous slice: one gather, one scatter-add and one host sync (the per-expert counts) per
     layer, whatever the expert count. Only the chosen pairs are computed.
     It is also what graph capture (ONNX export) traces: the counts become data-dependent sizes
-    of one Split, so every expert stays in the graph at ~10 nodes, with no per-expert NonZero.
+    of one Split, so every expert stays in the graph as a few nodes, with no per-expert NonZero
+    (the export feeds that Split the counts tensor whole: `feed_splits_whole_sizes`).
     """
 
     def __init__(self, cfg: ModelConfig):

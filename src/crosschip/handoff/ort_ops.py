@@ -12,12 +12,15 @@ selects by biased sigmoid scores and weights by the unbiased ones, so the node i
 softmax is weight / sum(weights) at exactly the chosen experts; multiplying the node's output
 by sum(weights) restores the weights as they are (normalised or not, with the route scale).
 Measured on arith-tiny, CPU, 1 thread, trained weights, the decode graph's batch-1 step: 0.74 ms
-with gathered expert weights, 0.61 ms with this node. At 8 tokens and more the dense form
-stays faster, so only the few-token branch uses it.
+with gathered expert weights, 0.61 ms with this node (with a script that created the new
+graph's session second and fed fixed ids, which favours it by up to ~9%; see
+benchmarks/graph_ab.py). From 4 tokens the dense form is faster (graph_ab.py: the node alone
+measured 1.145x the decode graph's time at 4 rows), so only the few-token branch uses it.
 
 `ort_rope` -> `com.microsoft.RotaryEmbedding`: RoPE on de-interleaved halves, one node where
 the written-out form is a split, four products, a sum, a difference and a concat. Measured on
-the same decode graph: RoPE written out is ~10% of a batch-1 step.
+the same decode graph with benchmarks/graph_ab.py: 0.942x the written-out form's step time at
+batch 1, 0.955x at batch 8.
 """
 
 from __future__ import annotations
