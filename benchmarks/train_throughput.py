@@ -165,11 +165,11 @@ def main() -> None:
         print(f"{'transformers':14}{tps_theirs:>10,.0f}{roof_theirs:>10.1%}{cpu_theirs:>11,.0f}")
         print(f"ratio crosschip / transformers: {ratio:.2f}x wall, {cpu_ours / cpu_theirs:.2f}x per CPU-second")
     if args.record:
-        record(args, tps_ours, tps_theirs, ratio, roof_ours, gflops, cpu_ours / cpu_theirs)
+        record(args, trainer.dtype, tps_ours, tps_theirs, ratio, roof_ours, gflops, cpu_ours / cpu_theirs)
 
 
 def record(
-    args, tps_ours: float, tps_theirs: float, ratio: float, roof: float, gflops: float, cpu_ratio: float
+    args, dtype: str, tps_ours: float, tps_theirs: float, ratio: float, roof: float, gflops: float, cpu_ratio: float
 ) -> None:
     date = subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip()
     if not RESULTS.exists():
@@ -183,7 +183,7 @@ def record(
             "|---|---|---|---|---|---|---|---|---|\n"
         )
     row = (
-        f"| {date} | {args.machine} | {args.preset} B{args.batch}xT{args.seq}, {args.threads} threads"
+        f"| {date} | {args.machine} | {args.preset} B{args.batch}xT{args.seq}, {dtype}, {args.threads} threads"
         f"{', compiled' if args.compile else ''} | {tps_ours:,.0f} | {tps_theirs:,.0f} | {ratio:.2f}x | {cpu_ratio:.2f}x "
         f"| {roof:.0%} | {gflops:.0f} |\n"
     )

@@ -131,6 +131,37 @@ def test_unchosen_experts_get_zero_gradient_and_load_is_recorded():
     assert all(moe.experts[e].w1.weight.grad.abs().sum() == 0 for e in range(8) if e != 3)
 
 
+@pytest.mark.parametrize("multiple", [4, 64])
+def test_padded_expert_rows_change_nothing_but_the_shapes(multiple):
+    """Rows padded per expert (`row_multiple`) give the unpadded output, gradients and load."""
+    cfg = model_preset("debug", n_routed_experts=8, num_experts_per_tok=3)
+    torch.manual_seed(0)
+    moe = MoE(cfg).train()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 37, cfg.hidden_size)
+    results = []
+    for m in (1, multiple):
+        moe.row_multiple = m
+        moe.zero_grad()
+        xi = x.clone().requires_grad_()
+        rows: list[int] = []
+        hook = moe.experts[0].register_forward_pre_hook(lambda _, args, seen=rows: seen.append(args[0].shape[0]))
+        out = moe(xi)
+        hook.remove()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = [p.grad.clone() for p in moe.parameters()]
+        results.append((out.detach(), xi.grad, grads, moe.last_load.tolist()))
+        if m > 1:  # the padding really happened: expert 0 saw a whole multiple of rows
+            assert rows[0] % m == 0 and rows[0] > results[0][3][0]
+    (out1, dx1, g1, load1), (out2, dx2, g2, load2) = results
+    assert load1 == load2 and sum(load1) == 2 * 37 * 3
+    torch.testing.assert_close(out2, out1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx2, dx1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_packed_documents_do_not_attend_across_boundaries():
     model = _model(seed=2)
     a = torch.randint(0, model.cfg.vocab_size, (1, 6))

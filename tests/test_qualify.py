@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from crosschip.backends import get_backend
 from crosschip.qualify.metrics import BANDS, judge
 from crosschip.qualify.numerics import OPS, measure_op
 from crosschip.qualify.stability import RunResult, RunSpec, judge_stability
@@ -171,7 +172,8 @@ def test_real_cpu_qualifies_to_train(verdicts):
     results, text = verdicts
     cpu = results["torch:cpu"]
     assert cpu["verdict"] == TRAIN, cpu["reasons"]
-    assert cpu["train_dtype"] == "fp32" and cpu["measurements"]["train_tokens_per_s"] > 0
+    native = get_backend("torch:cpu").native_bf16()
+    assert cpu["train_dtype"] == ("bf16" if native else "fp32") and cpu["measurements"]["train_tokens_per_s"] > 0
     assert cpu["checks"]["stability"]["ok"] and cpu["checks"]["collectives"]["ok"]
     assert cpu["measurements"]["deterministic"]  # two same-seed CPU runs agree bit for bit
     assert any("loss gap" in r for r in cpu["reasons"]) and any("communication" in r for r in cpu["reasons"])

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from crosschip.backends import BackendUnavailable
+from crosschip.backends import BackendUnavailable, get_backend
+from crosschip.backends.cpu import CPUBackend
 from crosschip.config import DataConfig, RunConfig, model_preset
 from crosschip.data.arith import generate_problems
 from crosschip.errors import CrosschipError
@@ -20,7 +21,7 @@ from crosschip.train import checkpoint as ckpt
 from crosschip.train.data import IGNORE, ArithStream, BatchStream, shard_rows
 from crosschip.train.faults import parse_fault
 from crosschip.train.health import HealthGuard
-from crosschip.train.trainer import Trainer, lr_at, update_balance_bias
+from crosschip.train.trainer import Trainer, lr_at, resolve_dtype, update_balance_bias
 
 
 def debug_cfg(**train) -> RunConfig:
@@ -289,6 +290,22 @@ def test_trains_on_a_text_corpus(tmp_path):
     summary = t.fit()
     t.close()
     assert summary["status"] == "done" and summary["step"] == 3 and summary["final_loss"] < 7
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_on_a_cpu_takes_bf16_only_where_it_is_native(monkeypatch, native):
+    monkeypatch.setattr(CPUBackend, "native_bf16", lambda self: native)
+    assert resolve_dtype("auto", get_backend("torch:cpu")) == ("bf16" if native else "fp32")
+    # A chip that refuses bf16 trains fp32 on the host, native or not.
+    assert resolve_dtype("auto", get_backend("emu:fp16-only")) == "fp32"
+    assert resolve_dtype("fp32", get_backend("torch:cpu")) == "fp32"
+
+
+@pytest.mark.parametrize(("dtype", "multiple"), [("fp32", 1), ("bf16", 64)])
+def test_low_precision_on_a_cpu_pads_expert_rows(tmp_path, dtype, multiple):
+    t = Trainer(debug_cfg(steps=1, dtype=dtype), tmp_path, verbose=False)
+    t.close()
+    assert {moe.row_multiple for moe in t.model.moe_layers()} == {multiple}
 
 
 @pytest.mark.parametrize(("backend", "dtype"), [("torch:cpu", "bf16"), ("emu:fp16-only", "fp16")])

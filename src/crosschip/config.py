@@ -322,7 +322,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     dtype: str = "auto"
-    """`auto` (bf16 autocast where measured to work, else fp32 on CPU), `fp32`, `bf16` or `fp16`."""
+    """`auto` (bf16 autocast on accelerators and on CPUs with native bf16, fp16 where bf16 is
+    refused, else fp32), `fp32`, `bf16` or `fp16`."""
     bias_update_speed: float = 1e-3
     """gamma of the auxiliary-loss-free balance update."""
     seq_aux_loss_alpha: float = 0.0

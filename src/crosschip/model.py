@@ -234,6 +234,10 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
+        # Each expert's rows are padded up to a multiple of this (with zero routing weight),
+        # so that kernels cached per matmul shape see few shapes; the trainer sets it from
+        # the backend (`Backend.expert_row_multiple`). 1 (no padding) is what export traces.
+        self.row_multiple = 1
         # Filled on every forward for the trainer's balance update and load logging.
         self.last_load: Tensor | None = None
         self.last_scores: Tensor | None = None
@@ -251,23 +255,44 @@ class MoE(nn.Module):
         order = (flat_expert * M + torch.arange(M, device=x.device)).topk(M, largest=False).indices
         load = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
         load = load.scatter_add(0, flat_expert, torch.ones_like(flat_expert))
+        real_load = load
         tok = order // self.topk
+        w = weights.flatten().index_select(0, order)
+        if self.row_multiple > 1:
+            tok, w, load = self._pad_groups(flat_expert.index_select(0, order), tok, w, load)
         counts = load.tolist()  # the one host sync; data-dependent sizes when traced
         for c in counts:
             torch._check(c >= 0)
-        torch._check(sum(counts) == M)
+        torch._check(sum(counts) == tok.shape[0])
         # index_select, not x[tok]: its backward is an index_add, where advanced indexing's is
         # an accumulating index_put (several times slower on CPU).
         xs = x.index_select(0, tok).split(counts)
-        ws = weights.flatten().index_select(0, order).to(x.dtype)[:, None].split(counts)
+        ws = w.to(x.dtype)[:, None].split(counts)
         y = torch.cat([expert(xe, we) for expert, xe, we in zip(self.experts, xs, ws)])
         out = torch.zeros_like(x).index_add(0, tok, y.to(x.dtype))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.training:
-            self.last_load = load.detach()
+            self.last_load = real_load
             self.last_scores, self.last_indices = scores.view(*shape[:-1], -1), indices.view(*shape[:-1], -1)
         return out.view(shape)
+
+    def _pad_groups(self, expert: Tensor, tok: Tensor, w: Tensor, load: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Pad each expert's slice of the sorted pairs to a multiple of `row_multiple` rows.
+
+        expert, tok, w: the sorted pairs' expert, token and routing weight; load: rows per
+        expert. A padding row reads token 0 with weight 0: the expert scales its hidden
+        activation by the weight before w2, so the row adds exact zeros to the output and
+        to every gradient.
+        """
+        padded = (load + self.row_multiple - 1) // self.row_multiple * self.row_multiple
+        # Each pair moves forward by the padding of the experts before its own.
+        shift = (padded.cumsum(0) - padded) - (load.cumsum(0) - load)
+        slot = shift.index_select(0, expert) + torch.arange(tok.shape[0], device=tok.device)
+        rows = int(padded.sum())
+        tok = tok.new_zeros(rows).index_copy(0, slot, tok)
+        w = w.new_zeros(rows).index_copy(0, slot, w)
+        return tok, w, padded
 
 
 class Block(nn.Module):

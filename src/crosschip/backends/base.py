@@ -82,6 +82,14 @@ class Backend:
         """Device memory in bytes, None where unknown."""
         return None
 
+    def native_bf16(self) -> bool:
+        """Whether bf16 matmuls run on bf16 hardware here (so `train.dtype = auto` takes them)."""
+        return True
+
+    def expert_row_multiple(self, dtype: str) -> int:
+        """Round each MoE expert's row count up to a multiple of this (see `MoE.row_multiple`)."""
+        return 1
+
     def device_name(self) -> str:
         return platform.processor() or platform.machine()
 

@@ -108,7 +108,8 @@ class Qualifier:
         return result
 
     def choose_train_dtype(self, backend: Backend, ops: dict, parity: dict) -> str | None:
-        """fp32 on the host CPU (as the trainer does); elsewhere bf16, else fp16, else fp32, as measured.
+        """As the trainer's `auto` does, where measured to pass: on the host CPU bf16 if its cores
+        compute it natively, else fp32; elsewhere bf16, else fp16, else fp32.
 
         The emulated chips stand for accelerators, so they choose as an accelerator would.
         """
@@ -117,7 +118,10 @@ class Qualifier:
             p = parity.get(d, {})
             return ops.get(d, {}).get("ok", False) and p.get("forward_ok", False) and p.get("backward_ok", False)
 
-        order = ("fp32",) if backend.device_type == "cpu" and not backend.emulation else (*LOW_PRECISION, "fp32")
+        if backend.device_type == "cpu" and not backend.emulation:
+            order = ("bf16", "fp32") if backend.native_bf16() else ("fp32",)
+        else:
+            order = (*LOW_PRECISION, "fp32")
         return next((d for d in order if passes(d)), None)
 
     def stability(self, spec: str, dtype: str) -> dict[str, Any]:

@@ -49,13 +49,15 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) ->
 
 
 def resolve_dtype(requested: str, backend: Backend) -> str:
-    """The compute dtype: `auto` is fp32 on CPU and bf16 on accelerators (fp16 where bf16 is refused)."""
+    """The compute dtype. `auto` is bf16 on accelerators (fp16 where bf16 is refused); on a CPU
+    it is bf16 where the cores compute bf16 natively, else fp32 (emulated bf16 is slower)."""
     if requested not in ("auto", *DTYPES):
         raise CrosschipError(f"train.dtype must be auto, fp32, bf16 or fp16, got {requested!r}")
     if requested == "auto":
+        refused = "bf16" in backend.emulated_refused_dtypes
         if backend.device_type == "cpu":
-            return "fp32"
-        requested = "fp16" if "bf16" in backend.emulated_refused_dtypes else "bf16"
+            return "bf16" if backend.native_bf16() and not refused else "fp32"
+        requested = "fp16" if refused else "bf16"
     if requested in backend.emulated_refused_dtypes:
         raise CrosschipError(f"{backend}: this backend refuses {requested} compute; use train.dtype = fp16 or fp32")
     return requested
@@ -157,6 +159,8 @@ class Trainer:
         torch.manual_seed(self.t.seed)
         model = Transformer(self.cfg.model).to(self.device)
         model.train()
+        for moe in model.moe_layers():
+            moe.row_multiple = self.backend.expert_row_multiple(self.dtype)
         if self.dist.enabled:
             D.shard_model(model)
         return model
