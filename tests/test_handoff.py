@@ -235,3 +235,51 @@ def test_export_traces_both_graphs_here_when_no_second_process_can_start(tmp_pat
     export_onnx(_small_model(), tmp_path / "model.onnx", progress=said.append)
     assert any(m.startswith("no second process (RuntimeError") for m in said), said
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.decode.onnx").is_file()
+
+
+def test_ctrl_c_while_the_second_process_starts_stops_both_without_a_traceback(debug_bundle, tmp_path):
+    """Ctrl-C reaches the process group; the export stops its child and says `interrupted`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "crosschip", "export", str(debug_bundle), "--to", "ort:cpu", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        # Wait for the child to run its first line (SIGINT ignored): a Ctrl-C then used to
+        # print its KeyboardInterrupt traceback, or leave it tracing alone.
+        deadline, children = time.monotonic() + 120, []
+        while not children and time.monotonic() < deadline and proc.poll() is None:
+            children = [
+                c
+                for c in psutil.Process(proc.pid).children()
+                if "spawn_main" in " ".join(c.cmdline()) and _ignores_sigint(c.pid)
+            ]
+            time.sleep(0.01)
+        assert children, "the export never started its second process"
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    assert "crosschip export: interrupted" in out and "Traceback" not in out, out
+    try:  # gone, or dead and waiting to be reaped (this sandbox's init may not reap)
+        assert children[0].status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _ignores_sigint(pid: int) -> bool:
+    import signal
+
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            ignored = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(ignored >> (signal.SIGINT - 1) & 1)

@@ -37,9 +37,12 @@ decode graph up to a row count that grows with its threads (`OrtExecutor.decode_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
+import signal
+import threading
 import types
 import warnings
 from pathlib import Path
@@ -291,25 +294,51 @@ def export_onnx(model: Transformer, path: str | Path, *, policy: str = "fp32", p
     ctx = torch.multiprocessing.get_context("spawn")
     result, child_end = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_export_decode_graph, args=(model, small, policy, child_end), daemon=True)
+    # The start is inside the try: a Ctrl-C that lands just after it must still stop the
+    # child, which would otherwise trace on alone and write into the folder --resume redoes.
     try:
-        child.start()  # hands the weights over through shared memory
-        say(f"small-batch decode graph ({small.name}) in a second process")
-    except (OSError, RuntimeError) as e:  # e.g. a /dev/shm too small for the weights (containers)
-        child = None
-        say(f"no second process ({type(e).__name__}: {e}); {small.name} follows {path.name}")
-    child_end.close()
-    try:
+        try:
+            with _sigint_held():
+                child.start()  # hands the weights over through shared memory
+            say(f"small-batch decode graph ({small.name}) in a second process")
+        except (OSError, RuntimeError) as e:  # e.g. a /dev/shm too small for the weights (containers)
+            child = None
+            say(f"no second process ({type(e).__name__}: {e}); {small.name} follows {path.name}")
+        child_end.close()
         info = _export_graph(export_model(model), path, policy, say)
         if not _decode_graph_done(child, result, small, say):
             _export_graph(export_model(model, decode=True), small, policy, say)
     finally:
         # On any failure here (or Ctrl-C) the child is stopped, not waited for.
-        if child is not None:
+        if child is not None and child.pid is not None:  # pid: None if it never started
             if child.is_alive():
                 child.kill()
             child.join()
         result.close()
     return {**info, "decode_file": small.name}
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Hold a Ctrl-C until the block ends, then raise it as usual.
+
+    `Process.start` creates the child before it returns the handle that can stop it; a
+    KeyboardInterrupt in between would leave the child tracing alone. (The handler is
+    swapped, not the signal ignored: an ignored SIGINT would be lost, and inherited.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set on the main thread, and signals only run there
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(signal.SIGINT, None)  # Python's handler (or the CLI's) raises KeyboardInterrupt
+        elif held and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
 
 
 def _decode_graph_done(child: Any, result: Any, small: Path, say) -> bool:
@@ -336,6 +365,18 @@ def _quiet(msg: str) -> None:
 
 def _export_decode_graph(model: Transformer, path: Path, policy: str, conn) -> None:
     """Child process: export the decode graph, send None or the error's text back."""
+    # A Ctrl-C reaches the whole process group, and the parent stops this process then; a
+    # KeyboardInterrupt here would only add a traceback to the terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        # torch.fx's progress bar takes tqdm's lock, by default a multiprocessing one; this
+        # process ends without unregistering it, and the resource tracker then warns of a
+        # leaked semaphore at every export. A thread lock serves one process as well.
+        from tqdm import tqdm
+
+        tqdm.set_lock(threading.RLock())
+    except ImportError:
+        pass
     try:
         _export_graph(export_model(model, decode=True), path, policy, _quiet)
         conn.send(None)
