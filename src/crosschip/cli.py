@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
 import textwrap
 from dataclasses import dataclass
 
+from crosschip import interrupts
 from crosschip.errors import CrosschipError
 
 
@@ -118,37 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         print(f"crosschip {args.stage}: this stage is not built yet.", file=sys.stderr)
         return 2
-    interrupts = _count_interrupts()
+    interrupts.install()
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except (KeyboardInterrupt, Exception) as e:
-        # A library can catch the KeyboardInterrupt and raise its own error instead (a Ctrl-C
-        # during torch.export comes back as an export error about a half-imported module):
-        # after a Ctrl-C, whatever ends the stage is the interruption, not a failure to report.
-        if isinstance(e, KeyboardInterrupt) or interrupts():
-            print(f"\ncrosschip {args.stage}: interrupted", file=sys.stderr)
-            return 130
-        if isinstance(e, CrosschipError):
-            print(f"crosschip {args.stage}: error: " + textwrap.indent(str(e), "  ").lstrip(), file=sys.stderr)
-            return e.exit_code
-        raise
-
-
-def _count_interrupts():
-    """Count SIGINTs from here on (each still raises KeyboardInterrupt); returns the counter.
-
-    Left alone when SIGINT is not Python's default handler (ignored in a background job, or
-    off the main thread): a stage that wants Ctrl-C there sets its own handler.
-    """
-    seen = []
-    try:
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-
-            def on_sigint(signum, frame):
-                seen.append(signum)
-                signal.default_int_handler(signum, frame)
-
-            signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:  # not the main thread
-        pass
-    return lambda: len(seen)
+        # A library can catch the KeyboardInterrupt and raise its own error instead: after a
+        # Ctrl-C, whatever ends the stage is the interruption, not a failure to report.
+        if not (isinstance(e, KeyboardInterrupt) or interrupts.seen()):
+            if isinstance(e, CrosschipError):
+                print(f"crosschip {args.stage}: error: " + textwrap.indent(str(e), "  ").lstrip(), file=sys.stderr)
+                return e.exit_code
+            raise
+    else:
+        if not interrupts.seen():  # or a library swallowed the Ctrl-C: its outputs are not trusted
+            return code
+    print(f"\ncrosschip {args.stage}: interrupted", file=sys.stderr)
+    return 130

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crosschip import interrupts
 from crosschip.errors import CrosschipError
 from crosschip.model import MLA, MoE, RMSNorm, Transformer, rope_cos_sin
 
@@ -407,6 +408,7 @@ def _export_graph(model: Transformer, path: Path, policy: str, say) -> dict[str,
             optimize=False,
             custom_translation_table=TRANSLATIONS,
         )
+    interrupts.check()  # torch.onnx.export retries after an interrupted import: Ctrl-C is lost there
     say("optimizing the graph")
     import onnxscript.optimizer
 
