@@ -248,7 +248,15 @@ def test_ctrl_c_while_the_second_process_starts_stops_both_without_a_traceback(d
     import psutil
 
     cmd = [sys.executable, "-m", "crosschip", "export", str(debug_bundle), "--to", "ort:cpu", "--out", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Started with SIGINT ignored, as a job in the background of a script is (and as pytest-xdist
+    # workers start their children): `kill -INT` must stop it all the same.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         # Wait for the child to run its first line (SIGINT ignored): a Ctrl-C then used to
         # print its KeyboardInterrupt traceback, or leave it tracing alone.

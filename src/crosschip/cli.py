@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                 return e.exit_code
             raise
     else:
-        if not interrupts.seen():  # or a library swallowed the Ctrl-C: its outputs are not trusted
+        # A stage that handled the Ctrl-C itself returns its own code; one that a library let
+        # finish after it did not finish as asked, and its outputs are not to be trusted.
+        if code != 0 or not interrupts.seen():
             return code
     print(f"\ncrosschip {args.stage}: interrupted", file=sys.stderr)
     return 130

@@ -17,8 +17,10 @@ _seen = 0
 def install() -> None:
     """Count SIGINTs from now on; each still raises KeyboardInterrupt.
 
-    Left alone when SIGINT is not Python's default handler (ignored in a background job) or
-    off the main thread: a stage that wants Ctrl-C there sets its own handler.
+    Also where SIGINT came in ignored: a process started in the background of a script
+    inherits it so, and Python then installs no handler, so an explicit `kill -INT` would be
+    lost and the stage would run to its end. Ctrl-C and `kill -INT` always stop a stage.
+    Nothing is installed off the main thread, where Python cannot set handlers.
     """
 
     def on_sigint(signum, frame):
@@ -27,8 +29,7 @@ def install() -> None:
         signal.default_int_handler(signum, frame)
 
     try:
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, on_sigint)
+        signal.signal(signal.SIGINT, on_sigint)
     except ValueError:  # not the main thread
         pass
 

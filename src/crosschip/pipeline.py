@@ -403,10 +403,6 @@ def _open_run(args: argparse.Namespace) -> Run:
 
 
 def run(args: argparse.Namespace) -> int:
-    # A process started in the background of a script inherits SIGINT ignored, and Python then
-    # installs no KeyboardInterrupt handler: an explicit `kill -INT` would be lost and the run
-    # would finish instead of stopping resumably. Ctrl-C and `kill -INT` always stop the run.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     run_ = _open_run(args)
     started = time.perf_counter()
     train_on = args.train_on or run_.state.get("train_on")
