@@ -9,7 +9,10 @@ the CLI can tell an interruption from a failure.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
+from collections.abc import Iterator
 
 _seen = 0
 
@@ -43,3 +46,27 @@ def check() -> None:
     """Raise KeyboardInterrupt if a SIGINT arrived, whatever a library did with it."""
     if _seen:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Hold a Ctrl-C until the block ends, then raise it as usual.
+
+    For a step that must not be cut in two: `Process.start` creates the child before it
+    returns the handle that can stop it, and a KeyboardInterrupt in between would leave the
+    child running alone. The handler is swapped, not the signal ignored: an ignored SIGINT
+    would be lost (the other threads take it and drop it) and inherited by the child.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set on the main thread, and signals only run there
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, None)  # Python's handler, or install()'s, raises KeyboardInterrupt
+        elif caught and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt

@@ -5,7 +5,8 @@ Everything device-specific (device strings, the collective backend, synchronisat
 import that brings a vendor plugin in) lives behind this interface, so nothing outside
 `backends/` names a vendor.
 
-Capabilities are *not* declared here: `crosschip probe` measures them by running ops.
+Capabilities are *not* declared here: `crosschip probe` measures them by running ops. (Two
+hints steer defaults only: `native_bf16`, which asks the hardware, and `expert_row_multiple`.)
 """
 
 from __future__ import annotations

@@ -37,7 +37,6 @@ decode graph up to a row count that grows with its threads (`OrtExecutor.decode_
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import re
@@ -299,7 +298,7 @@ def export_onnx(model: Transformer, path: str | Path, *, policy: str = "fp32", p
     # child, which would otherwise trace on alone and write into the folder --resume redoes.
     try:
         try:
-            with _sigint_held():
+            with interrupts.held():
                 child.start()  # hands the weights over through shared memory
             say(f"small-batch decode graph ({small.name}) in a second process")
         except (OSError, RuntimeError) as e:  # e.g. a /dev/shm too small for the weights (containers)
@@ -317,29 +316,6 @@ def export_onnx(model: Transformer, path: str | Path, *, policy: str = "fp32", p
             child.join()
         result.close()
     return {**info, "decode_file": small.name}
-
-
-@contextlib.contextmanager
-def _sigint_held():
-    """Hold a Ctrl-C until the block ends, then raise it as usual.
-
-    `Process.start` creates the child before it returns the handle that can stop it; a
-    KeyboardInterrupt in between would leave the child tracing alone. (The handler is
-    swapped, not the signal ignored: an ignored SIGINT would be lost, and inherited.)
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield  # handlers can only be set on the main thread, and signals only run there
-        return
-    held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held and callable(previous):
-            previous(signal.SIGINT, None)  # Python's handler (or the CLI's) raises KeyboardInterrupt
-        elif held and previous == signal.SIG_DFL:
-            raise KeyboardInterrupt
 
 
 def _decode_graph_done(child: Any, result: Any, small: Path, say) -> bool:
