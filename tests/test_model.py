@@ -154,6 +154,11 @@ def test_padded_expert_rows_change_nothing_but_the_shapes(multiple):
         results.append((out.detach(), xi.grad, grads, moe.last_load.tolist()))
         if m > 1:  # the padding really happened: expert 0 saw a whole multiple of rows
             assert rows[0] % m == 0 and rows[0] > results[0][3][0]
+    rows = []
+    hook = moe.experts[0].register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    moe.eval()(x)  # evaluation computes in its own dtype: no padding there
+    hook.remove()
+    assert rows == [results[0][3][0]]
     (out1, dx1, g1, load1), (out2, dx2, g2, load2) = results
     assert load1 == load2 and sum(load1) == 2 * 37 * 3
     torch.testing.assert_close(out2, out1, rtol=1e-5, atol=1e-6)

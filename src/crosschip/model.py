@@ -234,9 +234,10 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
-        # Each expert's rows are padded up to a multiple of this (with zero routing weight),
-        # so that kernels cached per matmul shape see few shapes; the trainer sets it from
-        # the backend (`Backend.expert_row_multiple`). 1 (no padding) is what export traces.
+        # In training mode, each expert's rows are padded up to a multiple of this (with zero
+        # routing weight), so that kernels cached per matmul shape see few shapes; the trainer
+        # sets it from the backend and its compute dtype (`Backend.expert_row_multiple`).
+        # Evaluation, serving and export run in eval mode, in their own dtype: no padding.
         self.row_multiple = 1
         # Filled on every forward for the trainer's balance update and load logging.
         self.last_load: Tensor | None = None
@@ -258,7 +259,7 @@ class MoE(nn.Module):
         real_load = load
         tok = order // self.topk
         w = weights.flatten().index_select(0, order)
-        if self.row_multiple > 1:
+        if self.training and self.row_multiple > 1:
             tok, w, load = self._pad_groups(flat_expert.index_select(0, order), tok, w, load)
         counts = load.tolist()  # the one host sync; data-dependent sizes when traced
         for c in counts:
