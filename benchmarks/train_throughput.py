@@ -119,7 +119,9 @@ def main() -> None:
     p.add_argument("--no-anchor", action="store_true", help="time ours only (no transformers model)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="torch.compile our loss computation")
+    p.add_argument(
+        "--compile", action="store_true", help="train.compile: torch.compile our attention and RMSNorm regions"
+    )
     p.add_argument("--record", action="store_true", help="append a dated row to benchmarks/RESULTS.md")
     p.add_argument("--machine", default="2-core CPU (AMD EPYC), shared/noisy")
     args = p.parse_args()

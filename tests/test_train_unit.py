@@ -318,3 +318,31 @@ def test_mixed_precision_keeps_fp32_master_weights(tmp_path, backend, dtype):
     assert summary["status"] == "done" and summary["dtype"] == dtype and math.isfinite(summary["final_loss"])
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
     assert (t.scaler is not None) == (dtype == "fp16")
+
+
+def test_compiled_regions_train_like_eager_and_evaluation_stays_eager(tmp_path):
+    from torch._dynamo.utils import counters
+
+    from train_helpers import losses
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {}
+    for compiled in (False, True):
+        cfg = debug_cfg(steps=3, dtype="fp32", compile=compiled, eval_every=-1)  # -1: no final evaluation
+        t = Trainer(cfg, tmp_path / str(compiled), verbose=False)
+        try:
+            assert t.fit()["status"] == "done"
+            # The training steps sent the attention and norm forwards through dynamo (and
+            # only the compiled run did).
+            traced = counters["frames"]["ok"]
+            assert (traced > 0) == compiled
+            # Held-out decoding (eval mode, a latent cache growing every token) runs eagerly.
+            t.evaluate(3, 4)
+            assert counters["frames"]["ok"] == traced
+        finally:
+            t.close()
+        runs[compiled] = losses(tmp_path / str(compiled))
+    assert sorted(runs[True]) == [1, 2, 3]
+    for step, loss in runs[False].items():
+        assert runs[True][step] == pytest.approx(loss, rel=1e-4)

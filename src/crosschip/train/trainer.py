@@ -27,7 +27,7 @@ from crosschip.backends import Backend, get_backend
 from crosschip.config import RunConfig, to_dict
 from crosschip.data.arith import heldout_set
 from crosschip.errors import CrosschipError
-from crosschip.model import Transformer, count_params
+from crosschip.model import MLA, RMSNorm, Transformer, count_params
 from crosschip.tokenizer import Tokenizer, default_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train import distributed as D
@@ -46,6 +46,31 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) ->
         return lr * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def compile_regions(model: Transformer) -> None:
+    """`torch.compile` each attention and RMSNorm of `model` for its training forward.
+
+    Regional compilation, as torchtitan compiles per block rather than the whole step: the
+    repeated modules share one compiled graph, and the MoE stays eager (its expert row counts
+    are data-dependent, a graph break and a recompile per count). Measured on arith-tiny,
+    2-core CPU, batch 32 x 128, one process, median of 10 interleaved steps: fp32 0.660 s
+    eager, 0.629 s regional (6 s warm-up), 0.625 s for the whole loss compiled (111 s warm-up);
+    bf16 0.516 s eager, 0.475 s regional. Eval mode (the held-out decode through a latent
+    cache, whose shapes grow every token) keeps the eager forward.
+    """
+    for module in model.modules():
+        if isinstance(module, (MLA, RMSNorm)):
+            module.forward = _training_forward(module, torch.compile(module.forward))
+
+
+def _training_forward(module: torch.nn.Module, compiled):
+    eager = module.forward
+
+    def forward(*args, **kwargs):
+        return (compiled if module.training else eager)(*args, **kwargs)
+
+    return forward
 
 
 def resolve_dtype(requested: str, backend: Backend) -> str:
@@ -123,9 +148,6 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.scaler = torch.amp.GradScaler(self.backend.device_type) if self.dtype == "fp16" else None
         self.guard = HealthGuard(self.t)
-        if self.t.compile:
-            # The whole forward + loss; the MoE's data-dependent expert sizes need dynamic shapes.
-            self.micro_loss = torch.compile(self.micro_loss, dynamic=True)
         self.step = 0
         self.train_time_s = 0.0
         self.train_cpu_s = 0.0
@@ -161,6 +183,8 @@ class Trainer:
         model.train()
         for moe in model.moe_layers():
             moe.row_multiple = self.backend.expert_row_multiple(self.dtype)
+        if self.t.compile:
+            compile_regions(model)
         if self.dist.enabled:
             D.shard_model(model)
         return model
