@@ -346,3 +346,29 @@ def test_compiled_regions_train_like_eager_and_evaluation_stays_eager(tmp_path):
     assert sorted(runs[True]) == [1, 2, 3]
     for step, loss in runs[False].items():
         assert runs[True][step] == pytest.approx(loss, rel=1e-4)
+
+
+def test_a_compiler_that_fails_leaves_training_eager_and_says_so(tmp_path, monkeypatch, capsys):
+    from train_helpers import events, losses
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no compiler for this device")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: real_compile(fn, backend=no_compiler))
+    torch._dynamo.reset()
+    t = Trainer(debug_cfg(steps=2, dtype="fp32", compile=True, eval_every=-1), tmp_path / "c", verbose=False)
+    try:
+        assert t.fit()["status"] == "done"
+    finally:
+        t.close()
+    fallback = events(tmp_path / "c", "compile_fallback")
+    assert len(fallback) == 1 and "no compiler for this device" in fallback[0]["error"]
+    assert "training eagerly" in capsys.readouterr().err
+    monkeypatch.undo()
+    e = Trainer(debug_cfg(steps=2, dtype="fp32", eval_every=-1), tmp_path / "e", verbose=False)
+    try:
+        e.fit()
+    finally:
+        e.close()
+    assert losses(tmp_path / "c") == losses(tmp_path / "e")  # eager from the first step: bit-identical

@@ -349,7 +349,8 @@ class TrainConfig:
     """Rollbacks allowed at the same step before the run stops and asks for failover."""
     compile: bool = False
     """torch.compile each attention and RMSNorm for training (`trainer.compile_regions`); the
-    MoE and evaluation stay eager. Costs a warm-up of seconds in the first step."""
+    MoE and evaluation stay eager. Costs a warm-up of seconds in the first step; where the
+    backend cannot compile, the run logs `compile_fallback` and trains eagerly."""
 
 
 @dataclass

@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) ->
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def compile_regions(model: Transformer) -> None:
+def compile_regions(model: Transformer, on_failure: Callable[[Exception], None]) -> None:
     """`torch.compile` each attention and RMSNorm of `model` for its training forward.
 
     Regional compilation, as torchtitan compiles per block rather than the whole step: the
@@ -58,19 +59,30 @@ def compile_regions(model: Transformer) -> None:
     eager, 0.629 s regional (6 s warm-up), 0.625 s for the whole loss compiled (111 s warm-up);
     bf16 0.516 s eager, 0.475 s regional. Eval mode (the held-out decode through a latent
     cache, whose shapes grow every token) keeps the eager forward.
+
+    A backend without a working compiler (a device inductor does not know, say) must not stop
+    the run: the first failure to compile is passed to `on_failure` and every region runs
+    eagerly from then on. A real error in the model still surfaces: the eager call raises it.
     """
+    state = {"failed": False}
+
+    def regional(module: torch.nn.Module) -> Callable:
+        eager, compiled = module.forward, torch.compile(module.forward)
+
+        def forward(*args, **kwargs):
+            if module.training and not state["failed"]:
+                try:
+                    return compiled(*args, **kwargs)
+                except torch._dynamo.exc.TorchDynamoException as e:
+                    state["failed"] = True
+                    on_failure(e)
+            return eager(*args, **kwargs)
+
+        return forward
+
     for module in model.modules():
         if isinstance(module, (MLA, RMSNorm)):
-            module.forward = _training_forward(module, torch.compile(module.forward))
-
-
-def _training_forward(module: torch.nn.Module, compiled):
-    eager = module.forward
-
-    def forward(*args, **kwargs):
-        return (compiled if module.training else eager)(*args, **kwargs)
-
-    return forward
+            module.forward = regional(module)
 
 
 def resolve_dtype(requested: str, backend: Backend) -> str:
@@ -184,10 +196,20 @@ class Trainer:
         for moe in model.moe_layers():
             moe.row_multiple = self.backend.expert_row_multiple(self.dtype)
         if self.t.compile:
-            compile_regions(model)
+            compile_regions(model, self._compile_failed)
         if self.dist.enabled:
             D.shard_model(model)
         return model
+
+    def _compile_failed(self, error: Exception) -> None:
+        # The compiler's own exception, not dynamo's wrapper around it (whose first line only
+        # names the backend).
+        cause = getattr(error, "inner_exception", None) or error.__cause__ or error
+        lines = str(cause).strip().splitlines()
+        reason = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        self.log.event("compile_fallback", error=reason)
+        if self.dist.is_main:
+            print(f"crosschip train: torch.compile failed ({reason}); training eagerly", file=sys.stderr)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         decay, no_decay = [], []
