@@ -342,8 +342,12 @@ class Trainer:
         model = self.model
         with self._autocast():
             h = model.hidden(mb.input_ids, mb.positions, mb.doc_ids)
-            logits = model.logits(h).float()
-            ce = F.cross_entropy(logits.flatten(0, 1), mb.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+            # The head and the softmax only where a label is: prompts and padding carry none
+            # (30% of the positions of a default-config batch), and their logits would be
+            # computed only to be ignored. index_select, whose backward is an index_add.
+            rows = (mb.labels.flatten() != IGNORE).nonzero().squeeze(1)
+            logits = model.logits(h.flatten(0, 1).index_select(0, rows)).float()
+            ce = F.cross_entropy(logits, mb.labels.flatten().index_select(0, rows), reduction="sum")
             loss = ce / n_global
             if model.mtp is not None and self.t.mtp_loss_weight > 0:
                 loss = loss + self.t.mtp_loss_weight * self._mtp_loss(h, mb) / n_global
