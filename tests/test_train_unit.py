@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from crosschip.backends import BackendUnavailable, get_backend
 from crosschip.backends.cpu import CPUBackend
@@ -22,6 +23,7 @@ from crosschip.train.data import IGNORE, ArithStream, BatchStream, shard_rows
 from crosschip.train.faults import parse_fault
 from crosschip.train.health import HealthGuard
 from crosschip.train.trainer import Trainer, lr_at, resolve_dtype, update_balance_bias
+from train_helpers import events, losses
 
 
 def debug_cfg(**train) -> RunConfig:
@@ -321,10 +323,6 @@ def test_mixed_precision_keeps_fp32_master_weights(tmp_path, backend, dtype):
 
 
 def test_compiled_regions_train_like_eager_and_evaluation_stays_eager(tmp_path):
-    from torch._dynamo.utils import counters
-
-    from train_helpers import losses
-
     torch._dynamo.reset()
     counters.clear()
     runs = {}
@@ -349,8 +347,6 @@ def test_compiled_regions_train_like_eager_and_evaluation_stays_eager(tmp_path):
 
 
 def test_a_compiler_that_fails_leaves_training_eager_and_says_so(tmp_path, monkeypatch, capsys):
-    from train_helpers import events, losses
-
     def no_compiler(gm, example_inputs):
         raise RuntimeError("no compiler for this device")
 
