@@ -368,3 +368,22 @@ def test_a_compiler_that_fails_leaves_training_eager_and_says_so(tmp_path, monke
     finally:
         e.close()
     assert losses(tmp_path / "c") == losses(tmp_path / "e")  # eager from the first step: bit-identical
+
+
+def test_mtp_and_sequence_balance_losses_train_their_parameters(tmp_path):
+    """With an MTP block, its loss (lambda = mtp_loss_weight) is the only one that reaches the
+    block's own parameters: they move only when the weight is above zero."""
+    moved = {}
+    for weight in (0.0, 0.3):
+        cfg = debug_cfg(steps=2, dtype="fp32", eval_every=-1, mtp_loss_weight=weight, seq_aux_loss_alpha=1e-3)
+        cfg.model.num_nextn_predict_layers = 1
+        t = Trainer(cfg, tmp_path / str(weight), verbose=False)
+        before = {n: p.detach().clone() for n, p in t.model.mtp.named_parameters()}
+        try:
+            summary = t.fit()
+        finally:
+            t.close()
+        assert summary["status"] == "done" and math.isfinite(summary["final_loss"])
+        moved[weight] = [n for n, p in t.model.mtp.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert moved[0.0] == []
+    assert any(n.startswith("block.") for n in moved[0.3]) and "eh_proj.weight" in moved[0.3]

@@ -157,6 +157,10 @@ class Trainer:
                 f"({self.dist.world} x {self.t.grad_accum})"
             )
         self.model = self._build_model()
+        # The MoE layers a training step runs, whose loads drive the balance update and the
+        # sequence-wise loss: an MTP block's only when its loss is on (it never runs otherwise).
+        idle = set(self.model.mtp.modules()) if self.model.mtp is not None and self.t.mtp_loss_weight <= 0 else set()
+        self.step_moes = [m for m in self.model.moe_layers() if m not in idle]
         self.optimizer = self._build_optimizer()
         self.scaler = torch.amp.GradScaler(self.backend.device_type) if self.dtype == "fp16" else None
         self.guard = HealthGuard(self.t)
@@ -365,7 +369,7 @@ class Trainer:
     def _seq_balance_loss(self) -> Tensor:
         """DeepSeek-V3's sequence-wise balance loss: sum_i f_i P_i per row, averaged."""
         total = 0.0
-        for moe in self.model.moe_layers():
+        for moe in self.step_moes:
             scores, indices = moe.last_scores, moe.last_indices  # (B, T, E), (B, T, K)
             E, K, T = scores.shape[-1], indices.shape[-1], scores.shape[1]
             counts = torch.zeros(scores.shape[0], E, device=scores.device).scatter_add_(
@@ -388,7 +392,7 @@ class Trainer:
         n_global = batch.n_label_tokens
         micros = shard_rows(batch, self.dist.rank, self.dist.world, self.t.grad_accum)
         ce_sum = torch.zeros((), device=self.device)
-        moes = self.model.moe_layers()
+        moes = self.step_moes
         loads = torch.zeros(len(moes), self.cfg.model.n_routed_experts, device=self.device)
         for i, mb in enumerate(micros):
             mb = mb.to(self.device)
