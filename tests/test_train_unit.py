@@ -387,3 +387,22 @@ def test_mtp_and_sequence_balance_losses_train_their_parameters(tmp_path):
         moved[weight] = [n for n, p in t.model.mtp.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert moved[0.0] == []
     assert any(n.startswith("block.") for n in moved[0.3]) and "eh_proj.weight" in moved[0.3]
+
+
+def test_gradient_accumulation_matches_one_micro_batch(tmp_path):
+    """grad_accum splits the same global batch into micro-batches; losses are sums over the
+    global batch's label tokens, so the steps agree with one micro-batch up to rounding."""
+    runs = {}
+    for accum in (1, 2, 4):
+        cfg = debug_cfg(steps=4, batch_size=8, dtype="fp32", eval_every=-1, grad_accum=accum)
+        t = Trainer(cfg, tmp_path / str(accum), verbose=False)
+        try:
+            assert t.fit()["status"] == "done"
+        finally:
+            t.close()
+        runs[accum] = losses(tmp_path / str(accum))
+    assert sorted(runs[1]) == [1, 2, 3, 4]
+    for accum in (2, 4):
+        for step, loss in runs[1].items():
+            assert runs[accum][step] == pytest.approx(loss, rel=1e-5)
+    assert runs[1][4] < runs[1][1]  # and it trains
