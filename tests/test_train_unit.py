@@ -406,3 +406,16 @@ def test_gradient_accumulation_matches_one_micro_batch(tmp_path):
         for step, loss in runs[1].items():
             assert runs[accum][step] == pytest.approx(loss, rel=1e-5)
     assert runs[1][4] < runs[1][1]  # and it trains
+
+
+@pytest.mark.parametrize("clip", [0.5, 0.0])
+def test_gradients_are_clipped_to_grad_clip_and_the_pre_clip_norm_is_reported(tmp_path, clip):
+    t = Trainer(debug_cfg(grad_clip=clip), tmp_path, verbose=False)
+    t.close()
+    params = list(t.model.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = math.sqrt(sum(p.numel() for p in params))
+    assert t._clip() == pytest.approx(before, rel=1e-5)
+    after = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))
+    assert after == pytest.approx(clip if clip > 0 else before, rel=1e-4)  # 0: no clipping
