@@ -70,3 +70,32 @@ def test_int_accepted_where_float_expected_but_not_bool(tmp_path):
     assert load_config(_write(tmp_path, "[train]\nlr = 1\n")).train.lr == 1
     with pytest.raises(ConfigError, match="train.lr must be float"):
         load_config(_write(tmp_path, "[train]\nlr = true\n"))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("grad_accum = 0", "train.grad_accum: must be at least 1, got 0"),
+        ("batch_size = 0", "train.batch_size: must be at least 1, got 0"),
+        ("lr = -0.001", "train.lr: must be positive, got -0.001"),
+        ("ckpt_every = 0", "train.ckpt_every: must be at least 1, got 0"),
+        ("keep_checkpoints = 1", "train.keep_checkpoints: must be at least 2, got 1"),
+        ("beta2 = 1.0", r"train.beta2: must be in \[0, 1\), got 1.0"),
+        ("eval_every = -2", "train.eval_every: must be >= -1"),
+    ],
+)
+def test_out_of_range_training_values_are_named(tmp_path, line, message):
+    """Each of these used to reach the trainer and end in a traceback (ZeroDivisionError,
+    a reshape error, torch's own ValueError) or be silently changed."""
+    path = _write(tmp_path, f"[train]\n{line}\n")
+    with pytest.raises(ConfigError, match=f"{path.name}: {message}"):
+        load_config(path)
+
+
+def test_the_trainer_checks_a_config_changed_after_loading(tmp_path):
+    from crosschip.train.trainer import Trainer
+
+    cfg = RunConfig(model=model_preset("debug"))
+    cfg.train.grad_accum = 0
+    with pytest.raises(ConfigError, match="train.grad_accum: must be at least 1"):
+        Trainer(cfg, tmp_path, verbose=False)

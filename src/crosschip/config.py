@@ -333,7 +333,9 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 100
     keep_checkpoints: int = 3
+    """Newest verified checkpoints kept (at least 2: a save killed midway leaves the one before)."""
     eval_every: int = 100
+    """Held-out accuracy every this many steps; 0 only at the end, -1 never."""
     eval_problems: int = 100
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0 = no time limit)."""
@@ -351,6 +353,42 @@ class TrainConfig:
     """torch.compile each attention and RMSNorm for training (`trainer.compile_regions`); the
     MoE and evaluation stay eager. Costs a warm-up of seconds in the first step; where the
     backend cannot compile, the run logs `compile_fallback` and trains eagerly."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ConfigError naming the first field out of range (the trainer calls this
+        again, for configs changed after construction)."""
+        rules = [
+            ("steps", self.steps >= 1, "must be at least 1"),
+            ("batch_size", self.batch_size >= 1, "must be at least 1"),
+            ("seq_len", self.seq_len >= 1, "must be at least 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be at least 1"),
+            ("lr", self.lr > 0, "must be positive"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be between 0 and 1"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0: no clipping)"),
+            ("bias_update_speed", self.bias_update_speed >= 0, "must be >= 0"),
+            ("seq_aux_loss_alpha", self.seq_aux_loss_alpha >= 0, "must be >= 0"),
+            ("mtp_loss_weight", self.mtp_loss_weight >= 0, "must be >= 0"),
+            ("ckpt_every", self.ckpt_every >= 1, "must be at least 1"),
+            ("keep_checkpoints", self.keep_checkpoints >= 2, "must be at least 2"),
+            ("eval_every", self.eval_every >= -1, "must be >= -1 (0: only at the end, -1: never)"),
+            ("eval_problems", self.eval_problems >= 1, "must be at least 1"),
+            ("max_minutes", self.max_minutes >= 0, "must be >= 0 (0: no limit)"),
+            ("spike_factor", self.spike_factor > 1, "must be above 1"),
+            ("grad_norm_limit", self.grad_norm_limit > 0, "must be positive"),
+            ("hang_timeout_s", self.hang_timeout_s > 0, "must be positive"),
+            ("straggler_factor", self.straggler_factor > 1, "must be above 1"),
+            ("max_rollbacks", self.max_rollbacks >= 0, "must be >= 0"),
+        ]
+        for name, ok, rule in rules:
+            if not ok:
+                raise ConfigError(f"train.{name}: {rule}, got {getattr(self, name)}")
 
 
 @dataclass

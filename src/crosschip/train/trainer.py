@@ -139,6 +139,7 @@ class Trainer:
         verbose: bool = True,
     ):
         self.cfg, self.t = cfg, cfg.train
+        self.t.validate()
         self.out = Path(out_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.backend = get_backend(self.t.backend).require()
