@@ -41,3 +41,31 @@ def test_unknown_backend_is_a_clear_error():
 def test_unavailable_backend_says_why():
     with pytest.raises(CrosschipError, match="torch_npu is not installed"):
         get_backend("torch:npu").require()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--port", "70000", "--port must be between 0 and 65535, got 70000"),
+        ("--block-size", "0", "--block-size must be at least 1, got 0"),
+        ("--num-blocks", "1", "--num-blocks must be 0 (sized from --max-batch) or at least 2, got 1"),
+        ("--prefill-chunk", "0", "--prefill-chunk must be at least 1, got 0"),
+        ("--max-queue", "0", "--max-queue must be at least 1, got 0"),
+        ("--drain-timeout", "-1", "--drain-timeout must be >= 0, got -1.0"),
+        ("--threads", "-1", "--threads must be >= 0"),
+    ],
+)
+def test_serve_refuses_numbers_it_cannot_run_with_before_starting(tmp_path, capsys, flag, value, message):
+    """These used to end in tracebacks (ZeroDivisionError, bind()'s OverflowError, torch's
+    RuntimeError) or be taken as they were (a prefill chunk of 0 never finishes a prompt)."""
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert main(["serve", str(tmp_path), "--port", "18999", flag, value]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_the_engine_refuses_a_zero_prefill_chunk():
+    from crosschip.serve.engine import Engine
+
+    with pytest.raises(CrosschipError, match="prefill_chunk must be at least 1, got 0"):
+        Engine(executor=None, tokenizer=None, prefill_chunk=0)

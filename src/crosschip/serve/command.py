@@ -78,6 +78,27 @@ def load_engine(args: argparse.Namespace):
     return front, tokenizer
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """Numbers the server cannot run with, named by their flags, before anything starts."""
+    rules = [
+        ("--port", 0 <= args.port <= 65535, "must be between 0 and 65535"),
+        ("--max-batch", args.max_batch >= 1, "must be at least 1"),
+        ("--max-queue", args.max_queue >= 1, "must be at least 1"),
+        ("--block-size", args.block_size >= 1, "must be at least 1"),
+        (
+            "--num-blocks",
+            args.num_blocks == 0 or args.num_blocks >= 2,
+            "must be 0 (sized from --max-batch) or at least 2",
+        ),
+        ("--prefill-chunk", args.prefill_chunk >= 1, "must be at least 1"),
+        ("--drain-timeout", args.drain_timeout >= 0, "must be >= 0"),
+        ("--threads", args.threads >= 0, "must be >= 0 (0: torch's default)"),
+    ]
+    for flag, ok, rule in rules:
+        if not ok:
+            raise CrosschipError(f"{flag} {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -87,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise BundleError(f"bundle folder not found: {args.bundle}")
     if not (args.bundle / "tokenizer.json").is_file():
         raise BundleError(f"bundle has no tokenizer.json: {args.bundle}")
-    if args.max_batch < 1 or args.max_queue < 1:
-        raise CrosschipError("--max-batch and --max-queue must be at least 1")
+    check_numbers(args)
     # The engine thread runs Python between torch ops; a shorter GIL switch interval than the
     # default 5 ms lets the event loop answer and stream while a step is running.
     sys.setswitchinterval(0.0005)

@@ -125,6 +125,14 @@ class Request:
         return all(s.finish_reason is not None for s in self.sequences)
 
 
+def check_limits(**limits: int) -> None:
+    """Each engine limit (max_batch, max_queue, prefill_chunk) must be at least 1: a 0 would
+    admit nothing, or feed no prompt token and never finish a prefill."""
+    for name, value in limits.items():
+        if value < 1:
+            raise CrosschipError(f"{name} must be at least 1, got {value}")
+
+
 class Engine:
     """Scheduler + step loop over an executor (synchronous; one thread drives `step`)."""
 
@@ -138,6 +146,7 @@ class Engine:
         prefill_chunk: int = 256,
         eos_token_ids: list[int] | None = None,
     ):
+        check_limits(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
         self.executor = executor
         self.tokenizer = tokenizer
         self.max_batch = max_batch
