@@ -69,3 +69,23 @@ def test_the_engine_refuses_a_zero_prefill_chunk():
 
     with pytest.raises(CrosschipError, match="prefill_chunk must be at least 1, got 0"):
         Engine(executor=None, tokenizer=None, prefill_chunk=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--problems", "0"], "--problems must be >= 1, got 0"),
+        (["--corpus-docs", "-1"], "--corpus-docs must be >= 0, got -1"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
+        (["--top-k", "0", "--target-url", "http://127.0.0.1:1"], "--top-k must be >= 1, got 0"),
+    ],
+)
+def test_verify_refuses_numbers_it_cannot_run_with_before_either_side_runs(
+    debug_bundle, tmp_path, capsys, args, message
+):
+    """--max-new-tokens -1 used to run the whole target side, then fail in the reference's
+    latent cache with an internal error."""
+    assert main(["verify", str(debug_bundle), "--out", str(tmp_path / "v"), "--no-record", *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "v" / "report.json").exists()

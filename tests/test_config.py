@@ -99,3 +99,10 @@ def test_the_trainer_checks_a_config_changed_after_loading(tmp_path):
     cfg.train.grad_accum = 0
     with pytest.raises(ConfigError, match="train.grad_accum: must be at least 1"):
         Trainer(cfg, tmp_path, verbose=False)
+
+
+def test_no_periodic_evaluation_needs_no_evaluation_problems(tmp_path):
+    """qualify's stability runs write eval_every = -1 with eval_problems = 0."""
+    assert load_config(_write(tmp_path, "[train]\neval_every = -1\neval_problems = 0\n")).train.eval_problems == 0
+    with pytest.raises(ConfigError, match="train.eval_problems: must be at least 1 when eval_every > 0, got 0"):
+        load_config(_write(tmp_path, "[train]\neval_every = 50\neval_problems = 0\n"))

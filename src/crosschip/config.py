@@ -378,7 +378,11 @@ class TrainConfig:
             ("ckpt_every", self.ckpt_every >= 1, "must be at least 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 2, "must be at least 2"),
             ("eval_every", self.eval_every >= -1, "must be >= -1 (0: only at the end, -1: never)"),
-            ("eval_problems", self.eval_problems >= 1, "must be at least 1"),
+            (
+                "eval_problems",
+                self.eval_problems >= 1 or self.eval_every <= 0,
+                "must be at least 1 when eval_every > 0",
+            ),
             ("max_minutes", self.max_minutes >= 0, "must be >= 0 (0: no limit)"),
             ("spike_factor", self.spike_factor > 1, "must be above 1"),
             ("grad_norm_limit", self.grad_norm_limit > 0, "must be positive"),

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from crosschip.config import DataConfig, VerifyConfig
+from crosschip.errors import CrosschipError
 from crosschip.verify.gate import GATE_FAILED_EXIT
 
 EPILOG = """
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from crosschip.verify.parity import VerifyOptions, verify
     from crosschip.verify.report import record_in_bundle, render_text, write_report
 
+    if args.top_k < 1:
+        raise CrosschipError(f"verify: --top-k must be >= 1, got {args.top_k}")
     target = args.target if args.target or args.target_url else "ort:cpu"
     opts = VerifyOptions(
         bundle=args.bundle,

@@ -86,6 +86,10 @@ def build_prompts(
     """
     if problems < 1:
         raise CrosschipError(f"verify: --problems must be >= 1, got {problems}")
+    if corpus_docs < 0:
+        raise CrosschipError(f"verify: --corpus-docs must be >= 0, got {corpus_docs}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise CrosschipError(f"verify: --max-new-tokens must be >= 1, got {max_new_tokens}")
     chosen = generate_problems(problems, digits=digits, ops=ops, seed=seed, split="heldout")
     bos = [tokenizer.bos_id]
     scored, greedy = [], []
