@@ -48,7 +48,7 @@ def test_unavailable_backend_says_why():
     [
         ("--port", "70000", "--port must be between 0 and 65535, got 70000"),
         ("--block-size", "0", "--block-size must be at least 1, got 0"),
-        ("--num-blocks", "1", "--num-blocks must be 0 (sized from --max-batch) or at least 2, got 1"),
+        ("--num-blocks", "1", "--num-blocks must be 0 (sized from max_batch) or at least 2, got 1"),
         ("--prefill-chunk", "0", "--prefill-chunk must be at least 1, got 0"),
         ("--max-queue", "0", "--max-queue must be at least 1, got 0"),
         ("--drain-timeout", "-1", "--drain-timeout must be >= 0, got -1.0"),

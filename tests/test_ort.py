@@ -347,3 +347,29 @@ def test_split_sizes_are_fed_whole_only_when_they_are_the_tensor_in_order(order,
     want = np.split(x, np.cumsum(sizes)[:-1])
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def test_the_run_serves_with_its_config_serve_table(fp32_bundle, tmp_path):
+    """`crosschip run`'s serve stage used to start the server with the backend and port only:
+    a [serve] api_key was sent by the smoke client but never required by the server, and the
+    limits were the defaults. The key travels in the environment, not on the command line."""
+    import signal
+
+    import httpx
+    import psutil
+
+    from crosschip.config import ServeConfig
+    from crosschip.pipeline import _free_port, _start_server
+
+    serve = ServeConfig(backend="ort:cpu", max_batch=3, prefill_chunk=64, api_key="sekret")
+    port = _free_port()
+    proc = _start_server(fp32_bundle, serve, port, serve.api_key, tmp_path / "serve.log")
+    try:
+        url = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer sekret"}).status_code == 200
+        cmdline = " ".join(psutil.Process(proc.pid).cmdline())
+        assert "--max-batch 3" in cmdline and "--prefill-chunk 64" in cmdline and "sekret" not in cmdline
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

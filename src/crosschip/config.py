@@ -13,6 +13,7 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,6 +420,32 @@ class ServeConfig:
     prefill_chunk: int = 256
     drain_timeout_s: float = 30.0
     api_key: str = ""
+
+    def __post_init__(self) -> None:
+        check_serve_limits(self, lambda name: f"serve.{name}:")
+
+
+def check_serve_limits(values: Any, label: Callable[[str], str]) -> None:
+    """The serving numbers of `values` (a ServeConfig, or `crosschip serve`'s arguments, which
+    carry the same names) that no server can run with, as a ConfigError whose subject is
+    `label(field)`: a port outside 0-65535, a limit below 1 (a prefill chunk of 0 never
+    finishes a prompt), a pool of one block (block 0 is scratch), a negative drain time."""
+    rules = [
+        ("port", 0 <= values.port <= 65535, "must be between 0 and 65535"),
+        ("max_batch", values.max_batch >= 1, "must be at least 1"),
+        ("max_queue", values.max_queue >= 1, "must be at least 1"),
+        ("block_size", values.block_size >= 1, "must be at least 1"),
+        (
+            "num_blocks",
+            values.num_blocks == 0 or values.num_blocks >= 2,
+            "must be 0 (sized from max_batch) or at least 2",
+        ),
+        ("prefill_chunk", values.prefill_chunk >= 1, "must be at least 1"),
+        ("drain_timeout_s", values.drain_timeout_s >= 0, "must be >= 0"),
+    ]
+    for name, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{label(name)} {rule}, got {getattr(values, name)}")
 
 
 @dataclass

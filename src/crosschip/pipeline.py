@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crosschip.config import load_config
+from crosschip.config import ServeConfig, load_config
 from crosschip.errors import CrosschipError
+from crosschip.serve.command import API_KEY_ENV
 
 DEFAULT_CONFIG = "configs/default.toml"
 GIVE_UP_EXIT = 3  # the training health guard's "fail me over" exit code
@@ -281,10 +282,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(bundle: Path, backend: str, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "crosschip", "serve", str(bundle), "--on", backend, "--port", str(port)]
+def _start_server(bundle: Path, serve: ServeConfig, port: int, api_key: str, log: Path) -> subprocess.Popen:
+    """`crosschip serve` with every setting of the config's [serve] table; the key goes
+    through the environment, not the command line that `ps` shows."""
+    cmd = [sys.executable, "-m", "crosschip", "serve", str(bundle), "--on", serve.backend, "--host", serve.host]
+    cmd += ["--port", str(port), "--max-batch", str(serve.max_batch), "--max-queue", str(serve.max_queue)]
+    cmd += ["--block-size", str(serve.block_size), "--num-blocks", str(serve.num_blocks)]
+    cmd += ["--prefill-chunk", str(serve.prefill_chunk), "--drain-timeout", str(serve.drain_timeout_s)]
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    if api_key:
+        env[API_KEY_ENV] = api_key
     f = open(log, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     Child.current = proc
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -297,13 +306,13 @@ def _start_server(bundle: Path, backend: str, port: int, log: Path) -> subproces
     raise CrosschipError(f"the server did not become ready in 120 s; see {log}")
 
 
-def _smoke(base_url: str, cfg) -> dict:
+def _smoke(base_url: str, cfg, api_key: str) -> dict:
     """A short run through the real HTTP API with the official client: task problems, greedy."""
     from openai import OpenAI
 
     from crosschip.data.arith import check, heldout_set
 
-    client = OpenAI(base_url=base_url, api_key=cfg.serve.api_key or "none", timeout=60)
+    client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=60)
     model = client.models.list().data[0].id
     problems = heldout_set(cfg.data)[:16]
     rows, ttfts, rates = [], [], []
@@ -346,13 +355,16 @@ def stage_serve(run: Run, keep: bool, port: int) -> dict:
     """Serve the verified bundle on the target: a smoke run through the real server, or stay up."""
     cfg = load_config(run.config_path)
     port = port or (cfg.serve.port if keep else _free_port())
-    proc = _start_server(run.root / "bundle", cfg.serve.backend, port, run.root / "logs" / "serve.log")
-    base_url = f"http://127.0.0.1:{port}/v1"
+    # The config's key, else the one `crosschip serve` itself would take from the environment.
+    api_key = cfg.serve.api_key or os.environ.get(API_KEY_ENV, "")
+    proc = _start_server(run.root / "bundle", cfg.serve, port, api_key, run.root / "logs" / "serve.log")
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "") else cfg.serve.host  # a wildcard answers on loopback
+    base_url = f"http://{host}:{port}/v1"
     from openai import OpenAIError
 
     try:
         try:
-            facts = {"backend": cfg.serve.backend, "url": base_url, **_smoke(base_url, cfg)}
+            facts = {"backend": cfg.serve.backend, "url": base_url, **_smoke(base_url, cfg, api_key)}
         except OpenAIError as e:
             raise CrosschipError(f"the serving smoke run failed: {e}; see {run.root / 'logs' / 'serve.log'}") from None
         (run.root / "serve.json").write_text(json.dumps(facts, indent=2))
@@ -403,6 +415,8 @@ def _open_run(args: argparse.Namespace) -> Run:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.port and not 1 <= args.port <= 65535:  # found before the stages, not after them
+        raise CrosschipError(f"--port must be between 1 and 65535, got {args.port}")
     run_ = _open_run(args)
     started = time.perf_counter()
     train_on = args.train_on or run_.state.get("train_on")

@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from crosschip.config import ServeConfig
+from crosschip.config import ServeConfig, check_serve_limits
 from crosschip.errors import BundleError, CrosschipError
 
 DEFAULTS = ServeConfig()
+API_KEY_ENV = "CROSSCHIP_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULTS.port)
     parser.add_argument(
         "--api-key",
-        default=os.environ.get("CROSSCHIP_API_KEY") or None,
-        help="require `Authorization: Bearer KEY` (env CROSSCHIP_API_KEY)",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require `Authorization: Bearer KEY` (env {API_KEY_ENV})",
     )
     parser.add_argument("--model-name", default=None, help="model id clients send (default: the bundle folder's name)")
     parser.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, help="sequences decoded together")
@@ -47,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULTS.prefill_chunk, help="prompt tokens fed per step")
     parser.add_argument(
         "--drain-timeout",
+        dest="drain_timeout_s",
         type=float,
         default=DEFAULTS.drain_timeout_s,
         help="seconds SIGTERM waits for in-flight requests",
@@ -80,23 +82,9 @@ def load_engine(args: argparse.Namespace):
 
 def check_numbers(args: argparse.Namespace) -> None:
     """Numbers the server cannot run with, named by their flags, before anything starts."""
-    rules = [
-        ("--port", 0 <= args.port <= 65535, "must be between 0 and 65535"),
-        ("--max-batch", args.max_batch >= 1, "must be at least 1"),
-        ("--max-queue", args.max_queue >= 1, "must be at least 1"),
-        ("--block-size", args.block_size >= 1, "must be at least 1"),
-        (
-            "--num-blocks",
-            args.num_blocks == 0 or args.num_blocks >= 2,
-            "must be 0 (sized from --max-batch) or at least 2",
-        ),
-        ("--prefill-chunk", args.prefill_chunk >= 1, "must be at least 1"),
-        ("--drain-timeout", args.drain_timeout >= 0, "must be >= 0"),
-        ("--threads", args.threads >= 0, "must be >= 0 (0: torch's default)"),
-    ]
-    for flag, ok, rule in rules:
-        if not ok:
-            raise CrosschipError(f"{flag} {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    check_serve_limits(args, lambda name: "--" + name.removesuffix("_s").replace("_", "-"))
+    if args.threads < 0:
+        raise CrosschipError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
     )
-    server = DrainingServer(config, state, args.drain_timeout)
+    server = DrainingServer(config, state, args.drain_timeout_s)
     return asyncio.run(server.run_until_drained(args))
 
 
