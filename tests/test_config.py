@@ -106,3 +106,13 @@ def test_no_periodic_evaluation_needs_no_evaluation_problems(tmp_path):
     assert load_config(_write(tmp_path, "[train]\neval_every = -1\neval_problems = 0\n")).train.eval_problems == 0
     with pytest.raises(ConfigError, match="train.eval_problems: must be at least 1 when eval_every > 0, got 0"):
         load_config(_write(tmp_path, "[train]\neval_every = 50\neval_problems = 0\n"))
+
+
+def test_verify_table_is_checked_when_loaded(tmp_path):
+    assert load_config(_write(tmp_path, "[verify]\nmax_new_tokens = 40\n")).verify.max_new_tokens == 40
+    with pytest.raises(ConfigError, match="verify.prompts: must be at least 1, got 0"):
+        load_config(_write(tmp_path, "[verify]\nprompts = 0\n"))
+    with pytest.raises(ConfigError, match="verify.max_new_tokens: must be >= 0"):
+        load_config(_write(tmp_path, "[verify]\nmax_new_tokens = -1\n"))
+    with pytest.raises(ConfigError, match="serve.block_size: must be at least 1, got 0"):
+        load_config(_write(tmp_path, "[serve]\nblock_size = 0\n"))

@@ -454,7 +454,17 @@ class VerifyConfig:
 
     reference: str = "torch:cpu"
     prompts: int = 64
-    greedy_tokens: int = 32
+    """Held-out problems both sides continue greedily (`crosschip verify --problems`)."""
+    max_new_tokens: int = 0
+    """Greedy length (`--max-new-tokens`); 0: the longest worked completion plus 2."""
+
+    def __post_init__(self) -> None:
+        if self.prompts < 1:
+            raise ConfigError(f"verify.prompts: must be at least 1, got {self.prompts}")
+        if self.max_new_tokens < 0:
+            raise ConfigError(
+                f"verify.max_new_tokens: must be >= 0 (0: the longest completion plus 2), got {self.max_new_tokens}"
+            )
 
 
 @dataclass

@@ -264,6 +264,8 @@ def stage_verify(run: Run) -> dict:
     out = run.root / "verify"
     args = ["verify", str(run.root / "bundle"), "--reference", cfg.verify.reference, "--target", cfg.serve.backend]
     args += ["--problems", str(cfg.verify.prompts), "--digits", str(cfg.data.digits), "--layers"]
+    if cfg.verify.max_new_tokens:
+        args += ["--max-new-tokens", str(cfg.verify.max_new_tokens)]
     rc = Child.run([*args, "--out", str(out)], run.root / "logs" / "verify.log")
     report = _read_json(out / "report.json")
     passed = bool(report.get("gate", {}).get("passed"))
