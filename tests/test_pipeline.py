@@ -177,12 +177,29 @@ def _side_by_side(commands: list[list[str]], logs: Path, timeout: float) -> list
     return [subprocess.CompletedProcess(c, rc, f.read_text(), "") for c, rc, f in zip(commands, codes, files)]
 
 
-def test_bad_config_fails_before_any_stage(tmp_path):
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[train]\nstepz = 3\n", "unknown key train.'stepz'"),
+        ('[export]\ndtype = "int4"\n', "export.dtype: must be one of fp32, bf16, fp16, int8, got 'int4'"),
+        ('[serve]\nbackend = "ort:tpu"\n', "serve.backend: unknown backend 'ort:tpu'"),
+        ("[serve]\nprefill_chunk = 0\n", "serve.prefill_chunk: must be at least 1, got 0"),
+    ],
+)
+def test_bad_config_fails_before_any_stage(tmp_path, toml, message):
+    """A setting only a late stage reads (the export's, the server's) is refused before the
+    first stage too, not after minutes of training."""
     bad = tmp_path / "bad.toml"
-    bad.write_text("[train]\nstepz = 3\n")
+    bad.write_text(toml)
     out = _run("--config", str(bad), "--out", str(tmp_path / "r"))
     assert out.returncode == 1
-    assert "unknown key train.'stepz'" in out.stderr and "Traceback" not in out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_port_out_of_range_fails_before_any_stage(tmp_path):
+    out = _run("--port", "70000", "--out", str(tmp_path / "r"))
+    assert out.returncode == 1 and "--port must be between 1 and 65535, got 70000" in out.stderr
     assert not (tmp_path / "r").exists()
 
 

@@ -394,6 +394,23 @@ def stage_report(run: Run) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_stage_settings(cfg, path: Path) -> None:
+    """Backend names and the export policy, which the stages would only refuse when they
+    start (an export comes minutes after the training it needs)."""
+    from crosschip.backends import get_backend
+    from crosschip.handoff.precision import POLICIES
+
+    specs = {"train.backend": cfg.train.backend, "export.target": cfg.export.target}
+    specs |= {"serve.backend": cfg.serve.backend, "verify.reference": cfg.verify.reference}
+    for key, spec in specs.items():
+        try:
+            get_backend(spec)
+        except CrosschipError as e:
+            raise CrosschipError(f"{path}: {key}: {e}") from None
+    if cfg.export.dtype not in POLICIES:
+        raise CrosschipError(f"{path}: export.dtype: must be one of {', '.join(POLICIES)}, got {cfg.export.dtype!r}")
+
+
 def _open_run(args: argparse.Namespace) -> Run:
     if args.resume:
         root = Path(args.resume)
@@ -403,7 +420,7 @@ def _open_run(args: argparse.Namespace) -> Run:
         state = json.loads(state_path.read_text())
         return Run(root=root, config_path=Path(state["config"]), state=state)
     config_path = Path(args.config)
-    load_config(config_path)  # fail on a bad config before any stage starts
+    _check_stage_settings(load_config(config_path), config_path)  # fail before any stage starts
     root = Path(args.out or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
     if (root / "run_state.json").exists():
         raise CrosschipError(f"{root} already holds a run; use --resume {root} or another --out")
