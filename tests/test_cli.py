@@ -89,3 +89,23 @@ def test_verify_refuses_numbers_it_cannot_run_with_before_either_side_runs(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "v" / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nproc", "0"], "--nproc must be >= 1, got 0"),
+        (["--nproc", "2", "--nnodes", "0"], "--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got '0'"),
+        (["--nproc", "2", "--nnodes", "2:1"], "--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got '2:1'"),
+        (["--nproc", "2", "--nnodes", "2", "--node-rank", "2"], "--node-rank must be between 0 and --nnodes - 1 (1)"),
+        (["--nproc", "2", "--master-port", "70000"], "--master-port must be between 1 and 65535, got 70000"),
+        (["--nproc", "2", "--max-restarts", "-1"], "--max-restarts must be >= 0, got -1"),
+    ],
+)
+def test_train_refuses_launcher_numbers_before_torchrun(tmp_path, capsys, args, message):
+    """torchrun answered these with AssertionError tracebacks, or waited on a port that
+    cannot exist."""
+    assert main(["train", "--out", str(tmp_path / "t"), "--quiet", *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "t").exists()

@@ -90,6 +90,34 @@ def _gave_up(out: str) -> int:
         return 0
 
 
+def check_launcher(args: argparse.Namespace) -> None:
+    """The launcher's numbers, checked here: torchrun answers them with an AssertionError
+    traceback, or (a port out of range) by waiting for a rendezvous that cannot happen."""
+    from crosschip.errors import CrosschipError
+
+    def refuse(flag: str, rule: str, value) -> None:
+        raise CrosschipError(f"{flag} {rule}, got {value}")
+
+    if args.nproc < 1:
+        refuse("--nproc", "must be >= 1", args.nproc)
+    max_nodes = None
+    if args.nnodes is not None:
+        bounds = args.nnodes.split(":")
+        try:
+            lo, hi = int(bounds[0]), int(bounds[-1])
+        except ValueError:
+            lo = hi = 0
+        if len(bounds) > 2 or not 1 <= lo <= hi:
+            refuse("--nnodes", "must be N or MIN:MAX with 1 <= MIN <= MAX", repr(args.nnodes))
+        max_nodes = hi
+    if args.node_rank is not None and not 0 <= args.node_rank < (max_nodes or 1):
+        refuse("--node-rank", f"must be between 0 and --nnodes - 1 ({(max_nodes or 1) - 1})", args.node_rank)
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        refuse("--master-port", "must be between 1 and 65535", args.master_port)
+    if args.max_restarts is not None and args.max_restarts < 0:
+        refuse("--max-restarts", "must be >= 0", args.max_restarts)
+
+
 def run(args: argparse.Namespace) -> int:
     from crosschip.backends import get_backend
     from crosschip.train import distributed as D
@@ -97,10 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from crosschip.train.trainer import Trainer
 
     cfg = _config(args)
-    if args.nproc < 1:
-        from crosschip.errors import CrosschipError
-
-        raise CrosschipError(f"--nproc must be >= 1, got {args.nproc}")
+    check_launcher(args)
     if (args.nproc > 1 or args.nnodes) and not D.in_torchrun():
         get_backend(cfg.train.backend).require()  # fail here, once, rather than in every worker
         argv = sys.argv[sys.argv.index("train") + 1 :] if "train" in sys.argv else []
