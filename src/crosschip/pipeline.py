@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crosschip.config import ServeConfig, load_config
+from crosschip.config import RunConfig, ServeConfig, load_config
 from crosschip.errors import CrosschipError
 from crosschip.serve.command import API_KEY_ENV
 
@@ -394,7 +394,7 @@ def stage_report(run: Run) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_stage_settings(cfg, path: Path) -> None:
+def _check_stage_settings(cfg: RunConfig, path: Path) -> None:
     """Backend names and the export policy, which the stages would only refuse when they
     start (an export comes minutes after the training it needs)."""
     from crosschip.backends import get_backend
