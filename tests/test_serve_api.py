@@ -209,6 +209,35 @@ def test_invalid_parameters_get_400_naming_the_param(server, body, param):
     assert err["param"] == param and param in err["message"]
 
 
+@pytest.mark.parametrize(
+    "path,extra,param",
+    [
+        ("/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+        ("/chat/completions", {"logit_bias": {"5": 100}}, "logit_bias"),
+        ("/completions", {"logit_bias": {"5": 100}}, "logit_bias"),
+        ("/completions", {"suffix": "!"}, "suffix"),
+    ],
+)
+def test_features_we_do_not_implement_are_refused_by_name(server, path, extra, param):
+    """Accepting them and returning unconstrained text would hand a client free text where it
+    asked for JSON, a tool call or biased logits."""
+    prompt = {"messages": [{"role": "user", "content": "1+1="}]} if path.startswith("/chat") else {"prompt": "1+1="}
+    r = httpx.post(server.api + path, json={"model": "debug", "max_tokens": 2, **prompt, **extra})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == param and param in err["message"]
+    assert "not supported" in err["message"] or "only" in err["message"]
+
+
+def test_the_supported_forms_of_those_features_still_work(server):
+    chat = {"model": "debug", "max_tokens": 2, "messages": [{"role": "user", "content": "1+1="}]}
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for extra in ({"response_format": {"type": "text"}}, {"tools": tools, "tool_choice": "none"}, {"logit_bias": {}}):
+        assert httpx.post(server.api + "/chat/completions", json={**chat, **extra}).status_code == 200
+
+
 def test_malformed_bodies_get_400(server):
     r = httpx.post(
         server.api + "/completions", content=b'{"prompt": "hi",', headers={"content-type": "application/json"}

@@ -55,8 +55,29 @@ def _int_list(body: dict, name: str) -> list[int]:
     return v
 
 
+def refuse_unsupported(body: dict, *, chat: bool) -> None:
+    """Features a client relies on that this server does not implement get a 400 naming them,
+    not silence: a client that asked for JSON, a tool call or biased logits must not take
+    free text for it."""
+    if body.get("logit_bias"):
+        raise InvalidParameter("logit_bias", "logit_bias: not supported")
+    if not chat:
+        if _get(body, "suffix", (str,), None):
+            raise InvalidParameter("suffix", "suffix: not supported")
+        return
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise InvalidParameter("response_format", 'response_format: only {"type": "text"} is supported')
+    if body.get("tools") and body.get("tool_choice", "auto") != "none":
+        raise InvalidParameter("tools", 'tools: tool calls are not supported (tool_choice "none" is)')
+    for legacy in ("functions", "function_call"):
+        if body.get(legacy):
+            raise InvalidParameter(legacy, f"{legacy}: not supported")
+
+
 def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
     """SamplingParams from an OpenAI request body; raises InvalidParameter naming the field."""
+    refuse_unsupported(body, chat=chat)
     if chat:
         max_tokens = _get(body, "max_completion_tokens", (int,), None)
         max_tokens = _get(body, "max_tokens", (int,), max_tokens)
@@ -71,8 +92,6 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         logprobs = _get(body, "logprobs", (int,), None)
         echo = _get(body, "echo", (bool,), False)
         prompt_logprobs = logprobs if echo and logprobs is not None else None
-        if _get(body, "suffix", (str,), None):
-            raise InvalidParameter("suffix", "suffix: not supported")
     n = _get(body, "n", (int,), 1)
     best_of = _get(body, "best_of", (int,), None)
     if best_of is not None and best_of != n:
