@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from crosschip.scripts import run_main
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -151,4 +153,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()
+    run_main(main)

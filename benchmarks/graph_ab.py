@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crosschip.scripts import positive_int, run_main
+
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
@@ -104,8 +106,8 @@ def main() -> None:
     ap.add_argument("b", type=Path, help="graph B (the change)")
     ap.add_argument("--batches", default="1,8,32", help="decode rows per step")
     ap.add_argument("--past", type=int, default=64, help="cached tokens per row")
-    ap.add_argument("--steps", type=int, default=200, help="timed steps per graph and batch")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=positive_int, default=200, help="timed steps per graph and batch")
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--record", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
     ap.add_argument("--note", default="", help="a line saying what B changes, for the record")
     args = ap.parse_args()
@@ -149,4 +151,4 @@ def record(args, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from crosschip.scripts import positive_int, run_main
+
 
 def decode_tokens_per_s(executor, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
     """(decoded tokens per wall second, per CPU-second of this process)."""
@@ -51,9 +53,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, help="an fp32 bundle with model.onnx (default: export a random --preset)")
     ap.add_argument("--preset", default="arith-tiny")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--steps", type=positive_int, default=64)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = ap.parse_args()
@@ -137,4 +139,4 @@ def record(rows, args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

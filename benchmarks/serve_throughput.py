@@ -34,6 +34,7 @@ import torch
 from crosschip.config import model_preset
 from crosschip.hf import save_bundle
 from crosschip.model import Transformer, count_params
+from crosschip.scripts import positive_int, run_main
 from crosschip.tokenizer import default_tokenizer
 
 CONCURRENCY = (1, 8, 32)
@@ -274,10 +275,10 @@ def per_token_costs(preset: str, context: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="arith-tiny")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument("--prompt-len", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--compile", action="store_true", help="serve with torch.compile")
     parser.add_argument(
         "--on", default="torch:cpu", help="backend of the server and offline engine (torch:cpu, ort:cpu)"
@@ -410,4 +411,4 @@ def write_results(args, rows: list[dict], frac1: float, frac32: float, s32: dict
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,6 +29,7 @@ from crosschip.backends import Backend
 from crosschip.config import RunConfig, model_preset
 from crosschip.hf import hf_config
 from crosschip.model import count_params
+from crosschip.scripts import positive_int, run_main
 from crosschip.train.trainer import DTYPES, Trainer
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -111,14 +112,14 @@ def timed(step, n: int, backend: Backend) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="arith-tiny")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--seq", type=positive_int, default=128)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--backend", default="torch:cpu", help="training backend (torch:cpu, torch:cuda, ...)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="train.dtype")
     p.add_argument("--no-anchor", action="store_true", help="time ours only (no transformers model)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per repeat")
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument(
         "--compile", action="store_true", help="train.compile: torch.compile our attention and RMSNorm regions"
     )
@@ -200,4 +201,4 @@ def record(
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,18 @@ def test_train_refuses_launcher_numbers_before_torchrun(tmp_path, capsys, args, 
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--batch", "0"], 2, "argument --batch: must be at least 1, got 0"),
+        (["--threads", "two"], 2, "argument --threads: expected an integer, got 'two'"),
+        (["--preset", "nope", "--no-anchor"], 1, "train_throughput.py: error: unknown model preset 'nope'"),
+    ],
+)
+def test_a_benchmark_script_answers_bad_arguments_in_one_line(args, code, message):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == code
+    assert message in out.stderr and "Traceback" not in out.stderr

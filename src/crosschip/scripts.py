@@ -1,0 +1,31 @@
+"""What the benchmark scripts share with the CLI's manners: numbers checked by argparse,
+and a library error printed as one line, never as a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from crosschip.errors import CrosschipError
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type`: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a script's `main`; a CrosschipError (a bad config value, a missing bundle) ends it
+    with `SCRIPT: error: ...` and exit status 1."""
+    try:
+        main()
+    except CrosschipError as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
