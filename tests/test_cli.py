@@ -125,3 +125,17 @@ def test_a_benchmark_script_answers_bad_arguments_in_one_line(args, code, messag
     out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == code
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path, capsys):
+    """uvicorn's own bind failure is a SystemExit inside the event loop: a traceback, exit 3."""
+    import socket
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err and "Traceback" not in err

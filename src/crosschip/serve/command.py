@@ -87,6 +87,24 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise CrosschipError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
 
 
+def check_listen(host: str, port: int) -> None:
+    """Bind HOST:PORT once, as uvicorn will (with SO_REUSEADDR), before loading anything: a
+    port in use or an unknown host is a one-line error here, where uvicorn's own failure is
+    a SystemExit raised inside the event loop (a traceback, exit 3)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise CrosschipError(f"--host {host}: {e.strerror}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise CrosschipError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -97,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if not (args.bundle / "tokenizer.json").is_file():
         raise BundleError(f"bundle has no tokenizer.json: {args.bundle}")
     check_numbers(args)
+    check_listen(args.host, args.port)
     # The engine thread runs Python between torch ops; a shorter GIL switch interval than the
     # default 5 ms lets the event loop answer and stream while a step is running.
     sys.setswitchinterval(0.0005)
