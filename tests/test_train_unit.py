@@ -346,12 +346,25 @@ def test_compiled_regions_train_like_eager_and_evaluation_stays_eager(tmp_path):
         assert runs[True][step] == pytest.approx(loss, rel=1e-4)
 
 
-def test_a_compiler_that_fails_leaves_training_eager_and_says_so(tmp_path, monkeypatch, capsys):
-    def no_compiler(gm, example_inputs):
-        raise RuntimeError("no compiler for this device")
+def _failing_backend(where: str):
+    """A torch.compile backend whose compiler raises for the forward graph, or only for the
+    backward graph (compiled when the backward first runs, after a compiled forward)."""
 
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError(f"no {where} compiler for this device")
+
+    if where == "forward":
+        return no_compiler
+    from torch._dynamo.backends.common import aot_autograd
+
+    return aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=no_compiler)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_compiler_that_fails_leaves_training_eager_and_says_so(tmp_path, monkeypatch, capsys, where):
+    backend = _failing_backend(where)
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn: real_compile(fn, backend=no_compiler))
+    monkeypatch.setattr(torch, "compile", lambda fn: real_compile(fn, backend=backend))
     torch._dynamo.reset()
     t = Trainer(debug_cfg(steps=2, dtype="fp32", compile=True, eval_every=-1), tmp_path / "c", verbose=False)
     try:
@@ -359,15 +372,35 @@ def test_a_compiler_that_fails_leaves_training_eager_and_says_so(tmp_path, monke
     finally:
         t.close()
     fallback = events(tmp_path / "c", "compile_fallback")
-    assert len(fallback) == 1 and "no compiler for this device" in fallback[0]["error"]
+    assert len(fallback) == 1 and f"no {where} compiler for this device" in fallback[0]["error"]
     assert "training eagerly" in capsys.readouterr().err
     monkeypatch.undo()
+    torch._dynamo.reset()
     e = Trainer(debug_cfg(steps=2, dtype="fp32", eval_every=-1), tmp_path / "e", verbose=False)
     try:
         e.fit()
     finally:
         e.close()
-    assert losses(tmp_path / "c") == losses(tmp_path / "e")  # eager from the first step: bit-identical
+    # Eager from the first step (a step whose backward failed is redone from the start):
+    # bit-identical to an eager run.
+    assert losses(tmp_path / "c") == losses(tmp_path / "e")
+
+
+def test_a_model_error_under_compile_is_raised_not_hidden(tmp_path, monkeypatch):
+    """The eager redo of a failed compiled step raises the model's own error: a fault in the
+    model is not mistaken for a compiler that cannot run here."""
+    t = Trainer(debug_cfg(steps=2, dtype="fp32", compile=True, eval_every=-1), tmp_path / "c", verbose=False)
+
+    def broken_backward(self, *args, **kwargs):
+        raise ValueError("a model bug in backward")
+
+    monkeypatch.setattr(torch.Tensor, "backward", broken_backward)
+    try:
+        with pytest.raises(ValueError, match="a model bug in backward"):
+            t.fit()
+    finally:
+        t.close()
+    assert events(tmp_path / "c", "compile_fallback") == []
 
 
 def test_mtp_and_sequence_balance_losses_train_their_parameters(tmp_path):

@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,14 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) ->
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def compile_regions(model: Transformer, on_failure: Callable[[Exception], None]) -> None:
+@dataclass
+class CompiledRegions:
+    """The switch of a model's compiled regions: once `failed`, every region runs eagerly."""
+
+    failed: bool = False
+
+
+def compile_regions(model: Transformer, on_failure: Callable[[Exception], None]) -> CompiledRegions:
     """`torch.compile` each attention and RMSNorm of `model` for its training forward.
 
     Regional compilation, as torchtitan compiles per block rather than the whole step: the
@@ -62,19 +69,21 @@ def compile_regions(model: Transformer, on_failure: Callable[[Exception], None])
 
     A backend without a working compiler (a device inductor does not know, say) must not stop
     the run: the first failure to compile is passed to `on_failure` and every region runs
-    eagerly from then on. A real error in the model still surfaces: the eager call raises it.
+    eagerly from then on. A failure to compile the forward is caught here; the backward is
+    compiled when it first runs, outside any region, so the trainer catches that one
+    (`Trainer.train_step`). A real error in the model still surfaces: the eager call raises it.
     """
-    state = {"failed": False}
+    regions = CompiledRegions()
 
     def regional(module: torch.nn.Module) -> Callable:
         eager, compiled = module.forward, torch.compile(module.forward)
 
         def forward(*args, **kwargs):
-            if module.training and not state["failed"]:
+            if module.training and not regions.failed:
                 try:
                     return compiled(*args, **kwargs)
                 except torch._dynamo.exc.TorchDynamoException as e:
-                    state["failed"] = True
+                    regions.failed = True
                     on_failure(e)
             return eager(*args, **kwargs)
 
@@ -83,6 +92,7 @@ def compile_regions(model: Transformer, on_failure: Callable[[Exception], None])
     for module in model.modules():
         if isinstance(module, (MLA, RMSNorm)):
             module.forward = regional(module)
+    return regions
 
 
 def resolve_dtype(requested: str, backend: Backend) -> str:
@@ -200,8 +210,7 @@ class Trainer:
         model.train()
         for moe in model.moe_layers():
             moe.row_multiple = self.backend.expert_row_multiple(self.dtype)
-        if self.t.compile:
-            compile_regions(model, self._compile_failed)
+        self.regions = compile_regions(model, self._compile_failed) if self.t.compile else None
         if self.dist.enabled:
             D.shard_model(model)
         return model
@@ -392,22 +401,21 @@ class Trainer:
             time.sleep(max(0.05, 2 * self.t.straggler_factor * self.guard.median_step_time()))
         n_global = batch.n_label_tokens
         micros = shard_rows(batch, self.dist.rank, self.dist.world, self.t.grad_accum)
-        ce_sum = torch.zeros((), device=self.device)
-        moes = self.step_moes
-        loads = torch.zeros(len(moes), self.cfg.model.n_routed_experts, device=self.device)
-        for i, mb in enumerate(micros):
-            mb = mb.to(self.device)
-            if self.dist.enabled:
-                self.model.set_requires_gradient_sync(i == len(micros) - 1)
-            loss, ce = self.micro_loss(mb, n_global)
-            if "nan" in faults:
-                loss = loss * float("nan")
-                ce = ce * float("nan")
-            if "spike" in faults:
-                loss, ce = loss * SPIKE_FACTOR, ce * SPIKE_FACTOR
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            ce_sum += ce
-            loads += torch.stack([m.last_load.float() for m in moes]) if moes else 0
+        try:
+            ce_sum, loads = self._forward_backward(micros, n_global, faults)
+        except (StepHang, CrosschipError):
+            raise
+        except Exception as error:
+            # The backward of a compiled region is compiled when it first runs; a compiler
+            # that fails there raises out of backward() as a plain error. Redo the step
+            # eagerly: if that works, the compiler was at fault; if not, the eager error is
+            # the model's own and propagates.
+            if self.regions is None or self.regions.failed:
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            self.regions.failed = True
+            ce_sum, loads = self._forward_backward(micros, n_global, faults)
+            self._compile_failed(error)
         self.dist.all_reduce_sum(ce_sum)
         loss_value = float(ce_sum) / n_global  # float() syncs with the device
         if self.scaler is not None:
@@ -430,8 +438,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.guard.accept(loss_value)
         self.dist.all_reduce_sum(loads)
-        update_balance_bias(moes, loads, self.t.bias_update_speed)
+        update_balance_bias(self.step_moes, loads, self.t.bias_update_speed)
         return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": batch.input_ids.numel(), "loads": loads}
+
+    def _forward_backward(self, micros: list[Batch], n_global: int, faults: set[str]) -> tuple[Tensor, Tensor]:
+        """Accumulate the gradients of one global batch; (summed token CE, per-expert loads)."""
+        ce_sum = torch.zeros((), device=self.device)
+        moes = self.step_moes
+        loads = torch.zeros(len(moes), self.cfg.model.n_routed_experts, device=self.device)
+        for i, mb in enumerate(micros):
+            mb = mb.to(self.device)
+            if self.dist.enabled:
+                self.model.set_requires_gradient_sync(i == len(micros) - 1)
+            loss, ce = self.micro_loss(mb, n_global)
+            if "nan" in faults:
+                loss = loss * float("nan")
+                ce = ce * float("nan")
+            if "spike" in faults:
+                loss, ce = loss * SPIKE_FACTOR, ce * SPIKE_FACTOR
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            ce_sum += ce
+            loads += torch.stack([m.last_load.float() for m in moes]) if moes else 0
+        return ce_sum, loads
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
