@@ -422,6 +422,45 @@ def test_mtp_and_sequence_balance_losses_train_their_parameters(tmp_path):
     assert any(n.startswith("block.") for n in moved[0.3]) and "eh_proj.weight" in moved[0.3]
 
 
+def test_the_mtp_loss_of_packed_rows_is_the_sum_over_documents_alone(tmp_path):
+    """MTP position i predicts token i+2 from h_i and token i+1, inside one document. On packed
+    rows (several problems per row) the MTP logits of each problem must be those of the problem
+    run on its own, unpacked; the trainer's MTP loss their summed cross-entropy; and
+    `micro_loss` must add it with weight lambda over the global label count. Labels on the
+    whole problem (`mask_prompt` off), so that a label crossing into the next problem exists
+    to be masked."""
+    weight = 0.3
+    cfg = debug_cfg(steps=1, dtype="fp32", eval_every=-1, mtp_loss_weight=weight, seq_len=128)
+    cfg.data.mask_prompt = False
+    cfg.model.num_nextn_predict_layers = 1
+    t = Trainer(cfg, tmp_path / "run", verbose=False)
+    try:
+        _, mb = t.stream.next()
+        model = t.model
+        assert (mb.doc_ids.amax(1) >= 2).all(), "every row should pack several problems"
+        with torch.no_grad():
+            h = model.hidden(mb.input_ids, mb.positions, mb.doc_ids)
+            packed_logits = model.mtp_logits(h, mb.input_ids, mb.positions, mb.doc_ids)
+            packed = t._mtp_loss(h, mb)
+            alone, worst = torch.zeros(()), 0.0
+            for row in range(mb.input_ids.shape[0]):
+                for doc in mb.doc_ids[row].unique().tolist():
+                    if doc < 0:
+                        continue  # padding
+                    cols = (mb.doc_ids[row] == doc).nonzero().squeeze(1)
+                    ids, labels = mb.input_ids[row, cols][None], mb.labels[row, cols]
+                    logits = model.mtp_logits(model.hidden(ids, mb.positions[row, cols][None]), ids)[0]
+                    worst = max(worst, (packed_logits[row, cols[:-1]] - logits).abs().max().item())
+                    alone += torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=IGNORE, reduction="sum")
+            loss, ce = t.micro_loss(mb, mb.n_label_tokens)
+    finally:
+        t.close()
+    assert worst < 1e-5
+    assert packed.item() == pytest.approx(alone.item(), rel=1e-5)
+    mtp_part = (loss.item() - ce.item() / mb.n_label_tokens) * mb.n_label_tokens / weight
+    assert mtp_part == pytest.approx(alone.item(), rel=1e-4)
+
+
 def test_gradient_accumulation_matches_one_micro_batch(tmp_path):
     """grad_accum splits the same global batch into micro-batches; losses are sums over the
     global batch's label tokens, so the steps agree with one micro-batch up to rounding."""
