@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import socket
+import time
 
 import httpx
 import openai
@@ -12,6 +15,7 @@ import pytest
 import torch
 
 from crosschip.hf import load_bundle
+from crosschip.serve.command import client_url
 from crosschip.serve.engine import Engine
 from crosschip.serve.executor import TorchExecutor
 from crosschip.serve.sampling import SamplingParams
@@ -326,3 +330,48 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(debug_bundle):
     chunks = [json.loads(line[len("data: ") :]) for line in rest[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert srv.proc.wait(30) == 0
+
+
+def test_a_second_sigterm_stops_the_drain_at_once_without_a_traceback(debug_bundle):
+    """As with vLLM or uvicorn, the second signal means: stop now. The in-flight request
+    (which the 30 s drain would have waited for) is cut off, and nothing is dumped."""
+    srv = ServerProcess(debug_bundle, "--drain-timeout", "30")
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", srv.api + "/completions", json=long_body(True)) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+            srv.proc.terminate()
+            time.sleep(0.05)
+            start = time.monotonic()
+            srv.proc.terminate()
+            assert srv.proc.wait(10) in (0, -signal.SIGTERM)
+    assert time.monotonic() - start < 10
+    time.sleep(0.2)  # the reader thread takes the last lines
+    out = "".join(srv.lines)
+    assert "draining" in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("::", "http://[::1]:8000"),
+        ("::1", "http://[::1]:8000"),
+        ("localhost", "http://localhost:8000"),
+    ],
+)
+def test_client_url_reaches_wildcards_on_loopback_and_brackets_ipv6(host, url):
+    assert client_url(host, 8000) == url
+
+
+def test_serves_on_an_ipv6_loopback_address(debug_bundle):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    srv = ServerProcess(debug_bundle, "--host", "::1")
+    try:
+        assert srv.url.startswith("http://[::1]:")
+        client = openai.OpenAI(base_url=srv.api, api_key="unused", max_retries=0)
+        out = client.completions.create(model=client.models.list().data[0].id, prompt="1+2=", max_tokens=3)
+        assert 1 <= out.usage.completion_tokens <= 3
+    finally:
+        assert srv.stop() == 0

@@ -24,7 +24,7 @@ from typing import Any
 
 from crosschip.config import RunConfig, ServeConfig, load_config
 from crosschip.errors import CrosschipError
-from crosschip.serve.command import API_KEY_ENV
+from crosschip.serve.command import API_KEY_ENV, client_url
 
 DEFAULT_CONFIG = "configs/default.toml"
 GIVE_UP_EXIT = 3  # the training health guard's "fail me over" exit code
@@ -360,8 +360,7 @@ def stage_serve(run: Run, keep: bool, port: int) -> dict:
     # The config's key, else the one `crosschip serve` itself would take from the environment.
     api_key = cfg.serve.api_key or os.environ.get(API_KEY_ENV, "")
     proc = _start_server(run.root / "bundle", cfg.serve, port, api_key, run.root / "logs" / "serve.log")
-    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "") else cfg.serve.host  # a wildcard answers on loopback
-    base_url = f"http://{host}:{port}/v1"
+    base_url = client_url(cfg.serve.host, port) + "/v1"
     from openai import OpenAIError
 
     try:

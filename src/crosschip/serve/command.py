@@ -87,6 +87,17 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise CrosschipError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
 
 
+# A server bound to a wildcard address answers on loopback.
+WILDCARD_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def client_url(host: str, port: int) -> str:
+    """`http://HOST:PORT` as a client on this machine reaches a server bound to `host`
+    (a wildcard through loopback, an IPv6 address in brackets)."""
+    host = WILDCARD_LOOPBACK.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def check_listen(host: str, port: int) -> None:
     """Bind HOST:PORT once, as uvicorn will (with SO_REUSEADDR), before loading anything: a
     port in use or an unknown host is a one-line error here, where uvicorn's own failure is
@@ -121,8 +132,17 @@ def run(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.0005)
     state = ServerState(model_name=args.model_name or args.bundle.resolve().name, api_key=args.api_key)
     app = create_app(state)
+    # No lifespan: the app has no startup or shutdown hooks (the engine loads in
+    # run_until_drained), and a second SIGTERM, which cancels the lifespan task mid-shutdown,
+    # made starlette log that cancellation as a traceback.
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="off",
     )
     server = DrainingServer(config, state, args.drain_timeout_s)
     return asyncio.run(server.run_until_drained(args))
@@ -191,10 +211,9 @@ class DrainingServer:
         self.state.set_engine(front, tokenizer)
         if not self.drain_started:  # a SIGTERM during loading means: never become ready
             port = self.server.servers[0].sockets[0].getsockname()[1]
-            print(
-                f"crosschip serve: {args.on}, model {self.state.model_name!r}; ready on http://{args.host}:{port}",
-                flush=True,
-            )
+            url = client_url(args.host, port)
+            bound = f" (bound to {args.host or '*'})" if args.host in WILDCARD_LOOPBACK else ""
+            print(f"crosschip serve: {args.on}, model {self.state.model_name!r}; ready on {url}{bound}", flush=True)
         await serving
         front.shutdown()
         return 0
