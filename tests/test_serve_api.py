@@ -62,6 +62,10 @@ def test_health_models_and_metrics(server, client):
     assert httpx.get(server.url + "/health").status_code == 200
     models = client.models.list()
     assert [m.id for m in models.data] == ["debug"]
+    assert client.models.retrieve("debug").id == "debug"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-9")
+    assert missing.value.body["code"] == "model_not_found"
     text = httpx.get(server.url + "/metrics").text
     for name in (
         "crosschip_requests_total",
@@ -162,6 +166,11 @@ def test_usage_counts_match_the_tokenizer(client, offline):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three."}]
     c = client.chat.completions.create(model="debug", messages=messages, max_tokens=5, temperature=0)
     assert c.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(messages), add_bos=False))
+    # OpenAI's `developer` role is taken as the system message: the same prompt.
+    messages[0]["role"] = "developer"
+    d = client.chat.completions.create(model="debug", messages=messages, max_tokens=5, temperature=0)
+    assert d.usage.prompt_tokens == c.usage.prompt_tokens
+    assert d.choices[0].message.content == c.choices[0].message.content
 
 
 def test_logprobs_and_echo(client, offline):
@@ -222,6 +231,8 @@ def test_invalid_parameters_get_400_naming_the_param(server, body, param):
         ("/chat/completions", {"logit_bias": {"5": 100}}, "logit_bias"),
         ("/completions", {"logit_bias": {"5": 100}}, "logit_bias"),
         ("/completions", {"suffix": "!"}, "suffix"),
+        ("/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+        ("/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ],
 )
 def test_features_we_do_not_implement_are_refused_by_name(server, path, extra, param):
@@ -238,7 +249,12 @@ def test_features_we_do_not_implement_are_refused_by_name(server, path, extra, p
 def test_the_supported_forms_of_those_features_still_work(server):
     chat = {"model": "debug", "max_tokens": 2, "messages": [{"role": "user", "content": "1+1="}]}
     tools = [{"type": "function", "function": {"name": "f"}}]
-    for extra in ({"response_format": {"type": "text"}}, {"tools": tools, "tool_choice": "none"}, {"logit_bias": {}}):
+    for extra in (
+        {"response_format": {"type": "text"}},
+        {"tools": tools, "tool_choice": "none"},
+        {"logit_bias": {}},
+        {"modalities": ["text"]},
+    ):
         assert httpx.post(server.api + "/chat/completions", json={**chat, **extra}).status_code == 200
 
 

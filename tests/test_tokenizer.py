@@ -19,6 +19,7 @@ CHATS = [
         {"role": "assistant", "content": "3+6+0=9 c0|answer: 849"},
         {"role": "user", "content": "  and 5-9?  "},
     ],
+    [{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "1+1="}],
 ]
 
 
@@ -145,6 +146,10 @@ def test_chat_template(tok: Tokenizer):
         == "<|bos|><|system|>You add numbers.\nShow the working.<|end|><|user|>What is 243+606? 🤖<|end|><|assistant|>"
     )
     assert tok.apply_chat_template(CHATS[0], add_generation_prompt=False) == "<|bos|><|user|>12+7=<|end|>"
+    # OpenAI's `developer` role is the system message.
+    assert (
+        tok.apply_chat_template(CHATS[2]) == "<|bos|><|system|>Answer briefly.<|end|><|user|>1+1=<|end|><|assistant|>"
+    )
     ids = tok.encode(text)
     assert ids[0] == tok.bos_id and ids[-1] == tok.encode("<|assistant|>")[0] and ids.count(tok.end_id) == 2
 

@@ -40,6 +40,9 @@ from crosschip.errors import CrosschipError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLES = ("system", "user", "assistant")
+# OpenAI's newer name for the system message (its o-series and later models take
+# instructions as `developer`); rendered as `system`.
+ROLE_ALIASES = {"developer": "system"}
 END = "<|end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, *(f"<|{role}|>" for role in ROLES), END]
 DEFAULT_MAX_LENGTH = 512
@@ -50,13 +53,14 @@ DEFAULT_MAX_LENGTH = 512
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
+    "{% if role not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('unknown chat role: ' + message['role']) }}"
     "{% endif %}"
     "{% if message['content'] is not string %}"
     "{{ raise_exception('chat message content must be a string') }}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{{ '<|' + role + '|>' + message['content'] + '<|end|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
@@ -124,8 +128,10 @@ class Tokenizer:
             if not isinstance(message, dict):
                 raise CrosschipError(f"chat message {i}: expected a dict with 'role' and 'content', got {message!r}")
             role, content = message.get("role"), message.get("content")
+            role = ROLE_ALIASES.get(role, role)
             if role not in ROLES:
-                raise CrosschipError(f"chat message {i}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+                known = ", ".join((*ROLES, *ROLE_ALIASES))
+                raise CrosschipError(f"chat message {i}: unknown role {message.get('role')!r}; expected one of {known}")
             if not isinstance(content, str):
                 raise CrosschipError(f"chat message {i}: content must be a string, got {type(content).__name__}")
             parts.append(f"<|{role}|>{content}{END}")

@@ -300,22 +300,28 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict:
+        return {
+            "id": state.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "crosschip",
+            "max_model_len": state.max_model_len,
+        }
+
     @app.get("/v1/models")
     async def models(request: Request):
         if state.api_key:
             check(request)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "crosschip",
-                    "max_model_len": state.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request):
+        """`client.models.retrieve(id)`; ids may contain `/` (as HF-style names do)."""
+        if state.api_key:
+            check(request)
+        check_model({"model": model})
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -73,6 +73,11 @@ def refuse_unsupported(body: dict, *, chat: bool) -> None:
     for legacy in ("functions", "function_call"):
         if body.get(legacy):
             raise InvalidParameter(legacy, f"{legacy}: not supported")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise InvalidParameter("modalities", 'modalities: only ["text"] is supported')
+    if body.get("audio") is not None:
+        raise InvalidParameter("audio", "audio: audio output is not supported")
 
 
 def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
