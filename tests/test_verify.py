@@ -216,3 +216,18 @@ def test_an_int8_bundle_is_judged_by_the_int8_gate_and_loads_dequantized(tmp_pat
     w, q = model.layers[1].attn.wo.weight.detach(), loaded.layers[1].attn.wo.weight.detach()
     assert q.dtype == torch.float32 and not torch.equal(w, q)
     assert float((w - q).abs().max() / w.abs().max()) < 0.01  # per-channel int8: within 1% of the row max
+
+
+def test_a_tampered_bundle_is_refused_before_either_side_runs(tmp_path, capsys):
+    """The reference side may run from the source checkpoint, not the bundle: the bundle's
+    checksums are checked first, not after the reference has spent its run."""
+    from crosschip.cli import main
+
+    bundle = save_bundle(debug_model(), tmp_path / "b", tokenizer=default_tokenizer(512))
+    config = json.loads((bundle / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (bundle / "config.json").write_text(json.dumps(config))
+    assert main(["verify", str(bundle), "--out", str(tmp_path / "v")]) == 1
+    captured = capsys.readouterr()
+    assert f"checksum mismatch for bundle file {bundle / 'config.json'}" in captured.err
+    assert "reference side" not in captured.out and not (tmp_path / "v").exists()

@@ -156,6 +156,7 @@ def read_side(out: Path, name: str, prompts: PromptSet) -> SideResult:
 
 def check_inputs(opts: VerifyOptions) -> None:
     """Clear errors before any process starts."""
+    from crosschip import hf
     from crosschip.backends import get_backend
 
     if not opts.bundle.is_dir():
@@ -163,6 +164,10 @@ def check_inputs(opts: VerifyOptions) -> None:
     for name in ("config.json", "tokenizer.json"):
         if not (opts.bundle / name).is_file():
             raise CrosschipError(f"{opts.bundle} is not a bundle: {name} is missing")
+    if (opts.bundle / hf.MANIFEST_FILE).is_file():
+        # Here, not only when the target loads it: the reference side may run from the source
+        # checkpoint, and would spend its whole run before a tampered bundle is noticed.
+        hf.verify_manifest(opts.bundle)
     get_backend(opts.reference)
     if (opts.target is None) == (opts.target_url is None):
         raise CrosschipError("give exactly one of --target SPEC or --target-url URL")
