@@ -197,9 +197,24 @@ def test_bad_config_fails_before_any_stage(tmp_path, toml, message):
     assert not (tmp_path / "r").exists()
 
 
-def test_a_port_out_of_range_fails_before_any_stage(tmp_path):
-    out = _run("--port", "70000", "--out", str(tmp_path / "r"))
-    assert out.returncode == 1 and "--port must be between 1 and 65535, got 70000" in out.stderr
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+        (["--train-on", "torch:gpu"], "--train-on: unknown backend 'torch:gpu'"),
+        (["--train-on", " , "], "--train-on needs at least one backend"),
+        (["--candidates"], "--candidates needs at least one backend"),
+        (["--candidates", "torch:cpu", "tpu"], "--candidates: unknown backend 'tpu'"),
+        (["--train-on", "torch:cpu", "--inject", "boom@step=3"], "--inject 'boom@step=3': expected KIND@step=N"),
+        (["--resume", "runs/x", "--config", "configs/smoke.toml"], "--config cannot be combined with --resume"),
+    ],
+)
+def test_bad_flags_fail_before_any_stage(tmp_path, flags, message):
+    """Each of these used to start the run (an empty --train-on or --candidates even ran the
+    default probe and qualify); a bad backend or fault was refused only by the train stage."""
+    out = _run(*flags, "--out", str(tmp_path / "r"))
+    assert out.returncode == 1
+    assert message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "r").exists()
 
 

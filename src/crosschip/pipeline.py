@@ -32,7 +32,7 @@ STAGES = ["probe", "qualify", "assign", "train", "export", "verify", "serve", "r
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"run config (TOML); default {DEFAULT_CONFIG}")
+    p.add_argument("--config", default=None, help=f"run config (TOML); default {DEFAULT_CONFIG}")
     p.add_argument("--out", default=None, help="run folder (default runs/run-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last finished stage")
     p.add_argument(
@@ -202,12 +202,18 @@ def stage_assign(run: Run) -> dict:
     return roles
 
 
-def assign_by_user(run: Run, train_on: str) -> dict:
-    """Roles named on the command line; probe and qualify are skipped and the report says so."""
-    cfg = load_config(run.config_path)
+def parse_train_on(train_on: str) -> list[str]:
+    """`--train-on A,B`: backends in failover order."""
     trainers = [s.strip() for s in train_on.split(",") if s.strip()]
     if not trainers:
         raise CrosschipError("--train-on needs at least one backend, e.g. --train-on torch:cpu")
+    return trainers
+
+
+def assign_by_user(run: Run, train_on: str) -> dict:
+    """Roles named on the command line; probe and qualify are skipped and the report says so."""
+    cfg = load_config(run.config_path)
+    trainers = parse_train_on(train_on)
     roles = {"train": trainers, "serve": cfg.serve.backend, "reference": cfg.verify.reference, "assigned_by": "user"}
     (run.root / "roles.json").write_text(json.dumps(roles, indent=2))
     return roles
@@ -410,6 +416,34 @@ def _check_stage_settings(cfg: RunConfig, path: Path) -> None:
         raise CrosschipError(f"{path}: export.dtype: must be one of {', '.join(POLICIES)}, got {cfg.export.dtype!r}")
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """The command line's backends, faults and port, refused before any stage (or run folder)
+    is made, not when the stage that uses them starts."""
+    from crosschip.backends import get_backend
+    from crosschip.train.faults import parse_fault
+
+    if args.resume and args.config is not None:
+        raise CrosschipError(
+            f"--config cannot be combined with --resume: a run continues with the config it started with "
+            f"({Path(args.resume) / 'config.toml'})"
+        )
+    if args.port and not 1 <= args.port <= 65535:
+        raise CrosschipError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.candidates is not None and not args.candidates:
+        raise CrosschipError("--candidates needs at least one backend, e.g. --candidates torch:cpu torch:cuda")
+    named = {"--candidates": args.candidates or []}
+    if args.train_on is not None:
+        named["--train-on"] = parse_train_on(args.train_on)
+    for flag, specs in named.items():
+        for spec in specs:
+            try:
+                get_backend(spec)
+            except CrosschipError as e:
+                raise CrosschipError(f"{flag}: {e}") from None
+    for spec in args.inject:
+        parse_fault(spec)
+
+
 def _open_run(args: argparse.Namespace) -> Run:
     if args.resume:
         root = Path(args.resume)
@@ -418,7 +452,7 @@ def _open_run(args: argparse.Namespace) -> Run:
             raise CrosschipError(f"{root} is not a crosschip run folder (no run_state.json)")
         state = json.loads(state_path.read_text())
         return Run(root=root, config_path=Path(state["config"]), state=state)
-    config_path = Path(args.config)
+    config_path = Path(args.config or DEFAULT_CONFIG)
     _check_stage_settings(load_config(config_path), config_path)  # fail before any stage starts
     root = Path(args.out or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
     if (root / "run_state.json").exists():
@@ -433,8 +467,7 @@ def _open_run(args: argparse.Namespace) -> Run:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.port and not 1 <= args.port <= 65535:  # found before the stages, not after them
-        raise CrosschipError(f"--port must be between 1 and 65535, got {args.port}")
+    _check_flags(args)
     run_ = _open_run(args)
     started = time.perf_counter()
     train_on = args.train_on or run_.state.get("train_on")
