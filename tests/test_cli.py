@@ -139,3 +139,35 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path, capsys):
         assert main(["serve", str(tmp_path), "--port", str(port)]) == 1
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["train", "--out", "{file}"], "--out"),
+        (["train", "--out", "{file}/run"], "--out"),
+        (["verify", "{bundle}", "--out", "{file}"], "--out"),
+        (["export", "{bundle}", "--out", "{file}/bundle"], "--out"),
+        (["qualify", "--backend", "torch:cpu", "--workdir", "{file}"], "--workdir"),
+        (["qualify", "--backend", "torch:cpu", "--json", "{file}/q.json"], "--json"),
+        (["probe", "--json", "{file}/p.json"], "--json"),
+        (["run", "--out", "{file}", "--train-on", "torch:cpu"], "--out"),
+    ],
+)
+def test_an_output_path_through_a_file_is_refused_before_any_work(tmp_path, capsys, debug_bundle, argv, flag):
+    """These were OSError tracebacks from deep inside the stage (or, for --json, an error after
+    the whole measurement)."""
+    file = tmp_path / "a-file"
+    file.write_text("not a folder")
+    argv = [a.format(file=file, bundle=debug_bundle) for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{flag} " in err and f"{file} is a file, not a folder" in err and "Traceback" not in err
+    assert file.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("stage", ["probe", "qualify"])
+def test_a_json_report_path_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys, stage):
+    argv = [stage, "--json", str(tmp_path)] + (["--backend", "torch:cpu"] if stage == "qualify" else [])
+    assert main(argv) == 1
+    assert f"--json {tmp_path} is a folder; give a file name" in capsys.readouterr().err

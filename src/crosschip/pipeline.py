@@ -24,6 +24,7 @@ from typing import Any
 
 from crosschip.config import RunConfig, ServeConfig, load_config
 from crosschip.errors import CrosschipError
+from crosschip.paths import check_output_dir
 from crosschip.serve.command import API_KEY_ENV, client_url
 
 DEFAULT_CONFIG = "configs/default.toml"
@@ -455,6 +456,7 @@ def _open_run(args: argparse.Namespace) -> Run:
     config_path = Path(args.config or DEFAULT_CONFIG)
     _check_stage_settings(load_config(config_path), config_path)  # fail before any stage starts
     root = Path(args.out or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_output_dir(root, "--out")
     if (root / "run_state.json").exists():
         raise CrosschipError(f"{root} already holds a run; use --resume {root} or another --out")
     root.mkdir(parents=True, exist_ok=True)

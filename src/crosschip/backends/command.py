@@ -20,6 +20,7 @@ from typing import Any
 
 from crosschip.backends import REGISTRY, get_backend
 from crosschip.errors import CrosschipError
+from crosschip.paths import check_output_file
 
 PROBE_TIMEOUT_S = 120.0
 
@@ -170,6 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_file(args.json, "--json")
     results = probe_all(args.backend)
     render_table(results)
     if args.json:

@@ -22,6 +22,7 @@ from crosschip.backends import get_backend
 from crosschip.errors import CrosschipError
 from crosschip.handoff import precision
 from crosschip.handoff.source import Source, resolve_source
+from crosschip.paths import check_output_dir
 
 ONNX_FILE = "model.onnx"
 PHASES = ["load source", "check precision", "write HF bundle", "export ONNX", "check ONNX vs torch", "write manifest"]
@@ -110,8 +111,7 @@ def export_bundle(
 def _prepare_out(src: Path, out: Path, force: bool) -> None:
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise CrosschipError(f"--out {out} is the source itself; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise CrosschipError(f"--out {out} is a file")
+    check_output_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise CrosschipError(f"--out {out} is not empty; pass --force to replace it")

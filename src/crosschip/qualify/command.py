@@ -9,6 +9,7 @@ from typing import Any
 
 from crosschip.backends import REGISTRY, get_backend
 from crosschip.errors import CrosschipError
+from crosschip.paths import check_output_dir, check_output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
         get_backend(spec)  # unknown names fail before any work starts
     if args.steps is not None and args.steps < 8:
         raise CrosschipError(f"--steps must be at least 8, got {args.steps}")
+    if args.workdir is not None:
+        check_output_dir(args.workdir, "--workdir")
+    if args.json:
+        check_output_file(args.json, "--json")
     qualifier = Qualifier(args.reference, args.workdir, args.steps or STABILITY_STEPS)
     results = {}
     for spec in args.backend:

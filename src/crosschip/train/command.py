@@ -7,6 +7,7 @@ import os
 import sys
 
 from crosschip.config import RunConfig, load_config
+from crosschip.paths import check_output_dir
 
 EPILOG_EXTRA = """
 faults (for tests and demos), repeatable:
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     check_launcher(args)
+    check_output_dir(args.out, "--out")
     if (args.nproc > 1 or args.nnodes) and not D.in_torchrun():
         get_backend(cfg.train.backend).require()  # fail here, once, rather than in every worker
         argv = sys.argv[sys.argv.index("train") + 1 :] if "train" in sys.argv else []

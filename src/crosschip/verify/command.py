@@ -10,6 +10,7 @@ from pathlib import Path
 
 from crosschip.config import DataConfig, VerifyConfig
 from crosschip.errors import CrosschipError
+from crosschip.paths import check_output_dir
 from crosschip.verify.gate import GATE_FAILED_EXIT
 
 EPILOG = """
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise CrosschipError(f"verify: --top-k must be >= 1, got {args.top_k}")
+    check_output_dir(args.out, "--out")
     target = args.target if args.target or args.target_url else "ort:cpu"
     opts = VerifyOptions(
         bundle=args.bundle,

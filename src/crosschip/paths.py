@@ -1,0 +1,39 @@
+"""Output paths named on the command line, checked before a stage does any work.
+
+A folder or file that cannot be created (a file where a folder should be, a folder under a
+file, a read-only parent) would otherwise surface as an OSError traceback from deep inside a
+stage, or, for a JSON report, only after the whole measurement it reports.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from crosschip.errors import CrosschipError
+
+
+def _check_ancestors(path: Path, flag: str, folders: tuple[Path, ...]) -> None:
+    """The nearest existing one of `folders` must be a folder this process can write into."""
+    for p in folders:
+        if not p.exists():
+            continue
+        if not p.is_dir():
+            raise CrosschipError(f"{flag} {path}: {p} is a file, not a folder")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise CrosschipError(f"{flag} {path}: {p} is not writable")
+        return
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """`path` is, or can be made, a writable folder."""
+    path = Path(path)
+    _check_ancestors(path, flag, (path, *path.parents))
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """`path` can be written as a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise CrosschipError(f"{flag} {path} is a folder; give a file name")
+    _check_ancestors(path, flag, tuple(path.parents))
