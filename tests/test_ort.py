@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,6 +20,7 @@ from crosschip.handoff.onnx_export import (
     causal_mask,
     count_expert_weights,
     open_session,
+    session_options,
     store_weights,
 )
 from crosschip.serve.executor import Chunk, TorchExecutor
@@ -242,9 +246,19 @@ def test_serve_on_ort_cpu_matches_torch_engine(fp32_bundle, model):
         assert srv.stop() == 0
 
 
+def optimized_ops(graph: Path, out: Path) -> collections.Counter:
+    """Op counts of `graph` as an ONNX Runtime session built with our options runs it."""
+    so = session_options(1)
+    so.optimized_model_filepath = str(out.with_suffix(".onnx"))
+    ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["fp16", "bf16", "int8"])
-def test_low_precision_graphs_store_small_weights_and_match_torch(debug_bundle, fp32_bundle, ort_bundle_of, policy):
+def test_low_precision_graphs_store_small_weights_and_match_torch(
+    debug_bundle, fp32_bundle, ort_bundle_of, policy, tmp_path
+):
     """Each policy's graph stores its weights in that dtype (int8 + scales for int8) and, computing
     in fp32 on CPU, reproduces the torch model with the same rounding to fp32 accuracy."""
     from crosschip.handoff import precision
@@ -263,6 +277,11 @@ def test_low_precision_graphs_store_small_weights_and_match_torch(debug_bundle, 
     assert router.data_type == onnx.TensorProto.FLOAT
     ratio = manifest["sizes"]["onnx_bytes"] / hf.read_manifest(fp32_bundle)["sizes"]["onnx_bytes"]
     assert ratio < {"fp16": 0.6, "bf16": 0.6, "int8": 0.4}[policy]
+    # Decoding the stored weights is folded when the session loads, not run every step: the
+    # optimized graphs are the fp32 bundle's, node for node (an int8 graph used to keep a
+    # DequantizeLinear per weight).
+    for graph in ("model.onnx", "model.decode.onnx"):
+        assert optimized_ops(bundle / graph, tmp_path / policy) == optimized_ops(fp32_bundle / graph, tmp_path / "fp32")
     # Served through the executor: logits of a prefill equal the rounded torch model's.
     rounded = precision.round_model(hf.load_bundle(debug_bundle)[0], policy)
     ex = OrtExecutor(bundle, get_backend("ort:cpu"))

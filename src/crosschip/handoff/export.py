@@ -128,7 +128,7 @@ def _check_precision(source: Source, policy: str, fp16_overflow: str) -> dict[st
             "scheme": "weight-only, symmetric, per output channel",
             "weights": "attention/MLP/expert linears, embed_tokens, lm_head",
             "keys": "<name>.weight int8 (out, in) + <name>.weight_scale fp32 (out,); w = weight * weight_scale[:, None]",
-            "onnx": "int8 initializer + fp32 scale -> DequantizeLinear (ORT CPU fuses it into MatMulNBits)",
+            "onnx": "int8 initializer + fp32 scale -> DequantizeLinear, folded to fp32 when ONNX Runtime loads it",
         }
     if policy == "fp16":
         state = hf.to_hf(source.model.state_dict(), source.model.cfg)

@@ -176,8 +176,8 @@ def folded_mla_weights(attn: MLA) -> tuple[Tensor, Tensor, Tensor]:
     latents it stores are the model's (c_kv after its norm, k_pe as `apply_rope` returns it).
     The products are computed from the parameters inside the graph, not stored: the graph
     keeps the model's own (rounded) weights, which a precision policy stores exactly, and
-    ONNX Runtime folds the products in fp32 when it loads the session (not under the int8
-    policy: ORT keeps its DequantizeLinear nodes, so there they are computed every step).
+    ONNX Runtime folds the products in fp32 when it loads the session (under the int8 policy
+    too, once `session_options` lets it fold the DequantizeLinear nodes).
     """
     H, nope, R, C, v = attn.n_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank, attn.v_head_dim
     perm = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
@@ -561,14 +561,19 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
 def session_options(threads: int | None = None) -> Any:
     """ORT session options for our graphs.
 
-    ORT fuses DequantizeLinear -> MatMul into MatMulNBits; its default accuracy level 4
-    quantizes activations to int8 too, which is not weight-only int8 (logits drift ~1e-2).
-    Level 1 keeps fp32 activations: int8 weights, exact fp32 compute.
+    An int8 bundle's weights reach the graph through DequantizeLinear nodes on initializers.
+    ORT keeps such nodes for its QDQ fusions, and on this graph none applies (ORT 1.32 made no
+    MatMulNBits of them): every step dequantized every weight, experts included. A decode
+    step of arith-tiny, 1 thread: 6.3 ms at batch 1 against 1.4 ms folded (fp32 bundle 1.5),
+    6.6 ms at batch 32 against 4.3 (benchmarks/RESULTS.md, 2026-11-29). With QDQ handling
+    off, constant folding decodes them once, when the session loads: int8 on disk and in
+    transfer, fp32 weights in memory, the same fp32 values computed (as fp16 and bf16 weights,
+    whose Casts ORT folds anyway).
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
     # Idle intra-op threads sleep instead of spinning: serving steps are short and the CPU is shared.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
