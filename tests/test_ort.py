@@ -325,6 +325,27 @@ def test_general_graph_splits_the_pairs_by_the_counts_tensor(fp32_bundle, model)
         assert producers[split.input[1]].op_type == "ScatterElements", split.name  # the counts themselves
 
 
+def test_no_graph_sums_through_a_scatter_nd(fp32_bundle):
+    """ONNX Runtime's CPU ScatterND with reduction="add" races on duplicate indices when it runs
+    on more than one thread; the MoE gathers its outputs back to the tokens instead."""
+
+    def nodes(graph):
+        for node in graph.node:
+            yield node
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from nodes(a.g)
+
+    for name in ("model.onnx", "model.decode.onnx"):
+        graph = onnx.load(str(fp32_bundle / name), load_external_data=False).graph
+        reducing = [
+            n.name
+            for n in nodes(graph)
+            if n.op_type == "ScatterND" and any(a.name == "reduction" and a.s != b"none" for a in n.attribute)
+        ]
+        assert reducing == [], (name, reducing)
+
+
 def _split_graph(order: list[int]) -> onnx.ModelProto:
     """Split(x, Concat(Squeeze(Slice(counts, i, i+1)) for i in order)), the traced MoE's pattern."""
     h = onnx.helper
