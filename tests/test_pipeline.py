@@ -221,3 +221,31 @@ def test_bad_flags_fail_before_any_stage(tmp_path, flags, message):
 def test_resume_of_a_non_run_folder_is_a_clear_error(tmp_path):
     out = _run("--resume", str(tmp_path))
     assert out.returncode == 1 and "not a crosschip run folder" in out.stderr
+
+
+def test_ctrl_c_as_a_stage_process_starts_leaves_no_orphan(tmp_path, monkeypatch):
+    """A Ctrl-C that lands after the stage's process is forked but before the run has recorded
+    it must still stop it: this is how an export outlived a run that exited 130."""
+    from crosschip import pipeline
+
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen] = []
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: still inside Popen's call
+        return proc
+
+    monkeypatch.setattr(pipeline.subprocess, "Popen", popen_then_ctrl_c)
+    args = ["train", "--config", "configs/smoke.toml", "--out", str(tmp_path / "t"), "--quiet"]
+    monkeypatch.chdir(ROOT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.Child.run(args, tmp_path / "stage.log", echo=False)
+    finally:
+        pipeline.Child.stop()  # what `crosschip run` does with a KeyboardInterrupt
+        leftover = [p for p in started if p.poll() is None]
+        for p in leftover:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert len(started) == 1 and leftover == []

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crosschip import interrupts
 from crosschip.config import RunConfig, ServeConfig, load_config
 from crosschip.errors import CrosschipError
 from crosschip.paths import check_output_dir
@@ -91,15 +92,19 @@ class Child:
         with open(log, "w", encoding="utf-8") as f:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
-            proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env={**os.environ, **(env or {})},
-                start_new_session=True,
-            )
-            cls.current = proc
+            # A Ctrl-C between the fork and `current` would leave the stage running unseen by
+            # `stop` (an export kept writing into the run folder after the run exited 130):
+            # it is held until `current` names the new process.
+            with interrupts.held():
+                proc = subprocess.Popen(
+                    cmd,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env={**os.environ, **(env or {})},
+                    start_new_session=True,
+                )
+                cls.current = proc
             try:
                 assert proc.stdout is not None
                 for line in proc.stdout:
