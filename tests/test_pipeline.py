@@ -186,14 +186,16 @@ def _side_by_side(commands: list[list[str]], logs: Path, timeout: float) -> list
         ("[serve]\nprefill_chunk = 0\n", "serve.prefill_chunk: must be at least 1, got 0"),
     ],
 )
-def test_bad_config_fails_before_any_stage(tmp_path, toml, message):
+def test_bad_config_fails_before_any_stage(tmp_path, capsys, toml, message):
     """A setting only a late stage reads (the export's, the server's) is refused before the
     first stage too, not after minutes of training."""
+    from crosschip.cli import main
+
     bad = tmp_path / "bad.toml"
     bad.write_text(toml)
-    out = _run("--config", str(bad), "--out", str(tmp_path / "r"))
-    assert out.returncode == 1
-    assert message in out.stderr and "Traceback" not in out.stderr
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
 
 
@@ -209,12 +211,14 @@ def test_bad_config_fails_before_any_stage(tmp_path, toml, message):
         (["--resume", "runs/x", "--config", "configs/smoke.toml"], "--config cannot be combined with --resume"),
     ],
 )
-def test_bad_flags_fail_before_any_stage(tmp_path, flags, message):
+def test_bad_flags_fail_before_any_stage(tmp_path, capsys, flags, message):
     """Each of these used to start the run (an empty --train-on or --candidates even ran the
     default probe and qualify); a bad backend or fault was refused only by the train stage."""
-    out = _run(*flags, "--out", str(tmp_path / "r"))
-    assert out.returncode == 1
-    assert message in out.stderr and "Traceback" not in out.stderr
+    from crosschip.cli import main
+
+    assert main(["run", *flags, "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
 
 

@@ -389,6 +389,9 @@ def test_a_compiler_that_fails_leaves_training_eager_and_says_so(tmp_path, monke
 def test_a_model_error_under_compile_is_raised_not_hidden(tmp_path, monkeypatch):
     """The eager redo of a failed compiled step raises the model's own error: a fault in the
     model is not mistaken for a compiler that cannot run here."""
+    real_compile = torch.compile  # dynamo's tracing without inductor's code generation: seconds less
+    monkeypatch.setattr(torch, "compile", lambda fn: real_compile(fn, backend="eager"))
+    torch._dynamo.reset()
     t = Trainer(debug_cfg(steps=2, dtype="fp32", compile=True, eval_every=-1), tmp_path / "c", verbose=False)
 
     def broken_backward(self, *args, **kwargs):
