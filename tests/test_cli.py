@@ -171,3 +171,19 @@ def test_a_json_report_path_that_is_a_folder_is_refused_before_any_work(tmp_path
     argv = [stage, "--json", str(tmp_path)] + (["--backend", "torch:cpu"] if stage == "qualify" else [])
     assert main(argv) == 1
     assert f"--json {tmp_path} is a folder; give a file name" in capsys.readouterr().err
+
+
+def test_each_cli_call_counts_its_own_ctrl_c(tmp_path, capsys):
+    """A SIGINT an earlier in-process call saw (a test runner calls main() many times) must not
+    turn a later call's error into "interrupted" (exit 130)."""
+    import os
+    import signal
+
+    from crosschip import interrupts
+
+    interrupts.install()
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert interrupts.seen()
+    assert main(["verify", str(tmp_path / "missing")]) == 1
+    assert "bundle folder not found" in capsys.readouterr().err

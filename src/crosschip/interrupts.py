@@ -23,8 +23,12 @@ def install() -> None:
     Also where SIGINT came in ignored: a process started in the background of a script
     inherits it so, and Python then installs no handler, so an explicit `kill -INT` would be
     lost and the stage would run to its end. Ctrl-C and `kill -INT` always stop a stage.
-    Nothing is installed off the main thread, where Python cannot set handlers.
+    Nothing is installed off the main thread, where Python cannot set handlers. The count
+    starts again at 0: a SIGINT before this call (one an earlier in-process `main()` saw, in a
+    test runner) is not this stage's.
     """
+    global _seen
+    _seen = 0
 
     def on_sigint(signum, frame):
         global _seen
