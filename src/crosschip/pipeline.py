@@ -92,19 +92,7 @@ class Child:
         with open(log, "w", encoding="utf-8") as f:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
-            # A Ctrl-C between the fork and `current` would leave the stage running unseen by
-            # `stop` (an export kept writing into the run folder after the run exited 130):
-            # it is held until `current` names the new process.
-            with interrupts.held():
-                proc = subprocess.Popen(
-                    cmd,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    env={**os.environ, **(env or {})},
-                    start_new_session=True,
-                )
-                cls.current = proc
+            proc = cls.start(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
             try:
                 assert proc.stdout is not None
                 for line in proc.stdout:
@@ -119,6 +107,16 @@ class Child:
                 raise
             finally:
                 cls.current = None
+
+    @classmethod
+    def start(cls, cmd: list[str], **popen: Any) -> subprocess.Popen:
+        """Start a stage process in its own session and make it `current`. A Ctrl-C between
+        the fork and `current` would leave it running unseen by `stop` (an export kept
+        writing into the run folder after the run exited 130): it is held until then."""
+        with interrupts.held():
+            proc = subprocess.Popen(cmd, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+            cls.current = proc
+        return proc
 
     @classmethod
     def stop(cls) -> None:
@@ -307,8 +305,7 @@ def _start_server(bundle: Path, serve: ServeConfig, port: int, api_key: str, log
     if api_key:
         env[API_KEY_ENV] = api_key
     f = open(log, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    Child.current = proc
+    proc = Child.start(cmd, stdout=f, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -405,19 +402,26 @@ def stage_report(run: Run) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_backend_names(named: dict[str, list[str]]) -> None:
+    """Every backend spec is one crosschip knows; the error names where the spec came from."""
+    from crosschip.backends import get_backend
+
+    for where, specs in named.items():
+        for spec in specs:
+            try:
+                get_backend(spec)
+            except CrosschipError as e:
+                raise CrosschipError(f"{where}: {e}") from None
+
+
 def _check_stage_settings(cfg: RunConfig, path: Path) -> None:
     """Backend names and the export policy, which the stages would only refuse when they
     start (an export comes minutes after the training it needs)."""
-    from crosschip.backends import get_backend
     from crosschip.handoff.precision import POLICIES
 
-    specs = {"train.backend": cfg.train.backend, "export.target": cfg.export.target}
-    specs |= {"serve.backend": cfg.serve.backend, "verify.reference": cfg.verify.reference}
-    for key, spec in specs.items():
-        try:
-            get_backend(spec)
-        except CrosschipError as e:
-            raise CrosschipError(f"{path}: {key}: {e}") from None
+    keys = {"train.backend": cfg.train.backend, "export.target": cfg.export.target}
+    keys |= {"serve.backend": cfg.serve.backend, "verify.reference": cfg.verify.reference}
+    _check_backend_names({f"{path}: {key}": [spec] for key, spec in keys.items()})
     if cfg.export.dtype not in POLICIES:
         raise CrosschipError(f"{path}: export.dtype: must be one of {', '.join(POLICIES)}, got {cfg.export.dtype!r}")
 
@@ -425,7 +429,6 @@ def _check_stage_settings(cfg: RunConfig, path: Path) -> None:
 def _check_flags(args: argparse.Namespace) -> None:
     """The command line's backends, faults and port, refused before any stage (or run folder)
     is made, not when the stage that uses them starts."""
-    from crosschip.backends import get_backend
     from crosschip.train.faults import parse_fault
 
     if args.resume and args.config is not None:
@@ -440,12 +443,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     named = {"--candidates": args.candidates or []}
     if args.train_on is not None:
         named["--train-on"] = parse_train_on(args.train_on)
-    for flag, specs in named.items():
-        for spec in specs:
-            try:
-                get_backend(spec)
-            except CrosschipError as e:
-                raise CrosschipError(f"{flag}: {e}") from None
+    _check_backend_names(named)
     for spec in args.inject:
         parse_fault(spec)
 
