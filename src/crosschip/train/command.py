@@ -7,6 +7,7 @@ import os
 import sys
 
 from crosschip.config import RunConfig, load_config
+from crosschip.errors import CrosschipError
 from crosschip.paths import check_output_dir
 
 EPILOG_EXTRA = """
@@ -94,7 +95,6 @@ def _gave_up(out: str) -> int:
 def check_launcher(args: argparse.Namespace) -> None:
     """The launcher's numbers, checked here: torchrun answers them with an AssertionError
     traceback, or (a port out of range) by waiting for a rendezvous that cannot happen."""
-    from crosschip.errors import CrosschipError
 
     def refuse(flag: str, rule: str, value) -> None:
         raise CrosschipError(f"{flag} {rule}, got {value}")
