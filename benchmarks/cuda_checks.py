@@ -15,7 +15,10 @@ output goes to OUT/<check>.log and a summary table is printed last.
   plus 64 new tokens per row, batch 1, 8, 32 and 128, median of 3, prefill included for both.
 - train / train-compiled: benchmarks/train_throughput.py on small-100m in bf16 (tokens/s
   against transformers and MFU against the bf16 matmul rate measured in the same run), then
-  ours with `train.compile`.
+  ours with `train.compile`; train-compiled-b32 the same at batch 32 (more tokens per step).
+- learn / learn-parity: `crosschip train` of the default recipe (configs/default.toml) on the
+  accelerator, then the parity check of the weights it trained: trained on one chip, checked
+  against the CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from crosschip.scripts import run_main
 
 HERE = Path(__file__).resolve().parent
+CONFIG = HERE.parent / "configs" / "default.toml"
 
 
 def run_check(name: str, cmd: list[str], out: Path, timeout: float) -> tuple[str, float]:
@@ -54,11 +58,14 @@ def run_check(name: str, cmd: list[str], out: Path, timeout: float) -> tuple[str
 def parity(args: argparse.Namespace) -> None:
     from crosschip import hf
 
-    model, tokenizer = hf.load_bundle(args.weights, verify_checksums=False)
-    bundle = args.out / "parity-bundle"
+    weights = args.weights
+    if (weights / "checkpoints").is_dir():  # a `crosschip train` folder: its newest checkpoint
+        weights = sorted((weights / "checkpoints").glob("step_*"))[-1]
+    model, tokenizer = hf.load_bundle(weights, verify_checksums=False)
+    bundle = args.out / f"{args.tag}-bundle"
     hf.save_bundle(model, bundle, tokenizer=tokenizer)
     verify = [sys.executable, "-m", "crosschip", "verify", str(bundle), "--reference", "torch:cpu"]
-    verify += ["--target", args.backend, "--out", str(args.out / "parity"), "--layers"]
+    verify += ["--target", args.backend, "--out", str(args.out / args.tag), "--layers"]
     sys.exit(subprocess.run(verify).returncode)
 
 
@@ -90,7 +97,10 @@ def decode(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         logits = ex.step([Chunk(i, p, 0) for i, p in enumerate(prompts(b))])
         for s in range(steps - 1):
-            logits = ex.step([Chunk(i, [int(row.argmax())], prompt_len + s) for i, row in enumerate(logits)])
+            # One argmax over the batch, as the engine picks greedy tokens (a per-row argmax
+            # timed the harness: ~B small ops a step).
+            next_ids = logits.argmax(-1).tolist()
+            logits = ex.step([Chunk(i, [t], prompt_len + s) for i, t in enumerate(next_ids)])
         took = time.perf_counter() - t0
         for i in range(b):
             ex.release(i)
@@ -122,11 +132,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("check", nargs="?", default="all", choices=["all", "parity", "decode"])
     p.add_argument("--weights", type=Path, help="trained weights for the parity check (HF layout)")
+    p.add_argument("--tag", default="parity", help="name of the parity check's output folders")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--backend", default="torch:cuda")
     p.add_argument("--decode-batches", default="1,8,32,128")
     p.add_argument("--skip", default="", help="comma-separated checks to leave out")
     p.add_argument("--train-args", default="--batch 16 --seq 1024 --steps 8 --repeats 3 --threads 8")
+    p.add_argument("--learn-args", default="--max-minutes 1.2", help="extra `crosschip train` flags for learn")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.check == "parity":
@@ -135,20 +147,25 @@ def main() -> None:
         return decode(args)
 
     me = [sys.executable, str(Path(__file__).resolve())]
+    crosschip, learned = [sys.executable, "-m", "crosschip"], args.out / "learn"
     common = ["--out", str(args.out), "--backend", args.backend]
     train = [sys.executable, str(HERE / "train_throughput.py"), "--backend", args.backend, "--dtype", "bf16"]
     train += ["--preset", "small-100m", *args.train_args.split()]
-    checks = [
-        ("parity", [*me, "parity", "--weights", str(args.weights), *common], 100),
-        ("decode", [*me, "decode", "--decode-batches", args.decode_batches, *common], 120),
-        ("train", train, 150),
-        ("train-compiled", [*train, "--compile", "--no-anchor"], 150),
+    learn = [*crosschip, "train", "--config", str(CONFIG), "--backend", args.backend, "--out", str(learned)]
+    checks = [  # (name, command, time limit in seconds), most wanted first
+        ("parity", [*me, "parity", "--weights", str(args.weights), *common], 90),
+        ("decode", [*me, "decode", "--decode-batches", args.decode_batches, *common], 100),
+        ("train", train, 120),
+        ("train-compiled", [*train, "--compile", "--no-anchor"], 130),
+        ("train-compiled-b32", [*train, "--compile", "--no-anchor", "--batch", "32", "--steps", "4"], 90),
+        ("learn", [*learn, *args.learn_args.split()], 100),
+        ("learn-parity", [*me, "parity", "--weights", str(learned), "--tag", "learn-parity", *common], 60),
     ]
     skip = set(filter(None, args.skip.split(",")))
     results = [(name, *run_check(name, cmd, args.out, limit)) for name, cmd, limit in checks if name not in skip]
     print("\nsummary:")
     for name, status, took in results:
-        print(f"  {name:<15} {status:<24} {took:>5.0f} s")
+        print(f"  {name:<19} {status:<24} {took:>5.0f} s")
 
 
 if __name__ == "__main__":
