@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from crosschip.config import model_preset
-from crosschip.model import ContiguousLatentCache, Gate, MoE, Transformer, count_params
+from crosschip.model import ContiguousLatentCache, Gate, MoE, Transformer, count_params, grouped_mm_works
 
 
 def _model(seed: int = 0, **overrides) -> Transformer:
@@ -165,6 +165,41 @@ def test_padded_expert_rows_change_nothing_but_the_shapes(multiple):
     torch.testing.assert_close(dx2, dx1, rtol=1e-5, atol=1e-6)
     for a, b in zip(g2, g1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not grouped_mm_works("cpu", torch.float32), reason="this torch has no CPU grouped_mm")
+@pytest.mark.parametrize("multiple", [1, 8])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_grouped_experts_equal_the_loop_over_experts(multiple, autocast):
+    """`MoE.grouped` (two grouped GEMMs over stacked weights) gives the loop's output, load and gradients."""
+    cfg = model_preset("debug", n_routed_experts=8, num_experts_per_tok=3)
+    torch.manual_seed(0)
+    moe = MoE(cfg).train()
+    moe.row_multiple = multiple
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 37, cfg.hidden_size)
+    results = []
+    for grouped in (False, True):
+        moe.grouped = grouped
+        moe.zero_grad()
+        xi = x.clone().requires_grad_()
+        calls: list[int] = []
+        hook = moe.experts[0].register_forward_pre_hook(lambda *_, seen=calls: seen.append(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = moe(xi)
+        hook.remove()
+        assert bool(calls) != grouped  # the grouped path never calls the expert modules
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach().float(), xi.grad, [p.grad.clone() for p in moe.parameters()], moe.last_load))
+    (out1, dx1, g1, load1), (out2, dx2, g2, load2) = results
+    assert load1.tolist() == load2.tolist()
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out2, out1, **tol)
+    torch.testing.assert_close(dx2, dx1, **tol)
+    assert sum(g.abs().sum() > 0 for g in g2) > len(g2) // 2  # most experts were chosen and learn
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_packed_documents_do_not_attend_across_boundaries():

@@ -28,7 +28,7 @@ from crosschip.backends import Backend, get_backend
 from crosschip.config import RunConfig, to_dict
 from crosschip.data.arith import heldout_set
 from crosschip.errors import CrosschipError
-from crosschip.model import MLA, RMSNorm, Transformer, count_params
+from crosschip.model import MLA, RMSNorm, Transformer, count_params, grouped_mm_works
 from crosschip.tokenizer import Tokenizer, default_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train import distributed as D
@@ -208,8 +208,12 @@ class Trainer:
         torch.manual_seed(self.t.seed)
         model = Transformer(self.cfg.model).to(self.device)
         model.train()
+        # One grouped GEMM over the experts where this device and dtype have the kernel (see
+        # `MoE.grouped`), else the loop over experts; both compute the same values.
+        self.grouped_experts = grouped_mm_works(self.device, DTYPES[self.dtype])
         for moe in model.moe_layers():
             moe.row_multiple = self.backend.expert_row_multiple(self.dtype)
+            moe.grouped = self.grouped_experts
         self.regions = compile_regions(model, self._compile_failed) if self.t.compile else None
         if self.dist.enabled:
             D.shard_model(model)
@@ -274,6 +278,7 @@ class Trainer:
                 dtype=self.dtype,
                 world=self.dist.world,
                 params=count_params(self.cfg.model).total,
+                experts="grouped_mm" if self.grouped_experts else "loop",
             )
             self.save()  # step 0: a rollback target from the very first step
 
