@@ -22,7 +22,7 @@ from crosschip.train import checkpoint as ckpt
 from crosschip.train.data import IGNORE, ArithStream, BatchStream, shard_rows
 from crosschip.train.faults import parse_fault
 from crosschip.train.health import HealthGuard
-from crosschip.train.trainer import Trainer, lr_at, resolve_dtype, update_balance_bias
+from crosschip.train.trainer import Trainer, estimate_memory, lr_at, resolve_dtype, update_balance_bias
 from train_helpers import events, losses
 
 
@@ -237,6 +237,22 @@ def test_too_big_config_is_refused_before_allocating(tmp_path):
     cfg.model = model_preset("deepseek-v3")
     with pytest.raises(CrosschipError, match=r"does not fit in memory: 6\d\d\.\d\dB parameters"):
         Trainer(cfg, tmp_path)
+
+
+def test_the_memory_estimate_counts_attention_scores_only_where_the_backend_keeps_them(tmp_path, monkeypatch):
+    """A fused-attention backend (cuda) is not refused for the (heads, T, T) scores that only
+    torch's math path keeps: on an H200 the estimate with them refused a batch that fits."""
+    cfg = debug_cfg()
+    cfg.model = model_preset("small-100m")
+    cfg.train.batch_size, cfg.train.seq_len = 16, 1024
+    with_scores, without = (estimate_memory(cfg, 1, keeps)["total"] for keeps in (True, False))
+    assert with_scores > 2 * without
+    assert get_backend("torch:cpu").attention_keeps_scores() and not get_backend("torch:cuda").attention_keeps_scores()
+    monkeypatch.setattr(CPUBackend, "memory_bytes", lambda self: int((with_scores + without) / 2 / 0.9))
+    with pytest.raises(CrosschipError, match="does not fit in memory"):
+        Trainer(cfg, tmp_path / "math")
+    monkeypatch.setattr(CPUBackend, "attention_keeps_scores", lambda self: False)
+    Trainer(cfg, tmp_path / "fused").close()
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):

@@ -91,6 +91,12 @@ class Backend:
         """Round each MoE expert's row count up to a multiple of this (see `MoE.row_multiple`)."""
         return 1
 
+    def attention_keeps_scores(self) -> bool:
+        """Whether training attention (SDPA with the packed-document mask, q/k wider than v)
+        keeps (heads, T, T) scores for the backward, as torch's math path does (the training
+        memory estimate counts them). True unless a backend knows its fused kernels run it."""
+        return True
+
     def device_name(self) -> str:
         return platform.processor() or platform.machine()
 

@@ -110,15 +110,20 @@ def resolve_dtype(requested: str, backend: Backend) -> str:
     return requested
 
 
-def estimate_memory(cfg: RunConfig, world: int) -> dict[str, int]:
-    """Bytes one process needs: fp32 params + grads + AdamW moments (sharded over `world`) + activations."""
+def estimate_memory(cfg: RunConfig, world: int, attention_scores: bool = True) -> dict[str, int]:
+    """Bytes one process needs: fp32 params + grads + AdamW moments (sharded over `world`) + activations.
+
+    attention_scores: whether attention keeps its (heads, T, T) scores for the backward, as
+    torch's math path does (`Backend.attention_keeps_scores`); fused kernels keep O(T).
+    """
     m, t = cfg.model, cfg.train
     total = count_params(m).total
     state = total * (4 + 4 + 8) // world
     micro = max(1, t.batch_size // (world * t.grad_accum))
     T = t.seq_len
     moe_width = m.num_experts_per_tok * m.moe_intermediate_size * 3
-    per_layer = 4 * (34 * m.hidden_size + moe_width + 5 * m.num_attention_heads * T)
+    scores = 5 * m.num_attention_heads * T if attention_scores else 0
+    per_layer = 4 * (34 * m.hidden_size + moe_width + scores)
     layers = m.num_hidden_layers + m.num_nextn_predict_layers
     activations = micro * T * (layers * per_layer + 3 * 4 * m.vocab_size)
     return {"params": total, "states": state, "activations": activations, "total": state + activations}
@@ -184,7 +189,7 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------
     def _check_memory(self) -> None:
-        need = estimate_memory(self.cfg, self.dist.world)
+        need = estimate_memory(self.cfg, self.dist.world, self.backend.attention_keeps_scores())
         have = self.backend.memory_bytes()
         if have is not None and need["total"] > 0.9 * have:
             gib = 2**30
