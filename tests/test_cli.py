@@ -54,11 +54,14 @@ def test_unavailable_backend_says_why():
         ("--max-queue", "0", "--max-queue must be at least 1, got 0"),
         ("--drain-timeout", "-1", "--drain-timeout must be >= 0, got -1.0"),
         ("--threads", "-1", "--threads must be >= 0"),
+        ("--api-key", "", "--api-key is empty"),
+        ("--model-name", " ", "--model-name is empty"),
     ],
 )
-def test_serve_refuses_numbers_it_cannot_run_with_before_starting(tmp_path, capsys, flag, value, message):
+def test_serve_refuses_values_it_cannot_run_with_before_starting(tmp_path, capsys, flag, value, message):
     """These used to end in tracebacks (ZeroDivisionError, bind()'s OverflowError, torch's
-    RuntimeError) or be taken as they were (a prefill chunk of 0 never finishes a prompt)."""
+    RuntimeError) or be taken as they were (a prefill chunk of 0 never finishes a prompt; an
+    empty --api-key served without a key)."""
     (tmp_path / "tokenizer.json").write_text("{}")
     assert main(["serve", str(tmp_path), "--port", "18999", flag, value]) == 1
     err = capsys.readouterr().err

@@ -80,11 +80,17 @@ def load_engine(args: argparse.Namespace):
     return front, tokenizer
 
 
-def check_numbers(args: argparse.Namespace) -> None:
-    """Numbers the server cannot run with, named by their flags, before anything starts."""
+def check_flags(args: argparse.Namespace) -> None:
+    """Values the server cannot run with, named by their flags, before anything starts."""
     check_serve_limits(args, lambda name: "--" + name.removesuffix("_s").replace("_", "-"))
     if args.threads < 0:
         raise CrosschipError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    # An empty value is most often an unset shell variable (`--api-key "$KEY"`): served as it
+    # was, it would open the server to anyone, or name the model after the folder, silently.
+    if args.api_key == "":
+        raise CrosschipError("--api-key is empty; give the key, or leave the flag out to serve without one")
+    if args.model_name is not None and not args.model_name.strip():
+        raise CrosschipError("--model-name is empty; give a name, or leave the flag out for the bundle folder's name")
 
 
 # A server bound to a wildcard address answers on loopback.
@@ -125,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         raise BundleError(f"bundle folder not found: {args.bundle}")
     if not (args.bundle / "tokenizer.json").is_file():
         raise BundleError(f"bundle has no tokenizer.json: {args.bundle}")
-    check_numbers(args)
+    check_flags(args)
     check_listen(args.host, args.port)
     # The engine thread runs Python between torch ops; a shorter GIL switch interval than the
     # default 5 ms lets the event loop answer and stream while a step is running.
