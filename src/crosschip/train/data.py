@@ -90,12 +90,15 @@ class ArithStream:
     def draw(self) -> Batch:
         """The next global batch (B, T)."""
         B, T = self.batch_size, self.seq_len
-        ids = torch.full((B, T), self.tok.pad_id, dtype=torch.int64)
-        labels = torch.full((B, T), IGNORE, dtype=torch.int64)
-        positions = torch.zeros((B, T), dtype=torch.int64)
-        doc_ids = torch.full((B, T), -1, dtype=torch.int64)
-        for row in range(B):
-            used, doc = 0, 0
+        # Rows are built as Python lists and become tensors once per batch: a few tensor ops per
+        # problem cost ~30 us each, which a GPU step of ~100 ms noticed.
+        ids, labels, positions, doc_ids = [], [], [], []
+        for _ in range(B):
+            r_ids: list[int] = []
+            r_labels: list[int] = []
+            r_pos: list[int] = []
+            r_doc: list[int] = []
+            doc = 0
             while True:
                 tokens, n_prompt = self._peek()
                 n = len(tokens)
@@ -103,18 +106,23 @@ class ArithStream:
                     raise CrosschipError(
                         f"train.seq_len {T} is shorter than one problem ({n} tokens); raise train.seq_len"
                     )
-                if used + n > T:
+                if len(r_ids) + n > T:
                     break
                 self._take()
-                ids[row, used : used + n] = torch.tensor(tokens)
-                positions[row, used : used + n] = torch.arange(n)
-                doc_ids[row, used : used + n] = doc
                 # label at i is token i+1; the first label-carrying position is the last prompt token.
                 first = n_prompt - 1 if self.mask_prompt else 0
-                labels[row, used + first : used + n - 1] = torch.tensor(tokens[first + 1 :])
-                used, doc = used + n, doc + 1
+                r_labels += [IGNORE] * first + tokens[first + 1 :] + [IGNORE]
+                r_ids += tokens
+                r_pos += range(n)
+                r_doc += [doc] * n
+                doc += 1
+            pad = T - len(r_ids)
+            ids.append(r_ids + [self.tok.pad_id] * pad)
+            labels.append(r_labels + [IGNORE] * pad)
+            positions.append(r_pos + [0] * pad)
+            doc_ids.append(r_doc + [-1] * pad)
         self.batches += 1
-        return Batch(ids, labels, positions, doc_ids)
+        return Batch(*(torch.tensor(x, dtype=torch.int64) for x in (ids, labels, positions, doc_ids)))
 
     def state_dict(self) -> dict[str, int]:
         return {"problems": self.problems, "batches": self.batches}
