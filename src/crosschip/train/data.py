@@ -91,7 +91,7 @@ class ArithStream:
         """The next global batch (B, T)."""
         B, T = self.batch_size, self.seq_len
         # Rows are built as Python lists and become tensors once per batch: a few tensor ops per
-        # problem cost ~30 us each, which a GPU step of ~100 ms noticed.
+        # problem cost ~30 us each. On an H200 the stream took 41 ms of small-100m's ~165 ms step.
         ids, labels, positions, doc_ids = [], [], [], []
         for _ in range(B):
             r_ids: list[int] = []
