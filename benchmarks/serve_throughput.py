@@ -367,17 +367,6 @@ def main() -> None:
         write_results(args, rows, frac1, frac32, srv[32])
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
-
-
 def write_results(args, rows: list[dict], frac1: float, frac32: float, s32: dict) -> None:
     path: Path = args.results
     if not path.exists():
@@ -385,7 +374,9 @@ def write_results(args, rows: list[dict], frac1: float, frac32: float, s32: dict
             "# Benchmark results\n\nDated, machine-named rows; append only. Each benchmark script prints how to rerun it.\n",
             encoding="utf-8",
         )
-    host = f"{os.cpu_count()}-core {cpu_model()} ({platform.node()})"
+    from crosschip.backends import get_backend
+
+    host = f"{get_backend('torch:cpu').device_name()}, {platform.node()}"
     day = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = f", load average {os.getloadavg()[0]:.1f}"
     lines = [

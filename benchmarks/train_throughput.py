@@ -124,7 +124,7 @@ def main() -> None:
         "--compile", action="store_true", help="train.compile: torch.compile our attention and RMSNorm regions"
     )
     p.add_argument("--record", action="store_true", help="append a dated row to benchmarks/RESULTS.md")
-    p.add_argument("--machine", default="2-core CPU (AMD EPYC), shared/noisy")
+    p.add_argument("--machine", default=None, help="machine named in the recorded row (default: the backend's device)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -168,6 +168,7 @@ def main() -> None:
         print(f"{'transformers':14}{tps_theirs:>10,.0f}{roof_theirs:>10.1%}{cpu_theirs:>11,.0f}")
         print(f"ratio crosschip / transformers: {ratio:.2f}x wall, {cpu_ours / cpu_theirs:.2f}x per CPU-second")
     if args.record:
+        args.machine = args.machine or backend.device_name()
         record(args, trainer.dtype, tps_ours, tps_theirs, ratio, roof_ours, gflops, cpu_ours / cpu_theirs)
 
 
