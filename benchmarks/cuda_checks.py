@@ -19,6 +19,8 @@ output goes to OUT/<check>.log and a summary table is printed last.
 - learn / learn-parity: `crosschip train` of the default recipe (configs/default.toml) on the
   accelerator, then the parity check of the weights it trained: trained on one chip, checked
   against the CPU.
+- profile: host against device time of our training step and decode steps, kernel launches
+  and host syncs per step, the top kernels, and peak memory against the trainer's estimate.
 """
 
 from __future__ import annotations
@@ -128,9 +130,107 @@ def decode(args: argparse.Namespace) -> None:
         print(f"{b:>5} {t_med:>19,.0f} {a_med:>16,.0f} {a_med / t_med:>6.2f}x", flush=True)
 
 
+def profile(args: argparse.Namespace) -> None:
+    """Host against device time of our training step and decode steps, with the top kernels.
+
+    On the H200 the first profile found the training step host-bound (357 ms of wall time for
+    70 ms of GPU time); this check keeps that question answered in every call."""
+    import tempfile
+
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    sys.path.insert(0, str(HERE))
+    import train_throughput as tt
+    from crosschip import hf
+    from crosschip.config import RunConfig, model_preset
+    from crosschip.model import Transformer
+    from crosschip.serve.executor import Chunk, make_executor
+    from crosschip.train.trainer import estimate_memory
+
+    B, T = (int(x) for x in args.profile_shape.split("x"))
+    cfg = RunConfig(model=model_preset("small-100m"))
+    cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_every = B, T, 0
+    cfg.train.backend, cfg.train.dtype = args.backend, "bf16"
+    accelerated = not args.backend.endswith(":cpu")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if accelerated else [])
+
+    def summary(prof, steps: int, wall_s: float, what: str, table: bool) -> None:
+        events = prof.key_averages()
+        # Kernel events only, as the profiler's own total counts them (an op's row repeats its kernels' time).
+        device_us = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU)
+        count = {e.key: e.count for e in events}
+        launches = sum(count.get(k, 0) for k in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+        syncs = sum(count.get(k, 0) for k in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+        print(
+            f"{what}: {1e3 * wall_s:.2f} ms wall a step (median), {device_us / 1e3 / steps:.2f} ms device, "
+            f"{launches / steps:,.0f} kernel launches and {syncs / steps:.0f} host syncs a step",
+            flush=True,
+        )
+        if table:
+            key = "self_device_time_total" if accelerated else "self_cpu_time_total"
+            print(events.table(sort_by=key, row_limit=12, max_name_column_width=70), flush=True)
+
+    def timed(fn, n: int) -> float:
+        times = []
+        for _ in range(n):
+            torch.accelerator.synchronize() if accelerated else None
+            t0 = time.perf_counter()
+            fn()
+            torch.accelerator.synchronize() if accelerated else None
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        step, trainer = tt.ours(cfg, Path(tmp) / "run")
+        timed(step, 3)  # warm-up
+        if accelerated:
+            torch.cuda.reset_peak_memory_stats()
+        wall = timed(step, 4)
+        with torch_profile(activities=activities) as prof:
+            for _ in range(2):
+                step()
+            torch.accelerator.synchronize() if accelerated else None
+        print(f"training step, small-100m bf16 {B}x{T} on {args.backend}")
+        summary(prof, 2, wall, "train", table=True)
+        if accelerated:
+            est = estimate_memory(cfg, 1, trainer.backend.attention_keeps_scores())["total"]
+            print(
+                f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; estimated {est / 2**30:.2f} GiB"
+            )
+        trainer.close()
+
+    torch.manual_seed(0)
+    bundle = Path(tempfile.mkdtemp()) / "bundle"
+    hf.save_bundle(Transformer(model_preset("small-100m")), bundle)
+    batches = [int(b) for b in args.decode_batches.split(",")]
+    ex = make_executor(bundle, args.backend, dtype=torch.bfloat16, max_batch=max(batches))
+    for b in batches:
+        for i in range(b):
+            assert ex.can_allocate(i, 64)
+        state = {"logits": ex.step([Chunk(i, [(7 * i + j) % 1000 + 1 for j in range(16)], 0) for i in range(b)])}
+        state["pos"] = 16
+
+        def decode_step(state: dict = state) -> None:
+            ids = state["logits"].argmax(-1).tolist()
+            state["logits"] = ex.step([Chunk(i, [t], state["pos"]) for i, t in enumerate(ids)])
+            state["pos"] += 1
+
+        timed(decode_step, 3)
+        wall = timed(decode_step, 10)
+        with torch_profile(activities=activities) as prof:
+            for _ in range(5):
+                decode_step()
+        summary(prof, 5, wall, f"decode batch {b}", table=False)
+        for i in range(b):
+            ex.release(i)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("check", nargs="?", default="all", choices=["all", "parity", "decode"])
+    p.add_argument("check", nargs="?", default="all", choices=["all", "parity", "decode", "profile"])
     p.add_argument("--weights", type=Path, help="trained weights for the parity check (HF layout)")
     p.add_argument("--tag", default="parity", help="name of the parity check's output folders")
     p.add_argument("--out", type=Path, required=True)
@@ -138,6 +238,7 @@ def main() -> None:
     p.add_argument("--decode-batches", default="1,8,32,128")
     p.add_argument("--skip", default="", help="comma-separated checks to leave out")
     p.add_argument("--train-args", default="--batch 16 --seq 1024 --steps 8 --repeats 3 --threads 8")
+    p.add_argument("--profile-shape", default="16x1024", help="BxT of the profiled training step")
     p.add_argument("--learn-args", default="--max-minutes 1.2", help="extra `crosschip train` flags for learn")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +246,8 @@ def main() -> None:
         return parity(args)
     if args.check == "decode":
         return decode(args)
+    if args.check == "profile":
+        return profile(args)
 
     me = [sys.executable, str(Path(__file__).resolve())]
     crosschip, learned = [sys.executable, "-m", "crosschip"], args.out / "learn"
@@ -160,6 +263,11 @@ def main() -> None:
         ("train-compiled-b32", [*train, "--compile", "--no-anchor", "--batch", "32", "--steps", "4"], 90),
         ("learn", [*learn, *args.learn_args.split()], 100),
         ("learn-parity", [*me, "parity", "--weights", str(learned), "--tag", "learn-parity", *common], 60),
+        (
+            "profile",
+            [*me, "profile", "--profile-shape", args.profile_shape, "--decode-batches", args.decode_batches, *common],
+            90,
+        ),
     ]
     skip = set(filter(None, args.skip.split(",")))
     results = [(name, *run_check(name, cmd, args.out, limit)) for name, cmd, limit in checks if name not in skip]
