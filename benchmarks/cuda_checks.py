@@ -145,6 +145,7 @@ def profile(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(HERE))
     import train_throughput as tt
     from crosschip import hf
+    from crosschip.backends import get_backend
     from crosschip.config import RunConfig, model_preset
     from crosschip.model import Transformer
     from crosschip.serve.executor import Chunk, make_executor
@@ -154,7 +155,8 @@ def profile(args: argparse.Namespace) -> None:
     cfg = RunConfig(model=model_preset("small-100m"))
     cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_every = B, T, 0
     cfg.train.backend, cfg.train.dtype = args.backend, "bf16"
-    accelerated = not args.backend.endswith(":cpu")
+    backend = get_backend(args.backend).require()
+    accelerated = backend.device_type != "cpu"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if accelerated else [])
 
     def summary(prof, steps: int, wall_s: float, what: str, table: bool) -> None:
@@ -176,10 +178,10 @@ def profile(args: argparse.Namespace) -> None:
     def timed(fn, n: int) -> float:
         times = []
         for _ in range(n):
-            torch.accelerator.synchronize() if accelerated else None
+            backend.synchronize()
             t0 = time.perf_counter()
             fn()
-            torch.accelerator.synchronize() if accelerated else None
+            backend.synchronize()
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
@@ -192,11 +194,11 @@ def profile(args: argparse.Namespace) -> None:
         with torch_profile(activities=activities) as prof:
             for _ in range(2):
                 step()
-            torch.accelerator.synchronize() if accelerated else None
+            backend.synchronize()
         print(f"training step, small-100m bf16 {B}x{T} on {args.backend}")
         summary(prof, 2, wall, "train", table=True)
         if accelerated:
-            est = estimate_memory(cfg, 1, trainer.backend.attention_keeps_scores())["total"]
+            est = estimate_memory(cfg, 1, backend.attention_keeps_scores())["total"]
             print(
                 f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; estimated {est / 2**30:.2f} GiB"
             )
