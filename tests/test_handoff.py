@@ -215,6 +215,7 @@ def _small_model():
     return Transformer(cfg).eval()
 
 
+@pytest.mark.usefixtures("no_trace_cache")
 def test_an_error_in_the_decode_graph_process_names_the_file(tmp_path):
     from crosschip.errors import CrosschipError
     from crosschip.handoff.onnx_export import export_onnx
@@ -224,6 +225,7 @@ def test_an_error_in_the_decode_graph_process_names_the_file(tmp_path):
         export_onnx(_small_model(), tmp_path / "model.onnx")
 
 
+@pytest.mark.usefixtures("no_trace_cache")
 def test_export_traces_both_graphs_here_when_no_second_process_can_start(tmp_path, monkeypatch):
     from crosschip.handoff.onnx_export import export_onnx
 
@@ -237,6 +239,7 @@ def test_export_traces_both_graphs_here_when_no_second_process_can_start(tmp_pat
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.decode.onnx").is_file()
 
 
+@pytest.mark.usefixtures("no_trace_cache")
 def test_ctrl_c_while_the_second_process_starts_stops_both_without_a_traceback(debug_bundle, tmp_path):
     """Ctrl-C reaches the process group; the export stops its child and says `interrupted`."""
     import os
@@ -291,3 +294,80 @@ def _ignores_sigint(pid: int) -> bool:
     except (OSError, StopIteration):
         return False
     return bool(ignored >> (signal.SIGINT - 1) & 1)
+
+
+# -- the trace cache -------------------------------------------------------------------------------
+def test_a_cached_trace_binds_new_weights_and_writes_what_a_fresh_trace_writes(tmp_path, monkeypatch):
+    """Model b traced fresh fills the cache; model a (other weights) and b again are served from
+    it, with no second process: a's graphs compute a's model, b's files are byte for byte the
+    fresh ones."""
+    from crosschip.handoff.export import onnx_parity
+    from crosschip.handoff.onnx_export import export_onnx
+
+    monkeypatch.setenv("CROSSCHIP_CACHE_DIR", str(tmp_path / "cache"))
+    b = _small_model()
+    torch.manual_seed(1)
+    a = type(b)(b.cfg).eval()
+    runs = {}
+    for name, model in (("b", b), ("a", a), ("b-again", b)):
+        said = []
+        export_onnx(model, tmp_path / name / "model.onnx", progress=said.append)
+        runs[name] = said
+    assert not any("from the cache" in m for m in runs["b"]) and "traced graph kept in the cache" in runs["b"]
+    for name in ("a", "b-again"):
+        assert sum("from the cache" in m for m in runs[name]) == 2, runs[name]
+        assert not any("second process" in m for m in runs[name]), runs[name]
+    for graph in ("model.onnx", "model.decode.onnx"):
+        assert (tmp_path / "b" / graph).read_bytes() == (tmp_path / "b-again" / graph).read_bytes(), graph
+        assert (tmp_path / "b" / graph).read_bytes() != (tmp_path / "a" / graph).read_bytes(), graph
+        assert onnx_parity(a, tmp_path / "a" / graph) < 1e-5, graph
+
+
+def test_the_trace_cache_keeps_no_captured_tensor_and_drops_a_broken_entry(tmp_path, monkeypatch):
+    import onnx
+
+    from crosschip.handoff import trace_cache
+
+    monkeypatch.setenv("CROSSCHIP_CACHE_DIR", str(tmp_path))
+    step = torch.nn.Linear(4, 3)
+    weight = onnx.numpy_helper.from_array(step.weight.detach().numpy(), "weight")
+    graph = onnx.helper.make_graph([], "g", [], [], initializer=[weight])
+    traced = onnx.helper.make_model(graph)
+    assert trace_cache.store("k", traced, step) and trace_cache.has("k")
+    stored = onnx.load(str(tmp_path / "onnx-traces" / "k.onnx"))
+    assert not stored.graph.initializer[0].raw_data  # kept without its weights
+    with torch.no_grad():
+        step.weight.add_(1)
+    bound = trace_cache.load("k", step).graph.initializer[0]
+    assert torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(bound).copy()), step.weight.detach())
+    assert trace_cache.load("k", torch.nn.Linear(5, 3)) is None  # another shape: not this graph
+    # A tensor the trace captured that no parameter or buffer names: a later export could not rebind it.
+    captured = onnx.helper.make_model(
+        onnx.helper.make_graph([], "g", [], [], initializer=[weight, _named(weight, "c")])
+    )
+    assert not trace_cache.store("captured", captured, step) and not trace_cache.has("captured")
+    (tmp_path / "onnx-traces" / "k.onnx").write_bytes(b"not a graph")
+    assert trace_cache.load("k", step) is None and not trace_cache.has("k")
+    monkeypatch.setenv("CROSSCHIP_TRACE_CACHE", "0")
+    assert not trace_cache.store("k", traced, step) and not trace_cache.has("k")
+
+
+def _named(tensor, name):
+    import onnx
+
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    copy.name = name
+    return copy
+
+
+def test_the_trace_key_follows_the_config_and_the_graph_kind():
+    from dataclasses import replace
+
+    from crosschip.handoff.trace_cache import trace_key
+
+    model = _small_model()
+    key = trace_key(model, "general")
+    assert key == trace_key(model, "general") != trace_key(model, "decode")
+    other = type(model)(replace(model.cfg, vocab_size=model.cfg.vocab_size + 1))
+    assert trace_key(other, "general") != key

@@ -17,6 +17,7 @@ from crosschip.handoff.export import export_bundle
 from crosschip.handoff.onnx_export import (
     INPUT_NAMES,
     CachedStep,
+    all_nodes,
     causal_mask,
     count_expert_weights,
     open_session,
@@ -64,6 +65,11 @@ def test_graph_passes_checker_and_keeps_every_expert(fp32_bundle, model):
     manifest = hf.read_manifest(fp32_bundle)
     assert manifest["onnx"]["expert_weights"] == 3 * moe_layers * cfg.n_routed_experts
     assert manifest["onnx"]["parity_fp32_max_abs"] < 1e-5
+    # The exporter's per-node stack traces are dropped, inside the decode graph's If branches too.
+    for graph in ("model.onnx", "model.decode.onnx"):
+        nodes = list(all_nodes(onnx.load(str(fp32_bundle / graph)).graph))
+        assert not [n.name for n in nodes if n.metadata_props or n.doc_string], graph
+        assert graph == "model.onnx" or any(n.op_type == "If" for n in nodes)
 
 
 @pytest.mark.parametrize("policy", ["fp32", "int8"])

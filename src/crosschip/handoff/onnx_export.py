@@ -44,6 +44,7 @@ import signal
 import threading
 import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from torch import Tensor, nn
 
 from crosschip import interrupts
 from crosschip.errors import CrosschipError
+from crosschip.handoff import trace_cache
 from crosschip.model import MLA, MoE, RMSNorm, Transformer, rope_cos_sin
 
 INPUT_NAMES = ["input_ids", "positions", "past_c_kv", "past_k_pe", "past_slots", "attention_mask"]
@@ -291,23 +293,26 @@ def export_onnx(model: Transformer, path: str | Path, *, policy: str = "fp32", p
     # Each trace is one busy Python thread and they share nothing: the decode graph is traced
     # in a second process meanwhile (arith-tiny, 2 CPU cores: ~50 s -> ~40 s per export).
     # Spawned, not forked: a fork would inherit this process's OpenMP and ONNX Runtime threads.
+    # A decode graph already in the trace cache takes seconds: no second process for it.
     ctx = torch.multiprocessing.get_context("spawn")
     result, child_end = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_export_decode_graph, args=(model, small, policy, child_end), daemon=True)
+    child = None
     # The start is inside the try: a Ctrl-C that lands just after it must still stop the
     # child, which would otherwise trace on alone and write into the folder --resume redoes.
     try:
-        try:
-            with interrupts.held():
-                child.start()  # hands the weights over through shared memory
-            say(f"small-batch decode graph ({small.name}) in a second process")
-        except (OSError, RuntimeError) as e:  # e.g. a /dev/shm too small for the weights (containers)
-            child = None
-            say(f"no second process ({type(e).__name__}: {e}); {small.name} follows {path.name}")
+        if not trace_cache.has(trace_cache.trace_key(model, "decode")):
+            child = ctx.Process(target=_export_decode_graph, args=(model, small, policy, child_end), daemon=True)
+            try:
+                with interrupts.held():
+                    child.start()  # hands the weights over through shared memory
+                say(f"small-batch decode graph ({small.name}) in a second process")
+            except (OSError, RuntimeError) as e:  # e.g. a /dev/shm too small for the weights (containers)
+                child = None
+                say(f"no second process ({type(e).__name__}: {e}); {small.name} follows {path.name}")
         child_end.close()
-        info = _export_graph(export_model(model), path, policy, say)
+        info = _export_graph(model, path, policy, say)
         if not _decode_graph_done(child, result, small, say):
-            _export_graph(export_model(model, decode=True), small, policy, say)
+            _export_graph(model, small, policy, say, decode=True)
     finally:
         # On any failure here (or Ctrl-C) the child is stopped, not waited for.
         if child is not None and child.pid is not None:  # pid: None if it never started
@@ -355,7 +360,7 @@ def _export_decode_graph(model: Transformer, path: Path, policy: str, conn) -> N
     except ImportError:
         pass
     try:
-        _export_graph(export_model(model, decode=True), path, policy, _quiet)
+        _export_graph(model, path, policy, _quiet, decode=True)
         conn.send(None)
     except Exception as e:  # reported by the parent, which owns the user-facing error
         conn.send(f"{type(e).__name__}: {e}")
@@ -363,11 +368,32 @@ def _export_decode_graph(model: Transformer, path: Path, policy: str, conn) -> N
         conn.close()
 
 
-def _export_graph(model: Transformer, path: Path, policy: str, say) -> dict[str, Any]:
+def _export_graph(model: Transformer, path: Path, policy: str, say, *, decode: bool = False) -> dict[str, Any]:
+    """Trace (or take from the trace cache) one graph of `model`, then finish it into `path`."""
+    step = CachedStep(export_model(model, decode=decode))
+    key = trace_cache.trace_key(model, "decode" if decode else "general")
+    traced = trace_cache.load(key, step)
+    if traced is not None:
+        say(f"traced graph from the cache ({trace_cache.cache_dir()})")
+    else:
+        say("tracing the cached step (torch.export)")
+        traced = _trace(step, model)
+        interrupts.check()  # torch.onnx.export retries after an interrupted import: Ctrl-C is lost there
+        if trace_cache.store(key, traced, step):
+            say("traced graph kept in the cache")
+    return _finish_graph(traced, model, path, policy, say)
+
+
+def _trace(step: CachedStep, model: Transformer) -> onnx.ModelProto:
+    """The step as torch.onnx.export translates it, not yet optimized.
+
+    Returned as a proto without the exporter's stack traces, the form the trace cache keeps: a
+    fresh trace and a cached one then enter the optimizer alike (it names the nodes it makes
+    from the nodes it finds), so both write the same file."""
+    import onnx_ir as ir
+
     from crosschip.handoff.ort_ops import TRANSLATIONS
 
-    step = CachedStep(model)
-    say("tracing the cached step (torch.export)")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -384,19 +410,27 @@ def _export_graph(model: Transformer, path: Path, policy: str, say) -> dict[str,
             optimize=False,
             custom_translation_table=TRANSLATIONS,
         )
-    interrupts.check()  # torch.onnx.export retries after an interrupted import: Ctrl-C is lost there
-    say("optimizing the graph")
+    proto = ir.serde.serialize_model(program.model)
+    strip_metadata(proto)
+    return proto
+
+
+def _finish_graph(traced: onnx.ModelProto, model: Transformer, path: Path, policy: str, say) -> dict[str, Any]:
+    """Optimize the traced graph, store its weights as `policy`, write and check `path`."""
+    import onnx_ir as ir
     import onnxscript.optimizer
 
+    graph = ir.serde.deserialize_model(traced)
+    say("optimizing the graph")
     # Fold only small constants. The default limits would fold an expert's w1 and w3 (stacked
     # by the model's forward) into an anonymous constant; with these the graph keeps every
     # weight under its own name, and ONNX Runtime folds the rest when it loads the session.
-    onnxscript.optimizer.optimize(program.model, input_size_limit=1024, output_size_limit=1024)
-    if feed_splits_whole_sizes(program.model):
+    onnxscript.optimizer.optimize(graph, input_size_limit=1024, output_size_limit=1024)
+    if feed_splits_whole_sizes(graph):
         from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-        RemoveUnusedNodesPass()(program.model)
-    proto = program.model_proto
+        RemoveUnusedNodesPass()(graph)
+    proto = ir.serde.serialize_model(graph)
     strip_metadata(proto)
     drop_unused_initializers(proto)
     say(f"storing weights as {policy}")
@@ -534,9 +568,18 @@ def _const_int(value: Any) -> int | None:
     return int(array.reshape(-1)[0]) if array.size == 1 else None
 
 
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of `graph` and of its subgraphs (If branches, loop bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                yield from all_nodes(sub)
+
+
 def strip_metadata(model: onnx.ModelProto) -> None:
-    """Drop the exporter's per-node stack traces and docs: they are about half the file."""
-    for node in model.graph.node:
+    """Drop the exporter's per-node stack traces and docs, subgraphs' too: they are about half the file."""
+    for node in all_nodes(model.graph):
         del node.metadata_props[:]
         node.doc_string = ""
 
@@ -544,15 +587,7 @@ def strip_metadata(model: onnx.ModelProto) -> None:
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Remove initializers no node reads, in the graph or its subgraphs (the optimizer can
     leave one behind, and ONNX Runtime warns about it on every session load)."""
-
-    def reads(graph: onnx.GraphProto):
-        for node in graph.node:
-            yield from node.input
-            for attr in node.attribute:
-                for sub in [attr.g] if attr.HasField("g") else attr.graphs:
-                    yield from reads(sub)
-
-    used = set(reads(model.graph)) | {o.name for o in model.graph.output}
+    used = {i for node in all_nodes(model.graph) for i in node.input} | {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
