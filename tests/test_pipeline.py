@@ -127,13 +127,28 @@ def test_default_run_finishes_in_ten_minutes_and_learns(default_run):
     verify = json.loads((run_dir / "verify" / "report.json").read_text())
     assert verify["gate"]["passed"] and verify["metrics"]["greedy_identical"] == 1.0
     assert json.loads((run_dir / "serve.json").read_text())["accuracy"] >= 0.8
-    qualify = json.loads((run_dir / "qualify.json").read_text())
-    assert qualify["torch:cpu"]["verdict"] == "TRAIN"
     # The run probes the real backends only: emulated chips are used when named (--train-on).
     probed = json.loads((run_dir / "probe.json").read_text())["backends"]
     assert "torch:cpu" in [r["backend"] for r in probed]
     assert not [r["backend"] for r in probed if r.get("emulation")]
     assert_report_complete(run_dir / "report.html")
+
+
+@pytest.mark.solo
+def test_the_real_cpu_qualifies_to_train(default_run):
+    """The run's qualify stage, on the real CPU against itself (test_qualify judges the emulated chips)."""
+    from crosschip.backends import get_backend
+
+    run_dir, out, _ = default_run
+    assert out.returncode == 0, "the default run failed; see the test above"
+    cpu = json.loads((run_dir / "qualify.json").read_text())["torch:cpu"]
+    assert cpu["verdict"] == "TRAIN", cpu["reasons"]
+    native = get_backend("torch:cpu").native_bf16()
+    assert cpu["train_dtype"] == ("bf16" if native else "fp32") and cpu["measurements"]["train_tokens_per_s"] > 0
+    assert cpu["checks"]["stability"]["ok"] and cpu["checks"]["collectives"]["ok"]
+    assert cpu["measurements"]["deterministic"]  # two same-seed CPU runs agree bit for bit
+    assert any("loss gap" in r for r in cpu["reasons"]) and any("communication" in r for r in cpu["reasons"])
+    assert "torch:cpu: TRAIN" in out.stdout
 
 
 @pytest.mark.solo

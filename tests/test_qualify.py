@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-from crosschip.backends import get_backend
 from crosschip.qualify.metrics import BANDS, judge
 from crosschip.qualify.numerics import OPS, measure_op
 from crosschip.qualify.stability import RunResult, RunSpec, judge_stability
@@ -145,8 +144,8 @@ def test_unknown_backend_and_bad_reference_are_clear_errors():
 
 
 # -- real verdicts -----------------------------------------------------------------------------
-# About 3 minutes on 2 quiet cores (11 short training runs, 5 workers, 3 two-process
-# collective benchmarks); several times that when the machine is shared, hence the timeout.
+# 83 s on 2 quiet cores (three emulated chips and the reference's runs); several times that
+# when the machine is shared, hence the timeout.
 LONG = pytest.mark.timeout(1500)
 # Verdicts rest on step times and collective timings: measured with the machine to themselves.
 MEASURED = pytest.mark.solo
@@ -154,30 +153,16 @@ MEASURED = pytest.mark.solo
 
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory):
-    """One `crosschip qualify` over the real CPU and the three emulated chips (reference measured once)."""
+    """One `crosschip qualify` over the three emulated chips (reference measured once). The real
+    CPU's own verdict comes from the default run's qualify stage (test_pipeline)."""
     out = tmp_path_factory.mktemp("qualify") / "verdicts.json"
-    specs = ["torch:cpu", "emu:fp16-only", "emu:flaky", "emu:slow-collectives"]
+    specs = ["emu:fp16-only", "emu:flaky", "emu:slow-collectives"]
     argv = [sys.executable, "-m", "crosschip", "qualify", "--json", str(out)]
     for spec in specs:
         argv += ["--backend", spec]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stderr
     return json.loads(out.read_text()), proc.stdout
-
-
-@pytest.mark.slow
-@LONG
-@MEASURED
-def test_real_cpu_qualifies_to_train(verdicts):
-    results, text = verdicts
-    cpu = results["torch:cpu"]
-    assert cpu["verdict"] == TRAIN, cpu["reasons"]
-    native = get_backend("torch:cpu").native_bf16()
-    assert cpu["train_dtype"] == ("bf16" if native else "fp32") and cpu["measurements"]["train_tokens_per_s"] > 0
-    assert cpu["checks"]["stability"]["ok"] and cpu["checks"]["collectives"]["ok"]
-    assert cpu["measurements"]["deterministic"]  # two same-seed CPU runs agree bit for bit
-    assert any("loss gap" in r for r in cpu["reasons"]) and any("communication" in r for r in cpu["reasons"])
-    assert "torch:cpu: TRAIN" in text
 
 
 @pytest.mark.slow
