@@ -361,7 +361,7 @@ def _named(tensor, name):
     return copy
 
 
-def test_the_trace_key_follows_the_config_and_the_graph_kind():
+def test_the_trace_key_follows_the_config_the_tensors_and_the_graph_kind():
     from dataclasses import replace
 
     from crosschip.handoff.trace_cache import trace_key
@@ -371,3 +371,5 @@ def test_the_trace_key_follows_the_config_and_the_graph_kind():
     assert key == trace_key(model, "general") != trace_key(model, "decode")
     other = type(model)(replace(model.cfg, vocab_size=model.cfg.vocab_size + 1))
     assert trace_key(other, "general") != key
+    model.register_buffer("extra", torch.zeros(2))  # same config, another tensor: another trace
+    assert trace_key(model, "general") != key

@@ -10,7 +10,7 @@ own weights by name, and then runs what a fresh trace would run (the optimizer, 
 storage, the checks). The file it writes is the one a fresh trace writes.
 
 The key is everything that shapes a trace but the weights: the model config, the graph kind,
-the parameters' dtypes, the versions of torch and the ONNX packages, and the source of
+the parameters' and buffers' names, shapes and dtypes, the versions of torch and the ONNX packages, and the source of
 crosschip itself (any code change starts a new key). Entries are stored without weights.
 
 Where: $CROSSCHIP_CACHE_DIR/onnx-traces, by default $XDG_CACHE_HOME/crosschip or
@@ -66,8 +66,8 @@ def _code_fingerprint() -> str:
 
 def trace_key(model: nn.Module, kind: str) -> str:
     """The cache key of `model`'s `kind` graph ("general" or "decode")."""
-    dtypes = sorted({str(t.dtype) for t in _state(model).values()})
-    facts = {"config": dataclasses.asdict(model.cfg), "kind": kind, "dtypes": dtypes, "code": _code_fingerprint()}
+    tensors = sorted((name, list(t.shape), str(t.dtype)) for name, t in _state(model).items())
+    facts = {"config": dataclasses.asdict(model.cfg), "kind": kind, "tensors": tensors, "code": _code_fingerprint()}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
