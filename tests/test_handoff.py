@@ -308,15 +308,17 @@ def test_a_cached_trace_binds_new_weights_and_writes_what_a_fresh_trace_writes(t
     b = _small_model()
     torch.manual_seed(1)
     a = type(b)(b.cfg).eval()
-    runs = {}
+    runs, infos = {}, {}
     for name, model in (("b", b), ("a", a), ("b-again", b)):
         said = []
-        export_onnx(model, tmp_path / name / "model.onnx", progress=said.append)
+        infos[name] = export_onnx(model, tmp_path / name / "model.onnx", progress=said.append)
         runs[name] = said
     assert not any("from the cache" in m for m in runs["b"]) and "traced graph kept in the cache" in runs["b"]
+    assert infos["b"]["traced_from_cache"] == []
     for name in ("a", "b-again"):
         assert sum("from the cache" in m for m in runs[name]) == 2, runs[name]
         assert not any("second process" in m for m in runs[name]), runs[name]
+        assert infos[name]["traced_from_cache"] == ["model.onnx", "model.decode.onnx"]
     for graph in ("model.onnx", "model.decode.onnx"):
         assert (tmp_path / "b" / graph).read_bytes() == (tmp_path / "b-again" / graph).read_bytes(), graph
         assert (tmp_path / "b" / graph).read_bytes() != (tmp_path / "a" / graph).read_bytes(), graph
@@ -373,3 +375,18 @@ def test_the_trace_key_follows_the_config_the_tensors_and_the_graph_kind():
     assert trace_key(other, "general") != key
     model.register_buffer("extra", torch.zeros(2))  # same config, another tensor: another trace
     assert trace_key(model, "general") != key
+
+
+def test_the_export_summary_names_the_graphs_reused_from_the_trace_cache():
+    from crosschip.handoff.command import summary
+
+    manifest = {
+        "sizes": {"weights_bytes": 1e6, "onnx_bytes": 1e6, "total_bytes": 2e6},
+        "precision": {"policy": "fp32"},
+        "target": {"spec": "ort:cpu"},
+        "source": {"kind": "bundle", "path": "src"},
+        "onnx": {"expert_weights": 24, "parity_fp32_max_abs": 1e-7, "traced_from_cache": ["model.decode.onnx"]},
+    }
+    assert "traced graphs reused from the trace cache: model.decode.onnx" in summary("b", manifest)
+    manifest["onnx"]["traced_from_cache"] = []
+    assert "trace cache" not in summary("b", manifest)

@@ -71,6 +71,8 @@ def summary(out: str, m: dict) -> str:
         lines.append(
             f"  onnx: {o['expert_weights']} expert weights, ORT vs torch max |diff| {o['parity_fp32_max_abs']:.2e}"
         )
+        if o.get("traced_from_cache"):
+            lines.append(f"  traced graphs reused from the trace cache: {', '.join(o['traced_from_cache'])}")
     if r := m["precision"].get("fp16_range"):
         lines.append(f"  fp16 range: {len(r['overflow'])} tensors overflow, {len(r['underflow'])} underflow")
     if res := m.get("resident"):

@@ -311,8 +311,12 @@ def export_onnx(model: Transformer, path: str | Path, *, policy: str = "fp32", p
                 say(f"no second process ({type(e).__name__}: {e}); {small.name} follows {path.name}")
         child_end.close()
         info = _export_graph(model, path, policy, say)
-        if not _decode_graph_done(child, result, small, say):
-            _export_graph(model, small, policy, say, decode=True)
+        from_cache = [path.name] if info.pop("from_cache") else []
+        if (
+            not _decode_graph_done(child, result, small, say)
+            and _export_graph(model, small, policy, say, decode=True)["from_cache"]
+        ):
+            from_cache.append(small.name)
     finally:
         # On any failure here (or Ctrl-C) the child is stopped, not waited for.
         if child is not None and child.pid is not None:  # pid: None if it never started
@@ -320,7 +324,7 @@ def export_onnx(model: Transformer, path: str | Path, *, policy: str = "fp32", p
                 child.kill()
             child.join()
         result.close()
-    return {**info, "decode_file": small.name}
+    return {**info, "decode_file": small.name, "traced_from_cache": from_cache}
 
 
 def _decode_graph_done(child: Any, result: Any, small: Path, say) -> bool:
@@ -373,7 +377,8 @@ def _export_graph(model: Transformer, path: Path, policy: str, say, *, decode: b
     step = CachedStep(export_model(model, decode=decode))
     key = trace_cache.trace_key(model, "decode" if decode else "general")
     traced = trace_cache.load(key, step)
-    if traced is not None:
+    from_cache = traced is not None
+    if from_cache:
         say(f"traced graph from the cache ({trace_cache.cache_dir()})")
     else:
         say("tracing the cached step (torch.export)")
@@ -381,7 +386,7 @@ def _export_graph(model: Transformer, path: Path, policy: str, say, *, decode: b
         interrupts.check()  # torch.onnx.export retries after an interrupted import: Ctrl-C is lost there
         if trace_cache.store(key, traced, step):
             say("traced graph kept in the cache")
-    return _finish_graph(traced, model, path, policy, say)
+    return {**_finish_graph(traced, model, path, policy, say), "from_cache": from_cache}
 
 
 def _trace(step: CachedStep, model: Transformer) -> onnx.ModelProto:
