@@ -43,9 +43,12 @@ def cache_dir() -> Path | None:
     """The folder of stored traces, or None when the cache is turned off."""
     if os.environ.get("CROSSCHIP_TRACE_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    root = os.environ.get("CROSSCHIP_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "crosschip"
-    )
+    root = os.environ.get("CROSSCHIP_CACHE_DIR")
+    if not root:
+        try:
+            root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "crosschip")
+        except RuntimeError:  # no home folder to be found: no cache
+            return None
     return Path(root) / "onnx-traces"
 
 
