@@ -45,9 +45,10 @@ def debug_bundle(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ort_bundle_of(debug_bundle, tmp_path_factory):
     """`ort_bundle_of(policy)`: `debug_bundle` exported for ort:cpu in that precision policy,
-    once per session (an export takes ~15 s; the trace cache then serves the other policies). Tests that write into a bundle copy it first.
-    Its users share the xdist group "ort_bundles", so that `make test` exports each policy once
-    (a session fixture is per pytest-xdist worker)."""
+    once per session (an export takes ~15 s; the trace cache then serves the other policies).
+    Tests that write into a bundle copy it first. Its users share the xdist group
+    "ort_bundles", so that `make test` exports each policy once (a session fixture is per
+    pytest-xdist worker)."""
     from crosschip.handoff.export import export_bundle
 
     root = tmp_path_factory.mktemp("ort_bundles")
