@@ -176,14 +176,7 @@ def profile(args: argparse.Namespace) -> None:
             print(events.table(sort_by=key, row_limit=12, max_name_column_width=70), flush=True)
 
     def timed(fn, n: int) -> float:
-        times = []
-        for _ in range(n):
-            backend.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            backend.synchronize()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return statistics.median(backend.call_times(fn, n))
 
     with tempfile.TemporaryDirectory() as tmp:
         step, trainer = tt.ours(cfg, Path(tmp) / "run")

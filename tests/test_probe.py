@@ -29,6 +29,18 @@ def test_emulated_fp16_only_chip_refuses_bf16_but_computes_fp16():
     assert check_autocast(backend, "fp16")["output_dtype"] == "float16"
 
 
+def test_call_times_waits_for_the_device_around_each_call(monkeypatch):
+    """One time per call, each taken between two synchronizations: the call's own work."""
+    import time
+
+    backend = get_backend("torch:cpu")
+    events = []
+    monkeypatch.setattr(type(backend), "synchronize", lambda self: events.append("sync"))
+    times = backend.call_times(lambda: (events.append("call"), time.sleep(0.01)), 3)
+    assert len(times) == 3 and all(0.01 <= t < 1 for t in times)
+    assert events == ["sync", "call", "sync"] * 3
+
+
 def test_unknown_backend_is_one_clear_line():
     proc = subprocess.run(
         [sys.executable, "-m", "crosschip", "probe", "--backend", "torch:tpu"], capture_output=True, text=True

@@ -12,6 +12,8 @@ hints steer defaults only: `native_bf16`, which asks the hardware, and `expert_r
 from __future__ import annotations
 
 import platform
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +80,18 @@ class Backend:
 
     def synchronize(self) -> None:
         """Wait for queued work; timing needs it on asynchronous devices."""
+
+    def call_times(self, fn: Callable[[], object], reps: int) -> list[float]:
+        """Seconds of each of `reps` calls of `fn`, with queued work waited for around each call
+        (an asynchronous device is timed for the work, not the launch)."""
+        times = []
+        for _ in range(reps):
+            self.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            self.synchronize()
+            times.append(time.perf_counter() - t0)
+        return times
 
     def memory_bytes(self) -> int | None:
         """Device memory in bytes, None where unknown."""

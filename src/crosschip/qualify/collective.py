@@ -44,14 +44,7 @@ def _free_port() -> int:
 def _best_time(fn, backend, reps: int) -> float:
     """Fastest of `reps` timed calls after a warm-up."""
     fn()
-    times = []
-    for _ in range(reps):
-        backend.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        backend.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(backend.call_times(fn, reps))
 
 
 def bench_rank(spec: str, rank: int, world: int, port: int) -> dict[str, Any]:
