@@ -343,6 +343,7 @@ def test_the_trace_cache_keeps_no_captured_tensor_and_drops_a_broken_entry(tmp_p
     bound = trace_cache.load("k", step).graph.initializer[0]
     assert torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(bound).copy()), step.weight.detach())
     assert trace_cache.load("k", torch.nn.Linear(5, 3)) is None  # another shape: not this graph
+    assert trace_cache.load("k", torch.nn.Linear(4, 3).bfloat16()) is None  # no numpy dtype: traced instead
     # A tensor the trace captured that no parameter or buffer names: a later export could not rebind it.
     captured = onnx.helper.make_model(
         onnx.helper.make_graph([], "g", [], [], initializer=[weight, _named(weight, "c")])

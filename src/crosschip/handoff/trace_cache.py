@@ -107,8 +107,10 @@ def load(key: str, step: nn.Module) -> onnx.ModelProto | None:
     if not {t.name for t in proto.graph.initializer} <= state.keys():
         return None
     for t in proto.graph.initializer:
-        array = state[t.name].detach().cpu().contiguous().numpy()
-        bound = onnx.numpy_helper.from_array(array, t.name)
+        try:
+            bound = onnx.numpy_helper.from_array(state[t.name].detach().cpu().contiguous().numpy(), t.name)
+        except (TypeError, RuntimeError):  # a dtype numpy lacks (bf16): trace it instead
+            return None
         if list(t.dims) != list(bound.dims) or t.data_type != bound.data_type:
             return None
         t.CopyFrom(bound)
