@@ -121,6 +121,25 @@ def test_stability_gap_may_not_exceed_the_references_own_gap():
     assert not result["ok"] and result["loss_gap"] < 0.01 and "reference's own gap" in result["why"]
 
 
+def test_untimed_measurements_run_side_by_side_once_each_with_passive_openmp_waits(monkeypatch):
+    import threading
+
+    from crosschip.qualify.qualifier import Qualifier
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    seen, both = [], threading.Barrier(2, timeout=10)
+
+    def measure(key, env):
+        both.wait()  # raises if the two measurements do not run at once
+        seen.append((key, env["OMP_WAIT_POLICY"]))
+
+    Qualifier.side_by_side(measure, ["a", "b", "a", "cached"], {"cached": object()})
+    assert sorted(seen) == [("a", "PASSIVE"), ("b", "PASSIVE")]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own setting stands
+    Qualifier.side_by_side(lambda key, env: seen.append(env["OMP_WAIT_POLICY"]), ["c"], {})
+    assert seen[-1] == "ACTIVE"
+
+
 def test_verdict_rules():
     ok = {"ok": True, "why": "fine"}
     assert decide({"serve": ok, "train_numerics": ok, "stability": ok, "collectives": ok}, "torch", "bf16")[0] == TRAIN

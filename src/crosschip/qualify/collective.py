@@ -53,13 +53,14 @@ def bench_rank(spec: str, rank: int, world: int, port: int) -> dict[str, Any]:
     import torch.distributed as dist
 
     from crosschip.backends import get_backend
+    from crosschip.backends.cpu import cpu_share
     from crosschip.config import model_preset
     from crosschip.model import Transformer
 
     backend = get_backend(spec).require()
     if backend.device_type != "cpu":
         backend.set_device(rank)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world) if backend.device_type == "cpu" else 1)
+    torch.set_num_threads(cpu_share(world) if backend.device_type == "cpu" else 1)
     device = backend.device(rank)
     delay = backend.emulated_collective_delay_s
     dist.init_process_group(backend.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

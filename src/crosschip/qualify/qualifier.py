@@ -20,6 +20,7 @@ from typing import Any
 
 from crosschip.backends import get_backend
 from crosschip.backends.base import Backend
+from crosschip.backends.cpu import side_by_side_env
 from crosschip.errors import CrosschipError
 from crosschip.qualify.collective import measure_collectives
 from crosschip.qualify.metrics import judge
@@ -47,14 +48,14 @@ class Qualifier:
         self._runs: dict[str, RunResult] = {}
 
     # -- children --------------------------------------------------------------------------
-    def worker(self, spec: str) -> dict[str, Any]:
+    def worker(self, spec: str, env: dict[str, str] | None = None) -> dict[str, Any]:
         """Op numerics and parity tensors of `spec`, measured in its own process (cached)."""
         if spec not in self._workers:
             out = self.workdir / "workers" / spec.replace(":", "_")
             cmd = [sys.executable, "-m", "crosschip.qualify.worker", "--backend", spec, "--out", str(out)]
             if spec == self.reference.spec:
                 cmd.append("--gold")
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
             if proc.returncode != 0 or not (out / "worker.json").is_file():
                 tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 raise CrosschipError(f"qualify worker for {spec} failed (exit {proc.returncode}): {tail}")
@@ -63,10 +64,19 @@ class Qualifier:
             self._workers[spec] = info
         return self._workers[spec]
 
-    def run(self, spec: RunSpec) -> RunResult:
+    def run(self, spec: RunSpec, env: dict[str, str] | None = None) -> RunResult:
         if spec.key not in self._runs:
-            self._runs[spec.key] = train_run(spec, self.workdir / "runs")
+            self._runs[spec.key] = train_run(spec, self.workdir / "runs", env=env)
         return self._runs[spec.key]
+
+    @staticmethod
+    def side_by_side(measure, keys: list[str], cached: dict) -> None:
+        """`measure(key, env)` at once for each key not yet in `cached` (untimed measurements)."""
+        todo = list(dict.fromkeys(k for k in keys if k not in cached))
+        if todo:
+            env = side_by_side_env()
+            with ThreadPoolExecutor(len(todo)) as pool:
+                list(pool.map(lambda k: measure(k, env), todo))
 
     # -- checks ----------------------------------------------------------------------------
     def op_numerics(self, x: dict[str, Any], ref: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -125,21 +135,20 @@ class Qualifier:
         return next((d for d in order if passes(d)), None)
 
     def stability(self, spec: str, dtype: str) -> dict[str, Any]:
-        """The target's run alone (it is timed), then the untimed ones two at a time."""
+        """The target's run alone (it is timed), then the untimed ones side by side."""
         ref = self.reference.spec
         ref_dtype = dtype if self.worker(ref)["dtypes"].get(dtype, {}).get("ok") else "fp32"
         # When the target is the reference itself, its run must be a second, fresh run.
         replica = 1 if spec == ref else 0
         x = self.run(RunSpec(spec, dtype, self.steps, replica=replica))
-        others = [
+        runs = [
             RunSpec(spec, dtype, REPEAT_STEPS, replica=replica),
             RunSpec(ref, "fp32", self.steps),
             RunSpec(ref, ref_dtype, self.steps, replica=replica if ref_dtype == dtype else 0),
         ]
-        unique = list({r.key: r for r in others}.values())  # the same run twice would share a folder
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(self.run, unique))
-        x_again, ref_fp32, ref_same = (self.run(r) for r in others)
+        by_key = {r.key: r for r in runs}  # the same run twice would share a folder
+        self.side_by_side(lambda k, env: self.run(by_key[k], env), list(by_key), self._runs)
+        x_again, ref_fp32, ref_same = (self.run(r) for r in runs)
         return judge_stability(x, x_again, ref_fp32, ref_same)
 
     # -- one target ------------------------------------------------------------------------
@@ -155,9 +164,8 @@ class Qualifier:
         }
         if backend.runtime != "torch":
             return self._qualify_ort(backend, report, t0)
-        with ThreadPoolExecutor(2) as pool:  # untimed measurements: target and reference side by side
-            fx, fr = pool.submit(self.worker, spec), pool.submit(self.worker, self.reference.spec)
-            x, ref = fx.result(), fr.result()
+        self.side_by_side(self.worker, [spec, self.reference.spec], self._workers)
+        x, ref = self.worker(spec), self.worker(self.reference.spec)
         if not x.get("available"):
             reasons = [f"not available here: {x.get('reason')}"]
             return {**report, "verdict": UNFIT, "reasons": reasons, "checks": {}, "measurements": {},

@@ -129,8 +129,8 @@ def read_metrics(path: Path) -> tuple[dict[int, float], dict[int, float], list[f
     return losses, times, tps, events
 
 
-def train_run(run: RunSpec, workdir: Path, timeout_s: float = 600.0) -> RunResult:
-    """Run the real trainer in a child process and read what it wrote."""
+def train_run(run: RunSpec, workdir: Path, timeout_s: float = 600.0, env: dict[str, str] | None = None) -> RunResult:
+    """Run the real trainer in a child process (in `env`, if given) and read what it wrote."""
     out = workdir / run.key
     cfg = workdir / f"{run.key}.toml"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def train_run(run: RunSpec, workdir: Path, timeout_s: float = 600.0) -> RunResul
     cmd += ["--backend", run.backend, "--steps", str(run.steps), "--quiet"]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         code, stderr = proc.returncode, proc.stderr
     except subprocess.TimeoutExpired:
         code, stderr = 124, f"training run timed out after {timeout_s:.0f} s"

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from crosschip.backends import Backend
+from crosschip.backends.cpu import cpu_share
 from crosschip.errors import CrosschipError
 
 # crosschip train flags handled by the launcher, with the torchrun flag each maps to.
@@ -52,7 +53,7 @@ def launch_torchrun(args: Any, argv: list[str]) -> int:
         cmd.append("--standalone")
     env = dict(os.environ)
     # Each worker gets its share of the cores unless the user chose.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(args.nproc))))
+    env.setdefault("OMP_NUM_THREADS", str(cpu_share(int(args.nproc))))
     cmd += ["-m", "crosschip", "train", *argv]
     try:
         return subprocess.call(cmd, env=env)

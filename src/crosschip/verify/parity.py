@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crosschip.backends.cpu import cpu_share
 from crosschip.errors import CrosschipError
 from crosschip.verify import gate as gate_mod
 from crosschip.verify.metrics import SideResult, all_metrics
@@ -66,7 +67,7 @@ class SideSpec:
     def argv(self, opts: VerifyOptions, prompts: Path, capture: bool = False) -> list[str]:
         cmd = [sys.executable, "-m", "crosschip.verify.worker", "--side", self.name, "--bundle", str(opts.bundle)]
         cmd += ["--backend", self.backend, "--prompts", str(prompts), "--out", str(opts.out), "--dtype", self.dtype]
-        cmd += ["--threads", str(max(1, (os.cpu_count() or 2) // 2))]
+        cmd += ["--threads", str(cpu_share(2))]
         if self.weights is not None:
             cmd += ["--weights", str(self.weights)]
         if self.url is not None:
