@@ -136,8 +136,11 @@ def test_untimed_measurements_run_side_by_side_once_each_with_passive_openmp_wai
     Qualifier.side_by_side(measure, ["a", "b", "a", "cached"], {"cached": object()})
     assert sorted(seen) == [("a", "PASSIVE"), ("b", "PASSIVE")]
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own setting stands
-    Qualifier.side_by_side(lambda key, env: seen.append(env["OMP_WAIT_POLICY"]), ["c"], {})
-    assert seen[-1] == "ACTIVE"
+    Qualifier.side_by_side(measure, ["c", "d"], {})
+    assert sorted(seen[2:]) == [("c", "ACTIVE"), ("d", "ACTIVE")]
+    alone = []  # a measurement that runs alone keeps this process's environment
+    Qualifier.side_by_side(lambda key, env: alone.append(env), ["e"], {})
+    assert alone == [None]
 
 
 def test_verdict_rules():

@@ -71,10 +71,11 @@ class Qualifier:
 
     @staticmethod
     def side_by_side(measure, keys: list[str], cached: dict) -> None:
-        """`measure(key, env)` at once for each key not yet in `cached` (untimed measurements)."""
+        """`measure(key, env)` at once for each key not yet in `cached` (untimed measurements);
+        `env` is None for a lone one."""
         todo = list(dict.fromkeys(k for k in keys if k not in cached))
         if todo:
-            env = side_by_side_env()
+            env = side_by_side_env() if len(todo) > 1 else None
             with ThreadPoolExecutor(len(todo)) as pool:
                 list(pool.map(lambda k: measure(k, env), todo))
 
