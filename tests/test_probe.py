@@ -41,6 +41,32 @@ def test_call_times_waits_for_the_device_around_each_call(monkeypatch):
     assert events == ["sync", "call", "sync"] * 3
 
 
+def test_probes_that_time_the_host_cpu_run_alone(monkeypatch, tmp_path):
+    """Device probes side by side, then each host-CPU probe with no other probe running."""
+    import threading
+    import time
+
+    from crosschip.backends import command
+
+    running, overlaps, lock = set(), [], threading.Lock()
+
+    def fake_probe(spec, workdir):
+        with lock:
+            if spec in hosts or running & set(hosts):
+                overlaps.extend(running)
+            running.add(spec)
+        time.sleep(0.05)
+        with lock:
+            running.discard(spec)
+        return {"backend": spec}
+
+    specs = ["torch:cuda", "torch:cpu", "ort:cuda", "ort:cpu", "torch:npu"]
+    hosts = [s for s in specs if get_backend(s).device_type == "cpu"]
+    monkeypatch.setattr(command, "probe_in_subprocess", fake_probe)
+    assert [r["backend"] for r in command.probe_all(specs, tmp_path)] == specs
+    assert hosts == ["torch:cpu", "ort:cpu"] and overlaps == []
+
+
 def test_unknown_backend_is_one_clear_line():
     proc = subprocess.run(
         [sys.executable, "-m", "crosschip", "probe", "--backend", "torch:tpu"], capture_output=True, text=True
