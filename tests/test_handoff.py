@@ -181,6 +181,13 @@ def test_cli_exports_and_prints_summary(debug_bundle, tmp_path, capsys):
     assert manifest["precision"]["policy"] == "bf16" and manifest["onnx"] is None
 
 
+def test_cli_export_writes_no_progress_residue_where_stderr_is_no_terminal(debug_bundle, tmp_path, capsys):
+    """A log file or a pipe gets the summary only: no bar, no empty line left by one."""
+    rc, out = _cli(capsys, str(debug_bundle), "--to", "torch:cpu", "--out", str(tmp_path / "b"))
+    assert rc == 0 and out.err == "", repr(out.err)
+    assert out.out.startswith(f"bundle {tmp_path / 'b'}: fp32 for torch:cpu")
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("ort_bundles")
 def test_resident_memory_per_policy(exported, ort_bundle_of):

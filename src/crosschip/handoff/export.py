@@ -39,11 +39,14 @@ def check_target(target: str, policy: str) -> Any:
 
 @contextmanager
 def _progress(enabled: bool):
-    """A rich progress bar over the export phases (on stderr); a no-op callable when disabled."""
-    if not enabled:
+    """A rich progress bar over the export phases (on stderr); a no-op callable when disabled
+    or when stderr is no terminal (a log file would only get the empty line a bar leaves)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
         yield lambda phase, detail="": None
         return
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [
@@ -52,9 +55,7 @@ def _progress(enabled: bool):
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
     ]
-    with Progress(
-        *columns, TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True
-    ) as bar:
+    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task(PHASES[0], total=len(PHASES))
 
         def advance(phase: str, detail: str = "") -> None:
