@@ -131,12 +131,15 @@ def test_unchosen_experts_get_zero_gradient_and_load_is_recorded():
     assert all(moe.experts[e].w1.weight.grad.abs().sum() == 0 for e in range(8) if e != 3)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["summed", "static"])
 @pytest.mark.parametrize("multiple", [4, 64])
-def test_padded_expert_rows_change_nothing_but_the_shapes(multiple):
-    """Rows padded per expert (`row_multiple`) give the unpadded output, gradients and load."""
+def test_padded_expert_rows_change_nothing_but_the_shapes(multiple, static):
+    """Rows padded per expert (`row_multiple`) give the unpadded output, gradients and load;
+    with `static_rows` the experts get the most rows any routing needs, the slack in the last."""
     cfg = model_preset("debug", n_routed_experts=8, num_experts_per_tok=3)
     torch.manual_seed(0)
     moe = MoE(cfg).train()
+    moe.static_rows = static
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 37, cfg.hidden_size)
@@ -146,14 +149,20 @@ def test_padded_expert_rows_change_nothing_but_the_shapes(multiple):
         moe.zero_grad()
         xi = x.clone().requires_grad_()
         rows: list[int] = []
-        hook = moe.experts[0].register_forward_pre_hook(lambda _, args, seen=rows: seen.append(args[0].shape[0]))
+        hooks = [
+            e.register_forward_pre_hook(lambda _, args, seen=rows: seen.append(args[0].shape[0])) for e in moe.experts
+        ]
         out = moe(xi)
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads = [p.grad.clone() for p in moe.parameters()]
         results.append((out.detach(), xi.grad, grads, moe.last_load.tolist()))
-        if m > 1:  # the padding really happened: expert 0 saw a whole multiple of rows
-            assert rows[0] % m == 0 and rows[0] > results[0][3][0]
+        if m > 1:  # the padding really happened: every expert saw a whole multiple of rows
+            assert all(r % m == 0 for r in rows) and rows[0] > results[0][3][0]
+            pairs = 2 * 37 * 3
+            want = -(-(pairs + 8 * (m - 1)) // m) * m if static else sum(-(-n // m) * m for n in results[0][3])
+            assert sum(rows) == want
     rows = []
     hook = moe.experts[0].register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
     moe.eval()(x)  # evaluation computes in its own dtype: no padding there
@@ -168,14 +177,14 @@ def test_padded_expert_rows_change_nothing_but_the_shapes(multiple):
 
 
 @pytest.mark.skipif(not grouped_mm_works("cpu", torch.float32), reason="this torch has no CPU grouped_mm")
-@pytest.mark.parametrize("multiple", [1, 8])
+@pytest.mark.parametrize("multiple,static", [(1, False), (8, False), (8, True)], ids=["1", "8", "8-static"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_grouped_experts_equal_the_loop_over_experts(multiple, autocast):
+def test_grouped_experts_equal_the_loop_over_experts(multiple, static, autocast):
     """`MoE.grouped` (two grouped GEMMs over stacked weights) gives the loop's output, load and gradients."""
     cfg = model_preset("debug", n_routed_experts=8, num_experts_per_tok=3)
     torch.manual_seed(0)
     moe = MoE(cfg).train()
-    moe.row_multiple = multiple
+    moe.row_multiple, moe.static_rows = multiple, static
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 37, cfg.hidden_size)

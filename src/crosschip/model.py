@@ -268,6 +268,11 @@ class MoE(nn.Module):
         # Evaluation, serving and export run in eval mode, in their own dtype: no padding.
         self.row_multiple = 1
         self.grouped = False
+        # With row padding: give the experts a fixed number of rows (the most any routing can
+        # need) rather than the padded total, which is read from the device, a host sync per
+        # layer. Set on accelerators, where the host must run ahead of the device; on the CPU
+        # the sync is free and the fixed size costs up to n_experts x row_multiple extra rows.
+        self.static_rows = False
         # Filled on every forward for the trainer's balance update and load logging.
         self.last_load: Tensor | None = None
         self.last_scores: Tensor | None = None
@@ -340,11 +345,18 @@ class MoE(nn.Module):
         reads token 0 with weight 0 (the expert scales its hidden activation by the weight
         before w2) and no token gathers it: it adds nothing to the output or any gradient.
         """
-        padded = (load + self.row_multiple - 1) // self.row_multiple * self.row_multiple
+        m = self.row_multiple
+        padded = (load + m - 1) // m * m
+        if self.static_rows:
+            # As many rows as any routing can need, the slack in the last group: a size known
+            # without reading `load` back from the device.
+            rows = -(-(tok.shape[0] + self.n_experts * (m - 1)) // m) * m
+            padded = torch.cat([padded[:-1], rows - padded[:-1].sum(0, keepdim=True)])
+        else:
+            rows = int(padded.sum())
         # Each pair moves forward by the padding of the experts before its own.
         shift = (padded.cumsum(0) - padded) - (load.cumsum(0) - load)
         slot = shift.index_select(0, expert) + torch.arange(tok.shape[0], device=tok.device)
-        rows = int(padded.sum())
         tok = tok.new_zeros(rows).index_copy(0, slot, tok)
         w = w.new_zeros(rows).index_copy(0, slot, w)
         return tok, w, padded, slot

@@ -219,6 +219,7 @@ class Trainer:
         for moe in model.moe_layers():
             moe.row_multiple = self.backend.expert_row_multiple(self.dtype)
             moe.grouped = self.grouped_experts
+            moe.static_rows = self.device.type != "cpu"  # no host sync a layer on a device
         self.regions = compile_regions(model, self._compile_failed) if self.t.compile else None
         if self.dist.enabled:
             D.shard_model(model)
@@ -356,12 +357,14 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.backend.device_type, dtype=DTYPES[self.dtype])
 
-    def micro_loss(self, mb: Batch, n_global: int) -> tuple[Tensor, Tensor]:
+    def micro_loss(self, mb: Batch, n_global: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(loss to backpropagate, summed token CE) for one micro-batch.
 
         Losses are sums over tokens divided by the global number of label tokens, so
         micro-batches and processes add up to the global-batch mean exactly; the factor
-        `world` undoes FSDP's averaging of gradients over processes.
+        `world` undoes FSDP's averaging of gradients over processes. `rows`: the flat
+        positions that carry a label, if already known (found on the host, they cost the
+        device no sync).
         """
         model = self.model
         with self._autocast():
@@ -369,7 +372,8 @@ class Trainer:
             # The head and the softmax only where a label is: prompts and padding carry none
             # (30% of the positions of a default-config batch), and their logits would be
             # computed only to be ignored. index_select, whose backward is an index_add.
-            rows = (mb.labels.flatten() != IGNORE).nonzero().squeeze(1)
+            if rows is None:
+                rows = (mb.labels.flatten() != IGNORE).nonzero().squeeze(1)
             logits = model.logits(h.flatten(0, 1).index_select(0, rows)).float()
             ce = F.cross_entropy(logits, mb.labels.flatten().index_select(0, rows), reduction="sum")
             loss = ce / n_global
@@ -457,10 +461,11 @@ class Trainer:
         moes = self.step_moes
         loads = torch.zeros(len(moes), self.cfg.model.n_routed_experts, device=self.device)
         for i, mb in enumerate(micros):
+            rows = (mb.labels.flatten() != IGNORE).nonzero().squeeze(1).to(self.device, non_blocking=True)
             mb = mb.to(self.device)
             if self.dist.enabled:
                 self.model.set_requires_gradient_sync(i == len(micros) - 1)
-            loss, ce = self.micro_loss(mb, n_global)
+            loss, ce = self.micro_loss(mb, n_global, rows)
             if "nan" in faults:
                 loss = loss * float("nan")
                 ce = ce * float("nan")
