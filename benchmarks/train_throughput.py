@@ -123,6 +123,9 @@ def main() -> None:
     p.add_argument(
         "--compile", action="store_true", help="train.compile: torch.compile our attention and RMSNorm regions"
     )
+    p.add_argument(
+        "--prefetch", default="auto", choices=["auto", "on", "off"], help="data.prefetch (auto: on accelerators)"
+    )
     p.add_argument("--record", action="store_true", help="append a dated row to benchmarks/RESULTS.md")
     p.add_argument("--machine", default=None, help="machine named in the recorded row (default: the backend's device)")
     args = p.parse_args()
@@ -131,6 +134,7 @@ def main() -> None:
     cfg = RunConfig(model=model_preset(args.preset))
     cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_every = args.batch, args.seq, 0
     cfg.train.compile = args.compile
+    cfg.data.prefetch = {"auto": "auto", "on": True, "off": False}[args.prefetch]
     cfg.train.backend, cfg.train.dtype = args.backend, args.dtype
     with tempfile.TemporaryDirectory() as tmp:
         ours_step, trainer = ours(cfg, Path(tmp) / "run")

@@ -14,7 +14,9 @@ CKPT_EVERY = 5
 
 
 def test_nan_spike_and_hang_are_detected_and_rolled_back(tmp_path):
-    cfg = write_config(tmp_path, steps=20, ckpt_every=CKPT_EVERY, hang_timeout_s=4.0)
+    # With batches drawn ahead on a thread (as on an accelerator): a rollback must drop the
+    # batch drawn ahead and never hand out the skipped one.
+    cfg = write_config(tmp_path, steps=20, ckpt_every=CKPT_EVERY, hang_timeout_s=4.0, prefetch=True)
     run = tmp_path / "run"
     proc = train(cfg, run, "--inject", "nan@step=7", "--inject", "spike@step=13", "--inject", "hang@step=17")
     assert proc.returncode == 0, proc.stderr

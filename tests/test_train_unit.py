@@ -6,6 +6,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -116,6 +118,71 @@ def test_stream_cursor_resumes_exactly_and_skips():
     c.load_state_dict({**state, "skip": [3]})
     index, _ = c.next()
     assert index == 4
+
+
+def test_prefetching_stream_hands_out_the_same_batches_and_cursors():
+    """Drawn ahead on a thread or not: the same batches, and a cursor that is always the last
+    batch handed out's, through a rollback (load_state_dict) with a newly skipped batch."""
+    tok = default_tokenizer(512)
+    plain = BatchStream(DataConfig(digits=2), tok, 4, 64)
+    ahead = BatchStream(DataConfig(digits=2), tok, 4, 64, prefetch=True)
+    try:
+        saved = None
+        for i in range(6):
+            (a_index, a), (b_index, b) = plain.next(), ahead.next()
+            assert a_index == b_index == i and torch.equal(a.input_ids, b.input_ids)
+            assert torch.equal(a.labels, b.labels) and torch.equal(a.doc_ids, b.doc_ids)
+            assert plain.state_dict() == ahead.state_dict()
+            if i == 2:
+                saved = ahead.state_dict()
+        for stream in (plain, ahead):  # a rollback to after batch 2 that skips batch 4
+            stream.load_state_dict(saved)
+            stream.skip.add(4)
+        got = [ahead.next() for _ in range(3)]
+        want = [plain.next() for _ in range(3)]
+        assert [i for i, _ in got] == [i for i, _ in want] == [3, 5, 6]
+        assert all(torch.equal(g.input_ids, w.input_ids) for (_, g), (_, w) in zip(got, want))
+        assert ahead.state_dict() == plain.state_dict()
+    finally:
+        ahead.close()
+
+
+def test_prefetching_stream_rewinds_only_after_the_draw_ahead_is_over():
+    """A rollback (load_state_dict) while the thread draws the next batch waits for it: the
+    source is never used from two threads at once, and the stream restarts where it is told."""
+    stream = BatchStream(DataConfig(digits=2), default_tokenizer(512), 4, 64, prefetch=True)
+    busy, overlaps = threading.Lock(), []
+
+    def exclusive(fn):
+        def call(*args):
+            if not busy.acquire(blocking=False):
+                overlaps.append(fn.__name__)
+                return fn(*args)
+            try:
+                time.sleep(0.05)  # a slow draw: the rollback arrives while it runs
+                return fn(*args)
+            finally:
+                busy.release()
+
+        return call
+
+    stream.source.draw = exclusive(stream.source.draw)
+    stream.source.load_state_dict = exclusive(stream.source.load_state_dict)
+    try:
+        start = stream.state_dict()
+        assert stream.next()[0] == 0  # batch 1 is now being drawn ahead
+        stream.load_state_dict(start)
+        assert overlaps == []
+        assert stream.next()[0] == 0 and stream.state_dict()["batches"] == 1
+    finally:
+        stream.close()
+
+
+def test_prefetching_stream_raises_the_draws_error_at_next():
+    stream = BatchStream(DataConfig(digits=3), default_tokenizer(512), 2, 8, prefetch=True)
+    with pytest.raises(CrosschipError, match="train.seq_len 8 is shorter than one problem"):
+        stream.next()
+    stream.close()
 
 
 def test_shard_rows_partitions_the_global_batch():

@@ -15,6 +15,7 @@ preset = "debug"
 [data]
 digits = 2
 heldout_size = 20
+prefetch = {prefetch}
 
 [train]
 steps = {steps}
@@ -29,12 +30,21 @@ max_rollbacks = {max_rollbacks}
 
 
 def write_config(
-    folder: Path, steps: int = 12, ckpt_every: int = 4, hang_timeout_s: float = 60.0, max_rollbacks: int = 3
+    folder: Path,
+    steps: int = 12,
+    ckpt_every: int = 4,
+    hang_timeout_s: float = 60.0,
+    max_rollbacks: int = 3,
+    prefetch: bool = False,
 ) -> Path:
     path = folder / "debug.toml"
     path.write_text(
         DEBUG_TOML.format(
-            steps=steps, ckpt_every=ckpt_every, hang_timeout_s=hang_timeout_s, max_rollbacks=max_rollbacks
+            steps=steps,
+            ckpt_every=ckpt_every,
+            hang_timeout_s=hang_timeout_s,
+            max_rollbacks=max_rollbacks,
+            prefetch=str(prefetch).lower(),
         )
     )
     return path

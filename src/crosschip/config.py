@@ -294,6 +294,10 @@ class DataConfig:
     """Held-out problems used for accuracy and parity."""
     mask_prompt: bool = True
     """Take the training loss only on the completion (the operands are random; predicting them teaches nothing)."""
+    prefetch: bool | str = "auto"
+    """Draw the next training batch on a background thread while the step runs: `true`,
+    `false`, or `auto` (on where the model trains on a device beside the host CPU, whose
+    cores are then free; off on the CPU itself, whose cores the step already uses)."""
 
     def __post_init__(self) -> None:
         if self.task not in ("arith", "corpus"):
@@ -302,6 +306,8 @@ class DataConfig:
             raise ConfigError(f"data.digits: must be 1, 2 or 3, got {self.digits}")
         if not self.ops or any(op not in ("+", "-") for op in self.ops):
             raise ConfigError(f"data.ops: must be a non-empty subset of ['+', '-'], got {self.ops}")
+        if self.prefetch not in (True, False, "auto"):
+            raise ConfigError(f"data.prefetch: must be true, false or 'auto', got {self.prefetch!r}")
 
 
 @dataclass

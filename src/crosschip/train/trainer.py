@@ -166,7 +166,10 @@ class Trainer:
         self.verbose = verbose and self.dist.is_main
         self._check_memory()
         self.tokenizer = self._tokenizer()
-        self.stream = BatchStream(cfg.data, self.tokenizer, self.t.batch_size, self.t.seq_len)
+        prefetch = cfg.data.prefetch
+        if prefetch == "auto":
+            prefetch = self.backend.device_type != "cpu"
+        self.stream = BatchStream(cfg.data, self.tokenizer, self.t.batch_size, self.t.seq_len, prefetch=prefetch)
         if self.t.batch_size % (self.dist.world * self.t.grad_accum):
             raise CrosschipError(
                 f"train.batch_size {self.t.batch_size} must be divisible by processes x grad_accum "
@@ -660,6 +663,7 @@ class Trainer:
         return summary
 
     def close(self, ok: bool = True) -> None:
+        self.stream.close()
         self.log.close()
         if ok:
             D.shutdown(self.dist)
