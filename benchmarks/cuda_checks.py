@@ -15,7 +15,8 @@ output goes to OUT/<check>.log and a summary table is printed last.
   plus 64 new tokens per row, batch 1, 8, 32 and 128, median of 3, prefill included for both.
 - train / train-compiled: benchmarks/train_throughput.py on small-100m in bf16 (tokens/s
   against transformers and MFU against the bf16 matmul rate measured in the same run), then
-  ours with `train.compile`; train-compiled-b32 the same at batch 32 (more tokens per step).
+  ours without `data.prefetch` (train-noprefetch), then ours with `train.compile`;
+  train-compiled-b32 the same at batch 32 (more tokens per step).
 - learn / learn-parity: `crosschip train` of the default recipe (configs/default.toml) on the
   accelerator, then the parity check of the weights it trained: trained on one chip, checked
   against the CPU.
@@ -254,6 +255,8 @@ def main() -> None:
         ("parity", [*me, "parity", "--weights", str(args.weights), *common], 90),
         ("decode", [*me, "decode", "--decode-batches", args.decode_batches, *common], 100),
         ("train", train, 120),
+        # The same step with the batch drawn in the step, not ahead on a thread: data.prefetch's gain.
+        ("train-noprefetch", [*train, "--prefetch", "off", "--no-anchor"], 90),
         ("train-compiled", [*train, "--compile", "--no-anchor"], 130),
         ("train-compiled-b32", [*train, "--compile", "--no-anchor", "--batch", "32", "--steps", "4"], 90),
         ("learn", [*learn, *args.learn_args.split()], 100),
