@@ -538,7 +538,7 @@ def test_the_mtp_loss_of_packed_rows_is_the_sum_over_documents_alone(tmp_path):
                     logits = model.mtp_logits(model.hidden(ids, mb.positions[row, cols][None]), ids)[0]
                     worst = max(worst, (packed_logits[row, cols[:-1]] - logits).abs().max().item())
                     alone += torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=IGNORE, reduction="sum")
-            loss, ce = t.micro_loss(mb, mb.n_label_tokens)
+            loss, ce = t.micro_loss(mb, mb.n_label_tokens, mb.label_positions())
     finally:
         t.close()
     assert worst < 1e-5

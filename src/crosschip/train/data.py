@@ -48,6 +48,10 @@ class Batch:
     def n_label_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
 
+    def label_positions(self) -> Tensor:
+        """Flat (B * T) indices of the positions that carry a label."""
+        return (self.labels.flatten() != IGNORE).nonzero().squeeze(1)
+
     def rows(self, index: slice | Tensor) -> Batch:
         return Batch(self.input_ids[index], self.labels[index], self.positions[index], self.doc_ids[index])
 

@@ -168,7 +168,7 @@ class Trainer:
         self.tokenizer = self._tokenizer()
         prefetch = cfg.data.prefetch
         if prefetch == "auto":
-            prefetch = self.backend.device_type != "cpu"
+            prefetch = self.device.type != "cpu"
         self.stream = BatchStream(cfg.data, self.tokenizer, self.t.batch_size, self.t.seq_len, prefetch=prefetch)
         if self.t.batch_size % (self.dist.world * self.t.grad_accum):
             raise CrosschipError(
@@ -360,13 +360,13 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.backend.device_type, dtype=DTYPES[self.dtype])
 
-    def micro_loss(self, mb: Batch, n_global: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def micro_loss(self, mb: Batch, n_global: int, rows: Tensor) -> tuple[Tensor, Tensor]:
         """(loss to backpropagate, summed token CE) for one micro-batch.
 
         Losses are sums over tokens divided by the global number of label tokens, so
         micro-batches and processes add up to the global-batch mean exactly; the factor
-        `world` undoes FSDP's averaging of gradients over processes. `rows`: the flat
-        positions that carry a label, if already known (found on the host, they cost the
+        `world` undoes FSDP's averaging of gradients over processes. `rows`: the batch's
+        `label_positions()` on the model's device (found on the host, where they cost the
         device no sync).
         """
         model = self.model
@@ -375,8 +375,6 @@ class Trainer:
             # The head and the softmax only where a label is: prompts and padding carry none
             # (30% of the positions of a default-config batch), and their logits would be
             # computed only to be ignored. index_select, whose backward is an index_add.
-            if rows is None:
-                rows = (mb.labels.flatten() != IGNORE).nonzero().squeeze(1)
             logits = model.logits(h.flatten(0, 1).index_select(0, rows)).float()
             ce = F.cross_entropy(logits, mb.labels.flatten().index_select(0, rows), reduction="sum")
             loss = ce / n_global
@@ -464,7 +462,7 @@ class Trainer:
         moes = self.step_moes
         loads = torch.zeros(len(moes), self.cfg.model.n_routed_experts, device=self.device)
         for i, mb in enumerate(micros):
-            rows = (mb.labels.flatten() != IGNORE).nonzero().squeeze(1).to(self.device, non_blocking=True)
+            rows = mb.label_positions().to(self.device, non_blocking=True)
             mb = mb.to(self.device)
             if self.dist.enabled:
                 self.model.set_requires_gradient_sync(i == len(micros) - 1)
