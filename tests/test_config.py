@@ -116,3 +116,12 @@ def test_verify_table_is_checked_when_loaded(tmp_path):
         load_config(_write(tmp_path, "[verify]\nmax_new_tokens = -1\n"))
     with pytest.raises(ConfigError, match="serve.block_size: must be at least 1, got 0"):
         load_config(_write(tmp_path, "[serve]\nblock_size = 0\n"))
+
+
+def test_data_prefetch_takes_true_false_or_auto(tmp_path):
+    assert load_config(_write(tmp_path, "[data]\nprefetch = true\n")).data.prefetch is True
+    assert load_config(_write(tmp_path, "[data]\nprefetch = false\n")).data.prefetch is False
+    with pytest.raises(ConfigError, match="data.prefetch: must be true, false or 'auto', got 'yes'"):
+        load_config(_write(tmp_path, '[data]\nprefetch = "yes"\n'))
+    with pytest.raises(ConfigError, match=r"run.toml:2: data.prefetch must be bool \| str, got int 1"):
+        load_config(_write(tmp_path, "[data]\nprefetch = 1\n"))
