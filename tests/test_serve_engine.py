@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
 import pytest
 import torch
 
 from crosschip.hf import load_bundle
-from crosschip.serve.engine import Engine, QueueFull
+from crosschip.serve.engine import AsyncEngine, Engine, QueueFull
 from crosschip.serve.executor import Chunk, TorchExecutor, make_executor
 from crosschip.serve.sampling import InvalidParameter, SamplingParams
 
@@ -269,3 +273,67 @@ def test_paged_cache_serves_the_models_own_absorbed_path(loaded):
         out = model(input_ids, positions, cache=cache)
     torch.testing.assert_close(out[0, :5], full[0, :5], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[1], full[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_wakes_the_event_loop_once_whatever_the_streams(loaded):
+    """Each wake-up from the engine thread lets go of the GIL to the event loop; one per step, not one per stream."""
+    engine = make_engine(loaded)
+    front = AsyncEngine(engine)
+    wakeups: list[str] = []
+
+    async def main() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        plain = loop.call_soon_threadsafe
+
+        def counted(*args, **kw):
+            wakeups.append(threading.current_thread().name)
+            return plain(*args, **kw)
+
+        loop.call_soon_threadsafe = counted
+        front.start()
+        streams = [front.submit(p, GREEDY)[1] for p in PROMPTS * 2]
+
+        async def tokens(stream) -> list[int]:
+            return [t async for deltas in stream for d in deltas for t in d.token_ids]
+
+        return await asyncio.gather(*(tokens(s) for s in streams))
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        front.shutdown()
+    steps = engine.steps
+    assert got == [o.token_ids for o in engine.generate(PROMPTS * 2, GREEDY)]
+    from_engine = wakeups.count("crosschip-engine")
+    # 6 streams x 24 tokens were handed over in at most one wake-up per step
+    assert 0 < from_engine <= steps
+    assert from_engine < 6 * 24 / 2
+
+
+def test_a_stream_that_fell_behind_gets_one_delta_per_choice(loaded):
+    """What piled up while the reader was busy arrives merged: all the tokens, the first token's TTFT, the finish."""
+    engine = make_engine(loaded)
+    front = AsyncEngine(engine)
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=2, logprobs=1, ignore_eos=True)
+
+    async def main():
+        front.start()
+        request, stream = front.submit(PROMPTS[0], params)
+        while not request.finished:  # the event loop is blocked: every step's deltas queue up
+            time.sleep(0.01)
+        time.sleep(0.2)  # the last hand-off follows the step that finished it
+        return [deltas async for deltas in stream]
+
+    try:
+        reads = asyncio.run(main())
+    finally:
+        front.shutdown()
+    assert len(reads) == 1
+    offline = engine.generate([PROMPTS[0]], params)
+    assert sorted(d.index for d in reads[0]) == [0, 1]
+    for d in reads[0]:
+        assert d.token_ids == offline[d.index].token_ids
+        assert d.text == offline[d.index].text
+        assert [lp.token_id for lp in d.logprobs] == d.token_ids
+        assert d.finish_reason == "length"
+        assert d.ttft_s is not None and d.ttft_s > 0

@@ -19,14 +19,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crosschip.errors import CrosschipError
-from crosschip.serve.engine import AsyncEngine, Delta, NotAdmitting, QueueFull
+from crosschip.serve.engine import AsyncEngine, Delta, NotAdmitting, QueueFull, merge_deltas
 from crosschip.serve.metrics import ServeMetrics
 from crosschip.serve.protocol import (
     Envelope,
     LogprobFormatter,
     chat_messages,
     completion_prompts,
-    merge_deltas,
     sampling_params,
     usage,
 )

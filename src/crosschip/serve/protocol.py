@@ -11,7 +11,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from crosschip.serve.engine import Delta
 from crosschip.serve.sampling import InvalidParameter, SamplingParams, TokenLogprob
 
 _MISSING = object()
@@ -222,18 +221,3 @@ class LogprobFormatter:
                 {**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries
             ]
         }
-
-
-def merge_deltas(deltas: list[Delta]) -> Delta:
-    """Concatenate the deltas of one choice (non-streaming responses)."""
-    first = deltas[0]
-    logprobs = None if first.logprobs is None else [lp for d in deltas for lp in (d.logprobs or [])]
-    prompt_lp = next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None)
-    return Delta(
-        index=first.index,
-        token_ids=[t for d in deltas for t in d.token_ids],
-        text="".join(d.text for d in deltas),
-        logprobs=logprobs,
-        finish_reason=deltas[-1].finish_reason,
-        prompt_logprobs=prompt_lp,
-    )
