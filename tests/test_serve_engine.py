@@ -305,9 +305,8 @@ def test_a_step_wakes_the_event_loop_once_whatever_the_streams(loaded):
     steps = engine.steps
     assert got == [o.token_ids for o in engine.generate(PROMPTS * 2, GREEDY)]
     from_engine = wakeups.count("crosschip-engine")
-    # 6 streams x 24 tokens were handed over in at most one wake-up per step
-    assert 0 < from_engine <= steps
-    assert from_engine < 6 * 24 / 2
+    # 6 streams x 24 tokens (144 deltas) came over in at most one wake-up per step
+    assert 0 < from_engine <= steps < 6 * 24
 
 
 def test_a_stream_that_fell_behind_gets_one_delta_per_choice(loaded):
