@@ -320,7 +320,7 @@ def test_a_stream_that_fell_behind_gets_one_delta_per_choice(loaded):
         request, stream = front.submit(PROMPTS[0], params)
         while not request.finished:  # the event loop is blocked: every step's deltas queue up
             time.sleep(0.01)
-        time.sleep(0.2)  # the last hand-off follows the step that finished it
+        front.shutdown()  # joins the engine thread, so the last step's hand-off is queued too
         return [deltas async for deltas in stream]
 
     try:
