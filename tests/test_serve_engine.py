@@ -336,3 +336,34 @@ def test_a_stream_that_fell_behind_gets_one_delta_per_choice(loaded):
         assert [lp.token_id for lp in d.logprobs] == d.token_ids
         assert d.finish_reason == "length"
         assert d.ttft_s is not None and d.ttft_s > 0
+
+
+def test_a_stream_whose_event_loop_closed_is_aborted_and_the_engine_serves_on(loaded):
+    """A caller's loop can end with its request still running; its deltas cannot be delivered, so the
+    request is aborted (its blocks freed) and the engine thread goes on serving other loops."""
+    engine = make_engine(loaded)
+    front = AsyncEngine(engine)
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+    async def leave_early():
+        front.start()
+        request, stream = front.submit(PROMPTS[0], long)
+        async for _ in stream:
+            return request  # the loop closes with the request mid-generation
+
+    async def serve_again() -> list[int]:
+        _, stream = front.submit(PROMPTS[1], GREEDY)
+        return [t async for deltas in stream for d in deltas for t in d.token_ids]
+
+    try:
+        left = asyncio.run(leave_early())
+        deadline = time.monotonic() + 30
+        while not left.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert left.finished and len(left.sequences[0].output_ids) < 200
+        assert left.sequences[0].finish_reason == "abort"
+        got = asyncio.run(asyncio.wait_for(serve_again(), 60))
+    finally:
+        front.shutdown()
+    assert got == engine.generate([PROMPTS[1]], GREEDY)[0].token_ids
+    assert engine.executor.cache_usage()["blocks_used"] == 0

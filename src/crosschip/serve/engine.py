@@ -499,8 +499,8 @@ class AsyncEngine:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="crosschip-engine", daemon=True)
         self.error: BaseException | None = None
-        # (loop, queue, deltas) emitted during the current step; only the engine thread touches it.
-        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[Delta]]] = []
+        # (loop, request id, queue, deltas) emitted during the current step; only the engine thread touches it.
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, str, asyncio.Queue, list[Delta]]] = []
 
     def start(self) -> None:
         self._thread.start()
@@ -530,11 +530,15 @@ class AsyncEngine:
         if not self._outbox:
             return
         outbox, self._outbox = self._outbox, []
-        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[Delta]]]] = {}
-        for loop, queue, deltas in outbox:
-            per_loop.setdefault(loop, []).append((queue, deltas))
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, list[Delta]]]] = {}
+        for loop, rid, queue, deltas in outbox:
+            per_loop.setdefault(loop, []).append((rid, queue, deltas))
         for loop, items in per_loop.items():
-            loop.call_soon_threadsafe(_deliver, items)
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop has closed: nobody reads these streams any more
+                for rid, _, _ in items:
+                    self.engine.abort(rid)
 
     def _fail(self, rid: str) -> None:
         self.engine.abort(rid)  # the abort ends the request's stream with finish_reason "abort"
@@ -546,8 +550,10 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[Delta]] = asyncio.Queue()
 
+        request_id = request_id or uuid.uuid4().hex
+
         def on_delta(deltas: list[Delta]) -> None:  # on the engine thread, during a step
-            self._outbox.append((loop, queue, deltas))
+            self._outbox.append((loop, request_id, queue, deltas))
 
         request = self.engine.add_request(prompt, params, request_id, on_delta, stream)
         self._wake.set()
@@ -570,6 +576,6 @@ class AsyncEngine:
         self._wake.set()
 
 
-def _deliver(items: list[tuple[asyncio.Queue, list[Delta]]]) -> None:
-    for queue, deltas in items:
+def _deliver(items: list[tuple[str, asyncio.Queue, list[Delta]]]) -> None:
+    for _, queue, deltas in items:
         queue.put_nowait(deltas)
