@@ -162,13 +162,15 @@ class Trainer:
         self.dtype = resolve_dtype(self.t.dtype, self.backend)
         self.dist = D.init_distributed(self.backend)
         self.device = self.backend.device(self.dist.local_rank)
+        # On a device beside the host CPU the host must run ahead of it: no read-back mid-step
+        # (`MoE.static_rows`) and the next batch drawn on a thread (`data.prefetch = "auto"`).
+        # On the CPU itself a read-back costs nothing and the step already uses every core.
+        self.host_runs_ahead = self.device.type != "cpu"
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.dist.is_main)
         self.verbose = verbose and self.dist.is_main
         self._check_memory()
         self.tokenizer = self._tokenizer()
-        prefetch = cfg.data.prefetch
-        if prefetch == "auto":
-            prefetch = self.device.type != "cpu"
+        prefetch = self.host_runs_ahead if cfg.data.prefetch == "auto" else cfg.data.prefetch
         self.stream = BatchStream(cfg.data, self.tokenizer, self.t.batch_size, self.t.seq_len, prefetch=prefetch)
         if self.t.batch_size % (self.dist.world * self.t.grad_accum):
             raise CrosschipError(
@@ -222,7 +224,7 @@ class Trainer:
         for moe in model.moe_layers():
             moe.row_multiple = self.backend.expert_row_multiple(self.dtype)
             moe.grouped = self.grouped_experts
-            moe.static_rows = self.device.type != "cpu"  # no host sync a layer on a device
+            moe.static_rows = self.host_runs_ahead
         self.regions = compile_regions(model, self._compile_failed) if self.t.compile else None
         if self.dist.enabled:
             D.shard_model(model)
