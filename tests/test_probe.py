@@ -12,6 +12,9 @@ import pytest
 from crosschip.backends import get_backend
 from crosschip.backends.probe import check_autocast, check_matmul, probe
 
+# One pytest-xdist worker for the module: its `probed` fixture (a full probe, ~16 s) then runs once.
+pytestmark = pytest.mark.xdist_group("probe")
+
 
 def test_absent_accelerator_is_reported_with_a_reason_not_an_error():
     result = probe("torch:npu")  # torch_npu is not installed here

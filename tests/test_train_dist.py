@@ -13,7 +13,8 @@ import pytest
 
 from train_helpers import events, losses, train, write_config
 
-pytestmark = pytest.mark.slow
+# One pytest-xdist worker for the module, so that the `one_proc` run is trained once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train_dist")]
 
 BF16_RTOL = 1.6e-2
 

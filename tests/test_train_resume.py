@@ -12,6 +12,9 @@ import pytest
 from crosschip.train.checkpoint import latest_verified
 from train_helpers import events, losses, train, write_config
 
+# One pytest-xdist worker for the module, so that the `reference` run is trained once.
+pytestmark = pytest.mark.xdist_group("train_resume")
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
