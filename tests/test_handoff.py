@@ -332,6 +332,32 @@ def test_a_cached_trace_binds_new_weights_and_writes_what_a_fresh_trace_writes(t
         assert onnx_parity(a, tmp_path / "a" / graph) < 1e-5, graph
 
 
+def test_the_rewrite_rules_the_export_skips_change_no_byte_of_either_graph():
+    """The export optimizes without onnxscript's rewrite rules that never apply to our graphs
+    (one of them is most of the optimizing time): both graphs must come out as the full
+    default rule set makes them, and the default set must be whole again afterwards."""
+    import onnx_ir as ir
+    from onnxscript import rewriter
+
+    from crosschip.handoff import trace_cache
+    from crosschip.handoff.onnx_export import UNUSED_REWRITE_RULES, CachedStep, _trace, export_model, optimize_graph
+
+    default = rewriter._DEFAULT_REWRITE_RULES
+    # Still rules of onnxscript's default set, under the name the export replaces: otherwise it skips nothing.
+    assert UNUSED_REWRITE_RULES <= {r.name for r in default}
+    model = _small_model()
+    for kind in ("general", "decode"):
+        step = CachedStep(export_model(model, decode=kind == "decode"))
+        traced = trace_cache.load(trace_cache.trace_key(model, kind), step) or _trace(step, model)
+        written = []
+        for skip in (frozenset(), UNUSED_REWRITE_RULES):
+            graph = ir.serde.deserialize_model(traced)
+            optimize_graph(graph, skip)
+            written.append(ir.serde.serialize_model(graph).SerializeToString())
+        assert written[0] == written[1], kind
+    assert rewriter._DEFAULT_REWRITE_RULES is default
+
+
 def test_the_trace_cache_keeps_no_captured_tensor_and_drops_a_broken_entry(tmp_path, monkeypatch):
     import onnx
 

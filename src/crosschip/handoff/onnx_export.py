@@ -37,6 +37,7 @@ decode graph up to a row count that grows with its threads (`OrtExecutor.decode_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
@@ -420,17 +421,53 @@ def _trace(step: CachedStep, model: Transformer) -> onnx.ModelProto:
     return proto
 
 
+# onnxscript's default rewrite rules that never apply to these graphs but cost the most to try.
+# SlicesSplit (Slices that tile a tensor along an axis -> one Split) matches pairs of Slice nodes,
+# and the MoE's per-expert Slices (bounds computed from the routing, never constant) make it the
+# bulk of an export's optimizing: arith-tiny's general graph took 6.5-7.1 s with it and 1.7 s
+# without, and both graphs came out the same to the byte (benchmarks/RESULTS.md, 2026-11-30;
+# tests/test_handoff.py checks the bytes on the suite's model).
+UNUSED_REWRITE_RULES = frozenset({"SlicesSplit"})
+
+
+def optimize_graph(graph: Any, skip: frozenset[str] = UNUSED_REWRITE_RULES) -> None:
+    """onnxscript's optimizer over a traced `graph` (an onnx_ir model, in place), less the rewrite rules `skip`.
+
+    It folds only small constants. The default limits would fold an expert's w1 and w3 (stacked
+    by the model's forward) into an anonymous constant; with these the graph keeps every weight
+    under its own name, and ONNX Runtime folds the rest when it loads the session."""
+    import onnxscript.optimizer
+
+    with _rewrite_rules_without(skip):
+        onnxscript.optimizer.optimize(graph, input_size_limit=1024, output_size_limit=1024)
+
+
+@contextlib.contextmanager
+def _rewrite_rules_without(names: frozenset[str]) -> Iterator[None]:
+    """onnxscript's default rewrite rules, less `names`, while the block runs.
+
+    `onnxscript.optimizer.optimize` takes no rule list: it reads the module's default rules
+    when it runs. If a later onnxscript renames them, the optimizer keeps its full default."""
+    from onnxscript import rewriter
+
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if rules is None:
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if r.name not in names)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
+
+
 def _finish_graph(traced: onnx.ModelProto, model: Transformer, path: Path, policy: str, say) -> dict[str, Any]:
     """Optimize the traced graph, store its weights as `policy`, write and check `path`."""
     import onnx_ir as ir
-    import onnxscript.optimizer
 
     graph = ir.serde.deserialize_model(traced)
     say("optimizing the graph")
-    # Fold only small constants. The default limits would fold an expert's w1 and w3 (stacked
-    # by the model's forward) into an anonymous constant; with these the graph keeps every
-    # weight under its own name, and ONNX Runtime folds the rest when it loads the session.
-    onnxscript.optimizer.optimize(graph, input_size_limit=1024, output_size_limit=1024)
+    optimize_graph(graph)
     if feed_splits_whole_sizes(graph):
         from onnx_ir.passes.common import RemoveUnusedNodesPass
 
