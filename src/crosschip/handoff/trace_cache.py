@@ -1,8 +1,8 @@
 """A disk cache of traced ONNX graphs: a second export of the same architecture skips the trace.
 
 Tracing the cached step (torch.export, its decompositions, the ONNX translation) is most of an
-export: arith-tiny's first `crosschip export` took 38.9 s on a 2-core machine, the next one,
-with both graphs from this cache, 15.6 s. The trace does not depend on the weights' values. Its initializers are the
+export: arith-tiny's first `crosschip export` took 31.7 s on a 2-core machine, the next one,
+with both graphs from this cache, 8.4 s. The trace does not depend on the weights' values. Its initializers are the
 step's parameters and buffers, by name (those the step uses): `store` checks that and does
 not keep a graph that also captured some other tensor. So an export of another checkpoint of the same model
 (another precision policy, a later step, `make run` again) loads the stored graph, binds its
