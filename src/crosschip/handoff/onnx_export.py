@@ -426,7 +426,7 @@ def _trace(step: CachedStep, model: Transformer) -> onnx.ModelProto:
 # and the MoE's per-expert Slices (bounds computed from the routing, never constant) make it the
 # bulk of an export's optimizing: arith-tiny's general graph took 6.5-7.1 s with it and 1.7 s
 # without, and both graphs came out the same to the byte (benchmarks/RESULTS.md, 2026-11-30;
-# tests/test_handoff.py checks the bytes on the suite's model).
+# tests/test_handoff.py checks the bytes on its small one-MoE-layer model).
 UNUSED_REWRITE_RULES = frozenset({"SlicesSplit"})
 
 
