@@ -195,11 +195,46 @@ def test_logprobs_and_echo(client, offline):
     assert all(t.logprob == max(x.logprob for x in t.top_logprobs) for t in content)
 
 
+def test_chat_logprob_bytes_are_each_tokens_own(client, offline):
+    """A token that is part of a multi-byte character shows as U+FFFD, but its `bytes` are
+    its own, so a client can join them; every entry's bytes are those of a token that
+    displays as its `token`."""
+    _, tok = offline
+    ids = range(tok.vocab_size)
+    own = {}
+    for s, b in zip(tok.token_strings(ids), tok.token_bytes(ids)):
+        own.setdefault(s, set()).add(b)
+    c = client.chat.completions.create(
+        model="debug",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=20,
+    )
+    entries = [e for t in c.choices[0].logprobs.content for e in (t, *t.top_logprobs)]
+    assert all(bytes(e.bytes) in own[e.token] for e in entries)
+    partial = [e for e in entries if "\ufffd" in e.token]
+    assert partial and all(bytes(e.bytes) != "\ufffd".encode() for e in partial)
+
+
+def test_chat_token_limits_and_top_logprobs_range(server):
+    chat = {"model": "debug", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+    # max_completion_tokens is the current name: it wins over the deprecated max_tokens.
+    r = httpx.post(server.api + "/chat/completions", json={**chat, "max_tokens": 2, "max_completion_tokens": 5})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    r = httpx.post(server.api + "/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 21})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
 def test_n_choices_with_seed_are_reproducible(client):
     kw = dict(model="debug", prompt=PROMPTS[1], max_tokens=8, temperature=1.0, n=3, seed=42)
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    # A nearby seed shares no choice (seed + index would hand seed 43's first to seed 42's second).
+    c = client.completions.create(**{**kw, "seed": 43})
+    assert not {x.text for x in a.choices} & {x.text for x in c.choices}
 
 
 @pytest.mark.parametrize(
@@ -209,6 +244,7 @@ def test_n_choices_with_seed_are_reproducible(client):
         ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
         ({"prompt": "hi", "top_p": 2}, "top_p"),
         ({"prompt": "hi", "n": 0}, "n"),
+        ({"prompt": "hi", "seed": 2**64}, "seed"),
         ({"max_tokens": 3}, "prompt"),
         ({"prompt": "hi", "stop": [1, 2]}, "stop"),
         ({"prompt": "hi", "stream": "yes"}, "stream"),

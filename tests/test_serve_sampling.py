@@ -74,6 +74,17 @@ def test_a_seed_reproduces_the_draws_and_different_seeds_differ():
     assert draws(7) != draws(8)
 
 
+def test_seeds_in_64_bits_are_taken_and_others_refused_by_name():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(2))
+    for seed in (-(2**63), 2**64 - 1):
+        for choice in (0, 3):
+            sample(logits, SamplingParams(temperature=1.0, seed=seed), None, make_generator(seed, choice))
+    for seed in (-(2**63) - 1, 2**64):
+        with pytest.raises(InvalidParameter) as e:
+            SamplingParams(seed=seed)
+        assert e.value.param == "seed"
+
+
 def test_sampling_respects_the_masks():
     logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
     g = make_generator(0)

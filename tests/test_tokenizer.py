@@ -91,6 +91,22 @@ def test_round_trip_corpus(tok: Tokenizer):
         assert tok.decode(ids) == doc
 
 
+def test_token_bytes_join_to_the_text_even_inside_a_character(tok: Tokenizer):
+    # Every code point up to U+07FF (all 1- and 2-byte forms, controls included) and a
+    # spread of 3- and 4-byte ones: every byte value that UTF-8 uses appears.
+    wide = [*range(0x800, 0xD800, 97), *range(0xE000, 0x10000, 97), *range(0x10000, 0x110000, 0x8000)]
+    text = "".join(map(chr, range(0x800))) + "".join(map(chr, wide)) + "日本語 🙂 → ü"
+    pieces = tok.token_bytes(tok.encode(text))
+    assert b"".join(pieces) == text.encode("utf-8")
+    assert {b for p in pieces for b in p} == set(range(256)) - {0xC0, 0xC1, *range(0xF5, 0x100)}
+    # The 256 one-byte tokens of the alphabet are the 256 byte values, those UTF-8 never uses included.
+    singles = {b for b in tok.token_bytes(range(tok.vocab_size)) if len(b) == 1}
+    assert singles == {bytes([i]) for i in range(256)}
+    assert tok.token_bytes([tok.bos_id, tok.end_id]) == [b"<|bos|>", b"<|end|>"]
+    with pytest.raises(CrosschipError, match="outside the vocabulary"):
+        tok.token_bytes([tok.vocab_size])
+
+
 def test_digits_are_split_individually(tok: Tokenizer):
     for text in ["1234567890", "x 2024 y", "answer: -849", "3.14159", "007"]:
         strings = tok.token_strings(tok.encode(text))

@@ -66,6 +66,21 @@ CHAT_TEMPLATE = (
 )
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """The ByteLevel pre-tokenizer's character for each byte, inverted (char -> byte).
+
+    Bytes that are printable Latin-1 stand for themselves; the other 68 (controls, space,
+    0x7F-0xA0, 0xAD) take the characters from U+0100 up, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in table.values()]
+    table.update({chr(0x100 + n): b for n, b in enumerate(others)})
+    return table
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence(
         [
@@ -121,6 +136,20 @@ class Tokenizer:
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         """Each id decoded on its own, for display (a multi-byte character may show as U+FFFD)."""
         return [self._tok.decode([i], skip_special_tokens=False) for i in ids]
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """Each id's own bytes: what it adds to a decoded text, even when that is part of a
+        multi-byte character (OpenAI's logprob `bytes`). Special tokens give their text."""
+        out = []
+        for i in ids:
+            piece = self._tok.id_to_token(i)
+            if piece is None:
+                raise CrosschipError(f"tokenizer: token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+            if i in self.special_ids:
+                out.append(piece.encode("utf-8"))
+            else:
+                out.append(bytes(_BYTE_OF_CHAR[c] for c in piece))
+        return out
 
     def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         """The chat rendered as one string (it starts with `<|bos|>`; encode it with add_bos=False)."""

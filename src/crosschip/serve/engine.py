@@ -236,10 +236,8 @@ class Engine:
         request = Request(
             request_id or uuid.uuid4().hex, prompt_ids, params, max_tokens, time.monotonic(), on_delta, stream
         )
-        base_seed = params.seed
         for i in range(params.n):
-            seed = None if base_seed is None else base_seed + i
-            request.sequences.append(Sequence(next(self._seq_ids), request, i, make_generator(seed)))
+            request.sequences.append(Sequence(next(self._seq_ids), request, i, make_generator(params.seed, i)))
         with self._lock:
             if not self.admitting:
                 raise NotAdmitting("the server is shutting down")

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from crosschip.serve.sampling import InvalidParameter, SamplingParams, TokenLogprob
+from crosschip.serve.sampling import MAX_LOGPROBS, InvalidParameter, SamplingParams, TokenLogprob
 
 _MISSING = object()
 
@@ -83,12 +83,15 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
     """SamplingParams from an OpenAI request body; raises InvalidParameter naming the field."""
     refuse_unsupported(body, chat=chat)
     if chat:
-        max_tokens = _get(body, "max_completion_tokens", (int,), None)
-        max_tokens = _get(body, "max_tokens", (int,), max_tokens)
+        # `max_completion_tokens` is the current name and wins over the deprecated `max_tokens` (as in vLLM).
+        max_tokens = _get(body, "max_tokens", (int,), None)
+        max_tokens = _get(body, "max_completion_tokens", (int,), max_tokens)
         want_logprobs = _get(body, "logprobs", (bool,), False)
         top = _get(body, "top_logprobs", (int,), None)
         if top is not None and not want_logprobs:
             raise InvalidParameter("top_logprobs", "top_logprobs: requires logprobs to be true")
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise InvalidParameter("top_logprobs", f"top_logprobs: must be between 0 and {MAX_LOGPROBS}, got {top}")
         logprobs = (top or 0) if want_logprobs else None
         prompt_logprobs = None
     else:
@@ -213,8 +216,10 @@ class LogprobFormatter:
 
     def chat(self, entries: list[TokenLogprob]) -> dict:
         def item(token_id: int, logprob: float) -> dict:
-            s = self.token(token_id)
-            return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
+            # `bytes` are the token's own, so a client can join the pieces of a character
+            # that spans tokens (its `token` alone shows U+FFFD).
+            raw = self.tokenizer.token_bytes([token_id])[0]
+            return {"token": self.token(token_id), "logprob": logprob, "bytes": list(raw)}
 
         return {
             "content": [

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from crosschip.errors import CrosschipError
 
 MAX_LOGPROBS = 20
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
 class InvalidParameter(CrosschipError):
@@ -73,6 +75,7 @@ class SamplingParams:
             "frequency_penalty",
             f"must be between -2 and 2, got {self.frequency_penalty}",
         )
+        need(self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed", f"must fit in 64 bits, got {self.seed}")
         need(1 <= self.n <= 16, "n", f"must be between 1 and 16, got {self.n}")
         need(len(self.stop) <= 4 and all(self.stop), "stop", "at most 4 non-empty strings")
         for name in ("logprobs", "prompt_logprobs"):
@@ -132,9 +135,19 @@ def min_p_mask(logits: Tensor, min_p: float) -> Tensor:
     return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
 
-def make_generator(seed: int | None) -> torch.Generator:
+def make_generator(seed: int | None, choice: int = 0) -> torch.Generator:
+    """The generator of choice `choice` of a request (a fresh random seed when `seed` is None).
+
+    Choice 0 draws from `seed` itself, so the first of n choices is what n=1 returns. The
+    others draw from a seed mixed from (seed, choice): `seed + choice` would hand seed 2's
+    first choices to seed 1's later ones, and two requests with nearby seeds would share
+    samples."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    elif choice:
+        seed = int(np.random.SeedSequence([seed % 2**64, choice]).generate_state(1, np.uint64)[0])
     g = torch.Generator()
-    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    g.manual_seed(seed)
     return g
 
 
