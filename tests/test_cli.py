@@ -1,5 +1,6 @@
 """The CLI as a user meets it: help texts, examples, one-line errors."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,15 @@ def test_an_output_path_through_a_file_is_refused_before_any_work(tmp_path, caps
     err = capsys.readouterr().err
     assert f"{flag} " in err and f"{file} is a file, not a folder" in err and "Traceback" not in err
     assert file.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux procfs")
+def test_a_path_the_checks_pass_but_the_filesystem_refuses_is_one_line(capsys):
+    """procfs looks writable to os.access but creates nothing: the OSError from inside the
+    stage becomes one line naming the path, exit 1."""
+    assert main(["train", "--out", "/proc/crosschip-test/run", "--steps", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "crosschip train: error: cannot use /proc/crosschip-test" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("stage", ["probe", "qualify"])

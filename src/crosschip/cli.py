@@ -106,6 +106,12 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(e: OSError) -> str:
+    """'cannot use PATH: REASON' (and the second path of a rename or link)."""
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"cannot use {paths}: {e.strerror or e}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     wanted = next((a for a in argv if not a.startswith("-")), None)
@@ -128,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(e, CrosschipError):
                 print(f"crosschip {args.stage}: error: " + textwrap.indent(str(e), "  ").lstrip(), file=sys.stderr)
                 return e.exit_code
+            if isinstance(e, OSError) and e.filename is not None:
+                # A path the user gave (or its disk) refused us: name it, no traceback.
+                print(f"crosschip {args.stage}: error: {_os_error(e)}", file=sys.stderr)
+                return 1
             raise
     else:
         # A stage that handled the Ctrl-C itself returns its own code; one that a library let
