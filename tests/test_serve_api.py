@@ -218,6 +218,34 @@ def test_chat_logprob_bytes_are_each_tokens_own(client, offline):
     assert partial and all(bytes(e.bytes) != "\ufffd".encode() for e in partial)
 
 
+def test_return_tokens_as_token_ids_names_every_token_by_id(server, client, offline):
+    """vLLM's extension: ids where strings collide (a completions top_logprobs object keeps one
+    entry per string). Offsets still index the text."""
+    engine, tok = offline
+    prompt = tok.encode(PROMPTS[0], add_bos=True)
+    expected = engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+    kw = dict(model="debug", prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=5)
+    by_id = client.completions.create(**kw, extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs
+    by_text = client.completions.create(**kw).choices[0].logprobs
+    assert by_id.tokens == [f"token_id:{i}" for i in [*prompt, *expected]]
+    assert by_id.text_offset == by_text.text_offset and by_id.token_logprobs == by_text.token_logprobs
+    assert all(len(row) == 5 and all(k.startswith("token_id:") for k in row) for row in by_id.top_logprobs[1:])
+    c = client.chat.completions.create(
+        model="debug",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    for e in (e for t in c.choices[0].logprobs.content for e in (t, *t.top_logprobs)):
+        n = int(e.token.removeprefix("token_id:"))
+        assert bytes(e.bytes) == tok.token_bytes([n])[0]
+    r = httpx.post(server.api + "/completions", json={**kw, "return_tokens_as_token_ids": "yes"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "return_tokens_as_token_ids"
+
+
 def test_chat_token_limits_and_top_logprobs_range(server):
     chat = {"model": "debug", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
     # max_completion_tokens is the current name: it wins over the deprecated max_tokens.

@@ -16,6 +16,7 @@ from crosschip.hf import load_bundle, save_bundle
 from crosschip.model import Transformer
 from crosschip.tokenizer import default_tokenizer
 from crosschip.verify.gate import GATE_FAILED_EXIT
+from crosschip.verify.remote import RemoteSide
 from serve_helpers import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -79,3 +80,27 @@ def test_a_wrong_api_key_is_one_clear_line(bundles, tmp_path):
         server.stop()
     assert proc.returncode == 1 and report is None
     assert "refused the API key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_server_without_token_ids_is_read_through_the_tokenizers_strings(bundles):
+    """Our server names tokens by id when asked (vLLM's `return_tokens_as_token_ids`); a server
+    that does not is read through the token strings. Both readings of one prompt agree wherever
+    a string belongs to one id alone, and the shared strings are flagged, not guessed."""
+    _, tok = load_bundle(bundles["clean"])
+    server = ServerProcess(bundles["clean"], "--on", "torch:cpu")
+    try:
+        side = RemoteSide(server.api, tok, api_key=None, model=None, top_k=16)
+        ids = tok.encode("12+34=46 héllo → 日本 🙂 7-3=4", add_bos=True)
+        by_id = side.score_remote(ids)
+        assert side.mapped_from_strings == 0 and bool(by_id[2].all())
+        side.extra = {}  # what a server that ignores the field sends
+        by_text = side.score_remote(ids)
+    finally:
+        server.stop()
+    assert side.mapped_from_strings > 0 and not bool(by_text[2].all())
+    torch.testing.assert_close(by_text[3], by_id[3], rtol=0, atol=0)
+    for row in range(by_text[0].shape[0]):
+        pairs = dict(zip(by_id[0][row].tolist(), by_id[1][row].tolist()))
+        for i, lp, exact in zip(*(t[row].tolist() for t in by_text[:3])):
+            if exact:
+                assert pairs.get(i) == lp

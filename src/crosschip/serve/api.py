@@ -331,9 +331,9 @@ def create_app(state: ServerState) -> FastAPI:
             params = sampling_params(body, chat=False)
             prompts = completion_prompts(body)
             stream = _get_stream(body)
+            lp = LogprobFormatter.for_request(body, state.tokenizer)
         except InvalidParameter as e:
             raise ApiError(400, str(e), param=e.param) from None
-        lp = LogprobFormatter(state.tokenizer)
         sub = submit_all(state, prompts, params, stream is not None)
         env = Envelope.new("cmpl", "text_completion", state.model_name)
         echo = bool(body.get("echo"))
@@ -356,12 +356,12 @@ def create_app(state: ServerState) -> FastAPI:
             params = sampling_params(body, chat=True)
             messages = chat_messages(body)
             stream = _get_stream(body)
+            lp = LogprobFormatter.for_request(body, state.tokenizer)
             prompt = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except InvalidParameter as e:
             raise ApiError(400, str(e), param=e.param) from None
         except CrosschipError as e:
             raise ApiError(400, f"messages: {e}", param="messages") from None
-        lp = LogprobFormatter(state.tokenizer)
         end_id = getattr(state.tokenizer, "end_id", None)
         if end_id is not None:
             params.stop_token_ids = [*params.stop_token_ids, end_id]  # `<|end|>` closes the assistant turn

@@ -192,23 +192,32 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class LogprobFormatter:
-    """Token strings for logprob bodies; completions and chat use different shapes."""
+    """Token strings for logprob bodies; completions and chat use different shapes.
 
-    def __init__(self, tokenizer):
+    With vLLM's `return_tokens_as_token_ids` every token is named `token_id:N` instead of by
+    its text: several ids of a byte-level BPE share a display string (each lone piece of a
+    multi-byte character shows as U+FFFD), and a completions `top_logprobs` object keeps one
+    entry per string, so only ids let a client (`crosschip verify --target-url`) tell them apart."""
+
+    def __init__(self, tokenizer, *, as_ids: bool = False):
         self.tokenizer = tokenizer
+        self.as_ids = as_ids
+
+    @classmethod
+    def for_request(cls, body: dict, tokenizer) -> LogprobFormatter:
+        return cls(tokenizer, as_ids=_get(body, "return_tokens_as_token_ids", (bool,), False))
 
     def token(self, token_id: int) -> str:
-        return self.tokenizer.token_strings([token_id])[0]
+        return f"token_id:{token_id}" if self.as_ids else self.tokenizer.token_strings([token_id])[0]
 
     def completion(self, entries: list[TokenLogprob | None], token_ids: list[int], offset: int = 0) -> dict:
         """{"tokens", "token_logprobs", "top_logprobs", "text_offset"} (legacy completions shape)."""
-        tokens = [self.token(t) for t in token_ids]
         offsets = []
-        for t in tokens:
+        for text in self.tokenizer.token_strings(token_ids):  # offsets into the text, whatever names the tokens
             offsets.append(offset)
-            offset += len(t)
+            offset += len(text)
         return {
-            "tokens": tokens,
+            "tokens": [self.token(t) for t in token_ids],
             "token_logprobs": [None if e is None else e.logprob for e in entries],
             "top_logprobs": [None if e is None else {self.token(i): lp for i, lp in e.top} for e in entries],
             "text_offset": offsets,

@@ -8,7 +8,7 @@ MindIE, `crosschip serve`), driven by the official `openai` client.
   entry t+1 lines up with our logits row t.
 - The greedy continuation is `temperature=0` with the same token-id prompts.
 - Token ids come back as `token_id:N` strings when the server honours vLLM's
-  `return_tokens_as_token_ids`. Otherwise token strings are mapped back through the bundle's
+  `return_tokens_as_token_ids` (vLLM and `crosschip serve` do). Otherwise token strings are mapped back through the bundle's
   tokenizer. A byte-level BPE has strings that several ids share (lone UTF-8 continuation
   bytes all decode to U+FFFD), so each string maps to its *canonical* id (the smallest id with
   that string): shared strings are left out of the KL support (a JSON object keeps one value
