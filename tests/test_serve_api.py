@@ -58,6 +58,18 @@ def sse_events(text: str) -> list[str]:
     return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
 
 
+def greedy_chat_logprobs(client, max_tokens: int, top_logprobs: int, **kw):
+    return client.chat.completions.create(
+        model="debug",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=top_logprobs,
+        **kw,
+    )
+
+
 def test_health_models_and_metrics(server, client):
     assert httpx.get(server.url + "/health").status_code == 200
     models = client.models.list()
@@ -181,14 +193,7 @@ def test_logprobs_and_echo(client, offline):
     assert len(lp.token_logprobs) == n_prompt + 3 and lp.token_logprobs[0] is None
     assert all(x < 0 for x in lp.token_logprobs[1:])
     assert r.choices[0].text.startswith(PROMPTS[0])
-    c = client.chat.completions.create(
-        model="debug",
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=3,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=3,
-    )
+    c = greedy_chat_logprobs(client, 3, 3)
     content = c.choices[0].logprobs.content
     assert len(content) == 3 and all(len(t.top_logprobs) == 3 for t in content)
     # Greedy: the chosen token is the most likely one.
@@ -204,14 +209,7 @@ def test_chat_logprob_bytes_are_each_tokens_own(client, offline):
     own = {}
     for s, b in zip(tok.token_strings(ids), tok.token_bytes(ids)):
         own.setdefault(s, set()).add(b)
-    c = client.chat.completions.create(
-        model="debug",
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=4,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=20,
-    )
+    c = greedy_chat_logprobs(client, 4, 20)
     entries = [e for t in c.choices[0].logprobs.content for e in (t, *t.top_logprobs)]
     assert all(bytes(e.bytes) in own[e.token] for e in entries)
     partial = [e for e in entries if "\ufffd" in e.token]
@@ -230,15 +228,7 @@ def test_return_tokens_as_token_ids_names_every_token_by_id(server, client, offl
     assert by_id.tokens == [f"token_id:{i}" for i in [*prompt, *expected]]
     assert by_id.text_offset == by_text.text_offset and by_id.token_logprobs == by_text.token_logprobs
     assert all(len(row) == 5 and all(k.startswith("token_id:") for k in row) for row in by_id.top_logprobs[1:])
-    c = client.chat.completions.create(
-        model="debug",
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=3,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=2,
-        extra_body={"return_tokens_as_token_ids": True},
-    )
+    c = greedy_chat_logprobs(client, 3, 2, extra_body={"return_tokens_as_token_ids": True})
     for e in (e for t in c.choices[0].logprobs.content for e in (t, *t.top_logprobs)):
         n = int(e.token.removeprefix("token_id:"))
         assert bytes(e.bytes) == tok.token_bytes([n])[0]
