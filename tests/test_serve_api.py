@@ -108,6 +108,28 @@ def test_streaming_completion_concatenates_to_the_same_text(client):
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
+@pytest.mark.parametrize("echo", [False, True])
+def test_logprob_text_offsets_index_the_text_streamed_or_not(client, offline, echo):
+    """Each token's text_offset is where its text starts in the choice's text: `<|bos|>` adds
+    nothing, and a streamed chunk's offsets go on from the chunks before it."""
+    _, tok = offline
+    kw = dict(model="debug", prompt=PROMPTS[1], max_tokens=12, temperature=0, logprobs=1, echo=echo)
+    whole = client.completions.create(**kw).choices[0]
+    ids = [
+        int(t.removeprefix("token_id:"))
+        for t in client.completions.create(**kw, extra_body={"return_tokens_as_token_ids": True})
+        .choices[0]
+        .logprobs.tokens
+    ]
+    assert whole.logprobs.text_offset == [len(tok.decode(ids[:t])) for t in range(len(ids))]
+    if echo:
+        assert ids[0] == tok.bos_id and whole.logprobs.text_offset[:2] == [0, 0]
+        assert whole.text[whole.logprobs.text_offset[-12] :] == tok.decode(ids[-12:])
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == whole.logprobs.text_offset
+
+
 def test_concurrent_requests_return_what_each_returns_alone(server):
     async def run() -> tuple[list[str], list[str]]:
         aclient = openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0)

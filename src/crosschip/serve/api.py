@@ -408,7 +408,11 @@ def _usage(sub: Submitted, choices: list[Delta]) -> dict:
     return usage(sum(len(p) for p in sub.prompt_ids), sum(len(d.token_ids) for d in choices))
 
 
-def _completion_choice(d: Delta, sub: Submitted, echo: bool, state: ServerState, lp: LogprobFormatter) -> dict:
+def _completion_choice(
+    d: Delta, sub: Submitted, echo: bool, state: ServerState, lp: LogprobFormatter, before: list[int] = ()
+) -> dict:
+    """One choice of a completions body; `before` holds the ids of the text this choice has
+    streamed already (logprob `text_offset`s count from the start of the whole text)."""
     prompt_ids = sub.prompt_ids[d.index // sub.n]
     text, logprobs = d.text, None
     prompt_text = state.tokenizer.decode(prompt_ids) if echo else ""
@@ -416,21 +420,25 @@ def _completion_choice(d: Delta, sub: Submitted, echo: bool, state: ServerState,
         entries, ids = list(d.logprobs), [e.token_id for e in d.logprobs]
         if echo and d.prompt_logprobs is not None:
             entries, ids = [*d.prompt_logprobs, *entries], [*prompt_ids, *ids]
-        logprobs = lp.completion(entries, ids)
+        logprobs = lp.completion(entries, ids, before)
     return {"index": d.index, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": d.finish_reason}
 
 
 async def _completion_chunks(
     sub: Submitted, env: Envelope, opts: dict, echo: bool, state: ServerState, lp: LogprobFormatter
 ) -> AsyncIterator[bytes]:
-    started: set[int] = set()
+    sent: dict[int, list[int]] = {}  # choice -> the ids of its chunks so far (echoed prompt included)
     generated = 0
     async for d in sub.deltas:
         generated += len(d.token_ids)
-        if not d.text and d.finish_reason is None and d.logprobs is None and d.index in started:
+        if not d.text and d.finish_reason is None and d.logprobs is None and d.index in sent:
             continue  # text held back (a partial UTF-8 char or a possible stop string)
-        choice = _completion_choice(d, sub, echo and d.index not in started, state, lp)
-        started.add(d.index)
+        first = d.index not in sent
+        before = sent.setdefault(d.index, [])
+        choice = _completion_choice(d, sub, echo and first, state, lp, before)
+        if echo and first:
+            before += sub.prompt_ids[d.index // sub.n]
+        before += d.token_ids
         yield sse(env.body(choices=[choice]))
     if opts.get("include_usage"):
         yield sse(env.body(choices=[], usage=usage(sum(len(p) for p in sub.prompt_ids), generated)))

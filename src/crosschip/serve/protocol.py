@@ -210,12 +210,15 @@ class LogprobFormatter:
     def token(self, token_id: int) -> str:
         return f"token_id:{token_id}" if self.as_ids else self.tokenizer.token_strings([token_id])[0]
 
-    def completion(self, entries: list[TokenLogprob | None], token_ids: list[int], offset: int = 0) -> dict:
-        """{"tokens", "token_logprobs", "top_logprobs", "text_offset"} (legacy completions shape)."""
-        offsets = []
-        for text in self.tokenizer.token_strings(token_ids):  # offsets into the text, whatever names the tokens
-            offsets.append(offset)
-            offset += len(text)
+    def completion(self, entries: list[TokenLogprob | None], token_ids: list[int], before: list[int] = ()) -> dict:
+        """{"tokens", "token_logprobs", "top_logprobs", "text_offset"} (legacy completions shape).
+
+        `before`: the ids this choice's text already holds (streamed chunks, the echoed prompt).
+        A token's `text_offset` is the length of the text decoded up to it, so special tokens
+        (not in the text) add nothing and a character that several byte tokens carry counts once.
+        """
+        decode = self.tokenizer.decode
+        offsets = [len(decode([*before, *token_ids[:t]])) for t in range(len(token_ids))]
         return {
             "tokens": [self.token(t) for t in token_ids],
             "token_logprobs": [None if e is None else e.logprob for e in entries],
