@@ -45,6 +45,13 @@ def test_unavailable_backend_says_why():
         get_backend("torch:npu").require()
 
 
+def test_serve_takes_vllms_flag_for_the_model_name():
+    from crosschip.cli import build_parser
+
+    args = build_parser("serve").parse_args(["serve", "b", "--served-model-name", "my-model"])
+    assert args.model_name == "my-model"
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [

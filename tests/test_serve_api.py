@@ -74,6 +74,7 @@ def test_health_models_and_metrics(server, client):
     assert httpx.get(server.url + "/health").status_code == 200
     models = client.models.list()
     assert [m.id for m in models.data] == ["debug"]
+    assert abs(models.data[0].created - time.time()) < 3600  # the server's start, as vLLM reports it
     assert client.models.retrieve("debug").id == "debug"
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("gpt-9")

@@ -71,6 +71,8 @@ class ServerState:
     draining: bool = False
     api_key: str | None = None
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+    """Unix time the server started: the model card's `created`, as vLLM reports it."""
 
     @property
     def ready(self) -> bool:
@@ -303,7 +305,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {
             "id": state.model_name,
             "object": "model",
-            "created": 0,
+            "created": state.created,
             "owned_by": "crosschip",
             "max_model_len": state.max_model_len,
         }

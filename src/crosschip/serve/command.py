@@ -35,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get(API_KEY_ENV) or None,
         help=f"require `Authorization: Bearer KEY` (env {API_KEY_ENV})",
     )
-    parser.add_argument("--model-name", default=None, help="model id clients send (default: the bundle folder's name)")
+    parser.add_argument(
+        "--model-name",
+        "--served-model-name",
+        default=None,
+        help="model id clients send (default: the bundle folder's name; vLLM's --served-model-name works too)",
+    )
     parser.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue, help="waiting sequences before 503")
     parser.add_argument("--block-size", type=int, default=DEFAULTS.block_size, help="tokens per latent cache block")
