@@ -131,6 +131,24 @@ def test_logprob_text_offsets_index_the_text_streamed_or_not(client, offline, ec
     assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == whole.logprobs.text_offset
 
 
+def test_stop_reason_names_what_stopped_a_choice(server, client):
+    """vLLM's extension: the stop string or stop token id that ended a choice, None at the
+    length limit; in a stream, on the last chunk."""
+    kw = dict(model="debug", prompt=PROMPTS[2], max_tokens=16, temperature=0)
+    as_ids = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    free = client.completions.create(**kw, logprobs=0, extra_body=as_ids).choices[0]
+    ids = [int(t.removeprefix("token_id:")) for t in free.logprobs.tokens]
+    assert free.finish_reason == "length" and free.model_extra["stop_reason"] is None
+    stop = client.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text[4:6]
+    by_text = client.completions.create(**kw, stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert by_text.finish_reason == "stop" and by_text.model_extra["stop_reason"] == stop
+    by_id = client.completions.create(**kw, extra_body={"ignore_eos": True, "stop_token_ids": [ids[3]]}).choices[0]
+    assert by_id.finish_reason == "stop" and by_id.model_extra["stop_reason"] == ids[3]
+    stream = client.completions.create(**kw, stop=[stop], stream=True, extra_body={"ignore_eos": True})
+    last = [c for c in stream if c.choices][-1].choices[0]
+    assert last.finish_reason == "stop" and last.model_extra["stop_reason"] == stop
+
+
 def test_concurrent_requests_return_what_each_returns_alone(server):
     async def run() -> tuple[list[str], list[str]]:
         aclient = openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0)

@@ -193,9 +193,10 @@ def test_stop_string_across_token_boundary(loaded):
     stop = pieces[k][-1] + pieces[k + 1][len(pieces[k])]
     cut = pieces[k + 1].find(stop)
     out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=24, temperature=0, stop=[stop], ignore_eos=True))[0]
-    assert out.finish_reason == "stop"
+    assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == pieces[k + 1][:cut]
     assert len(out.token_ids) <= k + 1
+    assert base.finish_reason == "length" and base.stop_reason is None
 
 
 def test_stop_token_ids_end_the_choice(loaded):
@@ -206,6 +207,7 @@ def test_stop_token_ids_end_the_choice(loaded):
     )[0]
     first = base.token_ids.index(base.token_ids[4])
     assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: first + 1]
+    assert out.stop_reason == base.token_ids[4]
 
 
 def test_bad_requests_are_refused_before_queueing(loaded):

@@ -103,11 +103,13 @@ def test_logprobs_are_of_the_raw_distribution():
 def test_stop_string_split_across_tokens_is_found_when_completed():
     stops = ["END"]
     text = "abc E"  # "E" arrived; "ND" will come with the next token
-    assert find_stop(text, stops, start=4) == -1
+    assert find_stop(text, stops, start=4) == (-1, None)
     assert stream_safe_end(text, stops) == 4  # the "E" is held back, it may start "END"
     text2 = text + "ND more"
-    assert find_stop(text2, stops, start=len(text)) == 4
+    assert find_stop(text2, stops, start=len(text)) == (4, "END")
     assert stream_safe_end("abc x", stops) == 5
+    # The earliest stop wins; at one index, the first listed.
+    assert find_stop("x 12 ab", ["ab", "12", "1"], start=0) == (2, "12")
 
 
 def test_stream_holds_back_a_split_utf8_character():

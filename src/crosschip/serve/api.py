@@ -384,6 +384,7 @@ def create_app(state: ServerState) -> FastAPI:
                     "message": {"role": "assistant", "content": d.text},
                     "logprobs": lp.chat(d.logprobs) if d.logprobs is not None else None,
                     "finish_reason": d.finish_reason,
+                    "stop_reason": d.stop_reason,
                 }
                 for d in choices
             ],
@@ -423,7 +424,13 @@ def _completion_choice(
         if echo and d.prompt_logprobs is not None:
             entries, ids = [*d.prompt_logprobs, *entries], [*prompt_ids, *ids]
         logprobs = lp.completion(entries, ids, before)
-    return {"index": d.index, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": d.finish_reason}
+    return {
+        "index": d.index,
+        "text": prompt_text + text,
+        "logprobs": logprobs,
+        "finish_reason": d.finish_reason,
+        "stop_reason": d.stop_reason,
+    }
 
 
 async def _completion_chunks(
@@ -470,6 +477,7 @@ async def _chat_chunks(sub: Submitted, env: Envelope, opts: dict, lp: LogprobFor
             "delta": delta,
             "logprobs": lp.chat(d.logprobs) if d.logprobs else None,
             "finish_reason": d.finish_reason,
+            "stop_reason": d.stop_reason,
         }
         yield sse(env.body(choices=[choice], **extra))
     if include_usage:

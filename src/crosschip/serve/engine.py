@@ -57,6 +57,8 @@ class Output:
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_reason: int | str | None = None
+    """The stop string or stop token id that ended it (None: EOS or the length limit)."""
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Delta:
     text: str
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     ttft_s: float | None = None
     """Set on a choice's first delta: seconds from arrival to its first token."""
@@ -84,6 +87,7 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
         text="".join(d.text for d in deltas),
         logprobs=None if first.logprobs is None else [lp for d in deltas for lp in (d.logprobs or [])],
         finish_reason=deltas[-1].finish_reason,
+        stop_reason=deltas[-1].stop_reason,
         prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
         ttft_s=next((d.ttft_s for d in deltas if d.ttft_s is not None), None),
     )
@@ -120,7 +124,9 @@ class Sequence:
     sent_tokens: int = 0
     sent_logprobs: int = 0
     finish_reason: str | None = None
-    stop_cut: bool = False  # finished on a stop string; `text` is already cut before it
+    stop_reason: int | str | None = None
+    """What stopped it: a stop token id, or a stop string (then `text` is already cut before
+    it); None for EOS, the length limit, or still running (vLLM's `stop_reason`)."""
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -382,14 +388,14 @@ class Engine:
         seq.output_ids.append(tok)
         if tok in params.stop_token_ids or (tok in self.eos_token_ids and not params.ignore_eos):
             seq.finish_reason = "stop"
+            seq.stop_reason = tok if tok in params.stop_token_ids else None
         elif params.stop or (seq.request.stream and seq.request.on_delta is not None):
             before = len(seq.text)
             self._detokenize(seq)
-            cut = find_stop(seq.text, params.stop, before) if params.stop else -1
+            cut, stop = find_stop(seq.text, params.stop, before) if params.stop else (-1, None)
             if cut != -1:
                 seq.text = seq.text[:cut]
-                seq.finish_reason = "stop"
-                seq.stop_cut = True
+                seq.finish_reason, seq.stop_reason = "stop", stop
         if seq.finish_reason is None and len(seq.output_ids) >= seq.request.max_tokens:
             seq.finish_reason = "length"
 
@@ -407,7 +413,7 @@ class Engine:
 
     def _final_text(self, seq: Sequence) -> str:
         """Decoded output without the stop token or stop string that ended it."""
-        if seq.stop_cut:
+        if isinstance(seq.stop_reason, str):
             return seq.text
         ids = seq.output_ids
         if seq.finish_reason == "stop" and ids:
@@ -430,6 +436,7 @@ class Engine:
             text=new_text,
             logprobs=seq.logprobs[seq.sent_logprobs :] if req.params.logprobs is not None else None,
             finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
             prompt_logprobs=seq.prompt_logprobs
             if seq.sent_tokens == 0 and req.params.prompt_logprobs is not None
             else None,
@@ -459,6 +466,7 @@ class Engine:
             token_ids=list(seq.output_ids),
             text=self._final_text(seq),
             finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
             logprobs=seq.logprobs if params.logprobs is not None else None,
             prompt_logprobs=seq.prompt_logprobs if params.prompt_logprobs is not None else None,
         )

@@ -174,18 +174,19 @@ def token_logprob(logits: Tensor, token_id: int, top: int) -> TokenLogprob:
     return TokenLogprob(token_id, float(lp[token_id]), best)
 
 
-def find_stop(text: str, stops: list[str], start: int) -> int:
-    """Index in `text` of the earliest stop string that ends at or after `start`; -1 if none.
+def find_stop(text: str, stops: list[str], start: int) -> tuple[int, str | None]:
+    """(index in `text`, the string) of the earliest stop string that ends at or after
+    `start`; (-1, None) if none. At one index the first of `stops` wins.
 
     Only text from `start - len(stop) + 1` on is searched, so a stop string split across
     tokens is found on the token that completes it.
     """
-    best = -1
+    best, found = -1, None
     for s in stops:
         i = text.find(s, max(0, start - len(s) + 1))
         if i != -1 and (best == -1 or i < best):
-            best = i
-    return best
+            best, found = i, s
+    return best, found
 
 
 def stream_safe_end(text: str, stops: list[str]) -> int:
