@@ -3,7 +3,13 @@
     python benchmarks/cuda_checks.py --weights DIR --out OUT [--backend torch:cuda]
 
 Made for a short lease on a GPU machine, so every check runs as its own subprocess under a
-time limit: a failure or a hang costs that check, not the others' figures. Each check's
+time limit: a failure or a hang costs that check, not the others' figures. Before a lease, the
+whole script runs on the CPU in two minutes to show it still works:
+
+    python benchmarks/cuda_checks.py --weights DIR --out OUT --backend torch:cpu --preset debug \
+        --decode-batches 1,2 --profile-shape 2x64 --learn-args "--steps 2" \
+        --train-args "--batch 2 --seq 64 --steps 1 --repeats 1 --threads 1"
+ Each check's
 output goes to OUT/<check>.log and a summary table is printed last.
 
 - parity: `crosschip verify` of a trained bundle, torch:cpu fp32 as the reference and the
@@ -11,7 +17,7 @@ output goes to OUT/<check>.log and a summary table is printed last.
   DIR holds the trained weights (model.safetensors, config.json, tokenizer files); a fresh
   bundle with its own manifest is written from them.
 - decode: the serving engine's executor (paged latent cache, absorbed MLA, bf16) against
-  transformers' `generate` on the same random small-100m bundle: greedy, a 32-token prompt
+  transformers' `generate` on the same random small-100m bundle (`--preset`): greedy, a 32-token prompt
   plus 64 new tokens per row, batch 1, 8, 32 and 128, median of 3, prefill included for both.
 - train / train-compiled: benchmarks/train_throughput.py on small-100m in bf16 (tokens/s
   against transformers and MFU against the bf16 matmul rate measured in the same run), then
@@ -86,7 +92,7 @@ def decode(args: argparse.Namespace) -> None:
     batches, prompt_len, steps = [int(b) for b in args.decode_batches.split(",")], 32, 64
     torch.manual_seed(0)
     bundle = Path(tempfile.mkdtemp()) / "bundle"
-    hf.save_bundle(Transformer(model_preset("small-100m")), bundle)
+    hf.save_bundle(Transformer(model_preset(args.preset)), bundle)
     ex = make_executor(bundle, args.backend, dtype=torch.bfloat16, max_batch=max(batches))
     device = ex.device
     theirs = DeepseekV3ForCausalLM.from_pretrained(bundle, dtype=torch.bfloat16).to(device).eval()
@@ -119,7 +125,7 @@ def decode(args: argparse.Namespace) -> None:
         return b * steps / (time.perf_counter() - t0)
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else device.type
-    print(f"decode on {where} (small-100m, bf16, {prompt_len}-token prompts, {steps} new tokens)")
+    print(f"decode on {where} ({args.preset}, bf16, {prompt_len}-token prompts, {steps} new tokens)")
     print(f"{'batch':>5} {'transformers tok/s':>19} {'crosschip tok/s':>16} {'ratio':>7}")
     for b in batches:
         ours(b), transformers_generate(b)  # warm-up
@@ -153,7 +159,7 @@ def profile(args: argparse.Namespace) -> None:
     from crosschip.train.trainer import estimate_memory
 
     B, T = (int(x) for x in args.profile_shape.split("x"))
-    cfg = RunConfig(model=model_preset("small-100m"))
+    cfg = RunConfig(model=model_preset(args.preset))
     cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_every = B, T, 0
     cfg.train.backend, cfg.train.dtype = args.backend, "bf16"
     backend = get_backend(args.backend).require()
@@ -189,7 +195,7 @@ def profile(args: argparse.Namespace) -> None:
             for _ in range(2):
                 step()
             backend.synchronize()
-        print(f"training step, small-100m bf16 {B}x{T} on {args.backend}")
+        print(f"training step, {args.preset} bf16 {B}x{T} on {args.backend}")
         summary(prof, 2, wall, "train", table=True)
         if accelerated:
             est = estimate_memory(cfg, 1, backend.attention_keeps_scores())["total"]
@@ -200,7 +206,7 @@ def profile(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     bundle = Path(tempfile.mkdtemp()) / "bundle"
-    hf.save_bundle(Transformer(model_preset("small-100m")), bundle)
+    hf.save_bundle(Transformer(model_preset(args.preset)), bundle)
     batches = [int(b) for b in args.decode_batches.split(",")]
     ex = make_executor(bundle, args.backend, dtype=torch.bfloat16, max_batch=max(batches))
     for b in batches:
@@ -231,6 +237,7 @@ def main() -> None:
     p.add_argument("--tag", default="parity", help="name of the parity check's output folders")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--backend", default="torch:cuda")
+    p.add_argument("--preset", default="small-100m", help="model of the decode, train and profile checks")
     p.add_argument("--decode-batches", default="1,8,32,128")
     p.add_argument("--skip", default="", help="comma-separated checks to leave out")
     p.add_argument("--train-args", default="--batch 16 --seq 1024 --steps 8 --repeats 3 --threads 8")
@@ -249,11 +256,11 @@ def main() -> None:
     crosschip, learned = [sys.executable, "-m", "crosschip"], args.out / "learn"
     common = ["--out", str(args.out), "--backend", args.backend]
     train = [sys.executable, str(HERE / "train_throughput.py"), "--backend", args.backend, "--dtype", "bf16"]
-    train += ["--preset", "small-100m", *args.train_args.split()]
+    train += ["--preset", args.preset, *args.train_args.split()]
     learn = [*crosschip, "train", "--config", str(CONFIG), "--backend", args.backend, "--out", str(learned)]
     checks = [  # (name, command, time limit in seconds), most wanted first
         ("parity", [*me, "parity", "--weights", str(args.weights), *common], 90),
-        ("decode", [*me, "decode", "--decode-batches", args.decode_batches, *common], 100),
+        ("decode", [*me, "decode", "--decode-batches", args.decode_batches, "--preset", args.preset, *common], 100),
         ("train", train, 120),
         # The same step with the batch drawn in the step, not ahead on a thread: data.prefetch's gain.
         ("train-noprefetch", [*train, "--prefetch", "off", "--no-anchor"], 90),
@@ -263,7 +270,8 @@ def main() -> None:
         ("learn-parity", [*me, "parity", "--weights", str(learned), "--tag", "learn-parity", *common], 60),
         (
             "profile",
-            [*me, "profile", "--profile-shape", args.profile_shape, "--decode-batches", args.decode_batches, *common],
+            [*me, "profile", "--profile-shape", args.profile_shape, "--decode-batches", args.decode_batches]
+            + ["--preset", args.preset, *common],
             90,
         ),
     ]
