@@ -226,6 +226,31 @@ def test_usage_counts_match_the_tokenizer(client, offline):
     assert d.choices[0].message.content == c.choices[0].message.content
 
 
+def test_tokenize_counts_what_the_endpoints_send_to_the_model(server, client, offline):
+    """vLLM's /tokenize and /detokenize: a client counts a prompt against the context with the
+    ids the completions and chat endpoints actually use."""
+    _, tok = offline
+    r = httpx.post(server.url + "/tokenize", json={"model": "debug", "prompt": PROMPTS[2]}).json()
+    assert r["tokens"] == tok.encode(PROMPTS[2], add_bos=True) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == client.models.retrieve("debug").model_extra["max_model_len"]
+    used = client.completions.create(model="debug", prompt=PROMPTS[2], max_tokens=1).usage.prompt_tokens
+    assert r["count"] == used
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three."}]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
+    used = client.chat.completions.create(model="debug", messages=messages, max_tokens=1).usage.prompt_tokens
+    assert chat["count"] == used
+    back = httpx.post(server.url + "/detokenize", json={"model": "debug", "tokens": r["tokens"]}).json()
+    assert back == {"prompt": "<|bos|>" + PROMPTS[2]}
+    for path, body, param in [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+        ("/detokenize", {"tokens": [len(tok)]}, "tokens"),
+        ("/detokenize", {"tokens": "12"}, "tokens"),
+    ]:
+        bad = httpx.post(server.url + path, json=body)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (path, body, bad.text)
+
+
 def test_logprobs_and_echo(client, offline):
     _, tok = offline
     r = client.completions.create(model="debug", prompt=PROMPTS[0], max_tokens=3, temperature=0, echo=True, logprobs=2)

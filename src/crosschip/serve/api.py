@@ -11,22 +11,24 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from crosschip.errors import CrosschipError
 from crosschip.serve.engine import AsyncEngine, Delta, NotAdmitting, QueueFull, merge_deltas
 from crosschip.serve.metrics import ServeMetrics
 from crosschip.serve.protocol import (
     Envelope,
     LogprobFormatter,
-    chat_messages,
+    chat_prompt_ids,
     completion_prompts,
+    detokenize_ids,
     sampling_params,
+    tokenize_ids,
     usage,
 )
 from crosschip.serve.sampling import InvalidParameter, SamplingParams
@@ -324,18 +326,39 @@ def create_app(state: ServerState) -> FastAPI:
         check_model({"model": model})
         return model_card()
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def read_request(request: Request, parse: Callable[[dict], Any]) -> tuple[dict, Any]:
+        """The checked JSON body of a POST and what `parse` makes of it; a bad parameter is a 400
+        naming it."""
         check(request)
         body = await read_json(request)
         check_model(body)
         try:
-            params = sampling_params(body, chat=False)
-            prompts = completion_prompts(body)
-            stream = _get_stream(body)
-            lp = LogprobFormatter.for_request(body, state.tokenizer)
+            return body, parse(body)
         except InvalidParameter as e:
             raise ApiError(400, str(e), param=e.param) from None
+
+    # vLLM's token-counting endpoints: what a prompt costs against the context, and back.
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        _, ids = await read_request(request, lambda body: tokenize_ids(body, state.tokenizer))
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        _, ids = await read_request(request, lambda body: detokenize_ids(body, len(state.tokenizer)))
+        return {"prompt": state.tokenizer.decode(ids, skip_special=False)}  # special tokens shown, as vLLM does
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        def parse(body: dict):
+            return (
+                sampling_params(body, chat=False),
+                completion_prompts(body),
+                _get_stream(body),
+                LogprobFormatter.for_request(body, state.tokenizer),
+            )
+
+        body, (params, prompts, stream, lp) = await read_request(request, parse)
         sub = submit_all(state, prompts, params, stream is not None)
         env = Envelope.new("cmpl", "text_completion", state.model_name)
         echo = bool(body.get("echo"))
@@ -351,23 +374,18 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check(request)
-        body = await read_json(request)
-        check_model(body)
-        try:
-            params = sampling_params(body, chat=True)
-            messages = chat_messages(body)
-            stream = _get_stream(body)
-            lp = LogprobFormatter.for_request(body, state.tokenizer)
-            prompt = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except InvalidParameter as e:
-            raise ApiError(400, str(e), param=e.param) from None
-        except CrosschipError as e:
-            raise ApiError(400, f"messages: {e}", param="messages") from None
+        def parse(body: dict):
+            return (
+                sampling_params(body, chat=True),
+                chat_prompt_ids(body, state.tokenizer),
+                _get_stream(body),
+                LogprobFormatter.for_request(body, state.tokenizer),
+            )
+
+        _, (params, prompt_ids, stream, lp) = await read_request(request, parse)
         end_id = getattr(state.tokenizer, "end_id", None)
         if end_id is not None:
             params.stop_token_ids = [*params.stop_token_ids, end_id]  # `<|end|>` closes the assistant turn
-        prompt_ids = state.tokenizer.encode(prompt, add_bos=False)
         sub = submit_all(state, [prompt_ids], params, stream is not None)
         env = Envelope.new("chatcmpl", "chat.completion", state.model_name)
         if stream is not None:

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from crosschip.errors import CrosschipError
 from crosschip.serve.sampling import MAX_LOGPROBS, InvalidParameter, SamplingParams, TokenLogprob
 
 _MISSING = object()
@@ -159,6 +160,40 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
             raise InvalidParameter("messages", f"messages[{i}].content: expected a string")
         out.append({"role": m["role"], "content": content})
     return out
+
+
+def chat_prompt_ids(body: dict, tokenizer, *, add_generation_prompt: bool = True) -> list[int]:
+    """The ids of `messages` rendered by the bundle's chat template (it holds `<|bos|>` itself)."""
+    messages = chat_messages(body)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except CrosschipError as e:  # an unknown role
+        raise InvalidParameter("messages", f"messages: {e}") from None
+    return tokenizer.encode(text, add_bos=False)
+
+
+def tokenize_ids(body: dict, tokenizer) -> list[int]:
+    """vLLM's `/tokenize`: the ids a completions `prompt` (string) or a chat's `messages` becomes,
+    exactly as the two endpoints encode them."""
+    if "messages" in body:
+        return chat_prompt_ids(
+            body, tokenizer, add_generation_prompt=_get(body, "add_generation_prompt", (bool,), True)
+        )
+    prompt = _get(body, "prompt", (str,), None)
+    if prompt is None:
+        raise InvalidParameter("prompt", "prompt: required (a string), or messages")
+    return tokenizer.encode(prompt, add_bos=_get(body, "add_special_tokens", (bool,), True))
+
+
+def detokenize_ids(body: dict, vocab_size: int) -> list[int]:
+    """vLLM's `/detokenize`: `tokens`, an array of ids in the vocabulary."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise InvalidParameter("tokens", "tokens: expected an array of token ids")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidParameter("tokens", f"tokens: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    return tokens
 
 
 # --------------------------------------------------------------------------------------------
