@@ -329,6 +329,7 @@ def test_n_choices_with_seed_are_reproducible(client):
         ({"prompt": "hi", "top_p": 2}, "top_p"),
         ({"prompt": "hi", "n": 0}, "n"),
         ({"prompt": "hi", "seed": 2**64}, "seed"),
+        ({"prompt": "hi", "max_tokens": 2.5}, "max_tokens"),
         ({"max_tokens": 3}, "prompt"),
         ({"prompt": "hi", "stop": [1, 2]}, "stop"),
         ({"prompt": "hi", "stream": "yes"}, "stream"),
@@ -376,6 +377,10 @@ def test_the_supported_forms_of_those_features_still_work(server):
         {"modalities": ["text"]},
     ):
         assert httpx.post(server.api + "/chat/completions", json={**chat, **extra}).status_code == 200
+    # An integer field takes an integral float, as pydantic (vLLM) does.
+    body = {"model": "debug", "prompt": "hi", "max_tokens": 3.0, "n": 2.0, "ignore_eos": True}
+    r = httpx.post(server.api + "/completions", json=body)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] == 6
 
 
 def test_malformed_bodies_get_400(server):

@@ -18,10 +18,13 @@ _MISSING = object()
 
 
 def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, *, nullable: bool = True) -> Any:
-    """body[name] checked against `kinds`; bool is not accepted as a number."""
+    """body[name] checked against `kinds`; bool is not accepted as a number. An integer field
+    takes a float with no fractional part (`3.0`), as vLLM's pydantic models do."""
     value = body.get(name, _MISSING)
     if value is _MISSING or (value is None and nullable):
         return default
+    if int in kinds and float not in kinds and isinstance(value, float) and value.is_integer():
+        value = int(value)
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
         names = " or ".join(
