@@ -33,7 +33,8 @@ class ServerProcess:
                     ready.set()
             ready.set()
 
-        threading.Thread(target=read, daemon=True).start()
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
         if not ready.wait(timeout) or not self.url:
             self.stop()
             raise RuntimeError("server did not become ready:\n" + "".join(self.lines))
@@ -64,4 +65,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._reader.join(5)  # it reads to the end of the output, then the pipe can close
+        self.proc.stdout.close()
         return self.proc.returncode

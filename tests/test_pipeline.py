@@ -65,7 +65,8 @@ def test_failover_interrupt_and_resume(tmp_path):
     log = tmp_path / "run.log"  # a file, not a pipe: nobody reads the pipe while we wait
     tag = uuid.uuid4().hex
     env = {**os.environ, RUN_TAG: tag}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env)
+    with log.open("w") as out:  # the child writes through its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     # Interrupt once training is done and the export (tens of seconds of ONNX work) runs.
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:

@@ -151,14 +151,14 @@ def test_stop_reason_names_what_stopped_a_choice(server, client):
 
 def test_concurrent_requests_return_what_each_returns_alone(server):
     async def run() -> tuple[list[str], list[str]]:
-        aclient = openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0)
+        async with openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0) as aclient:
 
-        async def one(p: str) -> str:
-            r = await aclient.completions.create(model="debug", prompt=p, max_tokens=24, temperature=0)
-            return r.choices[0].text
+            async def one(p: str) -> str:
+                r = await aclient.completions.create(model="debug", prompt=p, max_tokens=24, temperature=0)
+                return r.choices[0].text
 
-        alone = [await one(p) for p in PROMPTS]
-        together = await asyncio.gather(*(one(p) for p in PROMPTS))
+            alone = [await one(p) for p in PROMPTS]
+            together = await asyncio.gather(*(one(p) for p in PROMPTS))
         return alone, list(together)
 
     alone, together = asyncio.run(run())
@@ -169,18 +169,18 @@ def test_async_chat_streaming(server, offline):
     _, tok = offline
 
     async def run():
-        aclient = openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0)
         messages = [{"role": "user", "content": "What is 2+2?"}]
-        full = await aclient.chat.completions.create(model="debug", messages=messages, max_tokens=12, temperature=0)
-        stream = await aclient.chat.completions.create(
-            model="debug",
-            messages=messages,
-            max_tokens=12,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        chunks = [c async for c in stream]
+        async with openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0) as aclient:
+            full = await aclient.chat.completions.create(model="debug", messages=messages, max_tokens=12, temperature=0)
+            stream = await aclient.chat.completions.create(
+                model="debug",
+                messages=messages,
+                max_tokens=12,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [c async for c in stream]
         return full, chunks
 
     full, chunks = asyncio.run(run())
@@ -471,6 +471,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(debug_bundle):
     chunks = [json.loads(line[len("data: ") :]) for line in rest[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert srv.proc.wait(30) == 0
+    srv.stop()  # exited already: this only closes the output pipe
 
 
 def test_a_second_sigterm_stops_the_drain_at_once_without_a_traceback(debug_bundle):
@@ -486,7 +487,7 @@ def test_a_second_sigterm_stops_the_drain_at_once_without_a_traceback(debug_bund
             srv.proc.terminate()
             assert srv.proc.wait(10) in (0, -signal.SIGTERM)
     assert time.monotonic() - start < 10
-    time.sleep(0.2)  # the reader thread takes the last lines
+    srv.stop()  # exited already: joins the reader thread, which takes the last lines
     out = "".join(srv.lines)
     assert "draining" in out and "Traceback" not in out, out
 

@@ -303,7 +303,8 @@ def test_too_big_config_is_refused_before_allocating(tmp_path):
     cfg = debug_cfg()
     cfg.model = model_preset("deepseek-v3")
     with pytest.raises(CrosschipError, match=r"does not fit in memory: 6\d\d\.\d\dB parameters"):
-        Trainer(cfg, tmp_path)
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # a refused run writes nothing
 
 
 def test_the_memory_estimate_counts_attention_scores_only_where_the_backend_keeps_them(tmp_path, monkeypatch):
@@ -331,6 +332,7 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     cfg.data = DataConfig(task="corpus", corpus=[])
     with pytest.raises(CrosschipError, match="data.corpus is empty"):
         Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_refused_dtype_on_an_emulated_chip(tmp_path):

@@ -304,8 +304,8 @@ def _start_server(bundle: Path, serve: ServeConfig, port: int, api_key: str, log
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
     if api_key:
         env[API_KEY_ENV] = api_key
-    f = open(log, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the server
-    proc = Child.start(cmd, stdout=f, env=env)
+    with open(log, "w", encoding="utf-8") as f:  # the server writes through its own copy of the descriptor
+        proc = Child.start(cmd, stdout=f, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -166,31 +166,38 @@ class Trainer:
         # (`MoE.static_rows`) and the next batch drawn on a thread (`data.prefetch = "auto"`).
         # On the CPU itself a read-back costs nothing and the step already uses every core.
         self.host_runs_ahead = self.device.type != "cpu"
-        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.dist.is_main)
         self.verbose = verbose and self.dist.is_main
+        # What can refuse the run is checked before anything is written: a refused run leaves
+        # no metrics.jsonl behind.
         self._check_memory()
-        self.tokenizer = self._tokenizer()
-        prefetch = self.host_runs_ahead if cfg.data.prefetch == "auto" else cfg.data.prefetch
-        self.stream = BatchStream(cfg.data, self.tokenizer, self.t.batch_size, self.t.seq_len, prefetch=prefetch)
         if self.t.batch_size % (self.dist.world * self.t.grad_accum):
             raise CrosschipError(
                 f"train.batch_size {self.t.batch_size} must be divisible by processes x grad_accum "
                 f"({self.dist.world} x {self.t.grad_accum})"
             )
-        self.model = self._build_model()
-        # The MoE layers a training step runs, whose loads drive the balance update and the
-        # sequence-wise loss: an MTP block's only when its loss is on (it never runs otherwise).
-        idle = set(self.model.mtp.modules()) if self.model.mtp is not None and self.t.mtp_loss_weight <= 0 else set()
-        self.step_moes = [m for m in self.model.moe_layers() if m not in idle]
-        self.optimizer = self._build_optimizer()
-        self.scaler = torch.amp.GradScaler(self.backend.device_type) if self.dtype == "fp16" else None
-        self.guard = HealthGuard(self.t)
-        self.step = 0
-        self.train_time_s = 0.0
-        self.train_cpu_s = 0.0
-        self.tokens_seen = 0
-        self.lost_steps = 0
-        self._start(resume)
+        self.tokenizer = self._tokenizer()
+        prefetch = self.host_runs_ahead if cfg.data.prefetch == "auto" else cfg.data.prefetch
+        self.stream = BatchStream(cfg.data, self.tokenizer, self.t.batch_size, self.t.seq_len, prefetch=prefetch)
+        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.dist.is_main)
+        try:
+            self.model = self._build_model()
+            # The MoE layers a training step runs, whose loads drive the balance update and the
+            # sequence-wise loss: an MTP block's only when its loss is on (it never runs otherwise).
+            mtp_idle = self.model.mtp is not None and self.t.mtp_loss_weight <= 0
+            idle = set(self.model.mtp.modules()) if mtp_idle else set()
+            self.step_moes = [m for m in self.model.moe_layers() if m not in idle]
+            self.optimizer = self._build_optimizer()
+            self.scaler = torch.amp.GradScaler(self.backend.device_type) if self.dtype == "fp16" else None
+            self.guard = HealthGuard(self.t)
+            self.step = 0
+            self.train_time_s = 0.0
+            self.train_cpu_s = 0.0
+            self.tokens_seen = 0
+            self.lost_steps = 0
+            self._start(resume)
+        except BaseException:
+            self.close(ok=False)  # the batch thread and the log; a failed start is not a finished run
+            raise
 
     # -- setup ------------------------------------------------------------------------------
     def _check_memory(self) -> None:
