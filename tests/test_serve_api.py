@@ -232,6 +232,9 @@ def test_tokenize_counts_what_the_endpoints_send_to_the_model(server, client, of
     _, tok = offline
     r = httpx.post(server.url + "/tokenize", json={"model": "debug", "prompt": PROMPTS[2]}).json()
     assert r["tokens"] == tok.encode(PROMPTS[2], add_bos=True) and r["count"] == len(r["tokens"])
+    assert "token_strs" not in r
+    strs = httpx.post(server.url + "/tokenize", json={"prompt": PROMPTS[2], "return_token_strs": True}).json()
+    assert strs["token_strs"] == tok.token_strings(r["tokens"])
     assert r["max_model_len"] == client.models.retrieve("debug").model_extra["max_model_len"]
     used = client.completions.create(model="debug", prompt=PROMPTS[2], max_tokens=1).usage.prompt_tokens
     assert r["count"] == used

@@ -9,6 +9,7 @@ at the next engine step.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,7 @@ from crosschip.serve.protocol import (
     completion_prompts,
     detokenize_ids,
     sampling_params,
-    tokenize_ids,
+    tokenize_response,
     usage,
 )
 from crosschip.serve.sampling import InvalidParameter, SamplingParams
@@ -266,7 +267,9 @@ def create_app(state: ServerState) -> FastAPI:
         return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error").response()
 
     def check(request: Request) -> None:
-        if state.api_key and request.headers.get("authorization", "") != f"Bearer {state.api_key}":
+        sent = request.headers.get("authorization", "").encode()
+        # A constant-time comparison: the time a wrong key takes says nothing about the right one.
+        if state.api_key and not hmac.compare_digest(sent, f"Bearer {state.api_key}".encode()):
             raise ApiError(
                 401,
                 "invalid or missing API key (send Authorization: Bearer KEY)",
@@ -340,8 +343,10 @@ def create_app(state: ServerState) -> FastAPI:
     # vLLM's token-counting endpoints: what a prompt costs against the context, and back.
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        _, ids = await read_request(request, lambda body: tokenize_ids(body, state.tokenizer))
-        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+        _, answer = await read_request(
+            request, lambda body: tokenize_response(body, state.tokenizer, state.max_model_len)
+        )
+        return answer
 
     @app.post("/detokenize")
     async def detokenize(request: Request):

@@ -175,6 +175,16 @@ def chat_prompt_ids(body: dict, tokenizer, *, add_generation_prompt: bool = True
     return tokenizer.encode(text, add_bos=False)
 
 
+def tokenize_response(body: dict, tokenizer, max_model_len: int) -> dict:
+    """vLLM's `/tokenize` answer: the ids, their count, the context length, and with
+    `return_token_strs` each token's text."""
+    ids = tokenize_ids(body, tokenizer)
+    out = {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+    if _get(body, "return_token_strs", (bool,), False):
+        out["token_strs"] = tokenizer.token_strings(ids)
+    return out
+
+
 def tokenize_ids(body: dict, tokenizer) -> list[int]:
     """vLLM's `/tokenize`: the ids a completions `prompt` (string) or a chat's `messages` becomes,
     exactly as the two endpoints encode them."""
