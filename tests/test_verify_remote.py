@@ -93,7 +93,7 @@ def test_a_server_without_token_ids_is_read_through_the_tokenizers_strings(bundl
         ids = tok.encode("12+34=46 héllo → 日本 🙂 7-3=4", add_bos=True)
         by_id = side.score_remote(ids)
         assert side.mapped_from_strings == 0 and bool(by_id[2].all())
-        side.extra = {}  # what a server that ignores the field sends
+        side.extra = {}  # ask without the field, as a server that does not know it would answer
         by_text = side.score_remote(ids)
     finally:
         server.stop()

@@ -386,9 +386,10 @@ class Engine:
     def _append(self, seq: Sequence, tok: int) -> None:
         params = seq.request.params
         seq.output_ids.append(tok)
-        if tok in params.stop_token_ids or (tok in self.eos_token_ids and not params.ignore_eos):
-            seq.finish_reason = "stop"
-            seq.stop_reason = tok if tok in params.stop_token_ids else None
+        if tok in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", tok
+        elif tok in self.eos_token_ids and not params.ignore_eos:
+            seq.finish_reason = "stop"  # stop_reason stays None at EOS, as in vLLM
         elif params.stop or (seq.request.stream and seq.request.on_delta is not None):
             before = len(seq.text)
             self._detokenize(seq)
