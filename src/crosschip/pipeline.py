@@ -26,6 +26,7 @@ from crosschip import interrupts
 from crosschip.config import RunConfig, ServeConfig, load_config
 from crosschip.errors import CrosschipError
 from crosschip.paths import check_output_dir
+from crosschip.qualify.command import UNFIT_EXIT
 from crosschip.serve.command import API_KEY_ENV, client_url
 
 DEFAULT_CONFIG = "configs/default.toml"
@@ -176,7 +177,7 @@ def stage_qualify(run: Run, candidates: list[str] | None) -> dict:
         out = run.root / "qualify" / f"{spec.replace(':', '_')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         rc = Child.run(["qualify", "--backend", spec, "--json", str(out)], run.root / "logs" / f"qualify_{spec}.log")
-        if rc not in (0, 1) or not out.is_file():
+        if rc not in (0, UNFIT_EXIT) or not out.is_file():
             raise CrosschipError(f"qualify {spec} failed (exit {rc}); see logs/qualify_{spec}.log")
         verdicts[spec] = _read_json(out)
     (run.root / "qualify.json").write_text(json.dumps(verdicts, indent=2))

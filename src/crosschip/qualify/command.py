@@ -1,4 +1,9 @@
-"""`crosschip qualify`: judge backends TRAIN, SERVE-ONLY or UNFIT against a reference."""
+"""`crosschip qualify`: judge backends TRAIN, SERVE-ONLY or UNFIT against a reference.
+
+Exit codes: 0 every backend can train or serve; 5 at least one is UNFIT (verdicts printed and
+the --json file written all the same); 1 bad input. So `crosschip qualify --backend X && ...`
+does not go on with a backend that can do neither.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,13 @@ from crosschip.backends import REGISTRY, get_backend
 from crosschip.errors import CrosschipError
 from crosschip.paths import check_output_dir, check_output_file
 
+UNFIT_EXIT = 5
+
+EPILOG = "exit codes: 0 every backend is TRAIN or SERVE-ONLY, 5 one is UNFIT (--json still written), 1 bad input."
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (parser.epilog or "") + "\n" + EPILOG
     parser.add_argument(
         "--backend",
         action="append",
@@ -50,6 +60,7 @@ def render(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from crosschip.qualify.qualifier import STABILITY_STEPS, Qualifier
+    from crosschip.qualify.verdict import UNFIT
 
     for spec in [*args.backend, args.reference]:
         get_backend(spec)  # unknown names fail before any work starts
@@ -72,4 +83,4 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise CrosschipError(f"cannot write {args.json}: {e.strerror}") from None
         print(f"wrote {args.json}")
-    return 0
+    return UNFIT_EXIT if any(r["verdict"] == UNFIT for r in results.values()) else 0
