@@ -238,6 +238,16 @@ def test_bad_flags_fail_before_any_stage(tmp_path, capsys, flags, message):
     assert not (tmp_path / "r").exists()
 
 
+def test_the_default_run_is_found_from_any_directory(tmp_path):
+    """Without --config, `crosschip run` takes the default run shipped in the package: it used to
+    look for configs/default.toml under the working directory, which only a checkout has.
+    (torch_npu is not installed here, so the train stage stops the run at once.)"""
+    argv = [sys.executable, "-m", "crosschip", "run", "--train-on", "torch:npu", "--out", "r"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 1 and "training on torch:npu failed" in out.stderr, out.stderr
+    assert (tmp_path / "r" / "config.toml").read_text() == (ROOT / "configs" / "default.toml").read_text()
+
+
 def test_resume_of_a_non_run_folder_is_a_clear_error(tmp_path):
     out = _run("--resume", str(tmp_path))
     assert out.returncode == 1 and "not a crosschip run folder" in out.stderr

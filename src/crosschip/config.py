@@ -1,4 +1,4 @@
-"""Typed configuration: one dataclass per concern, loaded from TOML files in `configs/`.
+"""Typed configuration: one dataclass per concern, loaded from TOML files (shipped ones in `configs/`).
 
 A run config is a TOML file with one table per concern (`[model]`, `[data]`, `[train]`,
 `[export]`, `[serve]`, `[verify]`, `[run]`). Every key is checked against the dataclass: an

@@ -29,13 +29,17 @@ from crosschip.paths import check_output_dir
 from crosschip.qualify.command import UNFIT_EXIT
 from crosschip.serve.command import API_KEY_ENV, client_url
 
-DEFAULT_CONFIG = "configs/default.toml"
+# The default run ships inside the package (the repository's configs/ links to that folder), so
+# `crosschip run` finds it from any directory and from an installed wheel.
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
 GIVE_UP_EXIT = 3  # the training health guard's "fail me over" exit code
 STAGES = ["probe", "qualify", "assign", "train", "export", "verify", "serve", "report"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help=f"run config (TOML); default {DEFAULT_CONFIG}")
+    p.add_argument(
+        "--config", default=None, help="run config (TOML); default: the built-in default run, configs/default.toml"
+    )
     p.add_argument("--out", default=None, help="run folder (default runs/run-YYYYmmdd-HHMMSS)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last finished stage")
     p.add_argument(
