@@ -40,10 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-from crosschip.scripts import run_main
+from crosschip.pipeline import DEFAULT_CONFIG
+from crosschip.scripts import positive_int_list, run_main
 
 HERE = Path(__file__).resolve().parent
-CONFIG = HERE.parent / "configs" / "default.toml"
 
 
 def run_check(name: str, cmd: list[str], out: Path, timeout: float) -> tuple[str, float]:
@@ -89,7 +89,7 @@ def decode(args: argparse.Namespace) -> None:
     from crosschip.model import Transformer
     from crosschip.serve.executor import Chunk, make_executor
 
-    batches, prompt_len, steps = [int(b) for b in args.decode_batches.split(",")], 32, 64
+    batches, prompt_len, steps = args.decode_batches, 32, 64
     torch.manual_seed(0)
     bundle = Path(tempfile.mkdtemp()) / "bundle"
     hf.save_bundle(Transformer(model_preset(args.preset)), bundle)
@@ -207,7 +207,7 @@ def profile(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     bundle = Path(tempfile.mkdtemp()) / "bundle"
     hf.save_bundle(Transformer(model_preset(args.preset)), bundle)
-    batches = [int(b) for b in args.decode_batches.split(",")]
+    batches = args.decode_batches
     ex = make_executor(bundle, args.backend, dtype=torch.bfloat16, max_batch=max(batches))
     for b in batches:
         for i in range(b):
@@ -238,7 +238,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--backend", default="torch:cuda")
     p.add_argument("--preset", default="small-100m", help="model of the decode, train and profile checks")
-    p.add_argument("--decode-batches", default="1,8,32,128")
+    p.add_argument("--decode-batches", type=positive_int_list, default="1,8,32,128")
     p.add_argument("--skip", default="", help="comma-separated checks to leave out")
     p.add_argument("--train-args", default="--batch 16 --seq 1024 --steps 8 --repeats 3 --threads 8")
     p.add_argument("--profile-shape", default="16x1024", help="BxT of the profiled training step")
@@ -253,14 +253,15 @@ def main() -> None:
         return profile(args)
 
     me = [sys.executable, str(Path(__file__).resolve())]
+    batches = ",".join(map(str, args.decode_batches))
     crosschip, learned = [sys.executable, "-m", "crosschip"], args.out / "learn"
     common = ["--out", str(args.out), "--backend", args.backend]
     train = [sys.executable, str(HERE / "train_throughput.py"), "--backend", args.backend, "--dtype", "bf16"]
     train += ["--preset", args.preset, *args.train_args.split()]
-    learn = [*crosschip, "train", "--config", str(CONFIG), "--backend", args.backend, "--out", str(learned)]
+    learn = [*crosschip, "train", "--config", str(DEFAULT_CONFIG), "--backend", args.backend, "--out", str(learned)]
     checks = [  # (name, command, time limit in seconds), most wanted first
         ("parity", [*me, "parity", "--weights", str(args.weights), *common], 90),
-        ("decode", [*me, "decode", "--decode-batches", args.decode_batches, "--preset", args.preset, *common], 100),
+        ("decode", [*me, "decode", "--decode-batches", batches, "--preset", args.preset, *common], 100),
         ("train", train, 120),
         # The same step with the batch drawn in the step, not ahead on a thread: data.prefetch's gain.
         ("train-noprefetch", [*train, "--prefetch", "off", "--no-anchor"], 90),
@@ -270,7 +271,7 @@ def main() -> None:
         ("learn-parity", [*me, "parity", "--weights", str(learned), "--tag", "learn-parity", *common], 60),
         (
             "profile",
-            [*me, "profile", "--profile-shape", args.profile_shape, "--decode-batches", args.decode_batches]
+            [*me, "profile", "--profile-shape", args.profile_shape, "--decode-batches", batches]
             + ["--preset", args.preset, *common],
             90,
         ),

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crosschip.scripts import positive_int, run_main
+from crosschip.scripts import positive_int, positive_int_list, run_main
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
@@ -104,8 +104,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", type=Path, help="graph A (the baseline), inside an exported bundle")
     ap.add_argument("b", type=Path, help="graph B (the change)")
-    ap.add_argument("--batches", default="1,8,32", help="decode rows per step")
-    ap.add_argument("--past", type=int, default=64, help="cached tokens per row")
+    ap.add_argument("--batches", type=positive_int_list, default="1,8,32", help="decode rows per step")
+    ap.add_argument("--past", type=positive_int, default=64, help="cached tokens per row")
     ap.add_argument("--steps", type=positive_int, default=200, help="timed steps per graph and batch")
     ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--record", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
@@ -116,7 +116,7 @@ def main() -> None:
             raise SystemExit(f"{p}: no such graph")
 
     rows = []
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batches:
         times = ab_times(args.a, args.b, batch, args.past, args.steps, args.threads)
         med = [statistics.median(t) * 1e3 for t in times]
         rows.append({"batch": batch, "a": med[0], "b": med[1], "ratio": med[1] / med[0]})

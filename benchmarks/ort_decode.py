@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from crosschip.scripts import positive_int, run_main
+from crosschip.scripts import positive_int, positive_int_list, run_main
 
 
 def decode_tokens_per_s(executor, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--steps", type=positive_int, default=64)
     ap.add_argument("--repeats", type=positive_int, default=3)
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--batches", type=positive_int_list, default="1,8")
     ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = ap.parse_args()
 
@@ -78,7 +78,7 @@ def main() -> None:
         print(f"exporting a random {args.preset} to {bundle} ...", file=sys.stderr)
         export_bundle(tmp / "src", bundle, target="ort:cpu", policy="fp32", progress=False)
     model, _ = hf.load_bundle(bundle)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     max_batch = max(batches)
     torch_ex = TorchExecutor(model, get_backend("torch:cpu"), max_batch=max_batch)
     ort_ex = OrtExecutor(bundle, get_backend("ort:cpu"), max_batch=max_batch, threads=args.threads)

@@ -32,6 +32,7 @@ import psutil
 import torch
 
 from crosschip.config import model_preset
+from crosschip.errors import CrosschipError
 from crosschip.hf import save_bundle
 from crosschip.model import Transformer, count_params
 from crosschip.scripts import positive_int, run_main
@@ -147,14 +148,15 @@ class Server:
         if compile:
             cmd.append("--compile")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.url = ""
+        self.url, said = "", []
         for line in self.proc.stdout:
+            said.append(line.rstrip())
             m = re.search(r"ready on (http://\S+)", line)
             if m:
                 self.url = m.group(1)
                 break
-        if not self.url:
-            raise SystemExit("server did not start")
+        if not self.url:  # the server's own last words name the cause (a missing runtime, a bad bundle)
+            raise CrosschipError(f"the server did not start: {said[-1] if said else 'it printed nothing'}")
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
         self.ps = psutil.Process(self.proc.pid)
         self.peak_rss = 0

@@ -22,6 +22,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_int_list(text: str) -> list[int]:
+    """An argparse `type`: comma-separated integers >= 1 (`1,8,32`)."""
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 1 (such as 1,8,32), got {text!r}: {e}"
+        ) from None
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a script's `main`; a CrosschipError (a bad config value, a missing bundle) ends it
     with `SCRIPT: error: ...` and exit status 1."""
