@@ -1,5 +1,6 @@
 """Configs: every shipped file loads; bad files get errors naming key, file and line."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,15 @@ def test_out_of_range_training_values_are_named(tmp_path, line, message):
     path = _write(tmp_path, f"[train]\n{line}\n")
     with pytest.raises(ConfigError, match=f"{path.name}: {message}"):
         load_config(path)
+
+
+def test_rows_longer_than_the_context_are_refused_when_the_config_loads(tmp_path):
+    path = _write(tmp_path, '[model]\npreset = "debug"\n[train]\nseq_len = 257\n')
+    message = "train.seq_len 257 is longer than the model's context (model.max_position_embeddings 256)"
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        load_config(path)
+    raised = _write(tmp_path, '[model]\npreset = "debug"\nmax_position_embeddings = 257\n[train]\nseq_len = 257\n')
+    assert load_config(raised).train.seq_len == 257
 
 
 def test_the_trainer_checks_a_config_changed_after_loading(tmp_path):

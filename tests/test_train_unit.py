@@ -307,6 +307,18 @@ def test_too_big_config_is_refused_before_allocating(tmp_path):
     assert not (tmp_path / "run").exists()  # a refused run writes nothing
 
 
+def test_rows_longer_than_the_models_context_are_refused(tmp_path):
+    """A corpus row's positions run to seq_len - 1: past the context, the model would learn
+    positions its bundle never serves (this used to train without a word)."""
+    cfg = debug_cfg(seq_len=2 * model_preset("debug").max_position_embeddings)
+    with pytest.raises(
+        CrosschipError,
+        match=r"train.seq_len 512 is longer than the model's context \(model.max_position_embeddings 256\)",
+    ):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_memory_estimate_counts_attention_scores_only_where_the_backend_keeps_them(tmp_path, monkeypatch):
     """A fused-attention backend (cuda) is not refused for the (heads, T, T) scores that only
     torch's math path keeps: on an H200 the estimate with them refused a batch that fits."""

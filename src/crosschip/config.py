@@ -484,6 +484,20 @@ class RunConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """What one section's values mean for another's (each section checks its own fields)."""
+        if self.train.seq_len > self.model.max_position_embeddings:
+            # A packed corpus row's positions run to seq_len - 1: the model would learn positions
+            # that its bundle (context max_position_embeddings) never serves.
+            raise ConfigError(
+                f"train.seq_len {self.train.seq_len} is longer than the model's context "
+                f"(model.max_position_embeddings {self.model.max_position_embeddings}); lower train.seq_len "
+                "or raise model.max_position_embeddings"
+            )
+
 
 # --------------------------------------------------------------------------------------------
 # Loading
@@ -570,7 +584,10 @@ def config_from_dict(data: dict[str, Any], where: str = "<dict>", text: str = ""
                 raise ConfigError(f"{where}: model.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
             values = {**PRESETS[preset], **values}
         kwargs[name] = build_section(typing.get_type_hints(RunConfig)[name], values, where, text, name)
-    return RunConfig(**kwargs)
+    try:
+        return RunConfig(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -155,6 +155,7 @@ class Trainer:
     ):
         self.cfg, self.t = cfg, cfg.train
         self.t.validate()
+        cfg.validate()  # fields set after the config was built (CLI overrides, tests) are checked here
         self.out = Path(out_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.backend = get_backend(self.t.backend).require()
