@@ -178,11 +178,26 @@ def test_prefetching_stream_rewinds_only_after_the_draw_ahead_is_over():
         stream.close()
 
 
-def test_prefetching_stream_raises_the_draws_error_at_next():
-    stream = BatchStream(DataConfig(digits=3), default_tokenizer(512), 2, 8, prefetch=True)
-    with pytest.raises(CrosschipError, match="train.seq_len 8 is shorter than one problem"):
+def test_prefetching_stream_raises_the_draws_error_at_next(monkeypatch):
+    stream = BatchStream(DataConfig(digits=1), default_tokenizer(512), 2, 64, prefetch=True)
+
+    def broken():
+        raise CrosschipError("planted draw failure")
+
+    monkeypatch.setattr(stream.source, "draw", broken)
+    with pytest.raises(CrosschipError, match="planted draw failure"):
         stream.next()
     stream.close()
+
+
+def test_rows_too_short_for_a_problem_are_refused_before_the_run_writes_anything(tmp_path):
+    """This used to surface at the first step, after the run had written its log and a step-0
+    checkpoint, so the corrected config then needed another --out."""
+    with pytest.raises(CrosschipError, match=r"train.seq_len 16 is shorter than one problem \(\d+ tokens\)"):
+        BatchStream(DataConfig(digits=3), default_tokenizer(512), 2, 16)
+    with pytest.raises(CrosschipError, match="train.seq_len 16 is shorter than one problem"):
+        Trainer(debug_cfg(seq_len=16), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_shard_rows_partitions_the_global_batch():

@@ -71,6 +71,16 @@ class ArithStream:
         self.problems = 0
         self.batches = 0
         self._restart()
+        # Checked on the first problems now, not at the first step: a run refused then has
+        # already written its log and a step-0 checkpoint.
+        self._peek()
+        self._check_fits(max(len(tokens) for tokens, _ in self._ahead))
+
+    def _check_fits(self, n: int) -> None:
+        if n > self.seq_len:
+            raise CrosschipError(
+                f"train.seq_len {self.seq_len} is shorter than one problem ({n} tokens); raise train.seq_len"
+            )
 
     def _restart(self) -> None:
         self._it: Iterator[Problem] = iter_problems(digits=self.data.digits, ops=self.data.ops, seed=self.data.seed)
@@ -107,10 +117,7 @@ class ArithStream:
             while True:
                 tokens, n_prompt = self._peek()
                 n = len(tokens)
-                if n > T:
-                    raise CrosschipError(
-                        f"train.seq_len {T} is shorter than one problem ({n} tokens); raise train.seq_len"
-                    )
+                self._check_fits(n)
                 if len(r_ids) + n > T:
                     break
                 self._take()
