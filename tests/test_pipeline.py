@@ -253,27 +253,33 @@ def test_resume_of_a_non_run_folder_is_a_clear_error(tmp_path):
     assert out.returncode == 1 and "not a crosschip run folder" in out.stderr
 
 
-def test_ctrl_c_as_a_stage_process_starts_leaves_no_orphan(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_as_a_stage_process_starts_leaves_no_orphan(tmp_path, monkeypatch, signum):
     """A Ctrl-C that lands after the stage's process is forked but before the run has recorded
-    it must still stop it: this is how an export outlived a run that exited 130."""
-    from crosschip import pipeline
+    it must still stop it: this is how an export outlived a run that exited 130. SIGTERM, what
+    a supervisor stops `crosschip run` with, takes the same path: it used to end the run at
+    once and leave the stage's process (in its own session: the server, say) running."""
+    from crosschip import interrupts, pipeline
 
     real_popen = subprocess.Popen
     started: list[subprocess.Popen] = []
 
-    def popen_then_ctrl_c(*args, **kwargs):
+    def popen_then_signal(*args, **kwargs):
         proc = real_popen(*args, **kwargs)
         started.append(proc)
-        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: still inside Popen's call
+        os.kill(os.getpid(), signum)  # handled at the next bytecode: still inside Popen's call
         return proc
 
-    monkeypatch.setattr(pipeline.subprocess, "Popen", popen_then_ctrl_c)
+    monkeypatch.setattr(pipeline.subprocess, "Popen", popen_then_signal)
     args = ["train", "--config", "configs/smoke.toml", "--out", str(tmp_path / "t"), "--quiet"]
     monkeypatch.chdir(ROOT)
+    previous = interrupts.install()  # as `crosschip run` does
     try:
         with pytest.raises(KeyboardInterrupt):
             pipeline.Child.run(args, tmp_path / "stage.log", echo=False)
+        assert interrupts.exit_code() == 128 + signum
     finally:
+        interrupts.restore(previous)
         pipeline.Child.stop()  # what `crosschip run` does with a KeyboardInterrupt
         leftover = [p for p in started if p.poll() is None]
         for p in leftover:

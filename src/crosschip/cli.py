@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 import textwrap
+import types
 from dataclasses import dataclass
 
 from crosschip import interrupts
@@ -124,7 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         print(f"crosschip {args.stage}: this stage is not built yet.", file=sys.stderr)
         return 2
-    interrupts.install()
+    previous = interrupts.install()
+    try:
+        return _run_stage(module, args)
+    finally:
+        interrupts.restore(previous)  # an in-process caller (a test runner) keeps its own handlers
+
+
+def _run_stage(module: types.ModuleType, args: argparse.Namespace) -> int:
     try:
         code = int(module.run(args) or 0)
     except (KeyboardInterrupt, Exception) as e:
@@ -144,5 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         # finish after it did not finish as asked, and its outputs are not to be trusted.
         if code != 0 or not interrupts.seen():
             return code
-    print(f"\ncrosschip {args.stage}: interrupted", file=sys.stderr)
-    return 130
+    by = "" if interrupts.exit_code() == 130 else f" ({interrupts.signal_name()})"
+    print(f"\ncrosschip {args.stage}: interrupted{by}", file=sys.stderr)
+    return interrupts.exit_code()

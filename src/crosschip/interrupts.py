@@ -1,10 +1,14 @@
-"""Ctrl-C that libraries cannot swallow.
+"""Ctrl-C (and SIGTERM) that libraries cannot swallow.
 
 Python turns SIGINT into a KeyboardInterrupt wherever the main thread is. Some libraries
 catch it there: an interrupted import inside torch.export becomes an AttributeError about a
 half-imported module, which torch.onnx.export takes for a failed strategy and retries with
 the next one. The CLI counts SIGINTs here, so a stage can `check()` after such a call and
 the CLI can tell an interruption from a failure.
+
+SIGTERM, the signal a supervisor (systemd, docker stop, Kubernetes) stops a process with,
+takes the same path: by default it ends Python at once, with no `finally`, and a stage's
+processes in their own sessions (`crosschip run`'s server, torchrun's workers) would live on.
 """
 
 from __future__ import annotations
@@ -14,47 +18,74 @@ import signal
 import threading
 from collections.abc import Iterator
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _seen = 0
+_last = signal.SIGINT
 
 
-def install() -> None:
-    """Count SIGINTs from now on; each still raises KeyboardInterrupt.
+def install() -> dict:
+    """Count SIGINTs and SIGTERMs from now on; each raises KeyboardInterrupt.
 
     Also where SIGINT came in ignored: a process started in the background of a script
     inherits it so, and Python then installs no handler, so an explicit `kill -INT` would be
-    lost and the stage would run to its end. Ctrl-C and `kill -INT` always stop a stage.
-    Nothing is installed off the main thread, where Python cannot set handlers. The count
-    starts again at 0: a SIGINT before this call (one an earlier in-process `main()` saw, in a
-    test runner) is not this stage's.
+    lost and the stage would run to its end. Ctrl-C, `kill -INT` and `kill` always stop a
+    stage. Nothing is installed off the main thread, where Python cannot set handlers. The
+    count starts again at 0: a signal before this call (one an earlier in-process `main()`
+    saw, in a test runner) is not this stage's. Returns the handlers it replaced.
     """
-    global _seen
-    _seen = 0
-
-    def on_sigint(signum, frame):
-        global _seen
-        _seen += 1
-        signal.default_int_handler(signum, frame)
-
+    global _seen, _last
+    _seen, _last = 0, signal.SIGINT
+    previous = {}
     try:
-        signal.signal(signal.SIGINT, on_sigint)
+        for signum in SIGNALS:
+            previous[signum] = signal.signal(signum, _on_signal)
     except ValueError:  # not the main thread
         pass
+    return previous
+
+
+def restore(previous: dict) -> None:
+    """Put back the handlers `install()` replaced."""
+    for signum, handler in previous.items():
+        if handler is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signum, handler)
+
+
+def _on_signal(signum, frame):
+    global _seen, _last
+    _seen += 1
+    _last = signum
+    signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
 
 
 def seen() -> bool:
-    """Whether a SIGINT arrived since `install()`."""
+    """Whether a SIGINT or SIGTERM arrived since `install()`."""
     return _seen > 0
 
 
+def exit_code() -> int:
+    """The shell's code for the last stopping signal: 130 after SIGINT, 143 after SIGTERM."""
+    return 128 + int(_last)
+
+
+def signal_name() -> str:
+    return signal.Signals(_last).name
+
+
+def stopped_by_signal(code: int) -> bool:
+    """Whether a stage process's exit code says it was stopped by SIGINT or SIGTERM."""
+    return code in {128 + int(s) for s in SIGNALS}
+
+
 def check() -> None:
-    """Raise KeyboardInterrupt if a SIGINT arrived, whatever a library did with it."""
+    """Raise KeyboardInterrupt if a SIGINT or SIGTERM arrived, whatever a library did with it."""
     if _seen:
         raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def held() -> Iterator[None]:
-    """Hold a Ctrl-C until the block ends, then raise it as usual.
+    """Hold a Ctrl-C (or SIGTERM) until the block ends, then raise it as usual.
 
     For a step that must not be cut in two: `Process.start` creates the child before it
     returns the handle that can stop it, and a KeyboardInterrupt in between would leave the
@@ -65,12 +96,14 @@ def held() -> Iterator[None]:
         yield  # handlers can only be set on the main thread, and signals only run there
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, None)  # Python's handler, or install()'s, raises KeyboardInterrupt
-        elif caught and previous == signal.SIG_DFL:
-            raise KeyboardInterrupt
+        restore(previous)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)  # Python's SIGINT handler, or install()'s, raises KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])  # the default action, as if the signal came now

@@ -250,7 +250,7 @@ def stage_train(run: Run, inject: list[str]) -> dict:
                 args += ["--inject", fault]
         _say(f"  training on {spec}")
         rc = Child.run(args, run.root / "logs" / f"train_{spec}.log")
-        if rc == 130:
+        if interrupts.stopped_by_signal(rc):
             raise KeyboardInterrupt
         attempts.append({"backend": spec, "exit": rc})
         run.save()
@@ -508,7 +508,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         Child.stop()
         _say(f"\ninterrupted; continue with: crosschip run --resume {run_.root}")
-        return 130
+        return interrupts.exit_code()
     except CrosschipError:
         # The report still shows how far the run got.
         try:

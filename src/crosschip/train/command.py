@@ -20,7 +20,7 @@ several processes (torchrun underneath):
   multi-node, on every node:
   crosschip train ... --nproc 8 --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --rdzv-id job1
 
-exit codes: 0 done, 1 user error, 3 the health guard gave up (fail over), 130 interrupted
+exit codes: 0 done, 1 user error, 3 the health guard gave up (fail over), 130 / 143 interrupted (Ctrl-C / SIGTERM)
 """
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from crosschip import interrupts
 from crosschip.backends import Backend
 from crosschip.backends.cpu import cpu_share
 from crosschip.errors import CrosschipError
@@ -55,10 +56,18 @@ def launch_torchrun(args: Any, argv: list[str]) -> int:
     # Each worker gets its share of the cores unless the user chose.
     env.setdefault("OMP_NUM_THREADS", str(cpu_share(int(args.nproc))))
     cmd += ["-m", "crosschip", "train", *argv]
+    proc = subprocess.Popen(cmd, env=env)
     try:
-        return subprocess.call(cmd, env=env)
+        return proc.wait()
     except KeyboardInterrupt:
-        return 130
+        # torchrun stops its workers on SIGTERM (a Ctrl-C in a terminal reached them already;
+        # a SIGTERM sent to this process alone did not). Killing it outright would orphan them.
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return interrupts.exit_code()
 
 
 @dataclass
