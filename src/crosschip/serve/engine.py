@@ -29,6 +29,7 @@ from crosschip.serve.sampling import (
     InvalidParameter,
     SamplingParams,
     TokenLogprob,
+    check_token_ids,
     find_stop,
     make_generator,
     sample,
@@ -208,11 +209,7 @@ class Engine:
         """The request's max_tokens after checking it fits the context; raises InvalidParameter."""
         if not prompt_ids:
             raise InvalidParameter("prompt", "prompt: must contain at least one token")
-        bad = [t for t in prompt_ids if not 0 <= t < self.executor.vocab_size]
-        if bad:
-            raise InvalidParameter(
-                "prompt", f"prompt: token id {bad[0]} is outside the vocabulary (0..{self.executor.vocab_size - 1})"
-            )
+        check_token_ids(prompt_ids, self.executor.vocab_size, "prompt")
         context = self.executor.max_seq_len
         room = context - len(prompt_ids)
         if params.max_tokens is None:

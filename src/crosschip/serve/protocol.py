@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crosschip.errors import CrosschipError
-from crosschip.serve.sampling import MAX_LOGPROBS, InvalidParameter, SamplingParams, TokenLogprob
+from crosschip.serve.sampling import MAX_LOGPROBS, InvalidParameter, SamplingParams, TokenLogprob, check_token_ids
 
 _MISSING = object()
 
@@ -203,9 +203,7 @@ def detokenize_ids(body: dict, vocab_size: int) -> list[int]:
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise InvalidParameter("tokens", "tokens: expected an array of token ids")
-    bad = [t for t in tokens if not 0 <= t < vocab_size]
-    if bad:
-        raise InvalidParameter("tokens", f"tokens: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    check_token_ids(tokens, vocab_size, "tokens")
     return tokens
 
 

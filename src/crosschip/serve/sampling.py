@@ -28,6 +28,13 @@ class InvalidParameter(CrosschipError):
         self.param = param
 
 
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Raise InvalidParameter naming `param` at the first id outside the vocabulary."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidParameter(param, f"{param}: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+
+
 @dataclass
 class SamplingParams:
     """How one request is sampled; names and defaults follow the OpenAI API and vLLM."""
