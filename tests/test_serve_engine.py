@@ -45,7 +45,7 @@ def test_cache_bytes_per_token_per_layer(loaded):
     ex = TorchExecutor(model, max_batch=2)
     cfg = model.cfg
     assert ex.cache_bytes_per_token_per_layer == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
-    assert ex.pool.block_bytes() == ex.pool.block_size * cfg.num_hidden_layers * ex.cache_bytes_per_token_per_layer
+    assert ex.blocks.block_bytes() == ex.blocks.block_size * cfg.num_hidden_layers * ex.cache_bytes_per_token_per_layer
 
 
 def test_absorbed_decode_over_paged_cache_equals_full_forward(loaded):
@@ -91,7 +91,7 @@ def test_blocks_are_reserved_and_released(loaded):
     ex.release(0)
     assert ex.cache_usage()["blocks_used"] == 1
     assert ex.can_allocate(2, 24)
-    assert ex.cache_usage()["bytes_used"] == 4 * ex.pool.block_bytes()
+    assert ex.cache_usage()["bytes_used"] == 4 * ex.blocks.block_bytes()
 
 
 def test_make_executor_loads_the_bundle(debug_bundle):
@@ -270,7 +270,7 @@ def test_paged_cache_serves_the_models_own_absorbed_path(loaded):
     with torch.no_grad():
         full = model(ids)
         input_ids, positions, cache = build_batch(
-            ex.pool, [Chunk(0, ids[0, :5].tolist(), 0), Chunk(1, ids[1].tolist(), 0)], ex.device
+            ex.blocks, [Chunk(0, ids[0, :5].tolist(), 0), Chunk(1, ids[1].tolist(), 0)], ex.device
         )
         out = model(input_ids, positions, cache=cache)
     torch.testing.assert_close(out[0, :5], full[0, :5], rtol=1e-5, atol=1e-5)

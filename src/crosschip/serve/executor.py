@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,13 +76,62 @@ class Executor(Protocol):
 # --------------------------------------------------------------------------------------------
 
 
-class BlockPool:
-    """Preallocated latent storage in fixed-size blocks with per-sequence block tables.
+class BlockTables:
+    """Which blocks of a paged pool each sequence owns.
 
-    Storage is one tensor (layers, num_blocks * block_size, kv_lora_rank + rope): a token's
-    latents live at slot `table[pos // block_size] * block_size + pos % block_size`. Block 0
-    is scratch: padded tokens of a batch write there and it is never handed out.
+    The pool is `num_blocks` fixed-size blocks, preallocated once and handed to sequences
+    through per-sequence block tables, so requests of different lengths share it without
+    fragmenting it. A token's latents live at slot `table[pos // block_size] * block_size +
+    pos % block_size`. Block 0 is scratch: padded tokens of a batch write there and it is never
+    handed out. Only bookkeeping: each executor owns its storage (`BlockPool`'s tensor, the ORT
+    executor's OrtValues).
     """
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 2:
+            raise CrosschipError(f"the latent cache needs at least 2 blocks, got {num_blocks}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free: list[int] = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
+        self.tables: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}  # seq_id -> tokens written
+        self.slot_map: dict[int, np.ndarray] = {}  # seq_id -> pool slot of each position it has room for
+
+    def capacity(self, seq_id: int) -> int:
+        return len(self.tables.get(seq_id, ())) * self.block_size
+
+    def reserve(self, seq_id: int, total_tokens: int) -> bool:
+        """Give `seq_id` enough blocks for `total_tokens`; False (and no change) if the pool is short."""
+        need = math.ceil(total_tokens / self.block_size) - len(self.tables.get(seq_id, ()))
+        if need <= 0:
+            return True
+        if need > len(self.free):
+            return False
+        table = self.tables.setdefault(seq_id, [])
+        table.extend(self.free.pop() for _ in range(need))
+        self.lengths.setdefault(seq_id, 0)
+        # Built once per reservation, so a step slices it instead of recomputing slots.
+        blocks = np.asarray(table, dtype=np.int64)[:, None] * self.block_size
+        self.slot_map[seq_id] = (blocks + np.arange(self.block_size)).ravel()
+        return True
+
+    def release(self, seq_id: int) -> None:
+        self.free.extend(reversed(self.tables.pop(seq_id, [])))
+        self.lengths.pop(seq_id, None)
+        self.slot_map.pop(seq_id, None)
+
+    @property
+    def blocks_used(self) -> int:
+        return self.num_blocks - 1 - len(self.free)
+
+
+def pool_blocks(num_blocks: int, block_size: int, max_batch: int, max_seq_len: int) -> int:
+    """`num_blocks`, or for 0 enough blocks for `max_batch` full-length sequences (plus scratch)."""
+    return num_blocks if num_blocks > 0 else max_batch * math.ceil(max_seq_len / block_size) + 1
+
+
+class BlockPool(BlockTables):
+    """Block tables over torch storage: one tensor (layers, num_blocks * block_size,
+    kv_lora_rank + rope), c_kv and k_pe side by side, so one gather reads both."""
 
     def __init__(
         self,
@@ -93,45 +143,11 @@ class BlockPool:
         dtype: torch.dtype,
         device: torch.device,
     ):
-        if num_blocks < 2:
-            raise CrosschipError(f"the latent cache needs at least 2 blocks, got {num_blocks}")
-        self.block_size = block_size
-        self.num_blocks = num_blocks
+        super().__init__(num_blocks, block_size)
         self.kv_lora_rank = kv_lora_rank
-        # (L, slots, kv_lora_rank + rope): c_kv and k_pe side by side, so one gather reads both.
         self.latent = torch.zeros(
             num_layers, num_blocks * block_size, kv_lora_rank + rope_dim, dtype=dtype, device=device
         )
-        self.free: list[int] = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
-        self.tables: dict[int, list[int]] = {}
-        self.lengths: dict[int, int] = {}  # seq_id -> tokens written
-
-    def blocks_for(self, tokens: int) -> int:
-        return math.ceil(tokens / self.block_size)
-
-    def capacity(self, seq_id: int) -> int:
-        return len(self.tables.get(seq_id, ())) * self.block_size
-
-    def reserve(self, seq_id: int, total_tokens: int) -> bool:
-        """Give `seq_id` enough blocks for `total_tokens`; False (and no change) if the pool is short."""
-        have = len(self.tables.get(seq_id, ()))
-        need = self.blocks_for(total_tokens) - have
-        if need <= 0:
-            return True
-        if need > len(self.free):
-            return False
-        table = self.tables.setdefault(seq_id, [])
-        table.extend(self.free.pop() for _ in range(need))
-        self.lengths.setdefault(seq_id, 0)
-        return True
-
-    def release(self, seq_id: int) -> None:
-        self.free.extend(reversed(self.tables.pop(seq_id, [])))
-        self.lengths.pop(seq_id, None)
-
-    @property
-    def blocks_used(self) -> int:
-        return self.num_blocks - 1 - len(self.free)
 
     def block_bytes(self) -> int:
         return self.latent[:, : self.block_size].numel() * self.latent.element_size()
@@ -230,11 +246,62 @@ def prefill_groups(lengths: list[tuple[int, int]], max_waste: float = 0.25) -> l
 
 
 # --------------------------------------------------------------------------------------------
-# TorchExecutor
+# The executors
 # --------------------------------------------------------------------------------------------
 
 
-class TorchExecutor:
+class PagedExecutor:
+    """What both executors share: admission, the checks on each chunk, the step's grouping and
+    the cache accounting, over `self.blocks`. A subclass sets `cfg`, `blocks`, `max_seq_len` and
+    `cache_bytes_per_token_per_layer`, and runs one padded batch in `_run(batch, all_logits)`."""
+
+    cfg: Any
+    blocks: BlockTables
+    max_seq_len: int
+    cache_bytes_per_token_per_layer: int
+
+    def can_allocate(self, seq_id: int, total_tokens: int) -> bool:
+        return total_tokens <= self.max_seq_len and self.blocks.reserve(seq_id, total_tokens)
+
+    def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> Tensor | list[Tensor]:
+        for c in chunks:
+            self._ensure_room(c)
+        out = run_in_groups(chunks, self._run, all_logits)
+        for c in chunks:
+            self.blocks.lengths[c.seq_id] = c.start_pos + len(c.token_ids)
+        return out
+
+    def release(self, seq_id: int) -> None:
+        self.blocks.release(seq_id)
+
+    def cache_usage(self) -> dict:
+        b = self.blocks
+        block_bytes = b.block_size * self.cfg.num_hidden_layers * self.cache_bytes_per_token_per_layer
+        return {
+            "blocks_total": b.num_blocks - 1,
+            "blocks_used": b.blocks_used,
+            "block_size": b.block_size,
+            "bytes_used": b.blocks_used * block_bytes,
+            "bytes_total": (b.num_blocks - 1) * block_bytes,
+            "bytes_per_token_per_layer": self.cache_bytes_per_token_per_layer,
+            "sequences": len(b.tables),
+        }
+
+    def _ensure_room(self, c: Chunk) -> None:
+        end = c.start_pos + len(c.token_ids)
+        if end > self.max_seq_len:
+            raise CacheFullError(f"sequence {c.seq_id} reaches {end} tokens; the model's context is {self.max_seq_len}")
+        written = self.blocks.lengths.get(c.seq_id, 0)
+        if c.start_pos != written:
+            raise CrosschipError(f"sequence {c.seq_id}: chunk starts at {c.start_pos} but {written} tokens are cached")
+        if end > self.blocks.capacity(c.seq_id) and not self.blocks.reserve(c.seq_id, end):
+            raise CacheFullError(f"the latent cache is full: no room for sequence {c.seq_id} at {end} tokens")
+
+    def _run(self, batch: list[Chunk], all_logits: bool) -> Tensor | list[Tensor]:
+        raise NotImplementedError
+
+
+class TorchExecutor(PagedExecutor):
     """Runs a `Transformer` with the absorbed MLA path over a paged latent pool.
 
     Chunks of one token (decodes) run together as one (B, 1) forward; longer chunks (prefill
@@ -264,11 +331,9 @@ class TorchExecutor:
         self.vocab_size = cfg.vocab_size
         self.max_seq_len = cfg.max_position_embeddings
         self.cache_bytes_per_token_per_layer = cfg.latent_dim * param.element_size()
-        if num_blocks <= 0:
-            num_blocks = max_batch * math.ceil(self.max_seq_len / block_size) + 1
-        self.pool = BlockPool(
+        self.blocks = BlockPool(
             cfg.num_hidden_layers,
-            num_blocks,
+            pool_blocks(num_blocks, block_size, max_batch, self.max_seq_len),
             block_size,
             cfg.kv_lora_rank,
             cfg.qk_rope_head_dim,
@@ -281,49 +346,9 @@ class TorchExecutor:
         if compile:
             self.forward = compile_forward(self.forward)
 
-    # -- Executor ---------------------------------------------------------------------------
-    def can_allocate(self, seq_id: int, total_tokens: int) -> bool:
-        if total_tokens > self.max_seq_len:
-            return False
-        return self.pool.reserve(seq_id, total_tokens)
-
     @torch.inference_mode()
-    def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> Tensor | list[Tensor]:
-        for c in chunks:
-            self._ensure_room(c)
-        out = run_in_groups(chunks, self._run, all_logits)
-        for c in chunks:
-            self.pool.lengths[c.seq_id] = c.start_pos + len(c.token_ids)
-        return out
-
-    def release(self, seq_id: int) -> None:
-        self.pool.release(seq_id)
-
-    def cache_usage(self) -> dict:
-        used = self.pool.blocks_used
-        return {
-            "blocks_total": self.pool.num_blocks - 1,
-            "blocks_used": used,
-            "block_size": self.pool.block_size,
-            "bytes_used": used * self.pool.block_bytes(),
-            "bytes_total": (self.pool.num_blocks - 1) * self.pool.block_bytes(),
-            "bytes_per_token_per_layer": self.cache_bytes_per_token_per_layer,
-            "sequences": len(self.pool.tables),
-        }
-
-    # -- internals --------------------------------------------------------------------------
-    def _ensure_room(self, c: Chunk) -> None:
-        end = c.start_pos + len(c.token_ids)
-        if end > self.max_seq_len:
-            raise CacheFullError(f"sequence {c.seq_id} reaches {end} tokens; the model's context is {self.max_seq_len}")
-        written = self.pool.lengths.get(c.seq_id, 0)
-        if c.start_pos != written:
-            raise CrosschipError(f"sequence {c.seq_id}: chunk starts at {c.start_pos} but {written} tokens are cached")
-        if end > self.pool.capacity(c.seq_id) and not self.pool.reserve(c.seq_id, end):
-            raise CacheFullError(f"the latent cache is full: no room for sequence {c.seq_id} at {end} tokens")
-
     def _run(self, batch: list[Chunk], all_logits: bool) -> Tensor | list[Tensor]:
-        input_ids, positions, cache = build_batch(self.pool, batch, self.device)
+        input_ids, positions, cache = build_batch(self.blocks, batch, self.device)
         if all_logits:
             logits = self.forward(input_ids, positions, cache).float().cpu()  # (B, T, V)
             return [logits[b, : len(c.token_ids)] for b, c in enumerate(batch)]

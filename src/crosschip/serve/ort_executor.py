@@ -15,7 +15,6 @@ ScatterND graph whose output is bound to the pool itself.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,53 +24,10 @@ import torch
 from torch import Tensor
 
 from crosschip import hf
-from crosschip.errors import BundleError, CrosschipError
-from crosschip.serve.executor import CacheFullError, Chunk, run_in_groups
+from crosschip.errors import BundleError
+from crosschip.serve.executor import BlockTables, Chunk, PagedExecutor, pool_blocks
 
 ONNX_FILE = "model.onnx"
-
-
-class SlotTables:
-    """Paged slot bookkeeping: fixed-size blocks, per-sequence block tables (block 0 is scratch)."""
-
-    def __init__(self, num_blocks: int, block_size: int):
-        if num_blocks < 2:
-            raise CrosschipError(f"the latent cache needs at least 2 blocks, got {num_blocks}")
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.free = list(range(num_blocks - 1, 0, -1))
-        self.tables: dict[int, list[int]] = {}
-        self.lengths: dict[int, int] = {}
-        self.slot_map: dict[int, np.ndarray] = {}  # seq_id -> pool slot of each position it has room for
-
-    def capacity(self, seq_id: int) -> int:
-        return len(self.tables.get(seq_id, ())) * self.block_size
-
-    def reserve(self, seq_id: int, total_tokens: int) -> bool:
-        need = math.ceil(total_tokens / self.block_size) - len(self.tables.get(seq_id, ()))
-        if need <= 0:
-            return True
-        if need > len(self.free):
-            return False
-        table = self.tables.setdefault(seq_id, [])
-        table.extend(self.free.pop() for _ in range(need))
-        self.lengths.setdefault(seq_id, 0)
-        # Built once per reservation, so a step slices it instead of recomputing slots.
-        blocks = np.asarray(table, dtype=np.int64)[:, None] * self.block_size
-        self.slot_map[seq_id] = (blocks + np.arange(self.block_size)).ravel()
-        return True
-
-    def release(self, seq_id: int) -> None:
-        self.free.extend(reversed(self.tables.pop(seq_id, [])))
-        self.lengths.pop(seq_id, None)
-        self.slot_map.pop(seq_id, None)
-
-    def slots(self, seq_id: int, start: int, end: int) -> np.ndarray:
-        """Pool slots of positions start..end-1 of `seq_id`."""
-        return self.slot_map[seq_id][start:end]
-
-    @property
-    def blocks_used(self) -> int:
-        return self.num_blocks - 1 - len(self.free)
 
 
 def _commit_graph() -> bytes:
@@ -90,7 +46,7 @@ def _commit_graph() -> bytes:
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]).SerializeToString()
 
 
-class OrtExecutor:
+class OrtExecutor(PagedExecutor):
     """Runs a bundle's `model.onnx` with ONNX Runtime behind the `Executor` protocol."""
 
     def __init__(
@@ -134,11 +90,9 @@ class OrtExecutor:
         # 2 threads 0.81x at 16, 0.92x at 32, 1.00x at 48. Experts x threads is at the
         # crossover on 1 thread and on the winning side on 2.
         self.decode_rows = cfg.n_routed_experts * threads
-        if num_blocks <= 0:
-            num_blocks = max_batch * math.ceil(self.max_seq_len / block_size) + 1
-        self.tables = SlotTables(num_blocks, block_size)
+        self.blocks = BlockTables(pool_blocks(num_blocks, block_size, max_batch, self.max_seq_len), block_size)
         self.device_type = "cpu" if backend is None else backend.device_type
-        self._alloc_pool(num_blocks * block_size)
+        self._alloc_pool(self.blocks.num_blocks * block_size)
         self.commit = "numpy" if commit == "auto" and self.device_type == "cpu" else "graph"
         if self.commit == "graph":
             import onnxruntime as ort
@@ -167,45 +121,7 @@ class OrtExecutor:
         binding.bind_ortvalue_input("past_k_pe", self.pool["k_pe"])
         return binding
 
-    # -- Executor ---------------------------------------------------------------------------
-    def can_allocate(self, seq_id: int, total_tokens: int) -> bool:
-        return total_tokens <= self.max_seq_len and self.tables.reserve(seq_id, total_tokens)
-
-    def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> Tensor | list[Tensor]:
-        for c in chunks:
-            self._ensure_room(c)
-        out = run_in_groups(chunks, self._run, all_logits)
-        for c in chunks:
-            self.tables.lengths[c.seq_id] = c.start_pos + len(c.token_ids)
-        return out
-
-    def release(self, seq_id: int) -> None:
-        self.tables.release(seq_id)
-
-    def cache_usage(self) -> dict:
-        t = self.tables
-        block_bytes = t.block_size * self.cfg.num_hidden_layers * self.cache_bytes_per_token_per_layer
-        return {
-            "blocks_total": t.num_blocks - 1,
-            "blocks_used": t.blocks_used,
-            "block_size": t.block_size,
-            "bytes_used": t.blocks_used * block_bytes,
-            "bytes_total": (t.num_blocks - 1) * block_bytes,
-            "bytes_per_token_per_layer": self.cache_bytes_per_token_per_layer,
-            "sequences": len(t.tables),
-        }
-
     # -- internals --------------------------------------------------------------------------
-    def _ensure_room(self, c: Chunk) -> None:
-        end = c.start_pos + len(c.token_ids)
-        if end > self.max_seq_len:
-            raise CacheFullError(f"sequence {c.seq_id} reaches {end} tokens; the model's context is {self.max_seq_len}")
-        written = self.tables.lengths.get(c.seq_id, 0)
-        if c.start_pos != written:
-            raise CrosschipError(f"sequence {c.seq_id}: chunk starts at {c.start_pos} but {written} tokens are cached")
-        if end > self.tables.capacity(c.seq_id) and not self.tables.reserve(c.seq_id, end):
-            raise CacheFullError(f"the latent cache is full: no room for sequence {c.seq_id} at {end} tokens")
-
     def _batch(self, batch: list[Chunk]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Padded (B, T) inputs, past slots (B, S), mask (B, T, S+T), the (B, T) slots the new
         latents go to (padding -> scratch slot 0, never read unmasked) and each row's length.
@@ -219,7 +135,7 @@ class OrtExecutor:
         past = np.zeros((B, S), np.int64)  # padding reads scratch slot 0, masked out
         write = np.zeros((B, T), np.int64)
         for b, c in enumerate(batch):
-            n, start, slots = len(c.token_ids), c.start_pos, self.tables.slot_map[c.seq_id]
+            n, start, slots = len(c.token_ids), c.start_pos, self.blocks.slot_map[c.seq_id]
             ids[b, :n] = c.token_ids
             past[b, :start] = slots[:start]
             write[b, :n] = slots[start : start + n]
