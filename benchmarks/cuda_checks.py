@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from crosschip.pipeline import DEFAULT_CONFIG
+from crosschip.config import DEFAULT_CONFIG
 from crosschip.scripts import positive_int_list, run_main
 
 HERE = Path(__file__).resolve().parent

@@ -135,3 +135,17 @@ def test_data_prefetch_takes_true_false_or_auto(tmp_path):
         load_config(_write(tmp_path, '[data]\nprefetch = "yes"\n'))
     with pytest.raises(ConfigError, match=r"run.toml:2: data.prefetch must be bool \| str, got int 1"):
         load_config(_write(tmp_path, "[data]\nprefetch = 1\n"))
+
+
+def test_train_without_a_config_takes_the_default_run(monkeypatch, tmp_path):
+    """`crosschip train` used the dataclass defaults (lr 3e-3, 600 steps, no time limit), which
+    are not the default run's recipe (`crosschip run` takes configs/default.toml); now both
+    take the shipped file, from any directory."""
+    import argparse
+
+    from crosschip.config import to_dict
+    from crosschip.train.command import _config
+
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(config=None, backend=None, steps=None, max_minutes=None)
+    assert to_dict(_config(args)) == to_dict(load_config(CONFIGS[0].parent / "default.toml"))

@@ -20,6 +20,11 @@ from typing import Any
 
 from crosschip.errors import CrosschipError
 
+# The default run, shipped inside the package (the repository's configs/ links to that folder)
+# so that it is found from any directory and from an installed wheel. `crosschip run` and
+# `crosschip train` take it when no --config is given.
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
+
 
 class ConfigError(CrosschipError, ValueError):
     """A config file or value that cannot be used; the message names the key and where it is."""

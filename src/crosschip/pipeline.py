@@ -23,15 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from crosschip import interrupts
-from crosschip.config import RunConfig, ServeConfig, load_config
+from crosschip.config import DEFAULT_CONFIG, RunConfig, ServeConfig, load_config
 from crosschip.errors import CrosschipError
 from crosschip.paths import check_output_dir
 from crosschip.qualify.command import UNFIT_EXIT
 from crosschip.serve.command import API_KEY_ENV, client_url
 
-# The default run ships inside the package (the repository's configs/ links to that folder), so
-# `crosschip run` finds it from any directory and from an installed wheel.
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
 GIVE_UP_EXIT = 3  # the training health guard's "fail me over" exit code
 STAGES = ["probe", "qualify", "assign", "train", "export", "verify", "serve", "report"]
 

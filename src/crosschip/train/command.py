@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from crosschip.config import RunConfig, load_config
+from crosschip.config import DEFAULT_CONFIG, RunConfig, load_config
 from crosschip.errors import CrosschipError
 from crosschip.paths import check_output_dir
 
@@ -26,7 +26,7 @@ exit codes: 0 done, 1 user error, 3 the health guard gave up (fail over), 130 / 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (parser.epilog or "") + "\n" + EPILOG_EXTRA
-    parser.add_argument("--config", help="run config TOML (default: built-in defaults)")
+    parser.add_argument("--config", help="run config TOML (default: the default run's, configs/default.toml)")
     parser.add_argument(
         "--out", required=True, help="run folder: metrics.jsonl, checkpoints/, loss.png, train_summary.json"
     )
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    cfg = load_config(args.config) if args.config else RunConfig()
+    cfg = load_config(args.config or DEFAULT_CONFIG)
     if args.backend:
         cfg.train.backend = args.backend
     if args.steps is not None:
