@@ -90,6 +90,7 @@ def test_the_engine_refuses_a_zero_prefill_chunk():
         (["--corpus-docs", "-1"], "--corpus-docs must be >= 0, got -1"),
         (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
         (["--top-k", "0", "--target-url", "http://127.0.0.1:1"], "--top-k must be >= 1, got 0"),
+        (["--digits", "7"], "--digits must be 1, 2 or 3, got 7"),  # was "arith: digits must be ..."
     ],
 )
 def test_verify_refuses_numbers_it_cannot_run_with_before_either_side_runs(

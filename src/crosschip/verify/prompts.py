@@ -90,6 +90,8 @@ def build_prompts(
         raise CrosschipError(f"verify: --corpus-docs must be >= 0, got {corpus_docs}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise CrosschipError(f"verify: --max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not 1 <= digits <= 3:
+        raise CrosschipError(f"verify: --digits must be 1, 2 or 3, got {digits}")
     chosen = generate_problems(problems, digits=digits, ops=ops, seed=seed, split="heldout")
     bos = [tokenizer.bos_id]
     scored, greedy = [], []
