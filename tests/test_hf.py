@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -476,6 +478,34 @@ def test_save_leaves_no_temp_files_and_overwrites_in_place(bundle):
     save_bundle(model, bundle)
     assert not [p for p in bundle.iterdir() if p.name.startswith(".")]
     load_bundle(bundle)
+
+
+def test_a_loaded_model_owns_its_weights(bundle):
+    """safetensors maps the file: a model whose parameters aliased that map would change when
+    the bundle is rewritten in place under a running server (and crash when it is truncated)."""
+    model, _ = load_bundle(bundle)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = bundle / "model.safetensors"
+    header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    with weights.open("r+b") as f:  # zero every tensor's bytes where they lie
+        f.seek(header)
+        f.write(bytes(weights.stat().st_size - header))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_loading_a_bundle_and_running_it_needs_no_tracing_machinery(bundle):
+    """Serving and verify processes load a bundle at start: torch's symbolic-shape machinery
+    (and sympy, about half a second) belongs to tracing, not to loading and running a model."""
+    code = (
+        "import sys, torch; from crosschip.hf import load_bundle\n"
+        f"model, _ = load_bundle({str(bundle)!r})\n"
+        "with torch.no_grad(): model(torch.tensor([[1, 2, 3, 4]]))\n"
+        "print(sorted(m for m in ('sympy', 'torch.fx.experimental.symbolic_shapes') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_to_hf_uses_per_expert_keys_and_hf_names():

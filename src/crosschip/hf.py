@@ -604,13 +604,18 @@ def build_model(
     """An eval-mode Transformer from an HF-layout float state dict; the router bias stays fp32."""
     cfg = _drop_absent_mtp(cfg, hf_state)
     state = from_hf(hf_state, cfg)
-    # Build on meta and materialise on the target device: no wasted random init.
+    # Built on meta (no wasted random init); the loaded tensors then become the parameters.
+    # They are copies in the model's dtypes: safetensors' tensors alias the memory-mapped file,
+    # and a later write to the bundle must not change (or, truncated, crash) a running server.
+    # (`to_empty` would allocate the same, but its meta kernels import torch's symbolic-shape
+    # machinery and sympy: about 0.5 s of every serving and verify process's start.)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to_empty(device=device)
+    like = model.state_dict()
+    owned = {k: v.to(device=device, dtype=like[k].dtype if k in like else None, copy=True) for k, v in state.items()}
+    model.load_state_dict(owned, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.head.weight = model.embed.weight
-    model.load_state_dict(state, strict=True)
     if dtype is not None:
         model.to(dtype)
         for moe in model.moe_layers():
