@@ -7,21 +7,32 @@ TORCH := torch==2.13.0
 
 .PHONY: run test lint format browser clean-venv
 
+# pip compiles what it installs to bytecode one file after another; compileall does it on every
+# core (a fresh .venv here: about 25 s sooner). Installed files need their .pyc: where
+# PYTHONDONTWRITEBYTECODE is set, as in this workplace, a file left uncompiled is compiled again
+# by every process that imports it. compileall exits 1 when a file does not compile (torch ships
+# one for Python 3.12 only); pip ignores those too.
+PIP_INSTALL := $(BIN)/pip install -q --no-compile
+COMPILE := $(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # torch first, pinned: it takes the CPU build on disk instead of a multi-GB CUDA download.
 $(VENV)/.torch: | $(BIN)/python
-	$(BIN)/pip install -q $(TORCH)
+	$(PIP_INSTALL) $(TORCH)
+	$(COMPILE)
 	touch $@
 
 $(VENV)/.runtime: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install -q -e .
+	$(PIP_INSTALL) -e .
+	$(COMPILE)
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install -q -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
+	$(COMPILE)
 	touch $@
 
 run: $(VENV)/.runtime
