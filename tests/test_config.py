@@ -118,6 +118,14 @@ def test_no_periodic_evaluation_needs_no_evaluation_problems(tmp_path):
         load_config(_write(tmp_path, "[train]\neval_every = 50\neval_problems = 0\n"))
 
 
+def test_a_corpus_without_its_task_is_refused(tmp_path):
+    """Without data.task = "corpus" the files were ignored and the run learned arithmetic."""
+    path = _write(tmp_path, '[data]\ncorpus = ["docs.txt"]\n')
+    with pytest.raises(ConfigError, match=r'data.corpus is set but data.task is \'arith\': set data.task = "corpus"'):
+        load_config(path)
+    assert load_config(_write(tmp_path, '[data]\ntask = "corpus"\ncorpus = ["docs.txt"]\n')).data.corpus == ["docs.txt"]
+
+
 def test_verify_table_is_checked_when_loaded(tmp_path):
     assert load_config(_write(tmp_path, "[verify]\nmax_new_tokens = 40\n")).verify.max_new_tokens == 40
     with pytest.raises(ConfigError, match="verify.prompts: must be at least 1, got 0"):

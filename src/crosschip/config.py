@@ -307,6 +307,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.task not in ("arith", "corpus"):
             raise ConfigError(f"data.task: must be 'arith' or 'corpus', got {self.task!r}")
+        if self.corpus and self.task != "corpus":  # else the run would learn arithmetic, silently
+            raise ConfigError(
+                f'data.corpus is set but data.task is {self.task!r}: set data.task = "corpus" to train on it'
+            )
         if not 1 <= self.digits <= 3:
             raise ConfigError(f"data.digits: must be 1, 2 or 3, got {self.digits}")
         if not self.ops or any(op not in ("+", "-") for op in self.ops):
