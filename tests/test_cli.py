@@ -226,19 +226,14 @@ def test_sigterm_stops_a_stage_like_ctrl_c_with_exit_143(tmp_path):
     """SIGTERM (what systemd, docker stop and Kubernetes send) used to end the process on the
     spot with no message and no cleanup; now a stage stops as on Ctrl-C and says why."""
     import signal
-    import time
+
+    from train_helpers import wait_for_first_step
 
     root = Path(__file__).resolve().parent.parent
     argv = [sys.executable, "-m", "crosschip", "train", "--config", "configs/smoke.toml", "--steps", "100000"]
     argv += ["--out", str(tmp_path / "t"), "--quiet"]
     proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "t" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and '"event": "step"' in log.read_text():
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.communicate()
+    wait_for_first_step(proc, tmp_path / "t")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err

@@ -12,10 +12,10 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
 from report_helpers import assert_report_complete
+from train_helpers import processes_tagged
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -43,16 +43,8 @@ RUN_TAG = "CROSSCHIP_TEST_RUN"
 
 
 def _tagged(tag: str) -> list[str]:
-    """Live processes whose environment carries `tag`: a run and everything it started, spawned
-    helpers included (their command lines name no run folder). Other tests' processes differ."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.environ().get(RUN_TAG) == tag:
-                found.append(" ".join(p.info["cmdline"] or []))
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+    """A run and everything it started (other tests' processes carry other tags)."""
+    return processes_tagged(RUN_TAG, tag)
 
 
 def test_failover_interrupt_and_resume(tmp_path):

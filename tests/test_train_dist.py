@@ -8,15 +8,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
 
 import pytest
 
-from train_helpers import events, losses, train, write_config
+from train_helpers import events, losses, processes_tagged, train, wait_for_first_step, write_config
 
 # One pytest-xdist worker for the module, so that the `one_proc` run is trained once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train_dist")]
 
 BF16_RTOL = 1.6e-2
+TAG = "CROSSCHIP_TEST_RUN"
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +73,19 @@ def test_one_process_checkpoint_resumes_on_two(one_proc, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert events(run, "resume")[0]["world"] == 2
     _close(losses(run), losses(one))
+
+
+def test_sigterm_to_the_launcher_stops_torchrun_and_its_workers_in_one_line(tmp_path):
+    """SIGTERM to `crosschip train --nproc 2` alone (as Kubernetes or `docker stop` send it):
+    the workers stop with it, and the terminal gets one line, not torchrun's own traceback."""
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "OMP_NUM_THREADS": "1", TAG: tag}
+    cfg = write_config(tmp_path, steps=100000, ckpt_every=1000)
+    cmd = [sys.executable, "-m", "crosschip", "train", "--config", str(cfg), "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen([*cmd, "--nproc", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_first_step(proc, tmp_path / "run")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 143, err
+    assert err.strip() == "crosschip train: interrupted (SIGTERM)", err
+    assert not processes_tagged(TAG, tag), "left running after the launcher stopped"

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 DEBUG_TOML = """
@@ -68,3 +69,30 @@ def events(out: Path, name: str) -> list[dict]:
 def losses(out: Path) -> dict[int, float]:
     """Loss of every completed step; a step redone after a rollback or resume keeps its last value."""
     return {r["step"]: r["loss"] for r in events(out, "step")}
+
+
+def processes_tagged(name: str, tag: str) -> list[str]:
+    """Command lines of live processes whose environment has name=tag: a command and everything
+    it started, spawned helpers included (their command lines need not say whose they are)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.environ().get(name) == tag:
+                found.append(" ".join(p.info["cmdline"] or []))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def wait_for_first_step(proc: subprocess.Popen, out: Path, timeout: float = 120) -> None:
+    """Return once the training run `proc` writes into `out` has logged a step; fail if it ends first."""
+    log = out / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and '"event": "step"' in log.read_text():
+            return
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    raise AssertionError(f"no training step logged in {timeout:.0f} s")

@@ -13,15 +13,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from crosschip import interrupts
 from crosschip.backends import Backend
 from crosschip.backends.cpu import cpu_share
 from crosschip.errors import CrosschipError
@@ -56,10 +56,17 @@ def launch_torchrun(args: Any, argv: list[str]) -> int:
     # Each worker gets its share of the cores unless the user chose.
     env.setdefault("OMP_NUM_THREADS", str(cpu_share(int(args.nproc))))
     cmd += ["-m", "crosschip", "train", *argv]
-    proc = subprocess.Popen(cmd, env=env)
+    # torchrun's stderr (its workers' too) passes through here, so that once this process is
+    # interrupted, what torchrun says while it stops is dropped: it answers any signal with a
+    # traceback of its own. This process then reports the interruption once, for them all.
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    stopping = threading.Event()
+    relay = threading.Thread(target=_relay, args=(proc.stderr, stopping), daemon=True)
+    relay.start()
     try:
-        return proc.wait()
+        code = proc.wait()
     except KeyboardInterrupt:
+        stopping.set()
         # torchrun stops its workers on SIGTERM (a Ctrl-C in a terminal reached them already;
         # a SIGTERM sent to this process alone did not). Killing it outright would orphan them.
         proc.terminate()
@@ -67,7 +74,19 @@ def launch_torchrun(args: Any, argv: list[str]) -> int:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        return interrupts.exit_code()
+        raise
+    finally:
+        relay.join(timeout=5)
+    return code
+
+
+def _relay(stream: IO[bytes], stopping: threading.Event) -> None:
+    """Copy torchrun's stderr to ours, line by line, until `stopping` is set; then drain it."""
+    for line in iter(stream.readline, b""):
+        if not stopping.is_set():
+            sys.stderr.write(line.decode(errors="replace"))
+            sys.stderr.flush()
+    stream.close()
 
 
 @dataclass
