@@ -6,11 +6,16 @@ Every run is a real `crosschip train` process on the `debug` model; kills are re
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from crosschip.train.checkpoint import latest_verified
-from train_helpers import events, losses, train, write_config
+from train_helpers import events, losses, train, wait_for_first_step, write_config
 
 # One pytest-xdist worker for the module, so that the `reference` run is trained once.
 pytestmark = pytest.mark.xdist_group("train_resume")
@@ -84,3 +89,54 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference, tmp
     assert bad["checkpoint"].endswith("step_00000012") and "checksum" in bad["reason"]
     assert events(run, "resume")[0]["step"] == 8
     assert losses(run) == losses(ref)
+
+
+def _start(cfg, run, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "crosschip", "train", "--config", str(cfg), "--out", str(run), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_saves_the_step_reached_and_resume_is_bit_identical(tmp_path):
+    """A preempted job gets SIGTERM: it finishes the step under way, saves it, and --resume
+    continues from there with nothing lost and the losses of an uninterrupted run."""
+    cfg = write_config(tmp_path, steps=30, ckpt_every=1000)
+    ref = train(cfg, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "run"
+    proc = _start(cfg, run)
+    wait_for_first_step(proc, run)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    reached = max(losses(run))
+    assert reached < 30, "the run ended before the signal; nothing was tested"
+    assert f"saved step {reached} before stopping" in err
+    assert latest_verified(run / "checkpoints").name == f"step_{reached:08d}"
+    resumed = train(cfg, run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    (resume,) = events(run, "resume")
+    assert resume["step"] == reached and resume["lost_steps"] == 0
+    assert losses(run) == losses(tmp_path / "ref")
+
+
+def test_a_second_signal_stops_a_hung_step_at_once_and_saves_nothing(tmp_path):
+    """The first signal waits for the step to end; a step that hangs would keep it waiting
+    until the watchdog fires (a minute here), so a second one stops the run inside the step,
+    whose half-made state is not saved."""
+    cfg = write_config(tmp_path, steps=30, ckpt_every=1000, hang_timeout_s=60)
+    run = tmp_path / "run"
+    proc = _start(cfg, run, "--inject", "hang@step=3")
+    wait_for_first_step(proc, run)
+    while max(losses(run)) < 2:
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside step 3, which sleeps until the watchdog fires
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the first signal did not wait for the step"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and time.monotonic() - t0 < 20, err
+    assert "saved step" not in err and "Traceback" not in err
+    assert latest_verified(run / "checkpoints").name == "step_00000000"

@@ -84,26 +84,40 @@ def check() -> None:
 
 
 @contextlib.contextmanager
-def held() -> Iterator[None]:
+def held(*, second_stops: bool = False) -> Iterator[None]:
     """Hold a Ctrl-C (or SIGTERM) until the block ends, then raise it as usual.
 
     For a step that must not be cut in two: `Process.start` creates the child before it
     returns the handle that can stop it, and a KeyboardInterrupt in between would leave the
     child running alone. The handler is swapped, not the signal ignored: an ignored SIGINT
     would be lost (the other threads take it and drop it) and inherited by the child.
+    With `second_stops`, a second signal raises at once, inside the block: for a block that
+    can take long or hang (a training step), where the user must still be able to stop it.
     """
     if threading.current_thread() is not threading.main_thread():
         yield  # handlers can only be set on the main thread, and signals only run there
         return
     caught: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in SIGNALS}
+    previous: dict = {}
+
+    def hold(signum, frame):
+        caught.append(signum)
+        if second_stops and len(caught) == 2:
+            restore(previous)
+            _deliver(previous[signum], signum, frame)
+
+    previous.update({signum: signal.signal(signum, hold) for signum in SIGNALS})
     try:
         yield
     finally:
         restore(previous)
-        if caught:
-            handler = previous[caught[0]]
-            if callable(handler):
-                handler(caught[0], None)  # Python's SIGINT handler, or install()'s, raises KeyboardInterrupt
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(caught[0])  # the default action, as if the signal came now
+        if caught and not (second_stops and len(caught) >= 2):  # a second one was delivered already
+            _deliver(previous[caught[0]], caught[0], None)
+
+
+def _deliver(handler, signum: int, frame) -> None:
+    """What `handler` would have done with the signal, now."""
+    if callable(handler):
+        handler(signum, frame)  # Python's SIGINT handler, or install()'s, raises KeyboardInterrupt
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)  # the default action, as if the signal came now

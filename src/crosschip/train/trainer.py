@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crosschip import interrupts
 from crosschip.backends import Backend, get_backend
 from crosschip.config import RunConfig, to_dict
 from crosschip.data.arith import heldout_set
@@ -195,6 +196,7 @@ class Trainer:
             self.train_cpu_s = 0.0
             self.tokens_seen = 0
             self.lost_steps = 0
+            self._mid_step = False  # True while a step is under way (its state half made)
             self._start(resume)
         except BaseException:
             self.close(ok=False)  # the batch thread and the log; a failed start is not a finished run
@@ -553,31 +555,62 @@ class Trainer:
         try:
             while self.step < self.total_steps and not self._out_of_time():
                 step = self.step + 1
-                t0, c0 = time.perf_counter(), time.process_time()
-                self._batch_index = None
-                watchdog.arm(grace)
-                try:
-                    result = self.train_step(step)
-                except StepHang:
+                with self._whole_step():
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    self._batch_index = None
+                    watchdog.arm(grace)
+                    try:
+                        result = self.train_step(step)
+                    except StepHang:
+                        watchdog.disarm()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.rollback(step, "hang", {"batch": self._batch_index})
+                        grace = 10.0
+                        continue
                     watchdog.disarm()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.rollback(step, "hang", {"batch": self._batch_index})
-                    grace = 10.0
-                    continue
-                watchdog.disarm()
-                if isinstance(result, tuple):
-                    event, details = result
-                    self.log.event(event, step=step, **details)
-                    self.rollback(step, event, details)
-                    grace = 10.0
-                    continue
-                grace = 1.0
-                self.train_cpu_s += time.process_time() - c0  # CPU seconds: robust on a shared machine
-                self._after_step(step, result, time.perf_counter() - t0)
+                    if isinstance(result, tuple):
+                        event, details = result
+                        self.log.event(event, step=step, **details)
+                        self.rollback(step, event, details)
+                        grace = 10.0
+                        continue
+                    grace = 1.0
+                    self.train_cpu_s += time.process_time() - c0  # CPU seconds: robust on a shared machine
+                    self._after_step(step, result, time.perf_counter() - t0)
+        except KeyboardInterrupt:
+            self._keep_on_interrupt()
+            raise
         finally:
             watchdog.close()
             self.progress.close()
         return self.finish()
+
+    @contextlib.contextmanager
+    def _whole_step(self):
+        """One step (or its rollback) as a unit: a Ctrl-C or SIGTERM waits for its end, so that
+        the state it leaves is a whole step's, which `_keep_on_interrupt` can save. A second
+        signal stops it at once (a hung step, say) and then nothing is saved. Several processes
+        get the signal at different steps, and saving is a collective: they stop as they are."""
+        if self.dist.enabled:
+            yield
+            return
+        with interrupts.held(second_stops=True):
+            self._mid_step = True
+            yield
+            self._mid_step = False
+
+    def _keep_on_interrupt(self) -> None:
+        """Save the step an interrupted run reached, when no checkpoint holds it yet: a run
+        stopped by SIGTERM (a preempted job) or Ctrl-C resumes where it stopped."""
+        if self.dist.enabled or self._mid_step:
+            return
+        latest = ckpt.list_checkpoints(self.ckpt_root)
+        if latest and latest[0].name == ckpt.step_dir(self.ckpt_root, self.step).name:
+            return
+        with interrupts.held():  # a further signal waits for the save, which is atomic anyway
+            path = self.save()
+        if self.verbose:
+            print(f"crosschip train: saved step {self.step} before stopping: {path}", file=sys.stderr)
 
     def _out_of_time(self) -> bool:
         return self.t.max_minutes > 0 and self.train_time_s >= 60 * self.t.max_minutes
