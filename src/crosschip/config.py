@@ -353,6 +353,8 @@ class TrainConfig:
     eval_every: int = 100
     """Held-out accuracy every this many steps; 0 only at the end, -1 never."""
     eval_problems: int = 100
+    """Held-out problems of each periodic evaluation: the first ones, at most data.heldout_size
+    (the evaluation at the end takes them all)."""
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0 = no time limit)."""
     spike_factor: float = 3.0
