@@ -11,6 +11,7 @@ the pool through the model's `LatentCache` protocol (`PagedBatchCache`).
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,7 +251,7 @@ def prefill_groups(lengths: list[tuple[int, int]], max_waste: float = 0.25) -> l
 # --------------------------------------------------------------------------------------------
 
 
-class PagedExecutor:
+class PagedExecutor(abc.ABC):
     """What both executors share: admission, the checks on each chunk, the step's grouping and
     the cache accounting, over `self.blocks`. A subclass sets `cfg`, `blocks`, `max_seq_len` and
     `cache_bytes_per_token_per_layer`, and runs one padded batch in `_run(batch, all_logits)`."""
@@ -297,8 +298,9 @@ class PagedExecutor:
         if end > self.blocks.capacity(c.seq_id) and not self.blocks.reserve(c.seq_id, end):
             raise CacheFullError(f"the latent cache is full: no room for sequence {c.seq_id} at {end} tokens")
 
+    @abc.abstractmethod
     def _run(self, batch: list[Chunk], all_logits: bool) -> Tensor | list[Tensor]:
-        raise NotImplementedError
+        """Logits of one padded batch: each chunk's last row, or all its rows with `all_logits`."""
 
 
 class TorchExecutor(PagedExecutor):
