@@ -347,6 +347,13 @@ class Trainer:
         self.dist.barrier()
         return path
 
+    def _save_unless_saved(self) -> Path | None:
+        """Save the step reached unless the newest checkpoint holds it already."""
+        latest = ckpt.list_checkpoints(self.ckpt_root)
+        if latest and latest[0].name == ckpt.step_dir(self.ckpt_root, self.step).name:
+            return None
+        return self.save()
+
     def _restore(self, path: Path) -> None:
         state, cfg = ckpt.read_checkpoint(path)
         if asdict(cfg) != asdict(self.cfg.model):
@@ -604,12 +611,9 @@ class Trainer:
         stopped by SIGTERM (a preempted job) or Ctrl-C resumes where it stopped."""
         if self.dist.enabled or self._mid_step:
             return
-        latest = ckpt.list_checkpoints(self.ckpt_root)
-        if latest and latest[0].name == ckpt.step_dir(self.ckpt_root, self.step).name:
-            return
         with interrupts.held():  # a further signal waits for the save, which is atomic anyway
-            path = self.save()
-        if self.verbose:
+            path = self._save_unless_saved()
+        if path is not None and self.verbose:
             print(f"crosschip train: saved step {self.step} before stopping: {path}", file=sys.stderr)
 
     def _out_of_time(self) -> bool:
@@ -664,9 +668,7 @@ class Trainer:
         return acc
 
     def finish(self) -> dict[str, Any]:
-        latest = ckpt.list_checkpoints(self.ckpt_root)
-        if not latest or latest[0].name != ckpt.step_dir(self.ckpt_root, self.step).name:
-            self.save()
+        self._save_unless_saved()
         acc = None
         if self.cfg.data.task == "arith" and self.t.eval_every >= 0:
             acc = self.evaluate(self.step, self.cfg.data.heldout_size)
