@@ -8,15 +8,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import uuid
 
 import pytest
 
-from train_helpers import events, losses, processes_tagged, train, wait_for_first_step, write_config
+from train_helpers import events, losses, processes_tagged, start_train, train, wait_for_first_step, write_config
 
 # One pytest-xdist worker for the module, so that the `one_proc` run is trained once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train_dist")]
@@ -79,10 +76,8 @@ def test_sigterm_to_the_launcher_stops_torchrun_and_its_workers_in_one_line(tmp_
     """SIGTERM to `crosschip train --nproc 2` alone (as Kubernetes or `docker stop` send it):
     the workers stop with it, and the terminal gets one line, not torchrun's own traceback."""
     tag = uuid.uuid4().hex
-    env = {**os.environ, "OMP_NUM_THREADS": "1", TAG: tag}
     cfg = write_config(tmp_path, steps=100000, ckpt_every=1000)
-    cmd = [sys.executable, "-m", "crosschip", "train", "--config", str(cfg), "--out", str(tmp_path / "run")]
-    proc = subprocess.Popen([*cmd, "--nproc", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_train(cfg, tmp_path / "run", "--nproc", "2", **{TAG: tag})
     wait_for_first_step(proc, tmp_path / "run")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=90)

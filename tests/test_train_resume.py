@@ -6,16 +6,13 @@ Every run is a real `crosschip train` process on the `debug` model; kills are re
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from crosschip.train.checkpoint import latest_verified
-from train_helpers import events, losses, train, wait_for_first_step, write_config
+from train_helpers import events, losses, start_train, train, wait_for_first_step, write_config
 
 # One pytest-xdist worker for the module, so that the `reference` run is trained once.
 pytestmark = pytest.mark.xdist_group("train_resume")
@@ -91,12 +88,6 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference, tmp
     assert losses(run) == losses(ref)
 
 
-def _start(cfg, run, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "crosschip", "train", "--config", str(cfg), "--out", str(run), *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_sigterm_saves_the_step_reached_and_resume_is_bit_identical(tmp_path):
     """A preempted job gets SIGTERM: it finishes the step under way, saves it, and --resume
     continues from there with nothing lost and the losses of an uninterrupted run."""
@@ -104,7 +95,7 @@ def test_sigterm_saves_the_step_reached_and_resume_is_bit_identical(tmp_path):
     ref = train(cfg, tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "run"
-    proc = _start(cfg, run)
+    proc = start_train(cfg, run)
     wait_for_first_step(proc, run)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -126,7 +117,7 @@ def test_a_second_signal_stops_a_hung_step_at_once_and_saves_nothing(tmp_path):
     whose half-made state is not saved."""
     cfg = write_config(tmp_path, steps=30, ckpt_every=1000, hang_timeout_s=60)
     run = tmp_path / "run"
-    proc = _start(cfg, run, "--inject", "hang@step=3")
+    proc = start_train(cfg, run, "--inject", "hang@step=3")
     wait_for_first_step(proc, run)
     while max(losses(run)) < 2:
         time.sleep(0.05)

@@ -51,11 +51,22 @@ def write_config(
     return path
 
 
+def _train_command(config: Path, out: Path, *args: str, **env: str) -> tuple[list[str], dict[str, str]]:
+    """`crosschip train` and its environment: one thread (the CI box has two cores), plus `env`."""
+    cmd = [sys.executable, "-m", "crosschip", "train", "--config", str(config), "--out", str(out), *args]
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", **env}
+
+
 def train(config: Path, out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`crosschip train` in a fresh process, one thread (the CI box has two cores)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "crosschip", "train", "--config", str(config), "--out", str(out), "--quiet", *args]
+    """`crosschip train --quiet` in a fresh process, to its end."""
+    cmd, env = _train_command(config, out, "--quiet", *args)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(config: Path, out: Path, *args: str, **env: str) -> subprocess.Popen:
+    """`crosschip train` started in a fresh process (not quiet), its output piped, for a test to signal."""
+    cmd, env = _train_command(config, out, *args, **env)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def records(out: Path) -> list[dict]:
