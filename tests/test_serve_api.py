@@ -327,10 +327,52 @@ def test_n_choices_with_seed_are_reproducible(client):
     assert not {x.text for x in a.choices} & {x.text for x in c.choices}
 
 
+def test_logit_bias_allowed_token_ids_and_min_tokens(client, offline):
+    """OpenAI's logit_bias and vLLM's allowed_token_ids and min_tokens, with the official client."""
+    _, tok = offline
+    x, y = tok.encode("7", add_bos=False)[0], tok.encode("+", add_bos=False)[0]
+    kw = dict(model="debug", prompt=PROMPTS[1], max_tokens=6)
+    # +100 makes one token all but certain, even sampled at temperature 1.
+    c = client.completions.create(**kw, temperature=1.0, seed=1, logit_bias={str(x): 100}, logprobs=0)
+    assert c.choices[0].logprobs.tokens == ["7"] * 6
+    # Logprobs stay the model's own (vLLM's raw logprobs): the bias does not make them ~0.
+    assert max(c.choices[0].logprobs.token_logprobs) < -1.0
+    # -100 takes the greedy choice away.
+    ids = {"return_tokens_as_token_ids": True}
+    plain = client.completions.create(**kw, temperature=0, logprobs=0, extra_body=ids).choices[0].logprobs.tokens
+    first = int(plain[0].removeprefix("token_id:"))
+    banned = client.completions.create(**kw, temperature=0, logprobs=0, extra_body=ids, logit_bias={str(first): -100})
+    assert banned.choices[0].logprobs.tokens[0] != plain[0]
+    # Only the allowed tokens come out; EOS (pushed to the top) waits for min_tokens.
+    eos = tok.eos_id
+    body = {"allowed_token_ids": [x, y, eos], "min_tokens": 3}
+    c = client.completions.create(**kw, temperature=1.0, logit_bias={str(eos): 50}, extra_body=body)
+    assert c.choices[0].finish_reason == "stop" and c.usage.completion_tokens == 4
+    assert set(c.choices[0].text) <= {"7", "+"} and len(c.choices[0].text) == 3
+    # A stop string is looked for from the min_tokens-th token on (as in vLLM).
+    c = client.completions.create(
+        **kw, temperature=0, stop=["7"], extra_body={"allowed_token_ids": [x], "min_tokens": 3}
+    )
+    assert (c.choices[0].text, c.choices[0].finish_reason, c.usage.completion_tokens) == ("77", "stop", 3)
+    # Without min_tokens the same bias stops the choice at once.
+    c = client.completions.create(
+        **kw, temperature=1.0, logit_bias={str(eos): 50}, extra_body={"allowed_token_ids": [x, eos]}
+    )
+    assert c.choices[0].finish_reason == "stop" and c.usage.completion_tokens == 1
+
+
 @pytest.mark.parametrize(
     "body,param",
     [
         ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ({"prompt": "hi", "logit_bias": {"seven": 1}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"7": 101}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"7": "up"}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"100000": 1}}, "logit_bias"),
+        ({"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
+        ({"prompt": "hi", "allowed_token_ids": [100000]}, "allowed_token_ids"),
+        ({"prompt": "hi", "allowed_token_ids": [1], "min_tokens": 2}, "min_tokens"),
+        ({"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
         ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
         ({"prompt": "hi", "top_p": 2}, "top_p"),
         ({"prompt": "hi", "n": 0}, "n"),
@@ -355,8 +397,6 @@ def test_invalid_parameters_get_400_naming_the_param(server, body, param):
         ("/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
         ("/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
-        ("/chat/completions", {"logit_bias": {"5": 100}}, "logit_bias"),
-        ("/completions", {"logit_bias": {"5": 100}}, "logit_bias"),
         ("/completions", {"suffix": "!"}, "suffix"),
         ("/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
         ("/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
@@ -364,7 +404,7 @@ def test_invalid_parameters_get_400_naming_the_param(server, body, param):
 )
 def test_features_we_do_not_implement_are_refused_by_name(server, path, extra, param):
     """Accepting them and returning unconstrained text would hand a client free text where it
-    asked for JSON, a tool call or biased logits."""
+    asked for JSON or a tool call."""
     prompt = {"messages": [{"role": "user", "content": "1+1="}]} if path.startswith("/chat") else {"prompt": "1+1="}
     r = httpx.post(server.api + path, json={"model": "debug", "max_tokens": 2, **prompt, **extra})
     assert r.status_code == 400

@@ -14,6 +14,7 @@ from crosschip.serve.sampling import (
     find_stop,
     make_generator,
     min_p_mask,
+    request_bias,
     sample,
     stream_safe_end,
     token_logprob,
@@ -74,6 +75,30 @@ def test_a_seed_reproduces_the_draws_and_different_seeds_differ():
     assert draws(7) != draws(8)
 
 
+def test_request_bias_adds_logit_bias_and_masks_outside_allowed_and_banned_ids():
+    p = SamplingParams(logit_bias={1: 2.5, 3: -100.0})
+    assert request_bias(p, 5).tolist() == [0.0, 2.5, 0.0, -100.0, 0.0]
+    assert request_bias(SamplingParams(), 5) is None
+    p = SamplingParams(logit_bias={1: 2.5, 4: 1.0}, allowed_token_ids=[1, 2])
+    assert request_bias(p, 5).tolist() == [-math.inf, 2.5, 0.0, -math.inf, -math.inf]
+    assert request_bias(p, 5, banned={2}).tolist() == [-math.inf, 2.5, -math.inf, -math.inf, -math.inf]
+    with pytest.raises(InvalidParameter) as e:
+        request_bias(p, 5, banned={1, 2})
+    assert e.value.param == "min_tokens"
+
+
+def test_the_bias_comes_before_penalties_and_decides_greedy_and_sampled_draws():
+    logits = torch.tensor([3.0, 1.0, 0.0, 2.0])
+    p = SamplingParams(temperature=0, logit_bias={1: 2.5}, presence_penalty=1.0)
+    assert not p.plain_greedy  # the batched argmax would skip the bias
+    assert sample(logits, p, None, make_generator(0), request_bias(p, 4)) == 1
+    counts = torch.tensor([0.0, 1.0, 0.0, 0.0])  # token 1 already out: 3.5 - 1 < 3.0
+    assert sample(logits, p, counts, make_generator(0), request_bias(p, 4)) == 0
+    p = SamplingParams(temperature=1.0, allowed_token_ids=[2])
+    g = make_generator(0)
+    assert {sample(logits, p, None, g, request_bias(p, 4)) for _ in range(50)} == {2}
+
+
 def test_seeds_in_64_bits_are_taken_and_others_refused_by_name():
     logits = torch.randn(50, generator=torch.Generator().manual_seed(2))
     for seed in (-(2**63), 2**64 - 1):
@@ -126,6 +151,11 @@ def test_stream_holds_back_a_split_utf8_character():
         ("n", 0),
         ("max_tokens", 0),
         ("logprobs", 21),
+        ("logit_bias", {3: 100.5}),
+        ("logit_bias", {3: math.nan}),
+        ("allowed_token_ids", []),
+        ("min_tokens", -1),
+        ("min_tokens", 17),
     ],
 )
 def test_invalid_parameters_name_themselves(field, value):

@@ -32,6 +32,7 @@ from crosschip.serve.sampling import (
     check_token_ids,
     find_stop,
     make_generator,
+    request_bias,
     sample,
     stream_safe_end,
     token_logprob,
@@ -153,6 +154,10 @@ class Request:
     stream: bool = True  # False: one delta per choice, when it finishes
     sequences: list[Sequence] = field(default_factory=list)
     first_token_time: float | None = None
+    bias: torch.Tensor | None = None
+    """(V,) `request_bias` of its params, added to every step's logits (None: nothing to add)."""
+    early_bias: torch.Tensor | None = None
+    """`bias` that also bans the stop ids, for the steps before `min_tokens` are out."""
 
     @property
     def finished(self) -> bool:
@@ -209,7 +214,10 @@ class Engine:
         """The request's max_tokens after checking it fits the context; raises InvalidParameter."""
         if not prompt_ids:
             raise InvalidParameter("prompt", "prompt: must contain at least one token")
-        check_token_ids(prompt_ids, self.executor.vocab_size, "prompt")
+        vocab = self.executor.vocab_size
+        check_token_ids(prompt_ids, vocab, "prompt")
+        check_token_ids(list(params.logit_bias), vocab, "logit_bias")
+        check_token_ids(params.allowed_token_ids or [], vocab, "allowed_token_ids")
         context = self.executor.max_seq_len
         room = context - len(prompt_ids)
         if params.max_tokens is None:
@@ -239,6 +247,11 @@ class Engine:
         request = Request(
             request_id or uuid.uuid4().hex, prompt_ids, params, max_tokens, time.monotonic(), on_delta, stream
         )
+        vocab = self.executor.vocab_size
+        request.bias = request_bias(params, vocab)
+        if params.min_tokens:
+            stops = {*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)}
+            request.early_bias = request_bias(params, vocab, stops)
         for i in range(params.n):
             request.sequences.append(Sequence(next(self._seq_ids), request, i, make_generator(params.seed, i)))
         with self._lock:
@@ -373,7 +386,8 @@ class Engine:
         params = seq.request.params
         if (params.presence_penalty or params.frequency_penalty) and seq.counts is None:
             seq.counts = torch.zeros(logits.shape[-1])
-        tok = sample(logits, params, seq.counts, seq.generator)
+        early = len(seq.output_ids) < params.min_tokens
+        tok = sample(logits, params, seq.counts, seq.generator, seq.request.early_bias if early else seq.request.bias)
         if params.logprobs is not None:
             seq.logprobs.append(token_logprob(logits, tok, params.logprobs))
         if seq.counts is not None:
@@ -383,14 +397,16 @@ class Engine:
     def _append(self, seq: Sequence, tok: int) -> None:
         params = seq.request.params
         seq.output_ids.append(tok)
-        if tok in params.stop_token_ids:
+        # Before min_tokens are out nothing stops a choice (its stop ids were masked out too).
+        may_stop = len(seq.output_ids) >= params.min_tokens
+        if may_stop and tok in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", tok
-        elif tok in self.eos_token_ids and not params.ignore_eos:
+        elif may_stop and tok in self.eos_token_ids and not params.ignore_eos:
             seq.finish_reason = "stop"  # stop_reason stays None at EOS, as in vLLM
         elif params.stop or (seq.request.stream and seq.request.on_delta is not None):
             before = len(seq.text)
             self._detokenize(seq)
-            cut, stop = find_stop(seq.text, params.stop, before) if params.stop else (-1, None)
+            cut, stop = find_stop(seq.text, params.stop, before) if params.stop and may_stop else (-1, None)
             if cut != -1:
                 seq.text = seq.text[:cut]
                 seq.finish_reason, seq.stop_reason = "stop", stop

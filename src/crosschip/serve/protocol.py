@@ -51,19 +51,31 @@ def _stop(body: dict) -> list[str]:
     return stop
 
 
-def _int_list(body: dict, name: str) -> list[int]:
-    v = _get(body, name, (list,), [])
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+def _int_list(body: dict, name: str, default: list[int] | None = None) -> list[int] | None:
+    v = _get(body, name, (list,), default)
+    if v is not None and not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
         raise InvalidParameter(name, f"{name}: expected an array of integers")
     return v
 
 
+def _logit_bias(body: dict) -> dict[int, float]:
+    """`logit_bias`: {"token id": bias}. JSON object keys are strings, so ids come as "42"."""
+    raw = _get(body, "logit_bias", (dict,), {})
+    bias = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidParameter("logit_bias", f"logit_bias: keys must be token ids, got {key!r}") from None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise InvalidParameter("logit_bias", f"logit_bias: the bias of token {key} must be a number")
+        bias[token] = float(value)
+    return bias
+
+
 def refuse_unsupported(body: dict, *, chat: bool) -> None:
     """Features a client relies on that this server does not implement get a 400 naming them,
-    not silence: a client that asked for JSON, a tool call or biased logits must not take
-    free text for it."""
-    if body.get("logit_bias"):
-        raise InvalidParameter("logit_bias", "logit_bias: not supported")
+    not silence: a client that asked for JSON or a tool call must not take free text for it."""
     if not chat:
         if _get(body, "suffix", (str,), None):
             raise InvalidParameter("suffix", "suffix: not supported")
@@ -117,7 +129,10 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         presence_penalty=_number(body, "presence_penalty", 0.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0),
         stop=_stop(body),
-        stop_token_ids=_int_list(body, "stop_token_ids"),
+        stop_token_ids=_int_list(body, "stop_token_ids", []),
+        logit_bias=_logit_bias(body),
+        allowed_token_ids=_int_list(body, "allowed_token_ids"),
+        min_tokens=_get(body, "min_tokens", (int,), 0),
         ignore_eos=_get(body, "ignore_eos", (bool,), False),
         n=n,
         logprobs=logprobs,

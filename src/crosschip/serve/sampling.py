@@ -1,13 +1,17 @@
 """Sampling parameters and the per-sequence sampler.
 
-Order of the logits processors, as in vLLM: presence/frequency penalties on the raw logits,
-then temperature, then the top-k, top-p and min-p masks, then a draw from the request's own
-`torch.Generator` (so a `seed` reproduces a request whatever else is in the batch).
-Reported logprobs are those of the raw model distribution (log_softmax of the logits).
+Order of the logits processors, as in vLLM: the request's bias first (`logit_bias`,
+`allowed_token_ids`, and `min_tokens`' mask on the stop ids: the processors that can change a
+greedy choice), then presence/frequency penalties, then temperature, then the top-k, top-p and
+min-p masks, then a draw from the request's own `torch.Generator` (so a `seed` reproduces a
+request whatever else is in the batch). Reported logprobs are those of the raw model
+distribution (log_softmax of the logits), as vLLM's default `raw_logprobs`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +21,7 @@ from torch import Tensor
 from crosschip.errors import CrosschipError
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
@@ -58,6 +63,13 @@ class SamplingParams:
     """None = no logprobs; k >= 0 = the chosen token's logprob plus the k most likely."""
     prompt_logprobs: int | None = None
     """Like `logprobs`, for the prompt tokens (completions `echo` with `logprobs`)."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """token id -> added to its logit at every step (OpenAI; -100..100: -100 all but bans a token)."""
+    allowed_token_ids: list[int] | None = None
+    """Only these tokens may be generated (vLLM's extension); None = any."""
+    min_tokens: int = 0
+    """Tokens generated before EOS or a stop token id may come and stop strings are looked
+    for (vLLM's extension)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,6 +97,20 @@ class SamplingParams:
         need(self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed", f"must fit in 64 bits, got {self.seed}")
         need(1 <= self.n <= 16, "n", f"must be between 1 and 16, got {self.n}")
         need(len(self.stop) <= 4 and all(self.stop), "stop", "at most 4 non-empty strings")
+        need(
+            all(math.isfinite(v) and abs(v) <= MAX_LOGIT_BIAS for v in self.logit_bias.values()),
+            "logit_bias",
+            f"values must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}",
+        )
+        need(
+            self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids", "must not be empty"
+        )
+        need(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
+        need(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"must not exceed max_tokens ({self.max_tokens}), got {self.min_tokens}",
+        )
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             need(v is None or 0 <= v <= MAX_LOGPROBS, name, f"must be between 0 and {MAX_LOGPROBS}, got {v}")
@@ -96,7 +122,15 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that needs the row on its own: one batched argmax serves it."""
-        return self.greedy and not self.presence_penalty and not self.frequency_penalty and self.logprobs is None
+        return (
+            self.greedy
+            and not self.presence_penalty
+            and not self.frequency_penalty
+            and self.logprobs is None
+            and not self.logit_bias
+            and self.allowed_token_ids is None
+            and not self.min_tokens
+        )
 
 
 @dataclass
@@ -106,6 +140,26 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+
+
+def request_bias(params: SamplingParams, vocab_size: int, banned: Collection[int] = ()) -> Tensor | None:
+    """(V,) added to a request's logits before the other processors: `logit_bias`, -inf outside
+    `allowed_token_ids` and at the `banned` ids (the stop ids while `min_tokens` are not out
+    yet). None when it would add nothing. Raises InvalidParameter when it bans every token."""
+    if not params.logit_bias and params.allowed_token_ids is None and not banned:
+        return None
+    bias = torch.zeros(vocab_size)
+    if params.allowed_token_ids is not None:
+        bias.fill_(float("-inf"))
+        bias[params.allowed_token_ids] = 0.0
+    for tok, value in params.logit_bias.items():
+        bias[tok] += value
+    if banned:
+        bias[sorted(banned)] = float("-inf")
+    if not torch.isfinite(bias).any():
+        param = "min_tokens" if banned else "allowed_token_ids"
+        raise InvalidParameter(param, f"{param}: leaves no token that may be generated")
+    return bias
 
 
 def apply_penalties(logits: Tensor, counts: Tensor | None, presence: float, frequency: float) -> Tensor:
@@ -158,9 +212,16 @@ def make_generator(seed: int | None, choice: int = 0) -> torch.Generator:
     return g
 
 
-def sample(logits: Tensor, params: SamplingParams, counts: Tensor | None, generator: torch.Generator) -> int:
-    """One token id from fp32 logits (V,)."""
-    x = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
+def sample(
+    logits: Tensor,
+    params: SamplingParams,
+    counts: Tensor | None,
+    generator: torch.Generator,
+    bias: Tensor | None = None,
+) -> int:
+    """One token id from fp32 logits (V,); `bias` from `request_bias`."""
+    x = logits if bias is None else logits + bias
+    x = apply_penalties(x, counts, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return int(x.argmax())
     x = x / params.temperature
