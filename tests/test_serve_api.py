@@ -361,6 +361,23 @@ def test_logit_bias_allowed_token_ids_and_min_tokens(client, offline):
     assert c.choices[0].finish_reason == "stop" and c.usage.completion_tokens == 1
 
 
+def test_repetition_penalty_covers_the_prompt_and_the_output(server, client):
+    ids = {"return_tokens_as_token_ids": True}
+    kw = dict(model="debug", prompt=PROMPTS[1], max_tokens=8, temperature=0, logprobs=0)
+
+    def tokens(**extra):
+        c = client.completions.create(**kw, extra_body={**ids, **extra})
+        return [int(t.removeprefix("token_id:")) for t in c.choices[0].logprobs.tokens]
+
+    prompt = httpx.post(server.url + "/tokenize", json={"model": "debug", "prompt": kw["prompt"]}).json()["tokens"]
+    plain = tokens()
+    # Unpenalised, this prompt's greedy output repeats itself and one of the prompt's tokens.
+    assert len(set(plain)) < len(plain) and set(plain) & set(prompt)
+    # A huge penalty puts every seen token below any unseen one with a positive logit.
+    penalised = tokens(repetition_penalty=1e6)
+    assert len(set(penalised)) == len(penalised) and not set(penalised) & set(prompt)
+
+
 @pytest.mark.parametrize(
     "body,param",
     [
@@ -373,6 +390,7 @@ def test_logit_bias_allowed_token_ids_and_min_tokens(client, offline):
         ({"prompt": "hi", "allowed_token_ids": [100000]}, "allowed_token_ids"),
         ({"prompt": "hi", "allowed_token_ids": [1], "min_tokens": 2}, "min_tokens"),
         ({"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+        ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
         ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
         ({"prompt": "hi", "top_p": 2}, "top_p"),
         ({"prompt": "hi", "n": 0}, "n"),
@@ -398,6 +416,9 @@ def test_invalid_parameters_get_400_naming_the_param(server, body, param):
         ("/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
         ("/completions", {"suffix": "!"}, "suffix"),
+        ("/completions", {"guided_choice": ["yes", "no"]}, "guided_choice"),
+        ("/chat/completions", {"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs"),
+        ("/completions", {"bad_words": ["x"]}, "bad_words"),
         ("/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
         ("/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ],

@@ -11,6 +11,7 @@ from crosschip.serve.sampling import (
     InvalidParameter,
     SamplingParams,
     apply_penalties,
+    apply_repetition_penalty,
     find_stop,
     make_generator,
     min_p_mask,
@@ -53,6 +54,15 @@ def test_penalties_follow_the_openai_formula():
     counts = torch.tensor([0.0, 1.0, 3.0, 0.0])
     out = apply_penalties(logits, counts, presence=0.5, frequency=0.25)
     assert out.tolist() == [0.0, -0.75, -1.25, 0.0]
+
+
+def test_repetition_penalty_follows_vllm_over_prompt_and_output():
+    logits = torch.tensor([2.0, -2.0, 1.0, 3.0])
+    counts = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    in_prompt = torch.tensor([True, False, False, False])
+    assert apply_repetition_penalty(logits, counts, in_prompt, 2.0).tolist() == [1.0, -4.0, 1.0, 3.0]
+    assert apply_repetition_penalty(logits, None, in_prompt, 2.0).tolist() == [1.0, -2.0, 1.0, 3.0]
+    assert apply_repetition_penalty(logits, counts, in_prompt, 1.0) is logits
 
 
 def test_a_penalty_changes_the_greedy_choice():
@@ -156,6 +166,7 @@ def test_stream_holds_back_a_split_utf8_character():
         ("allowed_token_ids", []),
         ("min_tokens", -1),
         ("min_tokens", 17),
+        ("repetition_penalty", 0.0),
     ],
 )
 def test_invalid_parameters_name_themselves(field, value):

@@ -158,6 +158,8 @@ class Request:
     """(V,) `request_bias` of its params, added to every step's logits (None: nothing to add)."""
     early_bias: torch.Tensor | None = None
     """`bias` that also bans the stop ids, for the steps before `min_tokens` are out."""
+    in_prompt: torch.Tensor | None = None
+    """(V,) bool: the prompt's tokens, only with a repetition penalty."""
 
     @property
     def finished(self) -> bool:
@@ -252,6 +254,9 @@ class Engine:
         if params.min_tokens:
             stops = {*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)}
             request.early_bias = request_bias(params, vocab, stops)
+        if params.repetition_penalty != 1.0:
+            request.in_prompt = torch.zeros(vocab, dtype=torch.bool)
+            request.in_prompt[prompt_ids] = True
         for i in range(params.n):
             request.sequences.append(Sequence(next(self._seq_ids), request, i, make_generator(params.seed, i)))
         with self._lock:
@@ -383,11 +388,13 @@ class Engine:
                 seq.prompt_logprobs.append(token_logprob(rows[t], seq.prompt_ids[nxt], k))
 
     def _sample_one(self, seq: Sequence, logits: torch.Tensor) -> int:
-        params = seq.request.params
-        if (params.presence_penalty or params.frequency_penalty) and seq.counts is None:
+        request = seq.request
+        params = request.params
+        penalised = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+        if penalised and seq.counts is None:
             seq.counts = torch.zeros(logits.shape[-1])
-        early = len(seq.output_ids) < params.min_tokens
-        tok = sample(logits, params, seq.counts, seq.generator, seq.request.early_bias if early else seq.request.bias)
+        bias = request.early_bias if len(seq.output_ids) < params.min_tokens else request.bias
+        tok = sample(logits, params, seq.counts, seq.generator, bias, request.in_prompt)
         if params.logprobs is not None:
             seq.logprobs.append(token_logprob(logits, tok, params.logprobs))
         if seq.counts is not None:

@@ -73,9 +73,24 @@ def _logit_bias(body: dict) -> dict[int, float]:
     return bias
 
 
+# vLLM's request fields that constrain the output in ways this server does not implement.
+VLLM_CONSTRAINTS = (
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "bad_words",
+    "use_beam_search",
+)
+
+
 def refuse_unsupported(body: dict, *, chat: bool) -> None:
     """Features a client relies on that this server does not implement get a 400 naming them,
     not silence: a client that asked for JSON or a tool call must not take free text for it."""
+    for name in VLLM_CONSTRAINTS:
+        if body.get(name):
+            raise InvalidParameter(name, f"{name}: not supported")
     if not chat:
         if _get(body, "suffix", (str,), None):
             raise InvalidParameter("suffix", "suffix: not supported")
@@ -128,6 +143,7 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         seed=_get(body, "seed", (int,), None),
         presence_penalty=_number(body, "presence_penalty", 0.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0),
         stop=_stop(body),
         stop_token_ids=_int_list(body, "stop_token_ids", []),
         logit_bias=_logit_bias(body),

@@ -2,10 +2,10 @@
 
 Order of the logits processors, as in vLLM: the request's bias first (`logit_bias`,
 `allowed_token_ids`, and `min_tokens`' mask on the stop ids: the processors that can change a
-greedy choice), then presence/frequency penalties, then temperature, then the top-k, top-p and
-min-p masks, then a draw from the request's own `torch.Generator` (so a `seed` reproduces a
-request whatever else is in the batch). Reported logprobs are those of the raw model
-distribution (log_softmax of the logits), as vLLM's default `raw_logprobs`.
+greedy choice), then the repetition, frequency and presence penalties, then temperature, then
+the top-k, top-p and min-p masks, then a draw from the request's own `torch.Generator` (so a
+`seed` reproduces a request whatever else is in the batch). Reported logprobs are those of the
+raw model distribution (log_softmax of the logits), as vLLM's default `raw_logprobs`.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    """vLLM's (after CTRL): logits of tokens in the prompt or the output so far are divided by it
+    when positive and multiplied when negative; 1 = off."""
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -94,6 +97,11 @@ class SamplingParams:
             "frequency_penalty",
             f"must be between -2 and 2, got {self.frequency_penalty}",
         )
+        need(
+            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            f"must be > 0 (1: off), got {self.repetition_penalty}",
+        )
         need(self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed", f"must fit in 64 bits, got {self.seed}")
         need(1 <= self.n <= 16, "n", f"must be between 1 and 16, got {self.n}")
         need(len(self.stop) <= 4 and all(self.stop), "stop", "at most 4 non-empty strings")
@@ -126,6 +134,7 @@ class SamplingParams:
             self.greedy
             and not self.presence_penalty
             and not self.frequency_penalty
+            and self.repetition_penalty == 1.0
             and self.logprobs is None
             and not self.logit_bias
             and self.allowed_token_ids is None
@@ -160,6 +169,17 @@ def request_bias(params: SamplingParams, vocab_size: int, banned: Collection[int
         param = "min_tokens" if banned else "allowed_token_ids"
         raise InvalidParameter(param, f"{param}: leaves no token that may be generated")
     return bias
+
+
+def apply_repetition_penalty(logits: Tensor, counts: Tensor | None, in_prompt: Tensor | None, penalty: float) -> Tensor:
+    """vLLM's repetition penalty over the tokens seen: the generated ones (`counts` > 0) and the
+    prompt's (`in_prompt`, (V,) bool)."""
+    if penalty == 1.0:
+        return logits
+    seen = torch.zeros_like(logits, dtype=torch.bool) if counts is None else counts > 0
+    if in_prompt is not None:
+        seen = seen | in_prompt
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def apply_penalties(logits: Tensor, counts: Tensor | None, presence: float, frequency: float) -> Tensor:
@@ -218,9 +238,12 @@ def sample(
     counts: Tensor | None,
     generator: torch.Generator,
     bias: Tensor | None = None,
+    in_prompt: Tensor | None = None,
 ) -> int:
-    """One token id from fp32 logits (V,); `bias` from `request_bias`."""
+    """One token id from fp32 logits (V,); `bias` from `request_bias`, `in_prompt` (V,) bool
+    the prompt's tokens (for `repetition_penalty`)."""
     x = logits if bias is None else logits + bias
+    x = apply_repetition_penalty(x, counts, in_prompt, params.repetition_penalty)
     x = apply_penalties(x, counts, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return int(x.argmax())
