@@ -14,6 +14,7 @@ import openai
 import pytest
 import torch
 
+import crosschip
 from crosschip.hf import load_bundle
 from crosschip.serve.command import client_url
 from crosschip.serve.engine import Engine
@@ -72,6 +73,8 @@ def greedy_chat_logprobs(client, max_tokens: int, top_logprobs: int, **kw):
 
 def test_health_models_and_metrics(server, client):
     assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.post(server.url + "/ping").json() == httpx.get(server.url + "/health").json()
+    assert httpx.get(server.url + "/version").json() == {"version": crosschip.__version__}
     models = client.models.list()
     assert [m.id for m in models.data] == ["debug"]
     assert abs(models.data[0].created - time.time()) < 3600  # the server's start, as vLLM reports it

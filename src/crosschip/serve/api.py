@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import crosschip
 from crosschip.serve.engine import AsyncEngine, Delta, NotAdmitting, QueueFull, merge_deltas
 from crosschip.serve.metrics import ServeMetrics
 from crosschip.serve.protocol import (
@@ -301,6 +302,13 @@ def create_app(state: ServerState) -> FastAPI:
             status_code=503,
             headers={"Retry-After": RETRY_AFTER_S},
         )
+
+    # vLLM's probes: /ping (SageMaker's health check) answers as /health, /version the release.
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
+    @app.get("/version")
+    async def version():
+        return {"version": crosschip.__version__}
 
     @app.get("/metrics")
     async def metrics():
