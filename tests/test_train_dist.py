@@ -2,7 +2,8 @@
 
 - 2 processes match 1 process with the same global batch;
 - a checkpoint written by 2 processes resumes in 1 and continues the same losses;
-- a checkpoint written by 1 process resumes in 2.
+- a checkpoint written by 1 process resumes in 2;
+- a SIGTERM stops every worker after the same step, saved; so does one worker's time limit.
 """
 
 from __future__ import annotations
@@ -10,9 +11,17 @@ from __future__ import annotations
 import json
 import signal
 import uuid
+from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from crosschip.pipeline import _free_port
+from crosschip.train.checkpoint import latest_verified
+from crosschip.train.distributed import Dist
+from crosschip.train.trainer import Trainer
 from train_helpers import events, losses, processes_tagged, start_train, train, wait_for_first_step, write_config
 
 # One pytest-xdist worker for the module, so that the `one_proc` run is trained once.
@@ -72,15 +81,51 @@ def test_one_process_checkpoint_resumes_on_two(one_proc, tmp_path):
     _close(losses(run), losses(one))
 
 
-def test_sigterm_to_the_launcher_stops_torchrun_and_its_workers_in_one_line(tmp_path):
+def test_sigterm_to_the_launcher_saves_the_step_all_workers_reached_and_stops_them(tmp_path):
     """SIGTERM to `crosschip train --nproc 2` alone (as Kubernetes or `docker stop` send it):
-    the workers stop with it, and the terminal gets one line, not torchrun's own traceback."""
+    torchrun forwards it, the workers agree on a step, save it together and stop; the terminal
+    gets two lines, not torchrun's own traceback, and a resume loses no step."""
     tag = uuid.uuid4().hex
     cfg = write_config(tmp_path, steps=100000, ckpt_every=1000)
-    proc = start_train(cfg, tmp_path / "run", "--nproc", "2", **{TAG: tag})
-    wait_for_first_step(proc, tmp_path / "run")
+    run = tmp_path / "run"
+    proc = start_train(cfg, run, "--nproc", "2", **{TAG: tag})
+    wait_for_first_step(proc, run)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 143, err
-    assert err.strip() == "crosschip train: interrupted (SIGTERM)", err
+    reached = max(losses(run))
+    checkpoint = latest_verified(run / "checkpoints")
+    assert checkpoint.name == f"step_{reached:08d}"
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"crosschip train: saved step {reached} before stopping: {checkpoint}",
+        "crosschip train: interrupted (SIGTERM)",
+    ], err
     assert not processes_tagged(TAG, tag), "left running after the launcher stopped"
+    (stopped,) = events(run, "stopped")
+    assert stopped["step"] == reached
+    # The saved step continues on one process, with none lost.
+    resumed = train(write_config(tmp_path, steps=reached + 2, ckpt_every=1000), run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    (resume,) = events(run, "resume")
+    assert resume["step"] == reached and resume["lost_steps"] == 0
+    assert max(losses(run)) == reached + 2
+
+
+def _agree_on_two_ranks(rank: int, port: int, out) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    rank_view = SimpleNamespace(dist=Dist(rank=rank, world=2), device=torch.device("cpu"))
+    # A signal that reached rank 1 alone; a time limit that rank 0 alone has passed (ranks keep
+    # their own clocks); neither.
+    seen = [Trainer._agree(rank_view, rank == 1, False), Trainer._agree(rank_view, False, rank == 0)]
+    seen.append(Trainer._agree(rank_view, False, False))
+    (out / f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_to_stop_when_any_of_them_must(tmp_path):
+    """Each condition that ends the loop on one rank ends it on all, after the same step: one
+    that went on would wait in a collective for a peer that had left."""
+    mp.spawn(_agree_on_two_ranks, args=(_free_port(), tmp_path), nprocs=2)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen == [[True, False], [False, True], [False, False]], rank

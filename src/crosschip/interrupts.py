@@ -84,8 +84,9 @@ def check() -> None:
 
 
 @contextlib.contextmanager
-def held(*, second_stops: bool = False) -> Iterator[None]:
-    """Hold a Ctrl-C (or SIGTERM) until the block ends, then raise it as usual.
+def held(*, second_stops: bool = False) -> Iterator[list[int]]:
+    """Hold a Ctrl-C (or SIGTERM) until the block ends, then raise it as usual. Yields the list
+    of signals caught so far, for a block that acts on them before it ends.
 
     For a step that must not be cut in two: `Process.start` creates the child before it
     returns the handle that can stop it, and a KeyboardInterrupt in between would leave the
@@ -94,10 +95,10 @@ def held(*, second_stops: bool = False) -> Iterator[None]:
     With `second_stops`, a second signal raises at once, inside the block: for a block that
     can take long or hang (a training step), where the user must still be able to stop it.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield  # handlers can only be set on the main thread, and signals only run there
-        return
     caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught  # handlers can only be set on the main thread, and signals only run there
+        return
     previous: dict = {}
 
     def hold(signum, frame):
@@ -108,7 +109,7 @@ def held(*, second_stops: bool = False) -> Iterator[None]:
 
     previous.update({signum: signal.signal(signum, hold) for signum in SIGNALS})
     try:
-        yield
+        yield caught
     finally:
         restore(previous)
         if caught and not (second_stops and len(caught) >= 2):  # a second one was delivered already

@@ -92,6 +92,20 @@ def _gave_up(out: str) -> int:
         return 0
 
 
+def _report_saved(args: argparse.Namespace) -> None:
+    """The workers' "saved step N before stopping" line, from their log: torchrun's stderr,
+    which carried it, is dropped once the launcher is interrupted."""
+    from pathlib import Path
+
+    from crosschip.train.metrics import read_metrics
+    from crosschip.train.trainer import saved_note
+
+    path = Path(args.out) / "metrics.jsonl"
+    last = read_metrics(path)[-1:] if path.exists() else []
+    if last and last[0]["event"] == "stopped" and last[0].get("checkpoint") and not args.quiet:
+        print(f"crosschip train: {saved_note(last[0]['step'], last[0]['checkpoint'])}", file=sys.stderr)
+
+
 def check_launcher(args: argparse.Namespace) -> None:
     """The launcher's numbers, checked here: torchrun answers them with an AssertionError
     traceback, or (a port out of range) by waiting for a rendezvous that cannot happen."""
@@ -131,7 +145,11 @@ def run(args: argparse.Namespace) -> int:
     if (args.nproc > 1 or args.nnodes) and not D.in_torchrun():
         get_backend(cfg.train.backend).require()  # fail here, once, rather than in every worker
         argv = sys.argv[sys.argv.index("train") + 1 :] if "train" in sys.argv else []
-        code = D.launch_torchrun(args, _worker_argv(argv))
+        try:
+            code = D.launch_torchrun(args, _worker_argv(argv))
+        except KeyboardInterrupt:
+            _report_saved(args)
+            raise
         return _gave_up(args.out) or code
     # A worker group restarted by torchrun (--max-restarts) continues from the last checkpoint.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -142,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
         ok = True
     except HealthGaveUp:
         ok = True  # every process reached the same verdict: end the group cleanly
+        raise
+    except KeyboardInterrupt:
+        ok = trainer.stopped  # all processes stopped after the same step, and saved it
         raise
     finally:
         trainer.close(ok)

@@ -196,7 +196,7 @@ class Trainer:
             self.train_cpu_s = 0.0
             self.tokens_seen = 0
             self.lost_steps = 0
-            self._mid_step = False  # True while a step is under way (its state half made)
+            self.stopped = False  # True once a signal stopped fit() after saving the step reached
             self._start(resume)
         except BaseException:
             self.close(ok=False)  # the batch thread and the log; a failed start is not a finished run
@@ -554,15 +554,27 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, steps: int | None = None) -> dict[str, Any]:
-        """Train until `steps` (default train.steps) or train.max_minutes; returns the summary."""
+        """Train until `steps` (default train.steps) or train.max_minutes; returns the summary.
+
+        A SIGTERM (a preempted job) or Ctrl-C is held and acted on between steps: the state it
+        leaves is a whole step's, which is saved before the KeyboardInterrupt goes on, so
+        `--resume` loses nothing. On one process a second signal stops at once (a hung step,
+        say) and nothing is saved. Several processes get the signal during different steps
+        (torchrun forwards it, a terminal sends it to each), and a save is a collective: they
+        agree before each step (`_agree`) and all stop after the same one; there torchrun's
+        shutdown timeout, which kills the workers, is the hard stop.
+        """
         self.total_steps = steps or self.t.steps
         self.progress = Progress(self.total_steps, self.step, self.verbose)
         watchdog = Watchdog(self.t.hang_timeout_s, self._on_hang, self._on_stuck)
         grace = 10.0  # the first step after a (re)start may compile or warm caches
         try:
-            while self.step < self.total_steps and not self._out_of_time():
-                step = self.step + 1
-                with self._whole_step():
+            with interrupts.held(second_stops=not self.dist.enabled) as signals:
+                while True:
+                    stop, done = self._agree(bool(signals), self.step >= self.total_steps or self._out_of_time())
+                    if stop or done:
+                        break
+                    step = self.step + 1
                     t0, c0 = time.perf_counter(), time.process_time()
                     self._batch_index = None
                     watchdog.arm(grace)
@@ -584,37 +596,33 @@ class Trainer:
                     grace = 1.0
                     self.train_cpu_s += time.process_time() - c0  # CPU seconds: robust on a shared machine
                     self._after_step(step, result, time.perf_counter() - t0)
-        except KeyboardInterrupt:
-            self._keep_on_interrupt()
-            raise
+                if stop:
+                    self._save_before_stopping()
+                    if not signals:
+                        raise KeyboardInterrupt  # another process's signal: stop with it
+                # Leaving held() raises the signal held here as a KeyboardInterrupt.
         finally:
             watchdog.close()
             self.progress.close()
         return self.finish()
 
-    @contextlib.contextmanager
-    def _whole_step(self):
-        """One step (or its rollback) as a unit: a Ctrl-C or SIGTERM waits for its end, so that
-        the state it leaves is a whole step's, which `_keep_on_interrupt` can save. A second
-        signal stops it at once (a hung step, say) and then nothing is saved. Several processes
-        get the signal at different steps, and saving is a collective: they stop as they are."""
-        if self.dist.enabled:
-            yield
-            return
-        with interrupts.held(second_stops=True):
-            self._mid_step = True
-            yield
-            self._mid_step = False
+    def _agree(self, signalled: bool, done: bool) -> tuple[bool, bool]:
+        """(stop for a signal, done) as every process sees them: true when true on any. Ranks
+        keep their own clocks, so on `train.max_minutes` they could otherwise end one step
+        apart, and the one still training would wait in a collective for a peer that left."""
+        if not self.dist.enabled:
+            return signalled, done
+        flags = torch.tensor([float(signalled), float(done)], device=self.device)
+        stop, done = self.dist.all_reduce_sum(flags).tolist()
+        return stop > 0, done > 0
 
-    def _keep_on_interrupt(self) -> None:
-        """Save the step an interrupted run reached, when no checkpoint holds it yet: a run
-        stopped by SIGTERM (a preempted job) or Ctrl-C resumes where it stopped."""
-        if self.dist.enabled or self._mid_step:
-            return
-        with interrupts.held():  # a further signal waits for the save, which is atomic anyway
-            path = self._save_unless_saved()
-        if path is not None and self.verbose:
-            print(f"crosschip train: saved step {self.step} before stopping: {path}", file=sys.stderr)
+    def _save_before_stopping(self) -> None:
+        """Save the step reached, when no checkpoint holds it yet, and say so in the log."""
+        path = self._save_unless_saved()
+        self.stopped = True
+        self.log.event("stopped", step=self.step, checkpoint=str(path) if path else None)
+        if path is not None and self.verbose and self.dist.is_main:
+            print(f"crosschip train: {saved_note(self.step, path)}", file=sys.stderr)
 
     def _out_of_time(self) -> bool:
         return self.t.max_minutes > 0 and self.train_time_s >= 60 * self.t.max_minutes
@@ -710,6 +718,10 @@ class Trainer:
         self.log.close()
         if ok:
             D.shutdown(self.dist)
+
+
+def saved_note(step: int, path: str | Path) -> str:
+    return f"saved step {step} before stopping: {path}"
 
 
 def _read_all(path: Path) -> list[dict[str, Any]]:
