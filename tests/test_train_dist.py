@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import uuid
 from types import SimpleNamespace
@@ -109,6 +110,27 @@ def test_sigterm_to_the_launcher_saves_the_step_all_workers_reached_and_stops_th
     (resume,) = events(run, "resume")
     assert resume["step"] == reached and resume["lost_steps"] == 0
     assert max(losses(run)) == reached + 2
+
+
+def test_ctrl_c_in_a_terminal_saves_the_step_and_says_so_once(tmp_path):
+    """A terminal's Ctrl-C reaches the launcher, torchrun and both workers at once (one process
+    group), and torchrun sends its own SIGINT on: still one save and our two lines. (torchrun
+    logs a few warnings of its own before the launcher hears of it; no traceback.)"""
+    tag = uuid.uuid4().hex
+    cfg = write_config(tmp_path, steps=100000, ckpt_every=1000)
+    run = tmp_path / "run"
+    proc = start_train(cfg, run, "--nproc", "2", new_session=True, **{TAG: tag})
+    wait_for_first_step(proc, run)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    reached = max(losses(run))
+    assert [line for line in err.splitlines() if line.startswith("crosschip")] == [
+        f"crosschip train: saved step {reached} before stopping: {latest_verified(run / 'checkpoints')}",
+        "crosschip train: interrupted",
+    ], err
+    assert "Traceback" not in err
+    assert not processes_tagged(TAG, tag), "left running after the launcher stopped"
 
 
 def _agree_on_two_ranks(rank: int, port: int, out) -> None:

@@ -63,10 +63,13 @@ def train(config: Path, out: Path, *args: str, timeout: float = 300) -> subproce
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_train(config: Path, out: Path, *args: str, **env: str) -> subprocess.Popen:
-    """`crosschip train` started in a fresh process (not quiet), its output piped, for a test to signal."""
+def start_train(config: Path, out: Path, *args: str, new_session: bool = False, **env: str) -> subprocess.Popen:
+    """`crosschip train` started in a fresh process (not quiet), its output piped, for a test to
+    signal; with `new_session`, in a process group of its own, as a terminal's job is."""
     cmd, env = _train_command(config, out, *args, **env)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=new_session
+    )
 
 
 def records(out: Path) -> list[dict]:
