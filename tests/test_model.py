@@ -270,3 +270,44 @@ def test_active_count_is_total_minus_unchosen_experts_minus_embedding():
     moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
     counts = count_params(cfg)
     assert counts.total - counts.active == moe_layers * (e - k) * 3 * d * i + cfg.vocab_size * d
+
+
+def _loss_and_saved_bytes(model: Transformer, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A loss through the blocks and the MTP block, and the bytes of the tensors autograd
+    keeps for its backward."""
+    total = 0
+
+    def keep(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        h = model.hidden(ids)
+        loss = model.logits(h).float().logsumexp(-1).mean() + model.mtp_logits(h, ids).float().mean()
+    return loss, total
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_checkpointed_blocks_give_the_same_gradients_and_keep_far_less(autocast):
+    """Full activation checkpointing recomputes each block in the backward: the same
+    gradients to the bit, with only the block inputs kept meanwhile."""
+    ids = torch.randint(0, 512, (4, 48))
+    grads, kept = {}, {}
+    for checkpointed in (False, True):
+        model = _model(num_nextn_predict_layers=1).train()
+        model.checkpoint_blocks = checkpointed
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss, kept[checkpointed] = _loss_and_saved_bytes(model, ids)
+        loss.backward()
+        grads[checkpointed] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        # The expert loads, read after the backward for the balance update, are the
+        # forward's: the recompute routes the same tokens again and records the same counts.
+        k = model.cfg.num_experts_per_tok
+        for layer in model.layers[model.cfg.first_k_dense_replace :]:
+            assert layer.ffn.last_load.sum() == ids.numel() * k
+        assert model.mtp.block.ffn.last_load.sum() == (ids.numel() - ids.shape[0]) * k
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[False].items():
+        assert torch.equal(grads[True][name], g), name
+    assert kept[True] < kept[False] / 3

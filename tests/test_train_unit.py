@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 
 from crosschip.backends import BackendUnavailable, get_backend
 from crosschip.backends.cpu import CPUBackend
-from crosschip.config import DataConfig, RunConfig, model_preset
+from crosschip.config import ConfigError, DataConfig, RunConfig, model_preset
 from crosschip.data.arith import generate_problems
 from crosschip.errors import CrosschipError
 from crosschip.model import Transformer
@@ -456,6 +456,28 @@ def test_compiled_regions_train_like_eager_and_evaluation_stays_eager(tmp_path):
     assert sorted(runs[True]) == [1, 2, 3]
     for step, loss in runs[False].items():
         assert runs[True][step] == pytest.approx(loss, rel=1e-4)
+
+
+def test_activation_checkpointing_trains_the_same_losses_and_shrinks_the_estimate(tmp_path):
+    runs = {}
+    for mode in ("none", "full"):
+        t = Trainer(debug_cfg(steps=3, activation_checkpoint=mode, eval_every=-1), tmp_path / mode, verbose=False)
+        try:
+            assert t.model.checkpoint_blocks == (mode == "full")
+            t.fit()
+        finally:
+            t.close()
+        runs[mode] = losses(tmp_path / mode)
+    assert runs["full"] == runs["none"] and sorted(runs["full"]) == [1, 2, 3]
+    cfg = debug_cfg(activation_checkpoint="full")
+    cfg.model = model_preset("small-100m")
+    cfg.train.batch_size, cfg.train.seq_len = 16, 1024
+    full = estimate_memory(cfg, 1)["activations"]
+    cfg.train.activation_checkpoint = "none"
+    assert full < estimate_memory(cfg, 1)["activations"] / 4
+    with pytest.raises(ConfigError, match='train.activation_checkpoint: must be "none" or "full"'):
+        cfg.train.activation_checkpoint = "selective"
+        cfg.train.validate()
 
 
 def _failing_backend(where: str):

@@ -367,6 +367,10 @@ class TrainConfig:
     """A step this many times slower than the running median is a straggler event."""
     max_rollbacks: int = 3
     """Rollbacks allowed at the same step before the run stops and asks for failover."""
+    activation_checkpoint: str = "none"
+    """`full`: keep only each block's input for the backward and recompute the rest there
+    (torchtitan's full activation checkpointing): a block's forward runs twice, and activation
+    memory drops to one block's worth plus the block inputs. `none`: keep everything."""
     compile: bool = False
     """torch.compile each attention and RMSNorm for training (`trainer.compile_regions`); the
     MoE and evaluation stay eager. Costs a warm-up of seconds in the first step; where the
@@ -407,6 +411,7 @@ class TrainConfig:
             ("hang_timeout_s", self.hang_timeout_s > 0, "must be positive"),
             ("straggler_factor", self.straggler_factor > 1, "must be above 1"),
             ("max_rollbacks", self.max_rollbacks >= 0, "must be >= 0"),
+            ("activation_checkpoint", self.activation_checkpoint in ("none", "full"), 'must be "none" or "full"'),
         ]
         for name, ok, rule in rules:
             if not ok:

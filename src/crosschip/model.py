@@ -432,6 +432,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = MTP(cfg) if cfg.num_nextn_predict_layers else None
+        self.checkpoint_blocks = False
+        """Recompute each block's activations in the backward instead of keeping them
+        (`train.activation_checkpoint = "full"`); only where gradients are recorded."""
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
         self.reset_parameters()
@@ -473,8 +476,17 @@ class Transformer(nn.Module):
         mask = causal_doc_mask(doc_ids) if doc_ids is not None else None
         h = self.embed(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)
+            h = self._block(layer, h, cos, sin, mask, cache)
         return h
+
+    def _block(self, block: Block, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache) -> Tensor:
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            # Non-reentrant: works under FSDP2 (the recompute gathers the block's shards again)
+            # and keeps the RNG state, so the recomputed forward is the same forward.
+            return checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+        return block(x, cos, sin, mask, cache)
 
     def logits(self, h: Tensor) -> Tensor:
         return self.head(self.norm(h))
@@ -506,7 +518,7 @@ class Transformer(nn.Module):
         # h_i enters after the final norm, as transformers' and vLLM's DeepSeek-V3 MTP take it.
         h = self.norm(h[:, :-1])
         x = self.mtp.eh_proj(torch.cat([self.mtp.enorm(self.embed(input_ids[:, 1:])), self.mtp.hnorm(h)], dim=-1))
-        x = self.mtp.block(x, cos, sin, mask, None)
+        x = self._block(self.mtp.block, x, cos, sin, mask, None)
         return self.head(self.mtp.norm(x))
 
 

@@ -115,7 +115,9 @@ def estimate_memory(cfg: RunConfig, world: int, attention_scores: bool = True) -
     """Bytes one process needs: fp32 params + grads + AdamW moments (sharded over `world`) + activations.
 
     attention_scores: whether attention keeps its (heads, T, T) scores for the backward, as
-    torch's math path does (`Backend.attention_keeps_scores`); fused kernels keep O(T).
+    torch's math path does (`Backend.attention_keeps_scores`); fused kernels keep O(T). With
+    full activation checkpointing each block keeps only its input, and one block's
+    activations exist at a time, while it is recomputed.
     """
     m, t = cfg.model, cfg.train
     total = count_params(m).total
@@ -126,7 +128,11 @@ def estimate_memory(cfg: RunConfig, world: int, attention_scores: bool = True) -
     scores = 5 * m.num_attention_heads * T if attention_scores else 0
     per_layer = 4 * (34 * m.hidden_size + moe_width + scores)
     layers = m.num_hidden_layers + m.num_nextn_predict_layers
-    activations = micro * T * (layers * per_layer + 3 * 4 * m.vocab_size)
+    if t.activation_checkpoint == "full":
+        blocks = layers * 4 * m.hidden_size + per_layer  # every block's input + the one recomputed
+    else:
+        blocks = layers * per_layer
+    activations = micro * T * (blocks + 3 * 4 * m.vocab_size)
     return {"params": total, "states": state, "activations": activations, "total": state + activations}
 
 
@@ -228,6 +234,7 @@ class Trainer:
         torch.manual_seed(self.t.seed)
         model = Transformer(self.cfg.model).to(self.device)
         model.train()
+        model.checkpoint_blocks = self.t.activation_checkpoint == "full"
         # One grouped GEMM over the experts where this device and dtype have the kernel (see
         # `MoE.grouped`), else the loop over experts; both compute the same values.
         self.grouped_experts = grouped_mm_works(self.device, DTYPES[self.dtype])
