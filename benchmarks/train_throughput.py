@@ -124,6 +124,12 @@ def main() -> None:
         "--compile", action="store_true", help="train.compile: torch.compile our attention and RMSNorm regions"
     )
     p.add_argument(
+        "--activation-checkpoint",
+        default="none",
+        choices=["none", "full"],
+        help="train.activation_checkpoint (ours only: transformers keeps every activation)",
+    )
+    p.add_argument(
         "--prefetch", default="auto", choices=["auto", "on", "off"], help="data.prefetch (auto: on accelerators)"
     )
     p.add_argument("--record", action="store_true", help="append a dated row to benchmarks/RESULTS.md")
@@ -134,6 +140,7 @@ def main() -> None:
     cfg = RunConfig(model=model_preset(args.preset))
     cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_every = args.batch, args.seq, 0
     cfg.train.compile = args.compile
+    cfg.train.activation_checkpoint = args.activation_checkpoint
     cfg.data.prefetch = {"auto": "auto", "on": True, "off": False}[args.prefetch]
     cfg.train.backend, cfg.train.dtype = args.backend, args.dtype
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,7 +167,7 @@ def main() -> None:
     ratio = tps_ours / tps_theirs
     print(
         f"config: {args.preset}, batch {args.batch} x seq {args.seq}, {args.backend} {trainer.dtype}, "
-        f"{args.threads} threads, median of {args.repeats}{', compiled' if args.compile else ''}"
+        f"{args.threads} threads, median of {args.repeats}{_flags(args)}"
     )
     print(
         f"FLOPs/token (6 x active + attention): {fpt / 1e6:.1f} MFLOP; "
@@ -174,6 +181,12 @@ def main() -> None:
     if args.record:
         args.machine = args.machine or backend.device_name()
         record(args, trainer.dtype, tps_ours, tps_theirs, ratio, roof_ours, gflops, cpu_ours / cpu_theirs)
+
+
+def _flags(args: argparse.Namespace) -> str:
+    """The run's options that change our step, as the printed config and the row name them."""
+    flags = ["compiled"] * args.compile + ["full activation checkpointing"] * (args.activation_checkpoint == "full")
+    return "".join(", " + f for f in flags)
 
 
 def record(
@@ -192,7 +205,7 @@ def record(
         )
     row = (
         f"| {date} | {args.machine} | {args.preset} B{args.batch}xT{args.seq}, {dtype}, {args.threads} threads"
-        f"{', compiled' if args.compile else ''} | {tps_ours:,.0f} | {tps_theirs:,.0f} | {ratio:.2f}x | {cpu_ratio:.2f}x "
+        f"{_flags(args)} | {tps_ours:,.0f} | {tps_theirs:,.0f} | {ratio:.2f}x | {cpu_ratio:.2f}x "
         f"| {roof:.0%} | {gflops:.0f} |\n"
     )
     lines = text.rstrip("\n").split("\n")
