@@ -227,6 +227,23 @@ def test_session_uses_backend_providers(fp32_bundle):
 
 
 @pytest.mark.slow
+def test_ort_executor_reuses_a_cached_prefix_with_the_same_output(fp32_bundle, model):
+    from crosschip.serve.engine import Engine
+    from crosschip.serve.sampling import SamplingParams
+    from crosschip.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(fp32_bundle)
+    prompt = "The quick brown fox jumps over the lazy dog, " * 4
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine = Engine(OrtExecutor(fp32_bundle, get_backend("ort:cpu"), max_batch=2, block_size=8), tok, max_batch=2)
+    first, again = (engine.generate([prompt], greedy)[0] for _ in range(2))
+    assert engine.prefix_hit_tokens == (len(first.prompt_token_ids) - 1) // 8 * 8 > 0
+    expected = Engine(TorchExecutor(model, max_batch=2), tok, max_batch=2, prefix_caching=False).generate(
+        [prompt], greedy
+    )[0]
+    assert first.token_ids == again.token_ids == expected.token_ids
+
+
 def test_serve_on_ort_cpu_matches_torch_engine(fp32_bundle, model):
     """`crosschip serve BUNDLE --on ort:cpu`: same scheduler and HTTP API; greedy text equals the torch engine's."""
     import openai

@@ -330,6 +330,14 @@ def test_n_choices_with_seed_are_reproducible(client):
     assert not {x.text for x in a.choices} & {x.text for x in c.choices}
 
 
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(server, client):
+    prompt = " ".join(PROMPTS) * 2
+    before = server.metric("crosschip_prefix_cache_hit_tokens")
+    a, b = (client.completions.create(model="debug", prompt=prompt, max_tokens=6, temperature=0) for _ in range(2))
+    assert b.choices[0].text == a.choices[0].text
+    assert server.metric("crosschip_prefix_cache_hit_tokens") - before >= a.usage.prompt_tokens - 16
+
+
 def test_logit_bias_allowed_token_ids_and_min_tokens(client, offline):
     """OpenAI's logit_bias and vLLM's allowed_token_ids and min_tokens, with the official client."""
     _, tok = offline
@@ -503,7 +511,9 @@ def test_non_streaming_disconnect_frees_blocks(server):
 
 
 def test_overload_gets_503_with_retry_after_and_api_key_is_enforced(debug_bundle):
-    srv = ServerProcess(debug_bundle, "--max-batch", "1", "--max-queue", "2", "--api-key", "sekret")
+    srv = ServerProcess(
+        debug_bundle, "--max-batch", "1", "--max-queue", "2", "--api-key", "sekret", "--no-prefix-caching"
+    )
     try:
         r = httpx.post(srv.api + "/completions", json={"prompt": "hi"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -521,6 +531,11 @@ def test_overload_gets_503_with_retry_after_and_api_key_is_enforced(debug_bundle
         )  # two queue places (plus one running); the rest are refused
         refused = next(r for r in asyncio.run(burst()) if r.status_code == 503)
         assert refused.headers["retry-after"] and refused.json()["error"]["type"] == "service_unavailable"
+        # --no-prefix-caching: a repeated long prompt is computed whole every time.
+        body = {"model": "debug", "prompt": " ".join(PROMPTS) * 2, "max_tokens": 2}
+        for _ in range(2):
+            assert httpx.post(srv.api + "/completions", json=body, headers=headers, timeout=60).status_code == 200
+        assert srv.metric("crosschip_prefix_cache_hit_tokens") == 0
     finally:
         srv.stop()
 

@@ -94,6 +94,59 @@ def test_blocks_are_reserved_and_released(loaded):
     assert ex.cache_usage()["bytes_used"] == 4 * ex.blocks.block_bytes()
 
 
+def test_block_tables_share_a_cached_prompt_prefix_and_evict_it_last():
+    from crosschip.serve.executor import BlockTables
+
+    bt = BlockTables(num_blocks=7, block_size=4)  # 6 usable blocks
+    prompt = list(range(10, 20))  # 10 tokens: 2 full blocks
+    assert bt.reserve(0, 12, prompt) and bt.lengths[0] == 0  # nothing cached yet: 3 blocks
+    bt.written(0, 10)  # prefill done: both full prompt blocks are keyed
+    # The same prompt shares both full blocks; it computes only the block with its last token.
+    assert bt.reserve(1, 12, prompt) and bt.lengths[1] == 8
+    assert bt.tables[1][:2] == bt.tables[0][:2] and bt.tables[1][2] != bt.tables[0][2]
+    assert bt.blocks_used == 4
+    # A prompt of exactly 2 blocks shares 1: its last token is computed for the first logits.
+    assert bt.reserve(2, 9, prompt[:8]) and bt.lengths[2] == 4 and bt.blocks_used == 6
+    # A prompt that differs in its first block shares nothing.
+    assert not bt.reserve(3, 4, [99, *prompt[1:]])  # and the pool is full: no change
+    assert 3 not in bt.tables and bt.blocks_used == 6
+    for seq in (0, 1, 2):
+        bt.release(seq)
+    # Released, the keyed blocks stay cached (not in use) and are shared again.
+    assert bt.blocks_used == 0 and len(bt.evictable) == 2
+    assert bt.reserve(4, 12, prompt) and bt.lengths[4] == 8
+    bt.release(4)
+    # Fresh blocks come from the free list first, then from the cached blocks released longest ago.
+    assert bt.reserve(5, 6 * 4, [1] * 24) and bt.blocks_used == 6 and not bt.cached
+    bt.release(5)
+    assert bt.reserve(6, 12, prompt) and bt.lengths[6] == 0  # the prefix was evicted
+
+
+def test_a_repeated_prompt_reuses_its_prefix_and_generates_the_same(loaded):
+    """The second request with a long prompt computes only its last block: the same greedy
+    tokens as without prefix caching, and as the first request."""
+    prompt = PROMPTS[1] * 3  # 3 x 16 tokens: several blocks of 8
+    plain = make_engine(loaded, prefix_caching=False)
+    cached = make_engine(loaded)
+    ref = plain.generate([prompt], GREEDY)[0]
+    first = cached.generate([prompt], GREEDY)[0]
+    assert cached.prefix_hit_tokens == 0
+    fed = []
+    step = cached.executor.step
+    cached.executor.step = lambda chunks, **kw: fed.extend(len(c.token_ids) for c in chunks) or step(chunks, **kw)
+    again = cached.generate([prompt], GREEDY)[0]
+    n = len(ref.prompt_token_ids)
+    assert cached.prefix_hit_tokens == (n - 1) // 8 * 8 > 0
+    assert sum(fed) == n - cached.prefix_hit_tokens + GREEDY.max_tokens - 1  # only the uncached tail went in
+    assert ref.token_ids == first.token_ids == again.token_ids
+    assert cached.executor.cache_usage()["blocks_used"] == 0
+    # Prompt logprobs need every prompt token's logits: such a request computes its prompt whole.
+    echo = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=1)
+    hits = cached.prefix_hit_tokens
+    out = cached.generate([prompt], echo)[0]
+    assert cached.prefix_hit_tokens == hits and len(out.prompt_logprobs) == n
+
+
 def test_make_executor_loads_the_bundle(debug_bundle):
     ex = make_executor(debug_bundle, "torch:cpu", max_batch=2)
     assert ex.vocab_size == 512 and ex.max_seq_len == 256

@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULTS.prefill_chunk, help="prompt tokens fed per step")
     parser.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt whole (default: reuse the cached latents of a prompt's known full blocks)",
+    )
+    parser.add_argument(
         "--drain-timeout",
         dest="drain_timeout_s",
         type=float,
@@ -78,7 +84,12 @@ def load_engine(args: argparse.Namespace):
     executor = make_executor(args.bundle, args.on, **opts)
     tokenizer = Tokenizer.load(args.bundle)
     engine = Engine(
-        executor, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk
+        executor,
+        tokenizer,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+        prefix_caching=args.prefix_caching,
     )
     front = AsyncEngine(engine)
     front.start()

@@ -186,7 +186,10 @@ class Engine:
         max_queue: int = 256,
         prefill_chunk: int = 256,
         eos_token_ids: list[int] | None = None,
+        prefix_caching: bool = True,
     ):
+        """prefix_caching: a prompt whose first blocks match a cached prompt's reuses their
+        latents (see `BlockTables`); off, every prompt is computed whole."""
         check_limits(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
         self.executor = executor
         self.tokenizer = tokenizer
@@ -205,6 +208,8 @@ class Engine:
         self._lock = threading.Lock()
         self.admitting = True
         self.steps = 0
+        self.prefix_caching = prefix_caching
+        self.prefix_hit_tokens = 0  # prompt tokens taken from the cache instead of computed
 
     # -- requests -------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -352,10 +357,14 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             total = len(seq.prompt_ids) + seq.request.max_tokens
-            if not self.executor.can_allocate(seq.seq_id, total):
+            # Prompt logprobs need the logits of every prompt token: such a prompt is computed whole.
+            share = self.prefix_caching and seq.request.params.prompt_logprobs is None
+            if not self.executor.can_allocate(seq.seq_id, total, seq.prompt_ids if share else ()):
                 if not self.running:  # nothing will free up: this sequence can never fit the cache
                     self.abort(seq.request.request_id)
                 break  # first come, first served: wait for blocks to free up
+            seq.computed = self.executor.computed_tokens(seq.seq_id)
+            self.prefix_hit_tokens += seq.computed
             with self._lock:
                 self.waiting.popleft()
             self.running.append(seq)

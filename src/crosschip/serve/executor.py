@@ -12,7 +12,10 @@ the pool through the model's `LatentCache` protocol (`PagedBatchCache`).
 from __future__ import annotations
 
 import abc
+import hashlib
 import math
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,13 +48,18 @@ class Executor(Protocol):
     cache_bytes_per_token_per_layer: int
     """(kv_lora_rank + qk_rope_head_dim) * dtype size."""
 
-    def can_allocate(self, seq_id: int, total_tokens: int) -> bool:
+    def can_allocate(self, seq_id: int, total_tokens: int, prompt_ids: Sequence[int] = ()) -> bool:
         """Whether the cache can hold sequence `seq_id` grown to `total_tokens` tokens.
 
         The engine asks this before admitting a sequence (prompt + max_tokens). An executor may
-        reserve the room on a True answer (TorchExecutor does), so that later `step` calls of
-        that sequence never run out; `release` gives it back.
+        reserve the room on a True answer (both do), so that later `step` calls of that
+        sequence never run out; `release` gives it back. With `prompt_ids`, it may also find
+        a cached prefix of that prompt (`computed_tokens` then counts it).
         """
+        ...
+
+    def computed_tokens(self, seq_id: int) -> int:
+        """Tokens of `seq_id` already in the cache: the first prompt chunk starts there."""
         ...
 
     def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> Tensor | list[Tensor]:
@@ -78,7 +86,7 @@ class Executor(Protocol):
 
 
 class BlockTables:
-    """Which blocks of a paged pool each sequence owns.
+    """Which blocks of a paged pool each sequence holds, and which hold a cached prompt prefix.
 
     The pool is `num_blocks` fixed-size blocks, preallocated once and handed to sequences
     through per-sequence block tables, so requests of different lengths share it without
@@ -86,6 +94,13 @@ class BlockTables:
     pos % block_size`. Block 0 is scratch: padded tokens of a batch write there and it is never
     handed out. Only bookkeeping: each executor owns its storage (`BlockPool`'s tensor, the ORT
     executor's OrtValues).
+
+    Prefix caching (as vLLM's): a block filled with prompt tokens is keyed by a hash of those
+    tokens and of every token before them. A later sequence whose prompt starts with the same
+    full blocks takes those blocks into its table (counted references; nobody writes into a
+    full block again) and computes only the rest. A released block that holds a cached prefix
+    stays cached until a fresh block is needed and none is free: then the least recently
+    released goes first.
     """
 
     def __init__(self, num_blocks: int, block_size: int):
@@ -96,33 +111,105 @@ class BlockTables:
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}  # seq_id -> tokens written
         self.slot_map: dict[int, np.ndarray] = {}  # seq_id -> pool slot of each position it has room for
+        self.refs: dict[int, int] = {}  # block -> sequences holding it
+        self.cached: dict[bytes, int] = {}  # prefix hash -> the block holding that prefix's last block
+        self.block_hash: dict[int, bytes] = {}  # the inverse, for the blocks in `cached`
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence holds, oldest first
+        self.pending: dict[int, tuple[list[bytes], int]] = {}  # seq_id -> (its prompt's block hashes, registered)
 
     def capacity(self, seq_id: int) -> int:
         return len(self.tables.get(seq_id, ())) * self.block_size
 
-    def reserve(self, seq_id: int, total_tokens: int) -> bool:
-        """Give `seq_id` enough blocks for `total_tokens`; False (and no change) if the pool is short."""
-        need = math.ceil(total_tokens / self.block_size) - len(self.tables.get(seq_id, ()))
-        if need <= 0:
+    def reserve(self, seq_id: int, total_tokens: int, prompt: Sequence[int] = ()) -> bool:
+        """Give `seq_id` enough blocks for `total_tokens`; False (and no change) if the pool is short.
+
+        On a sequence's first reservation, `prompt` (its prompt ids; empty: no sharing) lets it
+        take the cached blocks of its prompt's longest cached prefix, short of the block with
+        its last token, which must be computed for the first logits. `lengths[seq_id]` then
+        counts those tokens as written."""
+        table = self.tables.get(seq_id)
+        hashes = self._hashes(prompt) if table is None else []
+        shared = []
+        for h in hashes[: (len(prompt) - 1) // self.block_size]:
+            if h not in self.cached:
+                break
+            shared.append(self.cached[h])
+        held = len(table) if table is not None else len(shared)
+        need = math.ceil(total_tokens / self.block_size) - held
+        if need <= 0 and table is not None:
             return True
-        if need > len(self.free):
+        need = max(need, 0)
+        if need > len(self.free) + len(self.evictable) - sum(b in self.evictable for b in shared):
             return False
-        table = self.tables.setdefault(seq_id, [])
-        table.extend(self.free.pop() for _ in range(need))
-        self.lengths.setdefault(seq_id, 0)
+        for b in shared:
+            self.evictable.pop(b, None)
+            self.refs[b] = self.refs.get(b, 0) + 1
+        if table is None:
+            table = self.tables[seq_id] = shared
+            self.lengths[seq_id] = len(shared) * self.block_size
+            if hashes:
+                self.pending[seq_id] = (hashes, len(shared))
+        for _ in range(need):
+            b = self._take()
+            self.refs[b] = 1
+            table.append(b)
         # Built once per reservation, so a step slices it instead of recomputing slots.
         blocks = np.asarray(table, dtype=np.int64)[:, None] * self.block_size
         self.slot_map[seq_id] = (blocks + np.arange(self.block_size)).ravel()
         return True
 
+    def written(self, seq_id: int, length: int) -> None:
+        """`seq_id` now has `length` tokens written: key its newly filled prompt blocks."""
+        self.lengths[seq_id] = length
+        if seq_id not in self.pending:
+            return
+        hashes, done = self.pending[seq_id]
+        full = min(length // self.block_size, len(hashes))
+        table = self.tables[seq_id]
+        for i in range(done, full):
+            # Two sequences that computed the same prefix at once: the first block keyed stays.
+            if hashes[i] not in self.cached:
+                self.cached[hashes[i]] = table[i]
+                self.block_hash[table[i]] = hashes[i]
+        if full == len(hashes):
+            del self.pending[seq_id]
+        else:
+            self.pending[seq_id] = (hashes, full)
+
     def release(self, seq_id: int) -> None:
-        self.free.extend(reversed(self.tables.pop(seq_id, [])))
+        for b in reversed(self.tables.pop(seq_id, [])):
+            self.refs[b] -= 1
+            if self.refs[b]:
+                continue
+            del self.refs[b]
+            if b in self.block_hash:
+                self.evictable[b] = None  # newest last
+            else:
+                self.free.append(b)
         self.lengths.pop(seq_id, None)
         self.slot_map.pop(seq_id, None)
+        self.pending.pop(seq_id, None)
 
     @property
     def blocks_used(self) -> int:
-        return self.num_blocks - 1 - len(self.free)
+        """Blocks some sequence holds (cached blocks that none holds are not in use)."""
+        return self.num_blocks - 1 - len(self.free) - len(self.evictable)
+
+    def _take(self) -> int:
+        if self.free:
+            return self.free.pop()
+        b, _ = self.evictable.popitem(last=False)  # the cached prefix released longest ago
+        del self.cached[self.block_hash.pop(b)]
+        return b
+
+    def _hashes(self, prompt: Sequence[int]) -> list[bytes]:
+        """Key of each full block of `prompt`: a hash of its tokens and of the key before it."""
+        keys, key = [], b""
+        ids = np.asarray(prompt, dtype=np.int64)
+        for i in range(len(prompt) // self.block_size):
+            key = hashlib.sha256(key + ids[i * self.block_size : (i + 1) * self.block_size].tobytes()).digest()
+            keys.append(key)
+        return keys
 
 
 def pool_blocks(num_blocks: int, block_size: int, max_batch: int, max_seq_len: int) -> int:
@@ -261,15 +348,18 @@ class PagedExecutor(abc.ABC):
     max_seq_len: int
     cache_bytes_per_token_per_layer: int
 
-    def can_allocate(self, seq_id: int, total_tokens: int) -> bool:
-        return total_tokens <= self.max_seq_len and self.blocks.reserve(seq_id, total_tokens)
+    def can_allocate(self, seq_id: int, total_tokens: int, prompt_ids: Sequence[int] = ()) -> bool:
+        return total_tokens <= self.max_seq_len and self.blocks.reserve(seq_id, total_tokens, prompt_ids)
+
+    def computed_tokens(self, seq_id: int) -> int:
+        return self.blocks.lengths.get(seq_id, 0)
 
     def step(self, chunks: list[Chunk], *, all_logits: bool = False) -> Tensor | list[Tensor]:
         for c in chunks:
             self._ensure_room(c)
         out = run_in_groups(chunks, self._run, all_logits)
         for c in chunks:
-            self.blocks.lengths[c.seq_id] = c.start_pos + len(c.token_ids)
+            self.blocks.written(c.seq_id, c.start_pos + len(c.token_ids))
         return out
 
     def release(self, seq_id: int) -> None:
@@ -286,6 +376,7 @@ class PagedExecutor(abc.ABC):
             "bytes_total": (b.num_blocks - 1) * block_bytes,
             "bytes_per_token_per_layer": self.cache_bytes_per_token_per_layer,
             "sequences": len(b.tables),
+            "blocks_cached": len(b.cached),
         }
 
     def _ensure_room(self, c: Chunk) -> None:
