@@ -425,7 +425,7 @@ def test_the_run_serves_with_its_config_serve_table(fp32_bundle, tmp_path):
     from crosschip.config import ServeConfig
     from crosschip.pipeline import _free_port, _start_server
 
-    serve = ServeConfig(backend="ort:cpu", max_batch=3, prefill_chunk=64, api_key="sekret")
+    serve = ServeConfig(backend="ort:cpu", max_batch=3, prefill_chunk=64, prefix_caching=False, api_key="sekret")
     port = _free_port()
     proc = _start_server(fp32_bundle, serve, port, serve.api_key, tmp_path / "serve.log")
     try:
@@ -434,6 +434,7 @@ def test_the_run_serves_with_its_config_serve_table(fp32_bundle, tmp_path):
         assert httpx.get(url, headers={"Authorization": "Bearer sekret"}).status_code == 200
         cmdline = " ".join(psutil.Process(proc.pid).cmdline())
         assert "--max-batch 3" in cmdline and "--prefill-chunk 64" in cmdline and "sekret" not in cmdline
+        assert "--no-prefix-caching" in cmdline
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

@@ -440,6 +440,8 @@ class ServeConfig:
     num_blocks: int = 0
     """Cache blocks in the pool (0 = enough for max_batch full-length sequences)."""
     prefill_chunk: int = 256
+    prefix_caching: bool = True
+    """Reuse the cached latents of a prompt's known full blocks (`crosschip serve --no-prefix-caching`)."""
     drain_timeout_s: float = 30.0
     api_key: str = ""
 

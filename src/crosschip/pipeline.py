@@ -303,6 +303,8 @@ def _start_server(bundle: Path, serve: ServeConfig, port: int, api_key: str, log
     cmd += ["--port", str(port), "--max-batch", str(serve.max_batch), "--max-queue", str(serve.max_queue)]
     cmd += ["--block-size", str(serve.block_size), "--num-blocks", str(serve.num_blocks)]
     cmd += ["--prefill-chunk", str(serve.prefill_chunk), "--drain-timeout", str(serve.drain_timeout_s)]
+    if not serve.prefix_caching:
+        cmd.append("--no-prefix-caching")
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
     if api_key:
         env[API_KEY_ENV] = api_key
