@@ -84,7 +84,7 @@ def _wait(proc: subprocess.Popen) -> int:
     """proc's exit code, waiting in short naps: a signal that the kernel hands to another
     thread (torch's, the relay) does not wake a main thread blocked in waitpid(), which
     would see the interruption only once torchrun had exited, after its workers' own lines
-    had come through the relay (3 in 8 Ctrl-Cs on this machine)."""
+    had come through the relay (6 of 17 simulated Ctrl-Cs on this machine)."""
     while True:
         try:
             return proc.wait(timeout=0.1)
