@@ -100,7 +100,7 @@ def test_block_tables_share_a_cached_prompt_prefix_and_evict_it_last():
     bt = BlockTables(num_blocks=7, block_size=4)  # 6 usable blocks
     prompt = list(range(10, 20))  # 10 tokens: 2 full blocks
     assert bt.reserve(0, 12, prompt) and bt.lengths[0] == 0  # nothing cached yet: 3 blocks
-    bt.written(0, 10)  # prefill done: both full prompt blocks are keyed
+    bt.written(0, 0, prompt)  # prefill done: both full prompt blocks are keyed
     # The same prompt shares both full blocks; it computes only the block with its last token.
     assert bt.reserve(1, 12, prompt) and bt.lengths[1] == 8
     assert bt.tables[1][:2] == bt.tables[0][:2] and bt.tables[1][2] != bt.tables[0][2]
@@ -120,6 +120,32 @@ def test_block_tables_share_a_cached_prompt_prefix_and_evict_it_last():
     assert bt.reserve(5, 6 * 4, [1] * 24) and bt.blocks_used == 6 and not bt.cached
     bt.release(5)
     assert bt.reserve(6, 12, prompt) and bt.lengths[6] == 0  # the prefix was evicted
+
+
+def test_block_tables_key_the_blocks_a_sequence_generates():
+    """A chat's next turn repeats the earlier answer: blocks filled by decoded tokens are keyed
+    as prompt blocks are, by the whole sequence of tokens before them."""
+    from crosschip.serve.executor import BlockTables
+
+    bt = BlockTables(num_blocks=11, block_size=4)
+    prompt, answer = list(range(10, 16)), [40, 41, 42, 43, 44]  # 6 prompt tokens, 5 generated
+    assert bt.reserve(0, 12, prompt)
+    bt.written(0, 0, prompt)
+    for pos, token in enumerate(answer[:-1], start=len(prompt)):  # the last token is never fed
+        bt.written(0, pos, [token])
+    assert len(bt.cached) == 2  # 10 tokens written: 2 full blocks, the second ends in the answer
+    turn2 = prompt + answer + [7, 8]
+    assert bt.reserve(1, 16, turn2) and bt.lengths[1] == 8 and bt.tables[1][:2] == bt.tables[0][:2]
+    # The same answer after another prompt shares only what the two sequences have in common.
+    assert bt.reserve(2, 16, [99, *prompt[1:], *answer]) and bt.lengths[2] == 0
+    # A sequence reserved without its prompt (prefix caching off for it) keys nothing.
+    bt.release(0)
+    bt.release(1)
+    bt.release(2)
+    keyed = dict(bt.cached)
+    assert bt.reserve(3, 12)
+    bt.written(3, 0, list(range(12)))
+    assert bt.cached == keyed
 
 
 def test_a_repeated_prompt_reuses_its_prefix_and_generates_the_same(loaded):
@@ -145,6 +171,20 @@ def test_a_repeated_prompt_reuses_its_prefix_and_generates_the_same(loaded):
     hits = cached.prefix_hit_tokens
     out = cached.generate([prompt], echo)[0]
     assert cached.prefix_hit_tokens == hits and len(out.prompt_logprobs) == n
+
+
+def test_a_chat_turn_reuses_the_blocks_of_the_earlier_answer(loaded):
+    """The next turn's prompt holds the first turn's prompt and answer: every full block of
+    those comes from the cache, and the answer is the one computed without prefix caching."""
+    _, tok = loaded
+    plain, cached = make_engine(loaded, prefix_caching=False), make_engine(loaded)
+    first = cached.generate([PROMPTS[1]], GREEDY)[0]
+    turn2 = first.prompt_token_ids + first.token_ids + tok.encode(" and again", add_bos=False)
+    written = len(first.prompt_token_ids) + len(first.token_ids) - 1  # the last token is never fed
+    hits = cached.prefix_hit_tokens
+    again = cached.generate([turn2], GREEDY)[0]
+    assert cached.prefix_hit_tokens - hits == written // 8 * 8 > len(first.prompt_token_ids)
+    assert again.token_ids == plain.generate([turn2], GREEDY)[0].token_ids
 
 
 def test_make_executor_loads_the_bundle(debug_bundle):

@@ -95,12 +95,13 @@ class BlockTables:
     handed out. Only bookkeeping: each executor owns its storage (`BlockPool`'s tensor, the ORT
     executor's OrtValues).
 
-    Prefix caching (as vLLM's): a block filled with prompt tokens is keyed by a hash of those
-    tokens and of every token before them. A later sequence whose prompt starts with the same
-    full blocks takes those blocks into its table (counted references; nobody writes into a
-    full block again) and computes only the rest. A released block that holds a cached prefix
-    stays cached until a fresh block is needed and none is free: then the least recently
-    released goes first.
+    Prefix caching (as vLLM's): a block filled with a sequence's tokens, from its prompt or
+    generated, is keyed by a hash of those tokens and of every token before them. A later
+    sequence whose prompt starts with the same full blocks (a shared system prompt, a chat's
+    history with its earlier answers) takes those blocks into its table (counted references;
+    nobody writes into a full block again) and computes only the rest. A released block that
+    holds a cached prefix stays cached until a fresh block is needed and none is free: then the
+    least recently released goes first.
     """
 
     def __init__(self, num_blocks: int, block_size: int):
@@ -115,7 +116,9 @@ class BlockTables:
         self.cached: dict[bytes, int] = {}  # prefix hash -> the block holding that prefix's last block
         self.block_hash: dict[int, bytes] = {}  # the inverse, for the blocks in `cached`
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence holds, oldest first
-        self.pending: dict[int, tuple[list[bytes], int]] = {}  # seq_id -> (its prompt's block hashes, registered)
+        # seq_id -> [key of its last keyed block, blocks keyed, tokens written since]: for the
+        # sequences that take part in prefix caching (those reserved with their prompt).
+        self.keying: dict[int, list] = {}
 
     def capacity(self, seq_id: int) -> int:
         return len(self.tables.get(seq_id, ())) * self.block_size
@@ -147,8 +150,8 @@ class BlockTables:
         if table is None:
             table = self.tables[seq_id] = shared
             self.lengths[seq_id] = len(shared) * self.block_size
-            if hashes:
-                self.pending[seq_id] = (hashes, len(shared))
+            if prompt:
+                self.keying[seq_id] = [hashes[len(shared) - 1] if shared else b"", len(shared), []]
         for _ in range(need):
             b = self._take()
             self.refs[b] = 1
@@ -158,23 +161,24 @@ class BlockTables:
         self.slot_map[seq_id] = (blocks + np.arange(self.block_size)).ravel()
         return True
 
-    def written(self, seq_id: int, length: int) -> None:
-        """`seq_id` now has `length` tokens written: key its newly filled prompt blocks."""
-        self.lengths[seq_id] = length
-        if seq_id not in self.pending:
+    def written(self, seq_id: int, start: int, token_ids: Sequence[int]) -> None:
+        """`seq_id` now has `token_ids` written from position `start`: key each block they fill."""
+        self.lengths[seq_id] = start + len(token_ids)
+        state = self.keying.get(seq_id)
+        if state is None:
             return
-        hashes, done = self.pending[seq_id]
-        full = min(length // self.block_size, len(hashes))
+        key, filled, tail = state
+        tail.extend(token_ids)
         table = self.tables[seq_id]
-        for i in range(done, full):
+        while len(tail) >= self.block_size:
+            key = _chain(key, tail[: self.block_size])
+            del tail[: self.block_size]
             # Two sequences that computed the same prefix at once: the first block keyed stays.
-            if hashes[i] not in self.cached:
-                self.cached[hashes[i]] = table[i]
-                self.block_hash[table[i]] = hashes[i]
-        if full == len(hashes):
-            del self.pending[seq_id]
-        else:
-            self.pending[seq_id] = (hashes, full)
+            if key not in self.cached:
+                self.cached[key] = table[filled]
+                self.block_hash[table[filled]] = key
+            filled += 1
+        state[0], state[1] = key, filled
 
     def release(self, seq_id: int) -> None:
         for b in reversed(self.tables.pop(seq_id, [])):
@@ -188,7 +192,7 @@ class BlockTables:
                 self.free.append(b)
         self.lengths.pop(seq_id, None)
         self.slot_map.pop(seq_id, None)
-        self.pending.pop(seq_id, None)
+        self.keying.pop(seq_id, None)
 
     @property
     def blocks_used(self) -> int:
@@ -203,13 +207,17 @@ class BlockTables:
         return b
 
     def _hashes(self, prompt: Sequence[int]) -> list[bytes]:
-        """Key of each full block of `prompt`: a hash of its tokens and of the key before it."""
-        keys, key = [], b""
-        ids = np.asarray(prompt, dtype=np.int64)
-        for i in range(len(prompt) // self.block_size):
-            key = hashlib.sha256(key + ids[i * self.block_size : (i + 1) * self.block_size].tobytes()).digest()
+        """Key of each full block of `prompt`, as `written` keys them."""
+        keys, key, bs = [], b"", self.block_size
+        for i in range(len(prompt) // bs):
+            key = _chain(key, prompt[i * bs : (i + 1) * bs])
             keys.append(key)
         return keys
+
+
+def _chain(key: bytes, block: Sequence[int]) -> bytes:
+    """A block's key: a hash of its tokens and of the key of the block before it."""
+    return hashlib.sha256(key + np.asarray(block, dtype=np.int64).tobytes()).digest()
 
 
 def pool_blocks(num_blocks: int, block_size: int, max_batch: int, max_seq_len: int) -> int:
@@ -359,7 +367,7 @@ class PagedExecutor(abc.ABC):
             self._ensure_room(c)
         out = run_in_groups(chunks, self._run, all_logits)
         for c in chunks:
-            self.blocks.written(c.seq_id, c.start_pos + len(c.token_ids))
+            self.blocks.written(c.seq_id, c.start_pos, c.token_ids)
         return out
 
     def release(self, seq_id: int) -> None:
