@@ -128,7 +128,7 @@ class Offline:
 class Server:
     """`crosschip serve` in its own process, driven over HTTP."""
 
-    def __init__(self, bundle: Path, threads: int, compile: bool, on: str = "torch:cpu"):
+    def __init__(self, bundle: Path, threads: int, compile: bool, on: str = "torch:cpu", extra: list[str] = ()):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = [
             sys.executable,
@@ -147,6 +147,7 @@ class Server:
         ]
         if compile:
             cmd.append("--compile")
+        cmd += extra
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.url, said = "", []
         for line in self.proc.stdout:

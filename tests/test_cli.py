@@ -139,6 +139,7 @@ def test_train_refuses_launcher_numbers_before_torchrun(tmp_path, capsys, args, 
         ("ort_decode", ["--batches", "1,0"], 2, "argument --batches: expected comma-separated integers >= 1"),
         ("graph_ab", ["a", "b", "--batches", "1,x"], 2, "got '1,x': expected an integer, got 'x'"),
         ("cuda_checks", ["--out", "unused", "--decode-batches", "8,-1"], 2, "must be at least 1, got -1"),
+        ("prefix_caching", ["--turns", "9"], 2, "the last turn reaches 600 tokens; arith-tiny's context is 512"),
         # Used to say only "server did not start"; the server's own error names the cause.
         ("serve_throughput", ["--on", "torch:npu"], 1, "the server did not start: crosschip serve: error: torch:npu"),
     ],
