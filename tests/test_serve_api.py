@@ -332,10 +332,11 @@ def test_n_choices_with_seed_are_reproducible(client):
 
 def test_a_repeated_prompt_is_served_from_the_prefix_cache(server, client):
     prompt = " ".join(PROMPTS) * 2
-    before = server.metric("crosschip_prefix_cache_hit_tokens")
+    hits, queries = (server.metric(f"crosschip_prefix_cache_{m}_tokens") for m in ("hit", "query"))
     a, b = (client.completions.create(model="debug", prompt=prompt, max_tokens=6, temperature=0) for _ in range(2))
     assert b.choices[0].text == a.choices[0].text
-    assert server.metric("crosschip_prefix_cache_hit_tokens") - before >= a.usage.prompt_tokens - 16
+    assert server.metric("crosschip_prefix_cache_hit_tokens") - hits >= a.usage.prompt_tokens - 16
+    assert server.metric("crosschip_prefix_cache_query_tokens") - queries == 2 * a.usage.prompt_tokens
 
 
 def test_logit_bias_allowed_token_ids_and_min_tokens(client, offline):
@@ -535,7 +536,7 @@ def test_overload_gets_503_with_retry_after_and_api_key_is_enforced(debug_bundle
         body = {"model": "debug", "prompt": " ".join(PROMPTS) * 2, "max_tokens": 2}
         for _ in range(2):
             assert httpx.post(srv.api + "/completions", json=body, headers=headers, timeout=60).status_code == 200
-        assert srv.metric("crosschip_prefix_cache_hit_tokens") == 0
+        assert srv.metric("crosschip_prefix_cache_hit_tokens") == srv.metric("crosschip_prefix_cache_query_tokens") == 0
     finally:
         srv.stop()
 

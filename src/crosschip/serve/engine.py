@@ -209,7 +209,10 @@ class Engine:
         self.admitting = True
         self.steps = 0
         self.prefix_caching = prefix_caching
-        self.prefix_hit_tokens = 0  # prompt tokens taken from the cache instead of computed
+        # Prompt tokens looked up in the prefix cache, and those found there instead of computed
+        # (vLLM's prefix_cache_queries and prefix_cache_hits: their ratio is the hit rate).
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     # -- requests -------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -364,6 +367,7 @@ class Engine:
                     self.abort(seq.request.request_id)
                 break  # first come, first served: wait for blocks to free up
             seq.computed = self.executor.computed_tokens(seq.seq_id)
+            self.prefix_query_tokens += len(seq.prompt_ids) if share else 0
             self.prefix_hit_tokens += seq.computed
             with self._lock:
                 self.waiting.popleft()

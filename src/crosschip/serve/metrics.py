@@ -39,6 +39,9 @@ class ServeMetrics:
         self.cache_blocks_total = Gauge("crosschip_cache_blocks_total", "Latent cache blocks in the pool", registry=r)
         self.cache_bytes_used = Gauge("crosschip_cache_bytes_used", "Latent cache bytes in use", registry=r)
         self.engine_steps = Gauge("crosschip_engine_steps", "Batched forward steps run since start", registry=r)
+        self.prefix_queries = Gauge(
+            "crosschip_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache since start", registry=r
+        )
         self.prefix_hits = Gauge(
             "crosschip_prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache since start", registry=r
         )
@@ -51,6 +54,7 @@ class ServeMetrics:
         self.queue_depth.set_function(engine.queue_depth)
         self.running.set_function(lambda: len(engine.running))
         self.engine_steps.set_function(lambda: engine.steps)
+        self.prefix_queries.set_function(lambda: engine.prefix_query_tokens)
         self.prefix_hits.set_function(lambda: engine.prefix_hit_tokens)
         usage = engine.executor.cache_usage
         self.cache_blocks_used.set_function(lambda: usage()["blocks_used"])
