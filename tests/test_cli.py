@@ -45,11 +45,12 @@ def test_unavailable_backend_says_why():
         get_backend("torch:npu").require()
 
 
-def test_serve_takes_vllms_flag_for_the_model_name():
+def test_serve_takes_vllms_flags_for_the_model_name_batch_and_prefix_caching():
     from crosschip.cli import build_parser
 
-    args = build_parser("serve").parse_args(["serve", "b", "--served-model-name", "my-model"])
-    assert args.model_name == "my-model"
+    vllm = ["--served-model-name", "my-model", "--max-num-seqs", "4", "--no-enable-prefix-caching"]
+    args = build_parser("serve").parse_args(["serve", "b", *vllm])
+    assert (args.model_name, args.max_batch, args.prefix_caching) == ("my-model", 4, False)
 
 
 @pytest.mark.parametrize(

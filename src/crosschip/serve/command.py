@@ -41,7 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="model id clients send (default: the bundle folder's name; vLLM's --served-model-name works too)",
     )
-    parser.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, help="sequences decoded together")
+    parser.add_argument(
+        "--max-batch",
+        "--max-num-seqs",
+        type=int,
+        default=DEFAULTS.max_batch,
+        help="sequences decoded together (vLLM's --max-num-seqs works too)",
+    )
     parser.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue, help="waiting sequences before 503")
     parser.add_argument("--block-size", type=int, default=DEFAULTS.block_size, help="tokens per latent cache block")
     parser.add_argument(
@@ -53,9 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULTS.prefill_chunk, help="prompt tokens fed per step")
     parser.add_argument(
         "--no-prefix-caching",
+        "--no-enable-prefix-caching",
         dest="prefix_caching",
         action="store_false",
-        help="compute every prompt whole (default: reuse the cached latents of a prompt's known full blocks)",
+        help="compute every prompt whole (default: reuse the cached latents of the full blocks a prompt "
+        "shares with an earlier sequence; vLLM's --no-enable-prefix-caching works too)",
     )
     parser.add_argument(
         "--drain-timeout",
