@@ -187,6 +187,46 @@ def test_a_chat_turn_reuses_the_blocks_of_the_earlier_answer(loaded):
     assert again.token_ids == plain.generate([turn2], GREEDY)[0].token_ids
 
 
+def test_random_chat_turns_with_aborts_and_evictions_match_the_engine_without_the_cache(loaded):
+    """Five conversations sharing a system prompt take random turns (their histories include
+    the earlier answers), some requests are aborted mid-way, and the pool is small enough that
+    cached blocks are evicted: every finished answer is the no-cache engine's, and once all is
+    done every block is free or evictable, none held."""
+    import random
+
+    model, tok = loaded
+    rng = random.Random(0)
+    executor = TorchExecutor(model, max_batch=4, block_size=4, num_blocks=60)
+    cached, plain = Engine(executor, tok, max_batch=4), make_engine(loaded, prefix_caching=False)
+    blocks, evictions = executor.blocks, []
+    take = blocks._take
+    blocks._take = lambda: evictions.append(not blocks.free) or take()
+    system = [rng.randrange(16, 512) for _ in range(10)]
+    histories = [list(system) for _ in range(5)]
+    for _ in range(20):
+        talking = rng.sample(range(5), rng.randint(1, 4))
+        for i in talking:
+            histories[i] += [rng.randrange(16, 512) for _ in range(rng.randint(1, 6))]
+        params = SamplingParams(max_tokens=rng.randint(1, 8), temperature=0, ignore_eos=True)
+        requests = [cached.add_request(list(histories[i]), params) for i in talking]
+        aborted = rng.choice(requests) if rng.random() < 0.3 else None
+        for step in range(10_000):
+            if all(r.finished for r in requests):
+                break
+            cached.step()
+            if aborted is not None and step == 1:
+                cached.abort(aborted.request_id)
+        expected = plain.generate([histories[i] for i in talking], params)
+        for r, i, ref in zip(requests, talking, expected):
+            if r is not aborted:
+                assert cached.output(r.sequences[0]).token_ids == ref.token_ids
+                histories[i] += ref.token_ids
+                histories[i] = histories[i] if len(histories[i]) < 200 else list(system)
+    assert cached.prefix_hit_tokens > 0 and any(evictions)
+    assert blocks.blocks_used == 0 and not blocks.refs and not blocks.keying
+    assert len(blocks.free) + len(blocks.evictable) == blocks.num_blocks - 1
+
+
 def test_make_executor_loads_the_bundle(debug_bundle):
     ex = make_executor(debug_bundle, "torch:cpu", max_batch=2)
     assert ex.vocab_size == 512 and ex.max_seq_len == 256
