@@ -441,7 +441,8 @@ class ServeConfig:
     """Cache blocks in the pool (0 = enough for max_batch full-length sequences)."""
     prefill_chunk: int = 256
     prefix_caching: bool = True
-    """Reuse the cached latents of a prompt's known full blocks (`crosschip serve --no-prefix-caching`)."""
+    """Reuse the cached latents of the full blocks a prompt shares with an earlier sequence
+    (`crosschip serve --no-prefix-caching` turns it off)."""
     drain_timeout_s: float = 30.0
     api_key: str = ""
 

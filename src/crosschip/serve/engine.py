@@ -188,8 +188,9 @@ class Engine:
         eos_token_ids: list[int] | None = None,
         prefix_caching: bool = True,
     ):
-        """prefix_caching: a prompt whose first blocks match a cached prompt's reuses their
-        latents (see `BlockTables`); off, every prompt is computed whole."""
+        """prefix_caching: a prompt whose first full blocks match blocks an earlier sequence
+        filled (prompt or generated tokens) reuses their latents (see `BlockTables`); off,
+        every prompt is computed whole."""
         check_limits(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
         self.executor = executor
         self.tokenizer = tokenizer

@@ -86,7 +86,7 @@ class Executor(Protocol):
 
 
 class BlockTables:
-    """Which blocks of a paged pool each sequence holds, and which hold a cached prompt prefix.
+    """Which blocks of a paged pool each sequence holds, and which hold a cached prefix.
 
     The pool is `num_blocks` fixed-size blocks, preallocated once and handed to sequences
     through per-sequence block tables, so requests of different lengths share it without
@@ -384,7 +384,6 @@ class PagedExecutor(abc.ABC):
             "bytes_total": (b.num_blocks - 1) * block_bytes,
             "bytes_per_token_per_layer": self.cache_bytes_per_token_per_layer,
             "sequences": len(b.tables),
-            "blocks_cached": len(b.cached),
         }
 
     def _ensure_room(self, c: Chunk) -> None:
