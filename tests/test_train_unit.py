@@ -376,6 +376,34 @@ def test_existing_run_needs_resume(tmp_path):
         Trainer(cfg, tmp_path, verbose=False)
 
 
+def test_the_time_budget_ends_training_short_of_its_steps_and_says_so(tmp_path, capsys):
+    from crosschip.report import collect, summary_lines
+
+    t = Trainer(debug_cfg(steps=100, max_minutes=0.01, eval_every=-1), tmp_path / "train")
+    step = t.train_step
+    t.train_step = lambda n: (time.sleep(0.05), step(n))[1]  # >= 50 ms a step: 0.6 s holds at most 12
+    try:
+        summary = t.fit()
+    finally:
+        t.close()
+    assert summary["status"] == "done" and 1 <= summary["step"] <= 12 and summary["train_time_s"] >= 0.6
+    note = f"the 0.01-minute budget (train.max_minutes) ended training at step {summary['step']} of 100"
+    assert summary["reason"] == note
+    (event,) = events(tmp_path / "train", "time_budget")
+    assert event["step"] == summary["step"] and event["steps"] == 100 and event["budget_s"] == pytest.approx(0.6)
+    assert note in capsys.readouterr().out
+    lines = summary_lines(collect(tmp_path))
+    assert f"training: done at step {summary['step']}, final loss {summary['final_loss']:.4f}" in lines
+    assert f"  {note}" in lines
+    # A run that reaches its last step within the budget has nothing to say.
+    t = Trainer(debug_cfg(steps=2, max_minutes=5.0, eval_every=-1), tmp_path / "whole", verbose=False)
+    try:
+        assert t.fit()["reason"] is None
+    finally:
+        t.close()
+    assert not events(tmp_path / "whole", "time_budget")
+
+
 # -- greedy evaluation --------------------------------------------------------------------------
 
 

@@ -234,8 +234,12 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"training: {len(data['train']['steps'])} logged steps, held-out accuracy {100 * evals[-1]['accuracy']:.1f}%"
         )
-    elif summary:
-        lines.append(f"training: {summary}")
+    elif summary:  # a corpus run: no held-out problems to score
+        loss = summary.get("final_loss")
+        tail = f", final loss {loss:.4f}" if loss is not None else ""
+        lines.append(f"training: {summary.get('status')} at step {summary.get('step')}{tail}")
+    if summary.get("reason"):  # why it ended where it did: the time budget, a give-up
+        lines.append(f"  {summary['reason']}")
     verify = data["verify"]
     if verify:
         gate = verify.get("gate", {})

@@ -203,6 +203,7 @@ class Trainer:
             self.tokens_seen = 0
             self.lost_steps = 0
             self.stopped = False  # True once a signal stopped fit() after saving the step reached
+            self.budget_note: str | None = None  # set when train.max_minutes ends fit() early
             self._start(resume)
         except BaseException:
             self.close(ok=False)  # the batch thread and the log; a failed start is not a finished run
@@ -607,6 +608,8 @@ class Trainer:
                     self._save_before_stopping()
                     if not signals:
                         raise KeyboardInterrupt  # another process's signal: stop with it
+                elif self.step < self.total_steps:  # done short of the last step: the time budget
+                    self._budget_spent()
                 # Leaving held() raises the signal held here as a KeyboardInterrupt.
         finally:
             watchdog.close()
@@ -633,6 +636,24 @@ class Trainer:
 
     def _out_of_time(self) -> bool:
         return self.t.max_minutes > 0 and self.train_time_s >= 60 * self.t.max_minutes
+
+    def _budget_spent(self) -> None:
+        """train.max_minutes ended the run before its last step: the log, the summary and the
+        console say so (a run cut short learns less, and nothing else would tell why)."""
+        self.budget_note = (
+            f"the {self.t.max_minutes:g}-minute budget (train.max_minutes) ended training at step "
+            f"{self.step} of {self.total_steps}"
+        )
+        self.log.event(
+            "time_budget",
+            step=self.step,
+            steps=self.total_steps,
+            budget_s=60 * self.t.max_minutes,
+            train_time_s=self.train_time_s,
+            detail=self.budget_note,
+        )
+        if self.dist.is_main:
+            self.progress.note(self.budget_note)
 
     def _after_step(self, step: int, r: dict[str, Any], dt: float) -> None:
         self.step = step
@@ -687,7 +708,7 @@ class Trainer:
         acc = None
         if self.cfg.data.task == "arith" and self.t.eval_every >= 0:
             acc = self.evaluate(self.step, self.cfg.data.heldout_size)
-        return self._write_summary("done", None, accuracy=acc)
+        return self._write_summary("done", self.budget_note, accuracy=acc)
 
     def _write_summary(self, status: str, reason: str | None, **extra: Any) -> dict[str, Any]:
         records = _read_all(self.out / "metrics.jsonl") if self.dist.is_main else self.log.records
