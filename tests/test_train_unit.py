@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -376,32 +378,111 @@ def test_existing_run_needs_resume(tmp_path):
         Trainer(cfg, tmp_path, verbose=False)
 
 
-def test_the_time_budget_ends_training_short_of_its_steps_and_says_so(tmp_path, capsys):
+class StepClock:
+    """The trainer module's `time`, whose perf_counter only the training steps move: step n
+    takes exactly `step_s(n)` seconds of the budget, whatever the machine is doing."""
+
+    def __init__(self, step_s: Callable[[int], float]):
+        self.now, self.step_s = 0.0, step_s
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def train(self, cfg: RunConfig, out: Path, **kw) -> dict:
+        t = Trainer(cfg, out, **kw)
+        step = t.train_step
+
+        def timed(n: int):
+            self.now += self.step_s(n)
+            return step(n)
+
+        t.train_step = timed
+        try:
+            return t.fit()
+        finally:
+            t.close()
+
+
+@pytest.fixture
+def step_clock(monkeypatch) -> StepClock:
+    import crosschip.train.trainer as trainer_module
+
+    clock = StepClock(lambda n: 0.125)  # binary fractions: their sums are exact
+    monkeypatch.setattr(trainer_module, "time", clock)
+    return clock
+
+
+def test_the_time_budget_ends_training_short_of_its_steps_and_says_so(tmp_path, capsys, step_clock):
     from crosschip.report import collect, summary_lines
 
-    t = Trainer(debug_cfg(steps=100, max_minutes=0.01, eval_every=-1), tmp_path / "train")
-    step = t.train_step
-    t.train_step = lambda n: (time.sleep(0.05), step(n))[1]  # >= 50 ms a step: 0.6 s holds at most 12
-    try:
-        summary = t.fit()
-    finally:
-        t.close()
-    assert summary["status"] == "done" and 1 <= summary["step"] <= 12 and summary["train_time_s"] >= 0.6
-    note = f"the 0.01-minute budget (train.max_minutes) ended training at step {summary['step']} of 100"
+    cfg = debug_cfg(steps=100, max_minutes=0.01, eval_every=-1, fit_schedule=False)  # 0.6 s: 5 steps
+    summary = step_clock.train(cfg, tmp_path / "train")
+    assert summary["status"] == "done" and summary["step"] == 5 and summary["train_time_s"] == 0.625
+    note = "the 0.01-minute budget (train.max_minutes) ended training at step 5 of 100"
     assert summary["reason"] == note
     (event,) = events(tmp_path / "train", "time_budget")
-    assert event["step"] == summary["step"] and event["steps"] == 100 and event["budget_s"] == pytest.approx(0.6)
+    assert event["step"] == 5 and event["steps"] == 100 and event["budget_s"] == pytest.approx(0.6)
     assert note in capsys.readouterr().out
     lines = summary_lines(collect(tmp_path))
-    assert f"training: done at step {summary['step']}, final loss {summary['final_loss']:.4f}" in lines
+    assert f"training: done at step 5, final loss {summary['final_loss']:.4f}" in lines
     assert f"  {note}" in lines
     # A run that reaches its last step within the budget has nothing to say.
-    t = Trainer(debug_cfg(steps=2, max_minutes=5.0, eval_every=-1), tmp_path / "whole", verbose=False)
-    try:
-        assert t.fit()["reason"] is None
-    finally:
-        t.close()
-    assert not events(tmp_path / "whole", "time_budget")
+    summary = step_clock.train(debug_cfg(steps=2, max_minutes=5.0, eval_every=-1), tmp_path / "whole", verbose=False)
+    assert summary["step"] == 2 and summary["reason"] is None
+    assert not events(tmp_path / "whole", "time_budget") and not events(tmp_path / "whole", "schedule_fit")
+
+
+def test_the_schedule_is_fitted_to_the_time_budget_and_a_resume_keeps_it(tmp_path, step_clock):
+    import shutil
+
+    # A 3 s budget at 0.125 s a step holds 24 of the 100 steps. The fit comes at the end of
+    # warmup (step 5): 5 + int(0.97 * (3 - 5 * 0.125) / 0.125) = 23.
+    cfg = debug_cfg(steps=100, max_minutes=0.05, warmup_steps=5, ckpt_every=3, eval_every=-1)
+    run = tmp_path / "run"
+    summary = step_clock.train(cfg, run, verbose=False)
+    note = (
+        "at 0.12 s a step, 100 steps do not fit the 0.05-minute budget (train.max_minutes): "
+        "the learning-rate schedule ends at step 23"
+    )
+    assert summary["step"] == 23 and summary["reason"] == note and summary["train_time_s"] < 3
+    (fit,) = events(run, "schedule_fit")
+    assert (fit["step"], fit["steps"], fit["configured"], fit["step_time_s"]) == (5, 23, 100, 0.125)
+    assert not events(run, "time_budget")  # it ended where the fitted schedule ends, not cut off
+    lrs = {e["step"]: e["lr"] for e in events(run, "step")}
+    assert lrs[23] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)  # annealed to the floor
+    assert all(lrs[s] >= lrs[s + 1] for s in range(5, 23))
+
+    # A resume continues the fitted schedule (from the checkpoint before the last): the same
+    # steps, bit for bit, and no other fit (the later ones, every 10 steps, found no change).
+    before = losses(run)
+    shutil.rmtree(run / "checkpoints" / "step_00000023")
+    summary = step_clock.train(cfg, run, resume=True, verbose=False)
+    assert summary["step"] == 23 and len(events(run, "schedule_fit")) == 1
+    after = losses(run)
+    assert after[22] == before[22] and after[23] == before[23]
+
+
+def test_steps_that_slow_down_move_the_end_of_the_schedule_earlier(tmp_path, step_clock):
+    # 0.125 s a step, then 0.25 s from step 11. The fit at step 5 ends the schedule at 23; the
+    # one at step 15 (the median of steps 2-15 is still 0.125 s, 0.5 s are left) at
+    # 15 + int(0.97 * 0.5 / 0.125) = 18. The 3 s are spent at step 17: the budget cuts the run
+    # one step short of that end, with the learning rate near its floor (instead of at step 17
+    # of 23, at a third of the peak learning rate).
+    step_clock.step_s = lambda n: 0.125 if n <= 10 else 0.25
+    cfg = debug_cfg(steps=100, max_minutes=0.05, warmup_steps=5, eval_every=-1)
+    summary = step_clock.train(cfg, tmp_path, verbose=False)
+    fits = [(e["step"], e["steps"], e["configured"]) for e in events(tmp_path, "schedule_fit")]
+    assert fits == [(5, 23, 100), (15, 18, 23)]
+    assert summary["step"] == 17 and summary["train_time_s"] == 3.0
+    assert summary["reason"] == "the 0.05-minute budget (train.max_minutes) ended training at step 17 of 18"
+    lrs = [e["lr"] for e in events(tmp_path, "step")]
+    floor = cfg.train.lr * cfg.train.min_lr_ratio
+    assert lrs[-1] == pytest.approx(lr_at(17, lr=cfg.train.lr, warmup=5, total=18, min_ratio=0.1))
+    assert lrs[-1] < 1.15 * floor
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])), "a later fit may only lower the learning rate"
 
 
 # -- greedy evaluation --------------------------------------------------------------------------

@@ -356,7 +356,11 @@ class TrainConfig:
     """Held-out problems of each periodic evaluation: the first ones, at most data.heldout_size
     (the evaluation at the end takes them all)."""
     max_minutes: float = 0.0
-    """Stop after this many minutes of training (0 = no time limit)."""
+    """Stop after this many minutes of training steps (0 = no time limit)."""
+    fit_schedule: bool = True
+    """With max_minutes: once the first steps have measured the step time, and train.steps would
+    not fit the budget, end the learning-rate schedule (and the run) at the steps that fit, so
+    the run finishes annealed instead of being cut off at a higher learning rate."""
     spike_factor: float = 3.0
     """A loss this many times the running average is a spike."""
     grad_norm_limit: float = 100.0

@@ -76,6 +76,11 @@ class Progress:
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 
+    def retotal(self, total: int) -> None:
+        self.total, self.every = total, max(1, total // 20)
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
+
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         if not self.enabled:
             return

@@ -8,11 +8,13 @@ verified checkpoint and skip the offending batch; past the cap the run gives up 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +42,12 @@ from crosschip.train.health import HealthGaveUp, HealthGuard, StepHang, Watchdog
 from crosschip.train.metrics import MetricsLog, Progress, plot_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+FIT_EVERY = 10
+"""Steps between fits of the schedule to train.max_minutes."""
+FIT_WINDOW = 200
+"""The step times a fit takes the median of: the latest, since the (re)start, less its first."""
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -203,7 +211,8 @@ class Trainer:
             self.tokens_seen = 0
             self.lost_steps = 0
             self.stopped = False  # True once a signal stopped fit() after saving the step reached
-            self.budget_note: str | None = None  # set when train.max_minutes ends fit() early
+            self.budget_note: str | None = None  # how train.max_minutes shaped the run, if it did
+            self.schedule_steps: int | None = None  # train.steps fitted to train.max_minutes (kept in checkpoints)
             self._start(resume)
         except BaseException:
             self.close(ok=False)  # the batch thread and the log; a failed start is not a finished run
@@ -332,6 +341,7 @@ class Trainer:
             "health": {"loss_avg": self.guard.loss_avg, "good_steps": self.guard.good_steps},
             "train_time_s": self.train_time_s,
             "tokens_seen": self.tokens_seen,
+            "schedule_steps": self.schedule_steps,
             "world": self.dist.world,
             "backend": self.backend.fingerprint(),
             "dtype": self.dtype,
@@ -379,6 +389,8 @@ class Trainer:
         self.stream.load_state_dict(s["data"])
         self.guard.loss_avg, self.guard.good_steps = s["health"]["loss_avg"], s["health"]["good_steps"]
         self.train_time_s, self.tokens_seen = s["train_time_s"], s["tokens_seen"]
+        # A rollback to a checkpoint older than the fit keeps the fitted schedule.
+        self.schedule_steps = s.get("schedule_steps") or self.schedule_steps
         self.step = state.step
 
     # -- one step ---------------------------------------------------------------------------
@@ -572,8 +584,15 @@ class Trainer:
         agree before each step (`_agree`) and all stop after the same one; there torchrun's
         shutdown timeout, which kills the workers, is the hard stop.
         """
-        self.total_steps = steps or self.t.steps
+        self.total_steps = steps or self.schedule_steps or self.t.steps
         self.progress = Progress(self.total_steps, self.step, self.verbose)
+        # The schedule is first fitted to the time budget after a few steps of this process
+        # (the first, a warm-up, not counted), by the end of warmup where the cosine has not
+        # started; then again every FIT_EVERY steps.
+        fitting = self.t.fit_schedule and self.t.max_minutes > 0 and not steps
+        self._fit_at = self.step + max(5, min(self.t.warmup_steps, 20)) if fitting else None
+        self._step_times: collections.deque[float] = collections.deque(maxlen=FIT_WINDOW)
+        self._fit_from = self.step + 1
         watchdog = Watchdog(self.t.hang_timeout_s, self._on_hang, self._on_stuck)
         grace = 10.0  # the first step after a (re)start may compile or warm caches
         try:
@@ -655,6 +674,42 @@ class Trainer:
         if self.dist.is_main:
             self.progress.note(self.budget_note)
 
+    def _fit_schedule(self) -> None:
+        """End the schedule at the steps that fit train.max_minutes at the median step time, when
+        the current end would not fit. A run the budget cuts off stops at whatever learning rate
+        the cosine had reached (measured on a 2-core avx2 CPU, fp32: the default run cut at step
+        324 of 380 scored 90.8% held out; the same run with 320 steps, annealed, 93.2%). Called
+        every FIT_EVERY steps, since the step time drifts on a shared machine (the same run slowed
+        by 12% after its first fit). A later fit only moves the end earlier, so the learning rate
+        only falls. The median of many steps is the run's pace: a short slow patch does not end
+        the run early, and if the last steps run slower than it, the budget cuts the run a few
+        steps short of an end where the learning rate has all but reached its floor."""
+        self._fit_at = self.step + FIT_EVERY
+        dt = statistics.median(self._step_times)
+        if self.dist.enabled:  # every process must end at the same step: one shared step time
+            dt = float(self.dist.all_reduce_sum(torch.tensor([dt], device=self.device))) / self.dist.world
+        budget = 60 * self.t.max_minutes
+        fits = self.step + max(0, int(0.97 * (budget - self.train_time_s) / dt))  # 3% of slack
+        if fits >= self.total_steps:
+            return
+        self.budget_note = (
+            f"at {dt:.2f} s a step, {self.total_steps} steps do not fit the {self.t.max_minutes:g}-minute budget "
+            f"(train.max_minutes): the learning-rate schedule ends at step {fits}"
+        )
+        self.log.event(
+            "schedule_fit",
+            step=self.step,
+            steps=fits,
+            configured=self.total_steps,
+            step_time_s=dt,
+            budget_s=budget,
+            detail=self.budget_note,
+        )
+        self.total_steps = self.schedule_steps = fits
+        if self.dist.is_main:
+            self.progress.retotal(fits)
+            self.progress.note(self.budget_note)
+
     def _after_step(self, step: int, r: dict[str, Any], dt: float) -> None:
         self.step = step
         self.train_time_s += dt
@@ -675,6 +730,10 @@ class Trainer:
             expert_load=loads,
         )
         self.progress.update(step, r["loss"], tps)
+        if self._fit_at is not None and step > self._fit_from:
+            self._step_times.append(dt)
+            if step >= self._fit_at:
+                self._fit_schedule()
         if step % self.t.ckpt_every == 0 and step < self.total_steps:
             self.save()
         if (
