@@ -449,7 +449,7 @@ def test_the_schedule_is_fitted_to_the_time_budget_and_a_resume_keeps_it(tmp_pat
     )
     assert summary["step"] == 23 and summary["reason"] == note and summary["train_time_s"] < 3
     (fit,) = events(run, "schedule_fit")
-    assert (fit["step"], fit["steps"], fit["configured"], fit["step_time_s"]) == (5, 23, 100, 0.125)
+    assert (fit["step"], fit["steps"], fit["previous"], fit["step_time_s"]) == (5, 23, 100, 0.125)
     assert not events(run, "time_budget")  # it ended where the fitted schedule ends, not cut off
     lrs = {e["step"]: e["lr"] for e in events(run, "step")}
     assert lrs[23] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)  # annealed to the floor
@@ -474,7 +474,7 @@ def test_steps_that_slow_down_move_the_end_of_the_schedule_earlier(tmp_path, ste
     step_clock.step_s = lambda n: 0.125 if n <= 10 else 0.25
     cfg = debug_cfg(steps=100, max_minutes=0.05, warmup_steps=5, eval_every=-1)
     summary = step_clock.train(cfg, tmp_path, verbose=False)
-    fits = [(e["step"], e["steps"], e["configured"]) for e in events(tmp_path, "schedule_fit")]
+    fits = [(e["step"], e["steps"], e["previous"]) for e in events(tmp_path, "schedule_fit")]
     assert fits == [(5, 23, 100), (15, 18, 23)]
     assert summary["step"] == 17 and summary["train_time_s"] == 3.0
     assert summary["reason"] == "the 0.05-minute budget (train.max_minutes) ended training at step 17 of 18"
@@ -482,7 +482,22 @@ def test_steps_that_slow_down_move_the_end_of_the_schedule_earlier(tmp_path, ste
     floor = cfg.train.lr * cfg.train.min_lr_ratio
     assert lrs[-1] == pytest.approx(lr_at(17, lr=cfg.train.lr, warmup=5, total=18, min_ratio=0.1))
     assert lrs[-1] < 1.15 * floor
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])), "a later fit may only lower the learning rate"
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])), "slower steps may only lower the learning rate"
+
+
+def test_steps_that_speed_up_move_the_end_of_the_schedule_later(tmp_path, step_clock):
+    # 0.25 s a step, then 0.125 s from step 11, in a 6 s budget. Step 5: 5 + int(0.97 * 4.75 / 0.25)
+    # = 23. Step 15 (median of steps 2-15 still 0.25 s, 2.875 s left): 26. Step 25 (median now
+    # 0.125 s, 1.625 s left): 37, where the budget is spent: slow first steps do not leave the
+    # rest of it unused.
+    step_clock.step_s = lambda n: 0.25 if n <= 10 else 0.125
+    cfg = debug_cfg(steps=100, max_minutes=0.1, warmup_steps=5, eval_every=-1)
+    summary = step_clock.train(cfg, tmp_path, verbose=False)
+    fits = [(e["step"], e["steps"], e["previous"]) for e in events(tmp_path, "schedule_fit")]
+    assert fits == [(5, 23, 100), (15, 26, 23), (25, 37, 26)]
+    assert summary["step"] == 37 and summary["train_time_s"] == 5.875 and not events(tmp_path, "time_budget")
+    lrs = {e["step"]: e["lr"] for e in events(tmp_path, "step")}
+    assert lrs[37] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
 
 
 # -- greedy evaluation --------------------------------------------------------------------------

@@ -358,8 +358,8 @@ class TrainConfig:
     max_minutes: float = 0.0
     """Stop after this many minutes of training steps (0 = no time limit)."""
     fit_schedule: bool = True
-    """With max_minutes: once the first steps have measured the step time, and train.steps would
-    not fit the budget, end the learning-rate schedule (and the run) at the steps that fit, so
+    """With max_minutes, where train.steps would not fit the budget at the median step time: end
+    the learning-rate schedule (and the run) at the steps that fit, refitted every 10 steps, so
     the run finishes annealed instead of being cut off at a higher learning rate."""
     spike_factor: float = 3.0
     """A loss this many times the running average is a spike."""
