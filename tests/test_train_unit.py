@@ -465,7 +465,7 @@ def test_the_schedule_is_fitted_to_the_time_budget_and_a_resume_keeps_it(tmp_pat
     assert after[22] == before[22] and after[23] == before[23]
 
 
-def test_steps_that_slow_down_move_the_end_of_the_schedule_earlier(tmp_path, step_clock):
+def test_steps_that_slow_down_move_the_end_of_the_schedule_earlier(tmp_path, step_clock, capsys):
     # 0.125 s a step, then 0.25 s from step 11. The fit at step 5 ends the schedule at 23; the
     # one at step 15 (the median of steps 2-15 is still 0.125 s, 0.5 s are left) at
     # 15 + int(0.97 * 0.5 / 0.125) = 18. The 3 s are spent at step 17: the budget cuts the run
@@ -473,9 +473,13 @@ def test_steps_that_slow_down_move_the_end_of_the_schedule_earlier(tmp_path, ste
     # of 23, at a third of the peak learning rate).
     step_clock.step_s = lambda n: 0.125 if n <= 10 else 0.25
     cfg = debug_cfg(steps=100, max_minutes=0.05, warmup_steps=5, eval_every=-1)
-    summary = step_clock.train(cfg, tmp_path, verbose=False)
+    summary = step_clock.train(cfg, tmp_path)
     fits = [(e["step"], e["steps"], e["previous"]) for e in events(tmp_path, "schedule_fit")]
     assert fits == [(5, 23, 100), (15, 18, 23)]
+    # The console says when the plan stops fitting, and how the run ended; not every move.
+    out = capsys.readouterr().out
+    assert "the learning-rate schedule ends at step 23" in out and "ends at step 18" not in out
+    assert "ended training at step 17 of 18" in out
     assert summary["step"] == 17 and summary["train_time_s"] == 3.0
     assert summary["reason"] == "the 0.05-minute budget (train.max_minutes) ended training at step 17 of 18"
     lrs = [e["lr"] for e in events(tmp_path, "step")]

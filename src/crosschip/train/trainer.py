@@ -706,10 +706,14 @@ class Trainer:
         self.log.event(
             "schedule_fit", step=self.step, steps=fits, previous=self.total_steps, step_time_s=dt, detail=note
         )
+        # The console hears when the planned steps stop (or start again) to fit; the moves in
+        # between, every FIT_EVERY steps, are in the log and the progress total.
+        crossing = self._planned_steps in (fits, self.total_steps)
         self.total_steps = self.schedule_steps = fits
         if self.dist.is_main:
             self.progress.retotal(fits)
-            self.progress.note(note)
+            if crossing:
+                self.progress.note(note)
 
     def _after_step(self, step: int, r: dict[str, Any], dt: float) -> None:
         self.step = step
