@@ -678,8 +678,9 @@ class Trainer:
     def _fit_schedule(self) -> None:
         """End the schedule at the steps that fit train.max_minutes at the median step time, up
         to the planned steps. A run the budget cuts off stops at whatever learning rate the
-        cosine had reached (measured on a 2-core avx2 CPU, fp32: the default run cut at step 324
-        of 380 scored 90.8% held out; the same run with 320 steps, annealed, 93.2%).
+        cosine had reached (on a 2-core avx2 CPU in fp32 the default run was cut at step 316-324
+        of 380). Fitted, it ends annealed; the held-out accuracy of single runs at similar steps
+        varied by a few points either way (benchmarks/RESULTS.md, 2026-11-30).
 
         Called every FIT_EVERY steps, since the step time drifts on a shared machine, and the
         end moves either way: the first steps run slow (the same run's first 50 took 0.94 s a
