@@ -467,7 +467,7 @@ def test_the_schedule_is_fitted_to_the_time_budget_and_a_resume_keeps_it(tmp_pat
 
 def test_steps_that_slow_down_move_the_end_of_the_schedule_earlier(tmp_path, step_clock, capsys):
     # 0.125 s a step, then 0.25 s from step 11. The fit at step 5 ends the schedule at 23; the
-    # one at step 15 (the median of steps 2-15 is still 0.125 s, 0.5 s are left) at
+    # one at step 15 (the median of steps 1-15 is still 0.125 s, 0.5 s are left) at
     # 15 + int(0.97 * 0.5 / 0.125) = 18. The 3 s are spent at step 17: the budget cuts the run
     # one step short of that end, with the learning rate near its floor (instead of at step 17
     # of 23, at a third of the peak learning rate).
@@ -491,7 +491,7 @@ def test_steps_that_slow_down_move_the_end_of_the_schedule_earlier(tmp_path, ste
 
 def test_steps_that_speed_up_move_the_end_of_the_schedule_later(tmp_path, step_clock):
     # 0.25 s a step, then 0.125 s from step 11, in a 6 s budget. Step 5: 5 + int(0.97 * 4.75 / 0.25)
-    # = 23. Step 15 (median of steps 2-15 still 0.25 s, 2.875 s left): 26. Step 25 (median now
+    # = 23. Step 15 (median of steps 1-15 still 0.25 s, 2.875 s left): 26. Step 25 (median now
     # 0.125 s, 1.625 s left): 37, where the budget is spent: slow first steps do not leave the
     # rest of it unused.
     step_clock.step_s = lambda n: 0.25 if n <= 10 else 0.125

@@ -8,13 +8,11 @@ verified checkpoint and skip the offending batch; past the cap the run gives up 
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
 import os
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -46,8 +44,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 FIT_EVERY = 10
 """Steps between fits of the schedule to train.max_minutes."""
-FIT_WINDOW = 200
-"""The step times a fit takes the median of: the latest, since the (re)start, less its first."""
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -586,14 +582,11 @@ class Trainer:
         """
         self.total_steps = steps or self.schedule_steps or self.t.steps
         self.progress = Progress(self.total_steps, self.step, self.verbose)
-        # The schedule is first fitted to the time budget after a few steps of this process
-        # (the first, a warm-up, not counted), by the end of warmup where the cosine has not
-        # started; then again every FIT_EVERY steps.
+        # The schedule is first fitted to the time budget after a few steps of this process, by
+        # the end of warmup where the cosine has not started; then again every FIT_EVERY steps.
         fitting = self.t.fit_schedule and self.t.max_minutes > 0 and not steps
         self._planned_steps = self.t.steps
         self._fit_at = self.step + max(5, min(self.t.warmup_steps, 20)) if fitting else None
-        self._step_times: collections.deque[float] = collections.deque(maxlen=FIT_WINDOW)
-        self._fit_from = self.step + 1
         watchdog = Watchdog(self.t.hang_timeout_s, self._on_hang, self._on_stuck)
         grace = 10.0  # the first step after a (re)start may compile or warm caches
         try:
@@ -683,13 +676,14 @@ class Trainer:
         varied by a few points either way (benchmarks/RESULTS.md, 2026-11-30).
 
         Called every FIT_EVERY steps, since the step time drifts on a shared machine, and the
-        end moves either way: the first steps run slow (the same run's first 50 took 0.94 s a
-        step, the rest 0.85 s), and an end that could only move earlier left 10% of the budget
-        unused. A move changes the learning rate by a little at that step. If the last steps
+        end moves either way: the first steps run slow (one default run here took 0.94 s a step
+        over its first 50, 0.85 s after), and an end that could only move earlier left 10% of the
+        budget unused. The median is of the last 50 step times (`HealthGuard.median_step_time`). A
+        move changes the learning rate by a little at that step. If the last steps
         run slower than the median, the budget cuts the run a few steps short of the end, where
         the learning rate has all but reached its floor."""
         self._fit_at = self.step + FIT_EVERY
-        dt = statistics.median(self._step_times)
+        dt = self.guard.median_step_time()  # the running median the straggler check keeps
         if self.dist.enabled:  # every process must end at the same step: one shared step time
             dt = float(self.dist.all_reduce_sum(torch.tensor([dt], device=self.device))) / self.dist.world
         budget = 60 * self.t.max_minutes
@@ -736,10 +730,8 @@ class Trainer:
             expert_load=loads,
         )
         self.progress.update(step, r["loss"], tps)
-        if self._fit_at is not None and step > self._fit_from:
-            self._step_times.append(dt)
-            if step >= self._fit_at:
-                self._fit_schedule()
+        if self._fit_at is not None and step >= self._fit_at:
+            self._fit_schedule()
         if step % self.t.ckpt_every == 0 and step < self.total_steps:
             self.save()
         if (
