@@ -99,7 +99,7 @@ def test_failover_interrupt_and_resume(tmp_path):
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """`make run`'s command, once for the tests below: probe, qualify, train arith-tiny on
+    """`make run`'s command, once for the tests below: probe, qualify, train arith-micro on
     torch:cpu, export to ONNX Runtime, verify, serve."""
     run_dir = tmp_path_factory.mktemp("default") / "run"
     t0 = time.monotonic()
