@@ -4,6 +4,7 @@
 - a checkpoint written by 2 processes resumes in 1 and continues the same losses;
 - a checkpoint written by 1 process resumes in 2;
 - a SIGTERM stops every worker after the same step, saved; so does one worker's time limit.
+- under a time budget, every worker fits the schedule from one shared step time.
 """
 
 from __future__ import annotations
@@ -146,3 +147,34 @@ def test_ranks_agree_to_stop_when_any_of_them_must(tmp_path):
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert seen == [[True, False], [False, True], [False, False]], rank
+
+
+def _fit_on_two_ranks(rank: int, port: int, out) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    fits = []
+    rank_view = SimpleNamespace(
+        dist=Dist(rank=rank, world=2),
+        device=torch.device("cpu"),
+        # Each rank's own running median: rank 1 is three times slower (a straggler, or a
+        # noisy neighbour on its host).
+        guard=SimpleNamespace(median_step_time=lambda: (0.5, 1.5)[rank]),
+        t=SimpleNamespace(max_minutes=1.0),
+        step=20,
+        train_time_s=10.0,
+        _planned_steps=1000,
+        total_steps=1000,
+        log=SimpleNamespace(event=lambda name, **details: fits.append(details)),
+        progress=SimpleNamespace(retotal=lambda steps: None, note=lambda text: None),
+    )
+    Trainer._fit_schedule(rank_view)
+    (out / f"rank{rank}.json").write_text(json.dumps([rank_view.total_steps, fits[0]["step_time_s"]]))
+    dist.destroy_process_group()
+
+
+def test_ranks_fit_the_schedule_to_one_shared_step_time(tmp_path):
+    """Under train.max_minutes, each rank fits the schedule from the mean of the ranks' median
+    step times: from its own, ranks would end at different steps (here 117 and 52), and the
+    one still training would wait in a collective for a peer that had left."""
+    mp.spawn(_fit_on_two_ranks, args=(_free_port(), tmp_path), nprocs=2)
+    # 1.0 s a step on both: step 20 + int(0.97 * (60 s - 10 s spent) / 1.0 s) = 68.
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[68, 1.0], [68, 1.0]]
