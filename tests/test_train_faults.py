@@ -7,8 +7,9 @@ that only the watchdog thread can end.
 from __future__ import annotations
 
 import json
+import signal
 
-from train_helpers import events, losses, train, write_config
+from train_helpers import events, losses, start_train, train, wait_for_first_step, write_config
 
 CKPT_EVERY = 5
 
@@ -63,3 +64,15 @@ def test_emulated_flaky_chip_trains_through_its_faults(tmp_path):
     if proc.returncode == 0:
         assert sorted(losses(run)) == list(range(1, 31))
     assert events(run, "nan") or events(run, "straggler"), "the flaky chip's faults show up in the log"
+
+
+def test_a_fatal_signal_in_training_prints_the_python_stack(tmp_path):
+    """A segfault in a kernel or a collective says where it happened, in each worker of a
+    torchrun group too (torchrun's own report says only "Signal 11")."""
+    run = tmp_path / "run"
+    proc = start_train(write_config(tmp_path, steps=10_000), run)
+    wait_for_first_step(proc, run)
+    proc.send_signal(signal.SIGSEGV)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGSEGV, err
+    assert "Fatal Python error: Segmentation fault" in err and "crosschip/train/trainer.py" in err, err

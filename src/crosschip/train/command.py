@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 
@@ -151,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
             _report_saved(args)
             raise
         return _gave_up(args.out) or code
+    # A training process killed by a fatal signal (a segfault in a kernel or a collective) prints
+    # its Python stack first: torchrun's report of such a worker says only "Signal 11".
+    faulthandler.enable()
     # A worker group restarted by torchrun (--max-restarts) continues from the last checkpoint.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     trainer = Trainer(cfg, args.out, resume=args.resume or restarted, inject=args.inject, verbose=not args.quiet)
