@@ -153,8 +153,10 @@ def run(args: argparse.Namespace) -> int:
             raise
         return _gave_up(args.out) or code
     # A training process killed by a fatal signal (a segfault in a kernel or a collective) prints
-    # its Python stack first: torchrun's report of such a worker says only "Signal 11".
-    faulthandler.enable()
+    # its Python stack first: torchrun's report of such a worker says only "Signal 11". To the
+    # process's own stderr: sys.stderr may be a caller's capture, with no file descriptor.
+    if sys.__stderr__ is not None:
+        faulthandler.enable(file=sys.__stderr__)
     # A worker group restarted by torchrun (--max-restarts) continues from the last checkpoint.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     trainer = Trainer(cfg, args.out, resume=args.resume or restarted, inject=args.inject, verbose=not args.quiet)
