@@ -156,6 +156,28 @@ class ModelConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
 
+# The DESIGN calibration shape: 6.65M parameters.
+_ARITH_TINY: dict[str, Any] = dict(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=768,
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    q_lora_rank=128,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=4,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    max_position_embeddings=512,
+)
+
 # Named model sizes. `debug` is for tests, `arith-micro` is the default run's model,
 # `arith-tiny` the calibration shape the benchmarks measure; the published sizes build on the
 # meta device for planning and memory estimates.
@@ -180,51 +202,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         first_k_dense_replace=1,
         max_position_embeddings=256,
     ),
-    # The DESIGN calibration shape: 6.65M parameters.
-    "arith-tiny": dict(
-        vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=768,
-        moe_intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        q_lora_rank=128,
-        kv_lora_rank=64,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
-        n_routed_experts=16,
-        n_shared_experts=1,
-        num_experts_per_tok=4,
-        n_group=1,
-        topk_group=1,
-        first_k_dense_replace=1,
-        max_position_embeddings=512,
-    ),
-    # The default run's model: 2.57M parameters, arith-tiny at three quarters of the width with
-    # 8 routed experts (top-2) instead of 16 (top-4). It learns the default task in fewer
+    "arith-tiny": _ARITH_TINY,
+    # The default run's model: arith-tiny at three quarters of the width with 8 routed experts
+    # (top-2) instead of 16 (top-4), 2.57M parameters. It learns the default task in fewer
     # seconds: on an avx2 CPU in fp32, 0.47 s a step against arith-tiny's 0.89 s, and 94-96%
     # held out after 380 steps (benchmarks/RESULTS.md, 2026-11-30).
-    "arith-micro": dict(
-        vocab_size=1024,
-        hidden_size=192,
-        intermediate_size=576,
-        moe_intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        q_lora_rank=96,
-        kv_lora_rank=48,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
-        first_k_dense_replace=1,
-        max_position_embeddings=512,
-    ),
+    "arith-micro": {
+        **_ARITH_TINY,
+        "hidden_size": 192,
+        "intermediate_size": 576,
+        "moe_intermediate_size": 96,
+        "q_lora_rank": 96,
+        "kv_lora_rank": 48,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+    },
     # About 100M parameters, for accelerator throughput and MFU measurements.
     "small-100m": dict(
         vocab_size=16384,
