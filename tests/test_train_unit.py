@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 from crosschip.backends import BackendUnavailable, get_backend
@@ -20,7 +21,7 @@ from crosschip.backends.cpu import CPUBackend
 from crosschip.config import ConfigError, DataConfig, RunConfig, model_preset
 from crosschip.data.arith import generate_problems
 from crosschip.errors import CrosschipError
-from crosschip.model import Transformer
+from crosschip.model import MLA, RMSNorm, SwiGLU, Transformer
 from crosschip.tokenizer import default_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train.data import IGNORE, ArithStream, BatchStream, shard_rows
@@ -255,7 +256,7 @@ def test_a_save_killed_before_the_rename_leaves_the_previous_checkpoint(tmp_path
     code = f"""
 import torch
 from crosschip.config import model_preset
-from crosschip.model import Transformer
+from crosschip.model import MLA, RMSNorm, SwiGLU, Transformer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train.faults import kill_self
 cfg = model_preset("debug")
@@ -575,6 +576,10 @@ def test_compiled_regions_train_like_eager_and_evaluation_stays_eager(tmp_path):
             # only the compiled run did).
             traced = counters["frames"]["ok"]
             assert (traced > 0) == compiled
+            # Every region kind went through dynamo: the attention, the norms and the
+            # experts' SwiGLU activation (shared, dense and grouped routed experts alike).
+            for region in (MLA, RMSNorm, SwiGLU):
+                assert bool(_debug_get_cache_entry_list(region.forward.__code__)) == compiled, region
             # Held-out decoding (eval mode, a latent cache growing every token) runs eagerly.
             t.evaluate(3, 4)
             assert counters["frames"]["ok"] == traced
