@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps per repeat")
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument(
-        "--compile", action="store_true", help="train.compile: torch.compile our attention and RMSNorm regions"
+        "--compile", action="store_true", help="train.compile: torch.compile our attention, RMSNorm and SwiGLU regions"
     )
     p.add_argument(
         "--activation-checkpoint",

@@ -393,8 +393,8 @@ class TrainConfig:
     (torchtitan's full activation checkpointing): a block's forward runs twice, and activation
     memory drops to one block's worth plus the block inputs. `none`: keep everything."""
     compile: bool = False
-    """torch.compile each attention and RMSNorm for training (`trainer.compile_regions`); the
-    MoE and evaluation stay eager. Costs a warm-up of seconds in the first step; where the
+    """torch.compile each attention, RMSNorm and SwiGLU activation for training
+    (`trainer.compile_regions`); the MoE's routing and evaluation stay eager. Costs a warm-up of seconds in the first step; where the
     backend cannot compile, the run logs `compile_fallback` and trains eagerly."""
 
     def __post_init__(self) -> None:
