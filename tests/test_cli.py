@@ -1,6 +1,7 @@
 """The CLI as a user meets it: help texts, examples, one-line errors."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,10 @@ def test_train_refuses_launcher_numbers_before_torchrun(tmp_path, capsys, args, 
         ("graph_ab", ["a", "b", "--batches", "1,x"], 2, "got '1,x': expected an integer, got 'x'"),
         ("cuda_checks", ["--out", "unused", "--decode-batches", "8,-1"], 2, "must be at least 1, got -1"),
         ("prefix_caching", ["--turns", "9"], 2, "the last turn reaches 600 tokens; arith-tiny's context is 512"),
+        ("train_step_ab", ["--b", "compile=true"], 1, "--b 'compile=true': expected TABLE.KEY=VALUE"),
+        ("train_step_ab", ["--b", "train.dtype=bf16"], 1, "'bf16' is not a TOML value (quote strings"),
+        ("train_step_ab", ["--a", "train.compiled=true"], 1, "--a: unknown key train.'compiled'; known keys:"),
+        ("train_step_ab", ["--config", "missing.toml"], 1, "--config missing.toml: [Errno 2] No such file"),
         # Used to say only "server did not start"; the server's own error names the cause.
         ("serve_throughput", ["--on", "torch:npu"], 1, "the server did not start: crosschip serve: error: torch:npu"),
     ],
@@ -151,6 +156,22 @@ def test_a_benchmark_script_answers_bad_arguments_in_one_line(script, args, code
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == code
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_step_ab_times_both_configs_in_turns(tmp_path):
+    """Two trainers, each with its own settings over the base config, timed step by step."""
+    (tmp_path / "base.toml").write_text('[model]\npreset = "debug"\n[train]\nbatch_size = 2\nseq_len = 64\n')
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "train_step_ab.py"
+    argv = [sys.executable, str(script), "--config", "base.toml", "--b", "train.batch_size=4"]
+    out = subprocess.run([*argv, "--steps", "2", "--warmup", "1", "--threads", "1"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    a, b, ratio = out.stdout.strip().splitlines()[-3:]
+    assert a.startswith("A: the base config (64 hidden, batch 2 x 64): median step")
+    assert b.startswith("B: train.batch_size=4 (64 hidden, batch 4 x 64): median step")
+    assert re.fullmatch(
+        r"B / A: [0-9.]+x wall, [0-9.]+x CPU; per-turn median [0-9.]+x \(2 steps each, 1 threads.*", ratio
+    )
 
 
 def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path, capsys):
