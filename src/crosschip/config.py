@@ -394,8 +394,9 @@ class TrainConfig:
     memory drops to one block's worth plus the block inputs. `none`: keep everything."""
     compile: bool = False
     """torch.compile each attention, RMSNorm and SwiGLU activation for training
-    (`trainer.compile_regions`); the MoE's routing and evaluation stay eager. Costs a warm-up of seconds in the first step; where the
-    backend cannot compile, the run logs `compile_fallback` and trains eagerly."""
+    (`trainer.compile_regions`); the MoE's routing and evaluation stay eager. Costs a warm-up
+    of seconds in the first step; where the backend cannot compile, the run logs
+    `compile_fallback` and trains eagerly."""
 
     def __post_init__(self) -> None:
         self.validate()

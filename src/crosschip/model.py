@@ -165,9 +165,9 @@ class SwiGLU(nn.Module):
     """silu(gate) * up, optionally scaled per row, from one (N, 2 x inter) product of w1 and w3.
 
     A module of its own, without parameters, so that training can compile it as a region
-    (`trainer.compile_regions`): eager, the chunk, silu, multiplies and their backward are
-    five passes over the activations and a `cat` of the two gradient halves; compiled, one
-    fused kernel each way."""
+    (`trainer.compile_regions`): eager, the silu and the multiplies, and in the backward their
+    gradients and a `cat` of the two halves, are separate passes over the activations;
+    compiled, one fused kernel each way."""
 
     def forward(self, gate_up: Tensor, scale: Tensor | None = None) -> Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
