@@ -591,6 +591,23 @@ def test_compiled_regions_train_like_eager_and_evaluation_stays_eager(tmp_path):
         assert runs[True][step] == pytest.approx(loss, rel=1e-4)
 
 
+def test_the_expert_loop_keeps_its_activations_eager_under_compile(tmp_path):
+    """Backends without grouped_mm run the experts in a loop, on row counts of 0, 1 and more:
+    compiled, each expert's activation would take a variant of its own up to dynamo's
+    recompile limit. Only the shared and dense MLPs' activations are compiled then."""
+    torch._dynamo.reset()
+    t = Trainer(debug_cfg(steps=4, dtype="fp32", compile=True, eval_every=-1), tmp_path, verbose=False)
+    for moe in t.model.moe_layers():
+        moe.grouped = False
+    try:
+        assert t.fit()["status"] == "done"
+    finally:
+        t.close()
+    variants = len(_debug_get_cache_entry_list(SwiGLU.forward.__code__))
+    assert 1 <= variants <= 2  # the shared experts' (N, 2I) rows and the dense layer's (B, T, 2I)
+    assert events(tmp_path, "compile_fallback") == []
+
+
 def test_activation_checkpointing_trains_the_same_losses_and_shrinks_the_estimate(tmp_path):
     runs = {}
     for mode in ("none", "full"):
