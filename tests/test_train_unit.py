@@ -256,7 +256,7 @@ def test_a_save_killed_before_the_rename_leaves_the_previous_checkpoint(tmp_path
     code = f"""
 import torch
 from crosschip.config import model_preset
-from crosschip.model import MLA, RMSNorm, SwiGLU, Transformer
+from crosschip.model import Transformer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train.faults import kill_self
 cfg = model_preset("debug")
