@@ -7,7 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from crosschip.config import model_preset
-from crosschip.model import ContiguousLatentCache, Gate, MoE, Transformer, count_params, grouped_mm_works
+from crosschip.model import (
+    ContiguousLatentCache,
+    Gate,
+    MoE,
+    Transformer,
+    additive_mask,
+    causal_doc_mask,
+    count_params,
+    grouped_mm_works,
+)
 
 
 def _model(seed: int = 0, **overrides) -> Transformer:
@@ -222,6 +231,19 @@ def test_packed_documents_do_not_attend_across_boundaries():
         out = model(packed, positions=positions, doc_ids=doc_ids)
         torch.testing.assert_close(out[:, :6], model(a), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[:, 6:], model(b), rtol=1e-5, atol=1e-5)
+
+
+def test_the_additive_mask_attends_where_the_boolean_one_does():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
+    allowed = causal_doc_mask(doc_ids)
+    mask = additive_mask(allowed)
+    assert mask.dtype == torch.float32 and mask.shape == allowed.shape
+    assert (mask[allowed] == 0).all() and (mask[~allowed] == float("-inf")).all()
+    q, k, v = torch.randn(3, 2, 4, 6, 8).unbind(0)
+    torch.testing.assert_close(
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None]),
+    )
 
 
 def test_mtp_predicts_from_hidden_state_and_next_token():

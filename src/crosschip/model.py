@@ -130,7 +130,8 @@ class MLA(nn.Module):
         return self.wo(out.reshape(B, T, self.n_heads * self.v_head_dim))
 
     def attend_naive(self, q_nope: Tensor, q_pe: Tensor, c_kv: Tensor, k_pe: Tensor, mask: Tensor | None) -> Tensor:
-        """Expand c_kv to per-head keys and values; `mask` (B, T, T) or None for plain causal."""
+        """Expand c_kv to per-head keys and values; `mask` (B, T, T), additive (`additive_mask`), or
+        None for plain causal."""
         B, T, H, _ = q_nope.shape
         kv = self.wkv_b(c_kv).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
@@ -140,7 +141,8 @@ class MLA(nn.Module):
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
+            # In the query's dtype: CUDA's fused kernels refuse a float mask of another dtype.
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None].to(q.dtype), scale=self.softmax_scale)
         return o.transpose(1, 2)  # (B, T, H, v_head_dim)
 
     def absorb_kv(self) -> tuple[Tensor, Tensor]:
@@ -429,6 +431,18 @@ def causal_doc_mask(doc_ids: Tensor) -> Tensor:
     return causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
 
 
+def additive_mask(mask: Tensor) -> Tensor:
+    """A boolean attention mask as an additive one: 0 where attention is allowed, -inf elsewhere.
+
+    Built once per forward for every layer. A compiled attention region (`trainer.compile_regions`)
+    fuses the mask into its softmax kernel, and inductor's CPU kernel that reads a bool mask
+    there ran 2.2x the time of one reading floats (arith-tiny scores, 32 x 4 x 128 x 128 on a
+    2-core avx2 CPU: 5.3 against 2.4 ms); one MLA's forward and backward took 0.88x the time
+    with this mask, eager unchanged (benchmarks/RESULTS.md, 2026-12-01). Every row keeps its
+    diagonal, so no row is all -inf."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 class Transformer(nn.Module):
     """A DeepSeek-V3-family causal language model."""
 
@@ -487,7 +501,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
-        mask = causal_doc_mask(doc_ids) if doc_ids is not None else None
+        mask = additive_mask(causal_doc_mask(doc_ids)) if doc_ids is not None else None
         h = self.embed(input_ids)
         for layer in self.layers:
             h = self._block(layer, h, cos, sin, mask, cache)
@@ -528,7 +542,7 @@ class Transformer(nn.Module):
         mask = None
         if doc_ids is not None:
             # Position i mixes tokens i and i+1, so it belongs to the document of token i+1.
-            mask = causal_doc_mask(doc_ids[:, 1:]) & causal_doc_mask(doc_ids[:, :-1])
+            mask = additive_mask(causal_doc_mask(doc_ids[:, 1:]) & causal_doc_mask(doc_ids[:, :-1]))
         # h_i enters after the final norm, as transformers' and vLLM's DeepSeek-V3 MTP take it.
         h = self.norm(h[:, :-1])
         x = self.mtp.eh_proj(torch.cat([self.mtp.enorm(self.embed(input_ids[:, 1:])), self.mtp.hnorm(h)], dim=-1))
