@@ -69,11 +69,11 @@ def compile_regions(model: Transformer, on_failure: Callable[[Exception], None])
     products stay eager (its expert row counts are data-dependent, a graph break and a
     recompile per count). Measured on arith-tiny, 2-core CPU, batch 32 x 128, one process,
     median of 10 interleaved steps: fp32 0.660 s eager, 0.629 s regional (6 s warm-up), 0.625 s
-    for the whole loss compiled (111 s warm-up); bf16 0.516 s eager, 0.475 s regional. The SwiGLU activations joined later (the experts'
-    row counts vary, so dynamo compiles them once with a dynamic size): on a 2-core avx2 CPU,
-    fp32, a step with them eager took 1.053x the time (two trainers in one process, 30
-    alternating steps). Eval mode (the held-out decode through a latent cache, whose shapes
-    grow every token) keeps the eager forward.
+    for the whole loss compiled (111 s warm-up); bf16 0.516 s eager, 0.475 s regional. The
+    SwiGLU activations joined later (the experts' row counts vary, so dynamo compiles them once
+    with a dynamic size): on a 2-core avx2 CPU, fp32, a step with them eager took 1.053x the
+    time (two trainers in one process, 30 alternating steps). Eval mode (the held-out decode
+    through a latent cache, whose shapes grow every token) keeps the eager forward.
 
     A backend without a working compiler (a device inductor does not know, say) must not stop
     the run: the first failure to compile is passed to `on_failure` and every region runs
