@@ -214,6 +214,28 @@ def test_raw_sse_format(server):
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
 
 
+def test_raw_sse_format_of_a_completion_with_usage(server):
+    body = {
+        "model": "debug",
+        "prompt": "hi",
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    r = httpx.post(server.api + "/completions", json=body, timeout=30)
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    # As OpenAI sends them: `usage` null on every chunk, then one chunk with no choices and the counts.
+    assert all(c["usage"] is None and len(c["choices"]) == 1 for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "text_completion" for c in chunks)
+    plain = httpx.post(server.api + "/completions", json={**body, "stream_options": None}, timeout=30)
+    assert all("usage" not in json.loads(e) for e in sse_events(plain.text)[:-1])
+
+
 def test_usage_counts_match_the_tokenizer(client, offline):
     _, tok = offline
     r = client.completions.create(model="debug", prompt=PROMPTS[2], max_tokens=7, temperature=0)
@@ -411,6 +433,10 @@ def test_repetition_penalty_covers_the_prompt_and_the_output(server, client):
         ({"max_tokens": 3}, "prompt"),
         ({"prompt": "hi", "stop": [1, 2]}, "stop"),
         ({"prompt": "hi", "stream": "yes"}, "stream"),
+        ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+        ({"prompt": "hi", "min_tokens": 1, "stop_token_ids": [999999]}, "stop_token_ids"),
+        ({"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"prompt": "hi", "model": 7}, "model"),
     ],
 )
 def test_invalid_parameters_get_400_naming_the_param(server, body, param):
@@ -479,6 +505,10 @@ def test_malformed_bodies_get_400(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = httpx.post(server.api + "/completions", json={"model": "gpt-9", "prompt": "hi"})
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    # Nesting deep enough to exhaust the JSON decoder's recursion is still just a bad body.
+    r = httpx.post(server.api + "/completions", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    assert not [line for line in server.lines if "Traceback" in line]
 
 
 def test_openai_client_sees_bad_request(client):

@@ -106,6 +106,8 @@ async def read_json(request: Request) -> dict:
         raise ApiError(
             400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", code="invalid_json"
         ) from None
+    except RecursionError:  # the decoder recurses once per nesting level
+        raise ApiError(400, "request body is nested too deeply to parse as JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     return body
@@ -284,6 +286,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     def check_model(body: dict) -> None:
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise InvalidParameter("model", "model: expected a string")
         if model is not None and model != state.model_name:
             raise ApiError(
                 404,
@@ -342,8 +346,8 @@ def create_app(state: ServerState) -> FastAPI:
         naming it."""
         check(request)
         body = await read_json(request)
-        check_model(body)
         try:
+            check_model(body)
             return body, parse(body)
         except InvalidParameter as e:
             raise ApiError(400, str(e), param=e.param) from None
@@ -435,7 +439,15 @@ def _get_stream(body: dict) -> dict | None:
         raise InvalidParameter("stream_options", "stream_options: expected an object")
     if opts and not stream:
         raise InvalidParameter("stream_options", "stream_options: only allowed when stream is true")
-    return (opts or {}) if stream else None
+    include_usage = (opts or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise InvalidParameter("stream_options", "stream_options.include_usage: expected boolean")
+    return {"include_usage": bool(include_usage)} if stream else None
+
+
+def _usage_field(opts: dict) -> dict:
+    """With include_usage, OpenAI sends `"usage": null` on every chunk before the usage chunk."""
+    return {"usage": None} if opts["include_usage"] else {}
 
 
 def _usage(sub: Submitted, choices: list[Delta]) -> dict:
@@ -468,6 +480,7 @@ async def _completion_chunks(
     sub: Submitted, env: Envelope, opts: dict, echo: bool, state: ServerState, lp: LogprobFormatter
 ) -> AsyncIterator[bytes]:
     sent: dict[int, list[int]] = {}  # choice -> the ids of its chunks so far (echoed prompt included)
+    extra = _usage_field(opts)
     generated = 0
     async for d in sub.deltas:
         generated += len(d.token_ids)
@@ -479,15 +492,14 @@ async def _completion_chunks(
         if echo and first:
             before += sub.prompt_ids[d.index // sub.n]
         before += d.token_ids
-        yield sse(env.body(choices=[choice]))
-    if opts.get("include_usage"):
+        yield sse(env.body(choices=[choice], **extra))
+    if opts["include_usage"]:
         yield sse(env.body(choices=[], usage=usage(sum(len(p) for p in sub.prompt_ids), generated)))
     yield sse("[DONE]")
 
 
 async def _chat_chunks(sub: Submitted, env: Envelope, opts: dict, lp: LogprobFormatter) -> AsyncIterator[bytes]:
-    include_usage = bool(opts.get("include_usage"))
-    extra = {"usage": None} if include_usage else {}
+    extra = _usage_field(opts)
     for i in range(sub.n):  # the role comes first, in a delta of its own, as OpenAI sends it
         yield sse(
             env.body(
@@ -511,6 +523,6 @@ async def _chat_chunks(sub: Submitted, env: Envelope, opts: dict, lp: LogprobFor
             "stop_reason": d.stop_reason,
         }
         yield sse(env.body(choices=[choice], **extra))
-    if include_usage:
+    if opts["include_usage"]:
         yield sse(env.body(choices=[], usage=usage(sum(len(p) for p in sub.prompt_ids), generated)))
     yield sse("[DONE]")

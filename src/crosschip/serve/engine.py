@@ -229,6 +229,7 @@ class Engine:
         check_token_ids(prompt_ids, vocab, "prompt")
         check_token_ids(list(params.logit_bias), vocab, "logit_bias")
         check_token_ids(params.allowed_token_ids or [], vocab, "allowed_token_ids")
+        check_token_ids(params.stop_token_ids, vocab, "stop_token_ids")
         context = self.executor.max_seq_len
         room = context - len(prompt_ids)
         if params.max_tokens is None:
