@@ -750,21 +750,28 @@ def test_the_mtp_loss_of_packed_rows_is_the_sum_over_documents_alone(tmp_path):
 
 def test_gradient_accumulation_matches_one_micro_batch(tmp_path):
     """grad_accum splits the same global batch into micro-batches; losses are sums over the
-    global batch's label tokens, so the steps agree with one micro-batch up to rounding."""
+    global batch's label tokens and the sequence-wise balance loss a mean over the global
+    batch's rows, so the steps agree with one micro-batch up to rounding."""
     runs = {}
-    for accum in (1, 2, 4):
-        cfg = debug_cfg(steps=4, batch_size=8, dtype="fp32", eval_every=-1, grad_accum=accum)
-        t = Trainer(cfg, tmp_path / str(accum), verbose=False)
-        try:
-            assert t.fit()["status"] == "done"
-        finally:
-            t.close()
-        runs[accum] = losses(tmp_path / str(accum))
-    assert sorted(runs[1]) == [1, 2, 3, 4]
-    for accum in (2, 4):
-        for step, loss in runs[1].items():
-            assert runs[accum][step] == pytest.approx(loss, rel=1e-5)
-    assert runs[1][4] < runs[1][1]  # and it trains
+    for alpha in (0.0, 0.1):
+        for accum in (1, 2, 4):
+            cfg = debug_cfg(
+                steps=4, batch_size=8, dtype="fp32", eval_every=-1, grad_accum=accum, seq_aux_loss_alpha=alpha
+            )
+            t = Trainer(cfg, tmp_path / f"{alpha}-{accum}", verbose=False)
+            try:
+                assert t.fit()["status"] == "done"
+            finally:
+                t.close()
+            runs[alpha, accum] = losses(tmp_path / f"{alpha}-{accum}")
+    assert sorted(runs[0.0, 1]) == [1, 2, 3, 4]
+    for alpha in (0.0, 0.1):
+        for accum in (2, 4):
+            for step, loss in runs[alpha, 1].items():
+                assert runs[alpha, accum][step] == pytest.approx(loss, rel=1e-5), (alpha, accum, step)
+    assert runs[0.0, 1][4] < runs[0.0, 1][1]  # and it trains
+    # The balance loss reaches the weights: from the second step on, the losses differ.
+    assert runs[0.1, 1][1] == runs[0.0, 1][1] and runs[0.1, 1][4] != pytest.approx(runs[0.0, 1][4], rel=1e-5)
 
 
 @pytest.mark.parametrize("clip", [0.5, 0.0])

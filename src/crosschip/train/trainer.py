@@ -406,7 +406,8 @@ class Trainer:
     def micro_loss(self, mb: Batch, n_global: int, rows: Tensor) -> tuple[Tensor, Tensor]:
         """(loss to backpropagate, summed token CE) for one micro-batch.
 
-        Losses are sums over tokens divided by the global number of label tokens, so
+        Losses are sums over tokens divided by the global number of label tokens (the
+        sequence-wise balance loss: a sum over rows divided by the global number of rows), so
         micro-batches and processes add up to the global-batch mean exactly; the factor
         `world` undoes FSDP's averaging of gradients over processes. `rows`: the batch's
         `label_positions()` on the model's device (found on the host, where they cost the
@@ -424,7 +425,9 @@ class Trainer:
             if model.mtp is not None and self.t.mtp_loss_weight > 0:
                 loss = loss + self.t.mtp_loss_weight * self._mtp_loss(h, mb) / n_global
             if self.t.seq_aux_loss_alpha > 0:
-                loss = loss + self.t.seq_aux_loss_alpha * self._seq_balance_loss()
+                # shard_rows gives every micro-batch of every process the same number of rows.
+                global_rows = mb.input_ids.shape[0] * self.t.grad_accum * self.dist.world
+                loss = loss + self.t.seq_aux_loss_alpha * self._seq_balance_loss() / global_rows
         return loss * self.dist.world, ce.detach()
 
     def _mtp_loss(self, h: Tensor, mb: Batch) -> Tensor:
@@ -435,7 +438,8 @@ class Trainer:
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
     def _seq_balance_loss(self) -> Tensor:
-        """DeepSeek-V3's sequence-wise balance loss: sum_i f_i P_i per row, averaged."""
+        """DeepSeek-V3's sequence-wise balance loss, sum_i f_i P_i per row, summed over the
+        micro-batch's rows and the MoE layers."""
         total = 0.0
         for moe in self.step_moes:
             scores, indices = moe.last_scores, moe.last_indices  # (B, T, E), (B, T, K)
@@ -445,7 +449,7 @@ class Trainer:
             )
             f = counts * E / (K * T)
             p = (scores / scores.sum(-1, keepdim=True)).mean(1)
-            total = total + (f * p).sum(-1).mean()
+            total = total + (f * p).sum()
         return total
 
     def train_step(self, step: int) -> dict[str, Any] | tuple[str, dict]:
