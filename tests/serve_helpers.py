@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -68,3 +70,14 @@ class ServerProcess:
         self._reader.join(5)  # it reads to the end of the output, then the pipe can close
         self.proc.stdout.close()
         return self.proc.returncode
+
+
+def tokenizer_with(source: Path, dest: Path, **config) -> Path:
+    """A copy of the tokenizer folder (or bundle) `source` in `dest`, with `config`'s entries
+    set in its tokenizer_config.json."""
+    dest.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, dest)
+    path = dest / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return dest

@@ -15,12 +15,13 @@ import pytest
 import torch
 
 import crosschip
-from crosschip.hf import load_bundle
+from crosschip.hf import load_bundle, save_bundle
 from crosschip.serve.command import client_url
 from crosschip.serve.engine import Engine
 from crosschip.serve.executor import TorchExecutor
 from crosschip.serve.sampling import SamplingParams
-from serve_helpers import ServerProcess
+from crosschip.tokenizer import Tokenizer
+from serve_helpers import ServerProcess, tokenizer_with
 
 pytestmark = pytest.mark.slow
 
@@ -277,6 +278,32 @@ def test_tokenize_counts_what_the_endpoints_send_to_the_model(server, client, of
     ]:
         bad = httpx.post(server.url + path, json=body)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (path, body, bad.text)
+
+
+def test_chat_uses_the_bundles_own_chat_template(debug_bundle, tmp_path):
+    """A bundle written with a tokenizer whose tokenizer_config.json carries another
+    `chat_template` is served with that template."""
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages here') }}"
+        "{% endif %}{{ bos_token + m['content'] + eos_token }}{% endfor %}"
+    )
+    folder = tokenizer_with(debug_bundle, tmp_path / "tokenizer", chat_template=template)
+    tok = Tokenizer.load(folder)
+    model, _ = load_bundle(debug_bundle)
+    bundle = save_bundle(model, tmp_path / "debug", tokenizer=tok)
+    srv = ServerProcess(bundle)
+    try:
+        messages = [{"role": "user", "content": "12+34="}]
+        r = httpx.post(srv.url + "/tokenize", json={"messages": messages}).json()
+        assert r["tokens"] == tok.encode("<|bos|>12+34=<|eos|>")
+        client = openai.OpenAI(base_url=srv.api, api_key="unused", max_retries=0)
+        chat = client.chat.completions.create(model="debug", messages=messages, max_tokens=3, temperature=0)
+        assert chat.usage.prompt_tokens == len(r["tokens"])
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="debug", messages=[{"role": "system", "content": "x"}, *messages])
+        assert refused.value.body["param"] == "messages" and "no system messages here" in refused.value.body["message"]
+    finally:
+        srv.stop()
 
 
 def test_logprobs_and_echo(client, offline):

@@ -10,6 +10,7 @@ import pytest
 from crosschip.data import builtin_corpus, generate_problems
 from crosschip.errors import CrosschipError
 from crosschip.tokenizer import SPECIAL_TOKENS, Tokenizer, default_tokenizer, train_tokenizer
+from serve_helpers import tokenizer_with
 
 CHATS = [
     [{"role": "user", "content": "12+7="}],
@@ -173,8 +174,8 @@ def test_chat_template(tok: Tokenizer):
 @pytest.mark.parametrize(
     "messages, match",
     [
-        ([{"role": "bot", "content": "x"}], "unknown role 'bot'"),
-        ([{"content": "x"}], "unknown role None"),
+        ([{"role": "bot", "content": "x"}], "unknown chat role: bot"),
+        ([{"content": "x"}], "role must be a string, got None"),
         ([{"role": "user", "content": ["x"]}], "content must be a string"),
         ([{"role": "user"}], "content must be a string"),
         (["hello"], "expected a dict"),
@@ -184,6 +185,54 @@ def test_chat_template(tok: Tokenizer):
 def test_chat_template_errors(tok: Tokenizer, messages, match: str):
     with pytest.raises(CrosschipError, match=match):
         tok.apply_chat_template(messages)
+
+
+# A template in the style of many published ones: newlines, a loop variable, the EOS token.
+EDITED_TEMPLATE = """{{ bos_token }}
+{% for message in messages %}
+{{ message['role'] | upper }}: {{ message['content'] }}{{ eos_token if not loop.last else '' }}
+{% endfor %}
+{% if add_generation_prompt %}ASSISTANT:{% endif %}"""
+
+
+def test_a_saved_folders_chat_template_is_the_one_rendered(saved, tmp_path):
+    """What transformers renders from the folder's tokenizer_config.json, we render too, edits included."""
+    directory = tokenizer_with(saved, tmp_path / "edited", chat_template=EDITED_TEMPLATE)
+    loaded = Tokenizer.load(directory)
+    text = loaded.apply_chat_template(CHATS[2])
+    assert text == "<|bos|>\nDEVELOPER: Answer briefly.<|eos|>\nUSER: 1+1=\nASSISTANT:"
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    for gen in (True, False):
+        assert hf.apply_chat_template(CHATS[2], tokenize=False, add_generation_prompt=gen) == (
+            loaded.apply_chat_template(CHATS[2], add_generation_prompt=gen)
+        )
+
+
+@pytest.mark.parametrize(
+    "template, match",
+    [
+        ("{% for m in messages %}{{ m['content'] }", "chat_template does not compile"),
+        ([{"name": "default", "template": "x"}], "chat_template must be one template"),
+    ],
+)
+def test_a_bad_chat_template_is_named_when_the_folder_loads(saved, tmp_path, template, match):
+    directory = tokenizer_with(saved, tmp_path / "bad", chat_template=template)
+    with pytest.raises(CrosschipError, match=match) as e:
+        Tokenizer.load(directory)
+    assert "tokenizer_config.json" in str(e.value)
+
+
+def test_a_template_without_bos_or_roles_checks_still_renders_and_refuses_by_raise_exception(saved, tmp_path):
+    template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must be the user') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    directory = tokenizer_with(saved, tmp_path / "strict", chat_template=template)
+    loaded = Tokenizer.load(directory)
+    assert loaded.apply_chat_template(CHATS[0]) == "12+7="
+    with pytest.raises(CrosschipError, match="chat template: the first message must be the user"):
+        loaded.apply_chat_template(CHATS[2])
 
 
 def test_save_load_round_trip(tok: Tokenizer, saved):

@@ -16,7 +16,9 @@ text that literally contains one of these strings encodes it as the special toke
 a rendered chat template becomes ids); no other text can produce them. `decode` drops them by
 default, so such a text does not round-trip unless `skip_special=False`.
 
-Chat format (`apply_chat_template`; the same Jinja template ships in `tokenizer_config.json`):
+Chat format (`apply_chat_template`): the Jinja template in `tokenizer_config.json`, rendered
+as transformers and vLLM render it, so a bundle whose template was edited is served with the
+edit. `save` writes `CHAT_TEMPLATE`, which gives
     <|bos|><|system|>SYSTEM<|end|><|user|>QUESTION<|end|><|assistant|>ANSWER<|end|>
 The rendered string already starts with `<|bos|>`: encode it with `add_bos=False`. A reply
 ends with `<|end|>` (`end_id`), which a server should treat as a stop token next to `<|eos|>`.
@@ -33,6 +35,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -40,16 +44,14 @@ from crosschip.errors import CrosschipError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLES = ("system", "user", "assistant")
-# OpenAI's newer name for the system message (its o-series and later models take
-# instructions as `developer`); rendered as `system`.
-ROLE_ALIASES = {"developer": "system"}
 END = "<|end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, *(f"<|{role}|>" for role in ROLES), END]
 DEFAULT_MAX_LENGTH = 512
 """`model_max_length` written to tokenizer_config.json unless `save` is told otherwise
 (arith-tiny's max_position_embeddings)."""
 
-# Jinja twin of `Tokenizer.apply_chat_template`; transformers and vLLM render this one.
+# The chat template `save` writes. OpenAI's `developer` role (its newer name for the system
+# message) renders as `system`.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -94,7 +96,13 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 class Tokenizer:
     """Byte-level BPE with BOS/EOS/PAD and chat markers; see the module docstring."""
 
-    def __init__(self, backend: _HFTokenizer, *, model_max_length: int = DEFAULT_MAX_LENGTH):
+    def __init__(
+        self,
+        backend: _HFTokenizer,
+        *,
+        model_max_length: int = DEFAULT_MAX_LENGTH,
+        chat_template: str = CHAT_TEMPLATE,
+    ):
         self._tok = backend
         ids = {token: backend.token_to_id(token) for token in SPECIAL_TOKENS}
         missing = [token for token, i in ids.items() if i is None]
@@ -107,6 +115,8 @@ class Tokenizer:
         """`<|end|>`, which closes every chat message."""
         self.special_ids: frozenset[int] = frozenset(ids.values())
         self.model_max_length = model_max_length
+        self.chat_template = chat_template
+        self._chat = _compile_chat_template(chat_template)
 
     @property
     def vocab_size(self) -> int:
@@ -152,24 +162,32 @@ class Tokenizer:
         return out
 
     def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        """The chat rendered as one string (it starts with `<|bos|>`; encode it with add_bos=False)."""
+        """The chat rendered by the chat template (the built-in one starts with `<|bos|>`:
+        encode it with add_bos=False).
+
+        The messages' shape is checked here, whatever the template: a non-empty list of dicts
+        with a string role and string content. Which roles exist is the template's to say."""
         if not messages:
             raise CrosschipError("chat: no messages to render")  # transformers refuses an empty chat too
-        parts = [BOS]
         for i, message in enumerate(messages):
             if not isinstance(message, dict):
                 raise CrosschipError(f"chat message {i}: expected a dict with 'role' and 'content', got {message!r}")
-            role, content = message.get("role"), message.get("content")
-            role = ROLE_ALIASES.get(role, role)
-            if role not in ROLES:
-                known = ", ".join((*ROLES, *ROLE_ALIASES))
-                raise CrosschipError(f"chat message {i}: unknown role {message.get('role')!r}; expected one of {known}")
-            if not isinstance(content, str):
-                raise CrosschipError(f"chat message {i}: content must be a string, got {type(content).__name__}")
-            parts.append(f"<|{role}|>{content}{END}")
-        if add_generation_prompt:
-            parts.append("<|assistant|>")
-        return "".join(parts)
+            if not isinstance(message.get("role"), str):
+                raise CrosschipError(f"chat message {i}: role must be a string, got {message.get('role')!r}")
+            if not isinstance(message.get("content"), str):
+                raise CrosschipError(
+                    f"chat message {i}: content must be a string, got {type(message.get('content')).__name__}"
+                )
+        try:
+            return self._chat.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=BOS,
+                eos_token=EOS,
+                pad_token=PAD,
+            )
+        except jinja2.TemplateError as e:  # raise_exception() in the template, or a bad template
+            raise CrosschipError(f"chat template: {e}") from None
 
     def save(self, directory: str | Path, *, model_max_length: int | None = None) -> None:
         """Write `tokenizer.json` and a transformers `tokenizer_config.json` into `directory`."""
@@ -184,7 +202,7 @@ class Tokenizer:
             "additional_special_tokens": SPECIAL_TOKENS[3:],
             "model_max_length": model_max_length or self.model_max_length,
             "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template,
         }
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -199,15 +217,49 @@ class Tokenizer:
             backend = _HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception on any parse error
             raise CrosschipError(f"tokenizer: {path} is not a valid tokenizer.json ({e})") from None
-        return cls(backend, model_max_length=_max_length_of(directory))
+        config = _config_of(directory)
+        try:
+            max_length = int(config["model_max_length"])
+        except (KeyError, TypeError, ValueError):
+            max_length = DEFAULT_MAX_LENGTH
+        template = config.get("chat_template", CHAT_TEMPLATE)
+        if not isinstance(template, str):  # transformers' named templates (a list) are not supported
+            raise CrosschipError(
+                f"tokenizer: {directory / 'tokenizer_config.json'}: chat_template must be one template (a string)"
+            )
+        try:
+            return cls(backend, model_max_length=max_length, chat_template=template)
+        except CrosschipError as e:
+            raise CrosschipError(f"tokenizer: {directory / 'tokenizer_config.json'}: {e}") from None
 
 
-def _max_length_of(directory: Path) -> int:
+def _config_of(directory: Path) -> dict:
+    """tokenizer_config.json as a dict; {} when it is missing or not a JSON object."""
     try:
         config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-        return int(config["model_max_length"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_MAX_LENGTH
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _raise_exception(message: str):
+    """The `raise_exception` a chat template calls to refuse a chat (as in transformers)."""
+    raise jinja2.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_chat_template(source: str):
+    """A chat template compiled as transformers compiles it: a sandbox (a template is data from
+    the bundle, not code to trust), blocks trimmed, `raise_exception` and `tojson` available."""
+    import jinja2
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise CrosschipError(f"chat_template does not compile: {e.message} (line {e.lineno})") from None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
