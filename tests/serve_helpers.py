@@ -51,6 +51,12 @@ class ServerProcess:
         assert m, f"metric {name} not found"
         return float(m.group(1))
 
+    def labelled_metric(self, sample: str) -> float:
+        """A sample with labels, written as /metrics writes it (`name{label="v"}`); 0 when absent."""
+        text = httpx.get(self.url + "/metrics").text
+        m = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
     def wait_metric(self, name: str, value: float, timeout: float = 5.0) -> float:
         deadline = time.monotonic() + timeout
         while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import time
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import crosschip
+from crosschip.config import model_preset
 from crosschip.hf import load_bundle, save_bundle
 from crosschip.serve.command import client_url
 from crosschip.serve.engine import Engine
@@ -84,14 +86,40 @@ def test_health_models_and_metrics(server, client):
         client.models.retrieve("gpt-9")
     assert missing.value.body["code"] == "model_not_found"
     text = httpx.get(server.url + "/metrics").text
-    for name in (
-        "crosschip_requests_total",
-        "crosschip_time_to_first_token_seconds",
-        "crosschip_inter_token_latency_seconds",
-        "crosschip_queue_depth",
-        "crosschip_cache_blocks_used",
-    ):
-        assert name in text
+    for name in ("crosschip_queue_depth", "crosschip_cache_blocks_used", "crosschip_cache_blocks_total"):
+        assert re.search(rf"^{name} ", text, re.M), name
+    # MLA caches c_kv and k_pe only: (kv_lora_rank + qk_rope_head_dim) x 4 bytes in fp32.
+    cfg = model_preset("debug")
+    per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    assert server.metric("crosschip_cache_bytes_per_token_per_layer") == per_token
+    assert any(f"{per_token} bytes per token per layer" in line for line in server.lines)
+
+
+def test_metrics_count_what_a_request_did(server, client):
+    """The counters and histograms move by what one streamed request did (the module's server
+    is shared, so by differences)."""
+    names = (
+        "crosschip_prompt_tokens_total",
+        "crosschip_generation_tokens_total",
+        "crosschip_time_to_first_token_seconds_count",
+        "crosschip_inter_token_latency_seconds_count",
+        "crosschip_request_latency_seconds_count",
+    )
+    ok = 'crosschip_requests_total{endpoint="/v1/completions",status="200"}'
+    before = {n: server.metric(n) for n in names}
+    ok_before = server.labelled_metric(ok)
+    stream = client.completions.create(
+        model="debug", prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    assert [c.choices[0].finish_reason for c in stream][-1] == "length"
+    moved = {n: server.metric(n) - before[n] for n in names}
+    prompt_tokens = len(httpx.post(server.url + "/tokenize", json={"prompt": PROMPTS[0]}).json()["tokens"])
+    assert moved["crosschip_prompt_tokens_total"] == prompt_tokens
+    assert moved["crosschip_generation_tokens_total"] == 6
+    assert moved["crosschip_time_to_first_token_seconds_count"] == 1
+    assert moved["crosschip_request_latency_seconds_count"] == 1
+    assert moved["crosschip_inter_token_latency_seconds_count"] >= 1
+    assert server.labelled_metric(ok) == ok_before + 1
 
 
 def test_greedy_completion_equals_offline_engine(client, offline):

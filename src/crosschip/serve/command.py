@@ -121,6 +121,18 @@ def check_flags(args: argparse.Namespace) -> None:
 WILDCARD_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
+def cache_line(executor) -> str:
+    """The latent cache's size, and its cost per token per layer (MLA caches c_kv and k_pe only)."""
+    usage, cfg = executor.cache_usage(), executor.cfg
+    per_token = usage["bytes_per_token_per_layer"]
+    return (
+        f"crosschip serve: latent cache {usage['blocks_total']:,} blocks of {usage['block_size']} tokens"
+        f" ({usage['bytes_total'] / 2**20:,.1f} MiB); {per_token} bytes per token per layer"
+        f" = (kv_lora_rank {cfg.kv_lora_rank} + qk_rope_head_dim {cfg.qk_rope_head_dim})"
+        f" x {per_token // cfg.latent_dim} bytes"
+    )
+
+
 def client_url(host: str, port: int) -> str:
     """`http://HOST:PORT` as a client on this machine reaches a server bound to `host`
     (a wildcard through loopback, an IPv6 address in brackets)."""
@@ -239,6 +251,7 @@ class DrainingServer:
             await serving
             raise e
         self.state.set_engine(front, tokenizer)
+        print(cache_line(front.engine.executor), flush=True)
         if not self.drain_started:  # a SIGTERM during loading means: never become ready
             port = self.server.servers[0].sockets[0].getsockname()[1]
             url = client_url(args.host, port)

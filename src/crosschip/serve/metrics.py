@@ -45,6 +45,11 @@ class ServeMetrics:
         self.prefix_hits = Gauge(
             "crosschip_prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache since start", registry=r
         )
+        self.cache_bytes_per_token_per_layer = Gauge(
+            "crosschip_cache_bytes_per_token_per_layer",
+            "Latent cache bytes per token per layer: (kv_lora_rank + qk_rope_head_dim) x dtype size",
+            registry=r,
+        )
         self.cache_usage_ratio = Gauge(
             "crosschip_cache_usage_ratio", "Fraction of latent cache blocks in use", registry=r
         )
@@ -60,6 +65,7 @@ class ServeMetrics:
         self.cache_blocks_used.set_function(lambda: usage()["blocks_used"])
         self.cache_blocks_total.set_function(lambda: usage()["blocks_total"])
         self.cache_bytes_used.set_function(lambda: usage()["bytes_used"])
+        self.cache_bytes_per_token_per_layer.set(engine.executor.cache_bytes_per_token_per_layer)
         self.cache_usage_ratio.set_function(lambda: usage()["blocks_used"] / max(1, usage()["blocks_total"]))
 
     def render(self) -> bytes:
