@@ -18,9 +18,11 @@ import httpx
 class ServerProcess:
     """`python -m crosschip serve BUNDLE --port 0 ...`; `url` is known once it prints `ready on`."""
 
-    def __init__(self, bundle: Path, *args: str, timeout: float = 120.0):
+    def __init__(self, bundle: Path, *args: str, timeout: float = 120.0, port: int = 0, on_start=None):
+        """`on_start(proc)`, when given, runs as soon as the process is started (before it is
+        ready): a test can watch the loading phase on a `port` it chose."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "crosschip", "serve", str(bundle), "--port", "0", "--threads", "1", *args]
+        cmd = [sys.executable, "-m", "crosschip", "serve", str(bundle), "--port", str(port), "--threads", "1", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         self.url = ""
@@ -37,6 +39,8 @@ class ServerProcess:
 
         self._reader = threading.Thread(target=read, daemon=True)
         self._reader.start()
+        if on_start is not None:
+            on_start(self.proc)
         if not ready.wait(timeout) or not self.url:
             self.stop()
             raise RuntimeError("server did not become ready:\n" + "".join(self.lines))

@@ -577,23 +577,24 @@ def long_body(stream: bool) -> dict:
 
 
 def test_streaming_disconnect_frees_blocks(server):
-    steps_before = server.metric("crosschip_engine_steps")
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", server.api + "/completions", json=long_body(True)) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     break  # one chunk, then hang up
+    steps_at_close = server.metric("crosschip_engine_steps")
     assert server.wait_metric("crosschip_cache_blocks_used", 0.0) == 0.0
     assert server.wait_metric("crosschip_running_sequences", 0.0) == 0.0
-    assert server.metric("crosschip_engine_steps") - steps_before < 200  # stopped well before its 250 tokens
+    # Freed within one decode step of the hang-up (counted from a moment after it).
+    assert server.metric("crosschip_engine_steps") - steps_at_close <= 1
 
 
 def test_non_streaming_disconnect_frees_blocks(server):
-    steps_before = server.metric("crosschip_engine_steps")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.api + "/completions", json=long_body(False), timeout=httpx.Timeout(30, read=0.1))
+    steps_at_close = server.metric("crosschip_engine_steps")
     assert server.wait_metric("crosschip_cache_blocks_used", 0.0) == 0.0
-    assert server.metric("crosschip_engine_steps") - steps_before < 200
+    assert server.metric("crosschip_engine_steps") - steps_at_close <= 1
 
 
 def test_overload_gets_503_with_retry_after_and_api_key_is_enforced(debug_bundle):
@@ -624,6 +625,65 @@ def test_overload_gets_503_with_retry_after_and_api_key_is_enforced(debug_bundle
         assert srv.metric("crosschip_prefix_cache_hit_tokens") == srv.metric("crosschip_prefix_cache_query_tokens") == 0
     finally:
         srv.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_health_is_503_while_the_bundle_loads(debug_bundle):
+    """The server listens before the model is loaded; until then /health (and any request)
+    gets 503 with Retry-After, and the body says it is loading."""
+    port, seen = free_port(), []
+
+    def watch(proc) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.005)  # not listening yet
+                continue
+            seen.append(r)
+            if r.status_code == 200:
+                return
+            post = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi"}, timeout=5)
+            seen.append(post)
+
+    srv = ServerProcess(debug_bundle, port=port, on_start=watch)
+    try:
+        assert seen and seen[-1].status_code == 200
+        loading = [r for r in seen[:-1] if r.url.path == "/health"]
+        assert loading, "the server answered no request before it was ready"
+        assert all(r.status_code == 503 and r.headers["retry-after"] for r in seen[:-1])
+        assert all(r.json() == {"status": "loading"} for r in loading)
+        refused = [r for r in seen if r.url.path == "/v1/completions"]
+        assert all(r.json()["error"]["type"] == "service_unavailable" for r in refused)
+    finally:
+        srv.stop()
+
+
+def test_a_drain_stops_at_its_timeout_and_aborts_what_is_left(debug_bundle):
+    """A request longer than --drain-timeout is cut off at the deadline: its stream ends with
+    finish_reason "abort" and [DONE], and the server exits 0."""
+    srv = ServerProcess(debug_bundle, "--drain-timeout", "0.2")
+    body = {**long_body(True), "n": 8}  # eight sequences of 250 tokens: longer than 0.2 s here
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", srv.api + "/completions", json=body) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            srv.proc.terminate()
+            start = time.monotonic()
+            rest = [first, *(line for line in lines if line.startswith("data: "))]
+    assert srv.proc.wait(30) == 0
+    assert time.monotonic() - start < 10
+    assert rest[-1] == "data: [DONE]"
+    finished = [c["choices"][0] for c in map(json.loads, (line[len("data: ") :] for line in rest[:-1]))]
+    reasons = {c["index"]: c["finish_reason"] for c in finished if c["finish_reason"]}
+    assert "abort" in reasons.values(), reasons
+    srv.stop()
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(debug_bundle):
