@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -241,6 +242,36 @@ def test_greedy_generate_equals_the_full_forward_loop(loaded):
         assert out.finish_reason == "length"
         assert out.text == tok.decode(out.token_ids)
     assert engine.executor.cache_usage()["blocks_used"] == 0
+
+
+@pytest.mark.slow
+def test_the_compiled_step_serves_what_eager_serves_and_falls_back_when_compiling_fails(loaded, monkeypatch):
+    """`serve --compile`: the step under torch.compile gives eager's greedy tokens, two rows
+    decoding at once (the few-token MoE loop, whose in-place row updates once failed AOT
+    autograd and sent every run back to eager after a minute of trying). Then, with no C++
+    compiler for inductor, the first call warns and serves eagerly."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    model, tok = loaded
+    prompts, params = ["12+34=", "7"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    eager = [o.token_ids for o in make_engine(loaded).generate(prompts, params)]
+
+    def compiled_engine() -> Engine:
+        torch._dynamo.reset()
+        return Engine(TorchExecutor(model, max_batch=8, block_size=8, compile=True), tok, max_batch=8)
+
+    torch._dynamo.utils.counters.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [o.token_ids for o in compiled_engine().generate(prompts, params)] == eager
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    with pytest.warns(UserWarning, match="torch.compile failed .*serving in eager mode"):
+        assert [o.token_ids for o in compiled_engine().generate(prompts, params)] == eager
+    torch._dynamo.reset()
 
 
 def test_batched_requests_return_what_each_returns_alone(loaded):

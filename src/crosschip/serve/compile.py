@@ -15,10 +15,11 @@ here a few MB; a large deployment would free the originals).
 
 `compile_forward` wraps it in `torch.compile` (`crosschip serve --compile`), falling back to
 eager if compiling fails. Measured on the 2-core CPU (torch 2.13, arith-tiny, fp32, 1 thread,
-machine shared): the grouped MoE cannot be traced (it runs eager between graphs); with the
-recompile limit raised, warm-up took 123 s and the result was still slower than eager (144 vs
-283 tokens per CPU-second at batch 1, 846 vs 1518 at 8, 2493 vs 3512 at 32; same greedy
-tokens). So it is off by default; see benchmarks/RESULTS.md.
+machine shared), with the forward of 2026-11-28 18:14: the grouped MoE cannot be traced (it
+runs eager between graphs); with the recompile limit raised, warm-up took 123 s and the
+result was still slower than eager (144 vs 283 tokens per CPU-second at batch 1, 846 vs 1518
+at 8, 2493 vs 3512 at 32; same greedy tokens). So it is off by default; see
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -81,13 +82,16 @@ class RoutedExperts:
             out = moe.shared_experts(x)
         else:
             out = torch.zeros_like(x)
-        rows = [out] if x.shape[0] == 1 else out.split(1)
         # .tolist() syncs with the device; free on CPU, and the loop needs host ints anyway.
         for t, (experts, ws) in enumerate(zip(indices.tolist(), weights.tolist())):
-            row = x[t : t + 1]
+            # Each row sliced here, not split once before the loop: under torch.compile the
+            # loop runs in a frame resumed after .tolist()'s graph break, and views of one
+            # tensor handed to it as separate inputs, updated in place, fail AOT autograd with
+            # dynamic shapes (its synthetic base needs a static storage size).
+            row, dst = x[t : t + 1], out[t : t + 1]
             for e, w in zip(experts, ws):
                 gate, up = (row @ self.w13_e[e]).chunk(2, dim=-1)  # (1, inter) each
-                rows[t].addmm_(F.silu(gate) * up, self.w2_e[e], alpha=w)
+                dst.addmm_(F.silu(gate) * up, self.w2_e[e], alpha=w)
         return out
 
     def expert(self, x: Tensor, e: int) -> Tensor:
@@ -285,7 +289,8 @@ def compile_forward(forward: Callable, *, dynamic: bool = True) -> Callable:
                 raise
             import warnings
 
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); serving in eager mode", stacklevel=2)
+            reason = next((line for line in str(e).splitlines() if line.strip()), "")  # not dynamo's advice lines
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {reason}); serving in eager mode", stacklevel=2)
             state["fn"] = forward
             return forward(*args, **kwargs)
 
