@@ -149,7 +149,14 @@ def init_distributed(backend: Backend) -> Dist:
         raise CrosschipError(f"{backend.spec} has no collective backend; it cannot train with several processes")
     local_rank = int(os.environ["LOCAL_RANK"])
     backend.set_device(local_rank)
-    dist.init_process_group(backend.dist_backend)
+    # torchrun's env:// store outlives a restart of the worker group (--max-restarts), and
+    # the process group's keys in it are the same every attempt: a restarted rank could read
+    # a dead peer's address and fail to connect ("Gloo connectFullMesh failed ... Connection
+    # refused"; 3 of 5 restarts here; pytorch/pytorch#167288). Each attempt gets its own keys.
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"crosschip/attempt_{attempt}", store)
+    dist.init_process_group(backend.dist_backend, store=store, rank=rank, world_size=world)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, delay)
 
 
