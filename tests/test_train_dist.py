@@ -83,6 +83,30 @@ def test_one_process_checkpoint_resumes_on_two(one_proc, tmp_path):
     _close(losses(run), losses(one))
 
 
+def test_a_hang_ends_the_group_and_its_restart_rolls_back_past_the_hung_batch(tmp_path):
+    """Ranks blocked in a collective cannot roll back in place: the watchdog ends the group
+    (exit 3), torchrun restarts it (--max-restarts), and the restart resumes from the newest
+    checkpoint, skips the batch that hung and does not plant the hang again."""
+    cfg = write_config(tmp_path, steps=10, ckpt_every=4, hang_timeout_s=4.0)
+    run = tmp_path / "run"
+    proc = train(cfg, run, "--nproc", "2", "--max-restarts", "1", "--inject", "hang@step=6")
+    assert proc.returncode == 0, proc.stderr
+    (hang,) = events(run, "hang")
+    assert hang["step"] == 6 and 4.0 <= hang["elapsed_s"] < 4.0 + 2.0  # within the timeout, plus one poll
+    (stuck,) = events(run, "give_up")
+    assert stuck["step"] == 6 and stuck["batch"] == hang["batch"]
+    (resume,) = events(run, "resume")
+    assert resume["step"] == 4 and resume["world"] == 2
+    (rollback,) = events(run, "rollback")
+    assert (rollback["from_step"], rollback["to_step"], rollback["reason"]) == (6, 4, "hang")
+    assert rollback["skipped_batches"] == [hang["batch"]] and rollback["lost_steps"] == 1
+    assert [e["step"] for e in events(run, "inject")] == [6]  # planted once per run
+    steps = [e for e in events(run, "step") if e["step"] > 4]
+    assert hang["batch"] not in [e.get("batch") for e in steps if "batch" in e]
+    assert sorted(losses(run)) == list(range(1, 11))
+    assert json.loads((run / "train_summary.json").read_text())["status"] == "done"
+
+
 def test_sigterm_to_the_launcher_saves_the_step_all_workers_reached_and_stops_them(tmp_path):
     """SIGTERM to `crosschip train --nproc 2` alone (as Kubernetes or `docker stop` send it):
     torchrun forwards it, the workers agree on a step, save it together (a verified checkpoint,

@@ -66,6 +66,22 @@ def test_emulated_flaky_chip_trains_through_its_faults(tmp_path):
     assert events(run, "nan") or events(run, "straggler"), "the flaky chip's faults show up in the log"
 
 
+def test_planted_slow_steps_are_reported_as_stragglers(tmp_path):
+    """slow@p=0.25: each planted step (logged as an `inject` event) past the guard's 10-step
+    warm-up shows up as a straggler, with its factor over the running median."""
+    cfg = write_config(tmp_path, steps=30, ckpt_every=10)
+    run = tmp_path / "run"
+    proc = train(cfg, run, "--inject", "slow@p=0.25")
+    assert proc.returncode == 0, proc.stderr
+    planted = {e["step"] for e in events(run, "inject") if e["faults"] == ["slow"]}
+    judged = {s for s in planted if s > 10}
+    assert judged, f"no slow step planted past the warm-up: {sorted(planted)}"
+    stragglers = {e["step"]: e for e in events(run, "straggler")}
+    assert judged <= set(stragglers), (sorted(judged), sorted(stragglers))
+    assert all(stragglers[s]["factor"] > 5.0 for s in judged)  # straggler_factor's default
+    assert sorted(losses(run)) == list(range(1, 31))  # logged, not rolled back
+
+
 def test_a_fatal_signal_in_training_prints_the_python_stack(tmp_path):
     """A segfault in a kernel or a collective says where it happened, in each worker of a
     torchrun group too (torchrun's own report says only "Signal 11")."""

@@ -383,7 +383,9 @@ class TrainConfig:
     grad_norm_limit: float = 100.0
     """A pre-clip gradient norm above this is an explosion."""
     hang_timeout_s: float = 120.0
-    """The watchdog fires when one step has not finished in this many seconds."""
+    """The watchdog fires when one step has not finished in this many seconds. The first step
+    after a start, a resume or a rollback gets ten times as long: it may compile
+    (`compile = true`: 30-90 s on a 2-core CPU) and warm caches."""
     straggler_factor: float = 5.0
     """A step this many times slower than the running median is a straggler event."""
     max_rollbacks: int = 3

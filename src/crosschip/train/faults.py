@@ -10,9 +10,11 @@
                        files are written and before the folder is renamed into place
 
 A step fault fires once by default; `,times=N` makes it fire the first N times that step is
-reached (to exhaust the rollback cap). Probabilistic faults draw from their own seeded RNG so
-they never perturb training randomness. An emulated backend's `emulated_faults` are added to
-the user's.
+reached (to exhaust the rollback cap). The count is the run's, not the process's: each firing
+is logged (`inject` events in metrics.jsonl), and a resumed run or a restarted torchrun group
+replays them, so a planted hang that ended a process does not hang its restart again.
+Probabilistic faults draw from their own seeded RNG so they never perturb training
+randomness. An emulated backend's `emulated_faults` are added to the user's.
 """
 
 from __future__ import annotations
@@ -85,11 +87,18 @@ class FaultInjector:
         return False
 
     def at_step(self, step: int) -> set[str]:
-        """Kinds of fault that fire during `step` (crash fires right here)."""
-        kinds = {f.kind for i, f in enumerate(self.faults) if f.save is None and self._fires(i, f, step)}
-        if "crash" in kinds:
-            kill_self()
-        return kinds
+        """Kinds of fault that fire during `step`; the caller logs them, then acts (a crash:
+        `kill_self`)."""
+        return {f.kind for i, f in enumerate(self.faults) if f.save is None and self._fires(i, f, step)}
+
+    def replay(self, records: list[dict]) -> None:
+        """Count as fired the step faults that an earlier process of this run logged firing."""
+        for r in records:
+            if r.get("event") != "inject":
+                continue
+            for i, f in enumerate(self.faults):
+                if f.step == r.get("step") and f.kind in r.get("faults", ()):
+                    self.fired[i] = self.fired.get(i, 0) + 1
 
     def on_save(self) -> None:
         """Called inside every checkpoint save, before the rename."""

@@ -35,7 +35,7 @@ from crosschip.train import checkpoint as ckpt
 from crosschip.train import distributed as D
 from crosschip.train.data import IGNORE, Batch, BatchStream, shard_rows
 from crosschip.train.evaluate import arith_accuracy
-from crosschip.train.faults import SPIKE_FACTOR, FaultInjector
+from crosschip.train.faults import SPIKE_FACTOR, FaultInjector, kill_self
 from crosschip.train.health import HealthGaveUp, HealthGuard, StepHang, Watchdog
 from crosschip.train.metrics import MetricsLog, Progress, plot_loss
 
@@ -44,6 +44,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 FIT_EVERY = 10
 """Steps between fits of the schedule to train.max_minutes."""
+STUCK = "step hung and could not be interrupted"
+"""The give_up reason of a hang that ended the process (`Trainer._on_stuck`)."""
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -301,7 +303,9 @@ class Trainer:
                 raise CrosschipError(f"--resume: no verified checkpoint under {self.ckpt_root}")
             path = Path(found)
             self._restore(path)
-            done = [r["step"] for r in _read_all(self.out / "metrics.jsonl") if r["event"] == "step"]
+            records = _read_all(self.out / "metrics.jsonl")
+            self.faults.replay(records)
+            done = [r["step"] for r in records if r["event"] == "step"]
             lost = max(0, max(done, default=0) - self.step)
             self.lost_steps += lost
             self.log.event(
@@ -312,6 +316,7 @@ class Trainer:
                 world=self.dist.world,
                 lost_steps=lost,
             )
+            self._carry_over_hangs(records)
         else:
             self.log.event(
                 "start",
@@ -457,6 +462,10 @@ class Trainer:
         index, batch = self.stream.next()
         self._batch_index = index
         faults = self.faults.at_step(step)
+        if faults:  # planted by --inject (or an emulated chip): the log says what was planted where
+            self.log.event("inject", step=step, faults=sorted(faults), batch=index)
+        if "crash" in faults:
+            kill_self()
         if "hang" in faults:
             time.sleep(10 * self.t.hang_timeout_s + 60)  # the watchdog interrupts this
         if "slow" in faults:
@@ -569,16 +578,47 @@ class Trainer:
         )
 
     def _on_hang(self, elapsed: float) -> None:
-        self.log.event("hang", step=self.step + 1, elapsed_s=elapsed, timeout_s=self.t.hang_timeout_s)
+        self.log.event(
+            "hang", step=self.step + 1, elapsed_s=elapsed, timeout_s=self.t.hang_timeout_s, batch=self._batch_index
+        )
         if self.dist.enabled:
-            # Other ranks wait inside collectives and cannot roll back with us: stop, resume later.
+            # Other ranks wait inside collectives and cannot roll back with us: the process
+            # ends, and its restart (torchrun --max-restarts, or --resume) is the rollback.
             self._on_stuck()
 
     def _on_stuck(self) -> None:
-        self.log.event("give_up", step=self.step + 1, reason="step hung and could not be interrupted")
-        self._write_summary("gave_up", "step hung and could not be interrupted")
+        """A hang this process cannot roll back from in place: log it (`_carry_over_hangs`
+        finishes the rollback when the run restarts) and exit 3."""
+        self.log.event("give_up", step=self.step + 1, reason=STUCK, batch=self._batch_index)
+        self._write_summary("gave_up", STUCK)
         print("crosschip train: error: a step hung past the watchdog timeout; restart with --resume", file=sys.stderr)
         os._exit(3)
+
+    def _carry_over_hangs(self, records: list[dict]) -> None:
+        """On resume: a hang that ended an earlier process of this run (`_on_stuck`) is rolled
+        back as a hang in one process is: its batch is skipped and it counts against
+        max_rollbacks at its step (past it, the run gives up, exit 3). The hangs since the
+        last start or resume ended the process this one replaces: their rollback is logged."""
+        last_start = max((i for i, r in enumerate(records) if r["event"] in ("start", "resume")), default=-1)
+        for i, r in enumerate(records):
+            if r["event"] != "give_up" or r.get("reason") != STUCK:
+                continue
+            if r.get("batch") is not None:
+                self.stream.skip.add(r["batch"])
+            n = self.guard.rollbacks[r["step"]] = self.guard.rollbacks.get(r["step"], 0) + 1
+            if i < last_start:
+                continue
+            if n > self.t.max_rollbacks:
+                self.give_up(f"hang at step {r['step']} persisted through {self.t.max_rollbacks} rollbacks", r["step"])
+            self.log.event(
+                "rollback",
+                from_step=r["step"],
+                to_step=self.step,
+                reason="hang",
+                attempt=n,
+                skipped_batches=sorted(self.stream.skip),
+                lost_steps=r["step"] - 1 - self.step,
+            )
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, steps: int | None = None) -> dict[str, Any]:
