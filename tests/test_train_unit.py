@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ from crosschip.train import checkpoint as ckpt
 from crosschip.train.data import IGNORE, ArithStream, BatchStream, shard_rows
 from crosschip.train.faults import parse_fault
 from crosschip.train.health import HealthGuard
+from crosschip.train.metrics import Progress
 from crosschip.train.trainer import Trainer, estimate_memory, lr_at, resolve_dtype, update_balance_bias
 from train_helpers import events, losses
 
@@ -785,3 +788,40 @@ def test_gradients_are_clipped_to_grad_clip_and_the_pre_clip_norm_is_reported(tm
     assert t._clip() == pytest.approx(before, rel=1e-5)
     after = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))
     assert after == pytest.approx(clip if clip > 0 else before, rel=1e-4)  # 0: no clipping
+
+
+class _Terminal(io.StringIO):
+    """A captured stdout that says it is a terminal, as an interactive shell's is."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_shows_loss_tokens_per_second_and_eta(monkeypatch, terminal):
+    """On a terminal a rich bar (step count, loss, tok/s, time remaining); elsewhere (a log
+    file, CI) a line every 5% with the same fields and an ETA at the pace so far."""
+    out = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    progress = Progress(total=40, start=0, enabled=True)
+    for step in range(1, 41):
+        time.sleep(0.005)
+        progress.update(step, loss=2.5 - step / 100, tokens_per_s=12_345.6)
+    progress.close()
+    text = out.getvalue()
+    assert "loss 2.1000" in text and "12,346 tok/s" in text
+    if terminal:
+        assert "\x1b[" in text and "40/40" in text  # drawn with ANSI codes, complete
+        assert re.search(r"\d:\d\d:\d\d", text)  # rich's time-remaining column
+    else:
+        lines = text.splitlines()
+        assert len(lines) == 20 and lines[-1].startswith("step 40/40")
+        etas = [re.search(r"ETA (\d+):(\d\d):(\d\d)$", line) for line in lines]
+        assert all(etas) and etas[-1].groups() == ("0", "00", "00")
+
+
+def test_progress_eta_is_the_pace_so_far(monkeypatch):
+    clock = iter([100.0, 130.0])  # created at t=100; 10 steps done 30 s later
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    progress = Progress(total=110, start=0, enabled=False)
+    assert progress.eta(10) == "0:05:00"  # 100 steps left at 3 s a step

@@ -62,6 +62,7 @@ class Progress:
     def __init__(self, total: int, start: int, enabled: bool):
         self.total, self.enabled = total, enabled
         self.every = max(1, total // 20)
+        self.start, self.t0 = start, time.monotonic()  # the ETA of the line form: this process's pace
         self.bar = None
         if enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -88,7 +89,15 @@ class Progress:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         elif step % self.every == 0 or step == self.total:
-            print(f"step {step}/{self.total}  {info}", flush=True)
+            print(f"step {step}/{self.total}  {info}  ETA {self.eta(step)}", flush=True)
+
+    def eta(self, step: int) -> str:
+        """Time left at this process's pace so far, as H:MM:SS ("-:--:--" before a step is done)."""
+        done = step - self.start
+        if done <= 0:
+            return "-:--:--"
+        left = round(max(0, self.total - step) * (time.monotonic() - self.t0) / done)
+        return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
     def note(self, text: str) -> None:
         if not self.enabled:
