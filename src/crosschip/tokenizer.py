@@ -251,8 +251,6 @@ def _raise_exception(message: str):
 def _compile_chat_template(source: str):
     """A chat template compiled as transformers compiles it: a sandbox (a template is data from
     the bundle, not code to trust), blocks trimmed, `raise_exception` and `tojson` available."""
-    import jinja2
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_exception
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)

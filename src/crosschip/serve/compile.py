@@ -14,12 +14,13 @@ These keep folded/stacked copies of the attention and expert weights (for the ti
 here a few MB; a large deployment would free the originals).
 
 `compile_forward` wraps it in `torch.compile` (`crosschip serve --compile`), falling back to
-eager if compiling fails. Measured on the 2-core CPU (torch 2.13, arith-tiny, fp32, 1 thread,
-machine shared), with the forward of 2026-11-28 18:14: the grouped MoE cannot be traced (it
-runs eager between graphs); with the recompile limit raised, warm-up took 123 s and the
-result was still slower than eager (144 vs 283 tokens per CPU-second at batch 1, 846 vs 1518
-at 8, 2493 vs 3512 at 32; same greedy tokens). So it is off by default; see
-benchmarks/RESULTS.md.
+eager if compiling fails. On the 2-core CPU (torch 2.13, arith-tiny, fp32, 1 thread) it is
+slower than eager, so it is off by default. The grouped MoE cannot be traced (it runs eager
+between graphs), and the few-token loop recompiles per expert id until dynamo's limit.
+Through the server (`benchmarks/serve_throughput.py --on torch:cpu [--compile]`, 2026-12-01):
+compiled 133 / 602 / 1652 tokens per CPU-second at 1 / 8 / 32 concurrent requests, eager
+221 / 1004 / 2354; the few-token loop kept out of the graph (`torch.compiler.disable`) was
+slower still (90 / 569 / 1393). See benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
