@@ -118,7 +118,9 @@ def test_metrics_count_what_a_request_did(server, client):
     assert moved["crosschip_generation_tokens_total"] == 6
     assert moved["crosschip_time_to_first_token_seconds_count"] == 1
     assert moved["crosschip_request_latency_seconds_count"] == 1
-    assert moved["crosschip_inter_token_latency_seconds_count"] >= 1
+    # One gap per token-carrying delta after the first; a busy event loop gets several tokens
+    # in one delta, so there may be fewer than 5.
+    assert 0 <= moved["crosschip_inter_token_latency_seconds_count"] <= 5
     assert server.labelled_metric(ok) == ok_before + 1
 
 
@@ -657,9 +659,12 @@ def test_health_is_503_while_the_bundle_loads(debug_bundle):
         assert seen and seen[-1].status_code == 200
         loading = [r for r in seen[:-1] if r.url.path == "/health"]
         assert loading, "the server answered no request before it was ready"
-        assert all(r.status_code == 503 and r.headers["retry-after"] for r in seen[:-1])
+        assert all(r.status_code == 503 and r.headers["retry-after"] for r in loading)
         assert all(r.json() == {"status": "loading"} for r in loading)
-        refused = [r for r in seen if r.url.path == "/v1/completions"]
+        # The last request may have come in just as the model finished loading.
+        posts = [r for r in seen if r.url.path == "/v1/completions"]
+        refused = posts[:-1] if posts and posts[-1].status_code == 200 else posts
+        assert refused and all(r.status_code == 503 and r.headers["retry-after"] for r in refused)
         assert all(r.json()["error"]["type"] == "service_unavailable" for r in refused)
     finally:
         srv.stop()

@@ -248,29 +248,35 @@ def test_greedy_generate_equals_the_full_forward_loop(loaded):
 def test_the_compiled_step_serves_what_eager_serves_and_falls_back_when_compiling_fails(loaded, monkeypatch):
     """`serve --compile`: the step under torch.compile gives eager's greedy tokens, two rows
     decoding at once (the few-token MoE loop, whose in-place row updates once failed AOT
-    autograd and sent every run back to eager after a minute of trying). Then, with no C++
-    compiler for inductor, the first call warns and serves eagerly."""
+    autograd and sent every run back to eager after a minute of trying). Traced through AOT
+    autograd without inductor's kernel generation, which would take the suite minutes (the
+    serving benchmark runs inductor). Then, with no C++ compiler for inductor, the first
+    call warns and serves eagerly."""
     import torch._dynamo
     import torch._inductor.config
+
+    from crosschip.serve.compile import compile_forward
 
     model, tok = loaded
     prompts, params = ["12+34=", "7"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     eager = [o.token_ids for o in make_engine(loaded).generate(prompts, params)]
 
-    def compiled_engine() -> Engine:
+    def compiled_engine(backend: str) -> Engine:
         torch._dynamo.reset()
-        return Engine(TorchExecutor(model, max_batch=8, block_size=8, compile=True), tok, max_batch=8)
+        executor = TorchExecutor(model, max_batch=8, block_size=8)
+        executor.forward = compile_forward(executor.forward, backend=backend)
+        return Engine(executor, tok, max_batch=8)
 
     torch._dynamo.utils.counters.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert [o.token_ids for o in compiled_engine().generate(prompts, params)] == eager
+        assert [o.token_ids for o in compiled_engine("aot_eager").generate(prompts, params)] == eager
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
 
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
     with pytest.warns(UserWarning, match="torch.compile failed .*serving in eager mode"):
-        assert [o.token_ids for o in compiled_engine().generate(prompts, params)] == eager
+        assert [o.token_ids for o in compiled_engine("inductor").generate(prompts, params)] == eager
     torch._dynamo.reset()
 
 

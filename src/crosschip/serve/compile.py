@@ -273,13 +273,15 @@ class DecodeForward:
         return F.linear(rms_norm(m.norm, h), m.head.weight)
 
 
-def compile_forward(forward: Callable, *, dynamic: bool = True) -> Callable:
-    """`torch.compile(forward)`; falls back to eager (with a warning) if compiling fails at the first call."""
+def compile_forward(forward: Callable, *, dynamic: bool = True, backend: str = "inductor") -> Callable:
+    """`torch.compile(forward)`; falls back to eager (with a warning) if compiling fails at the
+    first call. `backend`: torch.compile's ("aot_eager" traces the same graphs without
+    generating kernels)."""
     import torch._dynamo
 
     # One graph per layer and shape family: the default limit (8) sends most frames back to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    compiled = torch.compile(forward, dynamic=dynamic)
+    compiled = torch.compile(forward, dynamic=dynamic, backend=backend)
     state = {"fn": compiled}
 
     def call(*args, **kwargs):
