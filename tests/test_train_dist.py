@@ -107,6 +107,19 @@ def test_a_hang_ends_the_group_and_its_restart_rolls_back_past_the_hung_batch(tm
     assert json.loads((run / "train_summary.json").read_text())["status"] == "done"
 
 
+def test_a_group_whose_guard_gave_up_is_not_restarted(tmp_path):
+    """Past the rollback cap every worker reaches the same verdict; torchrun must not restart
+    the group (--max-restarts) to give up again. One report, exit 3, no resume."""
+    cfg = write_config(tmp_path, steps=10, ckpt_every=4, max_rollbacks=1)
+    run = tmp_path / "run"
+    proc = train(cfg, run, "--nproc", "2", "--max-restarts", "2", "--inject", "nan@step=6,times=99")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("health guard gave up") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert events(run, "resume") == [] and len(events(run, "start")) == 1
+    assert [e["step"] for e in events(run, "give_up")] == [6]
+    assert json.loads((run / "train_summary.json").read_text())["status"] == "gave_up"
+
+
 def test_sigterm_to_the_launcher_saves_the_step_all_workers_reached_and_stops_them(tmp_path):
     """SIGTERM to `crosschip train --nproc 2` alone (as Kubernetes or `docker stop` send it):
     torchrun forwards it, the workers agree on a step, save it together (a verified checkpoint,

@@ -93,6 +93,15 @@ def _gave_up(out: str) -> int:
         return 0
 
 
+def _give_up_in_group(error: Exception) -> int:
+    """A torchrun worker whose health guard gave up says so (rank 0) and exits 0: a failed
+    worker would have torchrun restart the group (--max-restarts), only to give up again. The
+    launcher reads the verdict from train_summary.json (`_gave_up`) and exits 3."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"crosschip train: error: {error}", file=sys.stderr, flush=True)
+    return 0
+
+
 def _report_saved(args: argparse.Namespace) -> None:
     """The workers' "saved step N before stopping" line, from their log: torchrun's stderr,
     which carried it, is dropped once the launcher is interrupted."""
@@ -159,13 +168,20 @@ def run(args: argparse.Namespace) -> int:
         faulthandler.enable(file=sys.__stderr__)
     # A worker group restarted by torchrun (--max-restarts) continues from the last checkpoint.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    trainer = Trainer(cfg, args.out, resume=args.resume or restarted, inject=args.inject, verbose=not args.quiet)
+    try:
+        trainer = Trainer(cfg, args.out, resume=args.resume or restarted, inject=args.inject, verbose=not args.quiet)
+    except HealthGaveUp as e:  # a resume that carries a hang past the cap (Trainer._carry_over_hangs)
+        if D.in_torchrun():
+            return _give_up_in_group(e)
+        raise
     ok = False
     try:
         summary = trainer.fit()
         ok = True
-    except HealthGaveUp:
+    except HealthGaveUp as e:
         ok = True  # every process reached the same verdict: end the group cleanly
+        if D.in_torchrun():
+            return _give_up_in_group(e)
         raise
     except KeyboardInterrupt:
         ok = trainer.stopped  # all processes stopped after the same step, and saved it
