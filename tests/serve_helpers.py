@@ -49,17 +49,13 @@ class ServerProcess:
     def api(self) -> str:
         return self.url + "/v1"
 
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        m = re.search(rf"^{name} (\S+)$", text, re.M)
-        assert m, f"metric {name} not found"
-        return float(m.group(1))
-
-    def labelled_metric(self, sample: str) -> float:
-        """A sample with labels, written as /metrics writes it (`name{label="v"}`); 0 when absent."""
+    def metric(self, sample: str, default: float | None = None) -> float:
+        """A sample as /metrics writes it (`name`, or `name{label="v"}`); `default` when it is
+        absent (a labelled counter before its first count), else absent fails."""
         text = httpx.get(self.url + "/metrics").text
         m = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
+        assert m or default is not None, f"metric {sample} not found"
+        return float(m.group(1)) if m else default
 
     def wait_metric(self, name: str, value: float, timeout: float = 5.0) -> float:
         deadline = time.monotonic() + timeout

@@ -18,6 +18,7 @@ import torch
 import crosschip
 from crosschip.config import model_preset
 from crosschip.hf import load_bundle, save_bundle
+from crosschip.pipeline import _free_port
 from crosschip.serve.command import client_url
 from crosschip.serve.engine import Engine
 from crosschip.serve.executor import TorchExecutor
@@ -107,7 +108,7 @@ def test_metrics_count_what_a_request_did(server, client):
     )
     ok = 'crosschip_requests_total{endpoint="/v1/completions",status="200"}'
     before = {n: server.metric(n) for n in names}
-    ok_before = server.labelled_metric(ok)
+    ok_before = server.metric(ok, default=0.0)
     stream = client.completions.create(
         model="debug", prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True, extra_body={"ignore_eos": True}
     )
@@ -121,7 +122,7 @@ def test_metrics_count_what_a_request_did(server, client):
     # One gap per token-carrying delta after the first; a busy event loop gets several tokens
     # in one delta, so there may be fewer than 5.
     assert 0 <= moved["crosschip_inter_token_latency_seconds_count"] <= 5
-    assert server.labelled_metric(ok) == ok_before + 1
+    assert server.metric(ok, default=0.0) == ok_before + 1
 
 
 def test_greedy_completion_equals_offline_engine(client, offline):
@@ -629,16 +630,10 @@ def test_overload_gets_503_with_retry_after_and_api_key_is_enforced(debug_bundle
         srv.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_health_is_503_while_the_bundle_loads(debug_bundle):
     """The server listens before the model is loaded; until then /health (and any request)
     gets 503 with Retry-After, and the body says it is loading."""
-    port, seen = free_port(), []
+    port, seen = _free_port(), []
 
     def watch(proc) -> None:
         deadline = time.monotonic() + 120

@@ -84,7 +84,7 @@ class HealthGuard:
         return statistics.median(self.step_times) if self.step_times else 0.1
 
     def count_rollback(self, step: int) -> int:
-        """Rollbacks at `step` so far, this one included; raises HealthGaveUp past the cap."""
+        """Rollbacks at `step` so far, this one included (the trainer gives up past the cap)."""
         n = self.rollbacks.get(step, 0) + 1
         self.rollbacks[step] = n
         return n

@@ -544,9 +544,7 @@ class Trainer:
     # -- faults -----------------------------------------------------------------------------
     def rollback(self, step: int, reason: str, details: dict) -> None:
         """Back to the newest verified checkpoint, skipping the offending batch; give up past the cap."""
-        n = self.guard.count_rollback(step)
-        if n > self.t.max_rollbacks:
-            self.give_up(f"{reason} at step {step} persisted through {self.t.max_rollbacks} rollbacks", step)
+        n = self._count_rollback(step, reason)
         found = ckpt.latest_verified(self.ckpt_root, report=self._report_corrupt) if self.dist.is_main else None
         path = self.dist.broadcast_object(str(found) if found else None)
         if path is None:
@@ -569,6 +567,13 @@ class Trainer:
         )
         if self.verbose:
             self.progress.note(f"{reason} at step {step}: rolled back to step {self.step} ({path}), attempt {n}")
+
+    def _count_rollback(self, step: int, reason: str) -> int:
+        """This rollback's attempt number at `step`; past max_rollbacks the run gives up."""
+        n = self.guard.count_rollback(step)
+        if n > self.t.max_rollbacks:
+            self.give_up(f"{reason} at step {step} persisted through {self.t.max_rollbacks} rollbacks", step)
+        return n
 
     def give_up(self, message: str, step: int) -> None:
         self.log.event("give_up", step=step, reason=message, rollbacks=self.guard.rollbacks)
@@ -605,11 +610,9 @@ class Trainer:
                 continue
             if r.get("batch") is not None:
                 self.stream.skip.add(r["batch"])
-            n = self.guard.rollbacks[r["step"]] = self.guard.rollbacks.get(r["step"], 0) + 1
+            n = self._count_rollback(r["step"], "hang")
             if i < last_start:
                 continue
-            if n > self.t.max_rollbacks:
-                self.give_up(f"hang at step {r['step']} persisted through {self.t.max_rollbacks} rollbacks", r["step"])
             self.log.event(
                 "rollback",
                 from_step=r["step"],
@@ -774,6 +777,7 @@ class Trainer:
         self.log.event(
             "step",
             step=step,
+            batch=self._batch_index,  # which global batch it trained on (rollbacks skip by this index)
             loss=r["loss"],
             lr=r["lr"],
             grad_norm=r["grad_norm"],
