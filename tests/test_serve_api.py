@@ -185,19 +185,25 @@ def test_stop_reason_names_what_stopped_a_choice(server, client):
 
 
 def test_concurrent_requests_return_what_each_returns_alone(server):
-    async def run() -> tuple[list[str], list[str]]:
+    """Batch invariance at temperature 0, and the requests really were batched: one at a time
+    they would need a forward step per generated token."""
+
+    async def run() -> tuple[list, list, float]:
         async with openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0) as aclient:
 
-            async def one(p: str) -> str:
+            async def one(p: str):
                 r = await aclient.completions.create(model="debug", prompt=p, max_tokens=24, temperature=0)
-                return r.choices[0].text
+                return r.choices[0].text, r.usage.completion_tokens
 
             alone = [await one(p) for p in PROMPTS]
+            steps = server.metric("crosschip_engine_steps")
             together = await asyncio.gather(*(one(p) for p in PROMPTS))
-        return alone, list(together)
+        return alone, list(together), server.metric("crosschip_engine_steps") - steps
 
-    alone, together = asyncio.run(run())
+    alone, together, steps = asyncio.run(run())
     assert together == alone
+    generated = sum(n for _, n in together)
+    assert steps < generated / 2, f"{steps} forward steps for {generated} tokens of {len(PROMPTS)} requests"
 
 
 def test_async_chat_streaming(server, offline):
@@ -628,6 +634,25 @@ def test_overload_gets_503_with_retry_after_and_api_key_is_enforced(debug_bundle
         assert srv.metric("crosschip_prefix_cache_hit_tokens") == srv.metric("crosschip_prefix_cache_query_tokens") == 0
     finally:
         srv.stop()
+
+
+def test_a_request_larger_than_the_whole_latent_cache_gets_400(debug_bundle):
+    """Room is reserved whole at admission, so a sequence larger than the whole cache could
+    never start: it is refused by name, and without max_tokens it gets what the cache holds."""
+    srv = ServerProcess(debug_bundle, "--num-blocks", "5", "--block-size", "16")  # 4 x 16 = 64 tokens
+    try:
+        client = openai.OpenAI(base_url=srv.api, api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="debug", prompt="1+2=", max_tokens=100)
+        error = e.value.body
+        assert error["param"] == "max_tokens" and "latent cache (64 tokens)" in error["message"], error
+        # A chat request without max_tokens may use the rest of the context; here the cache is smaller.
+        messages = [{"role": "user", "content": "1+2="}]
+        out = client.chat.completions.create(model="debug", messages=messages, extra_body={"ignore_eos": True})
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage.prompt_tokens + out.usage.completion_tokens == 64
+    finally:
+        assert srv.stop() == 0
 
 
 def test_health_is_503_while_the_bundle_loads(debug_bundle):

@@ -419,13 +419,22 @@ def test_serve_cli_refuses_a_missing_bundle_with_one_line(tmp_path):
     assert "bundle folder not found" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_a_request_larger_than_the_whole_cache_is_aborted_not_stuck(loaded):
+def test_a_request_larger_than_the_whole_cache_is_refused_not_stuck(loaded):
+    """Its room is reserved whole at admission: a sequence larger than the whole pool would wait forever."""
     model, tok = loaded
     engine = Engine(TorchExecutor(model, max_batch=1, block_size=4, num_blocks=3), tok, max_batch=1)  # 8 tokens
-    req = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=4))
-    for _ in range(3):
+    prompt = tok.encode(PROMPTS[1], add_bos=True)[:5]
+    with pytest.raises(InvalidParameter, match=r"latent cache \(8 tokens\)") as e:
+        engine.add_request(prompt, SamplingParams(max_tokens=4))
+    assert e.value.param == "max_tokens" and not engine.has_work()
+    with pytest.raises(InvalidParameter) as e:
+        engine.add_request(prompt * 2, SamplingParams(max_tokens=None))
+    assert e.value.param == "prompt"
+    # Without max_tokens, a request gets the room the cache holds.
+    req = engine.add_request(prompt, SamplingParams(max_tokens=None, ignore_eos=True))
+    while engine.has_work():
         engine.step()
-    assert req.sequences[0].finish_reason == "abort" and not engine.has_work()
+    assert req.sequences[0].finish_reason == "length" and len(req.sequences[0].output_ids) == 3
 
 
 def test_paged_cache_serves_the_models_own_absorbed_path(loaded):

@@ -230,18 +230,19 @@ class Engine:
         check_token_ids(list(params.logit_bias), vocab, "logit_bias")
         check_token_ids(params.allowed_token_ids or [], vocab, "allowed_token_ids")
         check_token_ids(params.stop_token_ids, vocab, "stop_token_ids")
-        context = self.executor.max_seq_len
-        room = context - len(prompt_ids)
+        # A sequence must fit the model's context and, since its room is reserved whole at
+        # admission, the whole latent cache too: one that cannot would wait for blocks forever.
+        context, cache = self.executor.max_seq_len, self.executor.cache_tokens
+        limit = f"the model's context of {context} tokens" if context <= cache else f"the latent cache ({cache} tokens)"
+        room = min(context, cache) - len(prompt_ids)
         if params.max_tokens is None:
             if room < 1:
-                raise InvalidParameter(
-                    "prompt", f"prompt: {len(prompt_ids)} tokens leave no room in the model's context of {context}"
-                )
+                raise InvalidParameter("prompt", f"prompt: {len(prompt_ids)} tokens leave no room in {limit}")
             return room
         if params.max_tokens > room:
             raise InvalidParameter(
                 "max_tokens",
-                f"max_tokens: the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's context of {context} tokens",
+                f"max_tokens: the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds {limit}",
             )
         return params.max_tokens
 
@@ -365,7 +366,9 @@ class Engine:
             # Prompt logprobs need the logits of every prompt token: such a prompt is computed whole.
             share = self.prefix_caching and seq.request.params.prompt_logprobs is None
             if not self.executor.can_allocate(seq.seq_id, total, seq.prompt_ids if share else ()):
-                if not self.running:  # nothing will free up: this sequence can never fit the cache
+                # check_request refused sequences larger than the cache; this guards the queue
+                # against ever waiting on blocks that nothing running will free.
+                if not self.running:
                     self.abort(seq.request.request_id)
                 break  # first come, first served: wait for blocks to free up
             seq.computed = self.executor.computed_tokens(seq.seq_id)

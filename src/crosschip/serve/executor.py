@@ -48,6 +48,11 @@ class Executor(Protocol):
     cache_bytes_per_token_per_layer: int
     """(kv_lora_rank + qk_rope_head_dim) * dtype size."""
 
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens the whole latent cache holds: no one sequence can grow past it."""
+        ...
+
     def can_allocate(self, seq_id: int, total_tokens: int, prompt_ids: Sequence[int] = ()) -> bool:
         """Whether the cache can hold sequence `seq_id` grown to `total_tokens` tokens.
 
@@ -355,6 +360,10 @@ class PagedExecutor(abc.ABC):
     blocks: BlockTables
     max_seq_len: int
     cache_bytes_per_token_per_layer: int
+
+    @property
+    def cache_tokens(self) -> int:
+        return (self.blocks.num_blocks - 1) * self.blocks.block_size  # block 0 is scratch
 
     def can_allocate(self, seq_id: int, total_tokens: int, prompt_ids: Sequence[int] = ()) -> bool:
         return total_tokens <= self.max_seq_len and self.blocks.reserve(seq_id, total_tokens, prompt_ids)
