@@ -209,6 +209,22 @@ def test_a_saved_folders_chat_template_is_the_one_rendered(saved, tmp_path):
         )
 
 
+def test_a_template_using_tojson_and_the_pad_token_renders_as_transformers_renders_it(saved, tmp_path):
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ m | tojson(indent=1, sort_keys=True) }}"
+        "{% if not loop.last %}{{ pad_token }}{% endif %}{% endfor %}"
+        "{{ {'n': messages | length, 'text': '<ü & ß>'} | tojson(separators=(',', ':')) }}"
+        "{{ strftime_now('%Y') }}"
+    )
+    directory = tokenizer_with(saved, tmp_path / "json", chat_template=template)
+    chat = [*CHATS[2], {"role": "assistant", "content": "«2» <b>"}]
+    text = Tokenizer.load(directory).apply_chat_template(chat)
+    assert '"content": "«2» <b>"' in text and '{"n":3,"text":"<ü & ß>"}' in text and text.count("<|pad|>") == 2
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == text
+
+
 @pytest.mark.parametrize(
     "template, match",
     [
@@ -233,6 +249,10 @@ def test_a_template_without_bos_or_roles_checks_still_renders_and_refuses_by_rai
     assert loaded.apply_chat_template(CHATS[0]) == "12+7="
     with pytest.raises(CrosschipError, match="chat template: the first message must be the user"):
         loaded.apply_chat_template(CHATS[2])
+    # A template that fails while it renders is reported as the template's error, not raised as it is.
+    broken = Tokenizer.load(tokenizer_with(saved, tmp_path / "broken", chat_template="{{ messages | tojson(x=1) }}"))
+    with pytest.raises(CrosschipError, match="chat template: .*unexpected keyword argument 'x'"):
+        broken.apply_chat_template(CHATS[0])
 
 
 def test_save_load_round_trip(tok: Tokenizer, saved):

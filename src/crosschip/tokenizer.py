@@ -29,6 +29,7 @@ With transformers, `AutoTokenizer.from_pretrained(dir)` loads the saved folder; 
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 from collections.abc import Iterable, Sequence
@@ -186,7 +187,7 @@ class Tokenizer:
                 eos_token=EOS,
                 pad_token=PAD,
             )
-        except jinja2.TemplateError as e:  # raise_exception() in the template, or a bad template
+        except Exception as e:  # raise_exception() in the template, or a template that fails on this chat
             raise CrosschipError(f"chat template: {e}") from None
 
     def save(self, directory: str | Path, *, model_max_length: int | None = None) -> None:
@@ -247,13 +248,20 @@ def _raise_exception(message: str):
     raise jinja2.TemplateError(message)
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    """Jinja's `tojson` as chat templates expect it (transformers' keywords): unlike Jinja's
+    own, it does not escape HTML characters, and keeps non-ASCII text as it is."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @functools.lru_cache(maxsize=8)
 def _compile_chat_template(source: str):
     """A chat template compiled as transformers compiles it: a sandbox (a template is data from
     the bundle, not code to trust), blocks trimmed, `raise_exception` and `tojson` available."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_exception
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.filters["tojson"] = _tojson
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
