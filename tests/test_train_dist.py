@@ -108,6 +108,24 @@ def test_a_hang_ends_the_group_and_its_restart_rolls_back_past_the_hung_batch(tm
     assert json.loads((run / "train_summary.json").read_text())["status"] == "done"
 
 
+def test_a_hang_that_returns_after_each_restart_gives_up_at_the_rollback_cap(tmp_path):
+    """Each restart skips the batch that hung, but the chip hangs at step 6 again: the hangs
+    count against max_rollbacks across restarts, and past it the run gives up (exit 3) instead
+    of using up torchrun's restarts."""
+    cfg = write_config(tmp_path, steps=10, ckpt_every=4, hang_timeout_s=3.0, max_rollbacks=1)
+    run = tmp_path / "run"
+    proc = train(cfg, run, "--nproc", "2", "--max-restarts", "3", "--inject", "hang@step=6,times=99")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("health guard gave up") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    hangs = events(run, "hang")
+    assert [h["step"] for h in hangs] == [6, 6] and hangs[0]["batch"] != hangs[1]["batch"]
+    assert len(events(run, "resume")) == 2  # the second restart gives up before it trains
+    assert [(r["from_step"], r["attempt"]) for r in events(run, "rollback")] == [(6, 1)]
+    verdict = events(run, "give_up")[-1]
+    assert verdict["step"] == 6 and "persisted through 1 rollbacks" in verdict["reason"]
+    assert json.loads((run / "train_summary.json").read_text())["status"] == "gave_up"
+
+
 def test_a_group_whose_guard_gave_up_is_not_restarted(tmp_path):
     """Past the rollback cap every worker reaches the same verdict; torchrun must not restart
     the group (--max-restarts) to give up again. One report, exit 3, no resume."""
