@@ -385,7 +385,11 @@ def test_return_tokens_as_token_ids_names_every_token_by_id(server, client, offl
     by_text = client.completions.create(**kw).choices[0].logprobs
     assert by_id.tokens == [f"token_id:{i}" for i in [*prompt, *expected]]
     assert by_id.text_offset == by_text.text_offset and by_id.token_logprobs == by_text.token_logprobs
-    assert all(len(row) == 5 and all(k.startswith("token_id:") for k in row) for row in by_id.top_logprobs[1:])
+    # The 5 most likely, and the chosen token where it is not one of them (OpenAI: up to logprobs + 1).
+    for token, row in zip(by_id.tokens[1:], by_id.top_logprobs[1:]):
+        assert token in row and all(k.startswith("token_id:") for k in row)
+        assert len(row) == (5 if row[token] >= sorted(row.values())[-5] else 6), row
+    assert any(len(row) == 6 for row in by_id.top_logprobs[1:]), "no prompt token outside its top 5"
     c = greedy_chat_logprobs(client, 3, 2, extra_body={"return_tokens_as_token_ids": True})
     for e in (e for t in c.choices[0].logprobs.content for e in (t, *t.top_logprobs)):
         n = int(e.token.removeprefix("token_id:"))
@@ -501,6 +505,11 @@ def test_repetition_penalty_covers_the_prompt_and_the_output(server, client):
         ({"prompt": "hi", "min_tokens": 1, "stop_token_ids": [999999]}, "stop_token_ids"),
         ({"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
         ({"prompt": "hi", "model": 7}, "model"),
+        ({"prompt": "hi", "logit_bias": {" 7": 1}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"1_0": 1}}, "logit_bias"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0, "echo": True}, "max_tokens"),
+        ({"prompt": [1] * 300, "max_tokens": 1}, "prompt"),
     ],
 )
 def test_invalid_parameters_get_400_naming_the_param(server, body, param):
@@ -523,6 +532,15 @@ def test_invalid_parameters_get_400_naming_the_param(server, body, param):
         ("/completions", {"bad_words": ["x"]}, "bad_words"),
         ("/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
         ("/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        # vLLM's extra fields that change what comes back: refused, not ignored.
+        ("/completions", {"include_stop_str_in_output": True, "stop": ["1"]}, "include_stop_str_in_output"),
+        ("/completions", {"skip_special_tokens": False}, "skip_special_tokens"),
+        ("/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+        ("/completions", {"truncate_prompt_tokens": 2}, "truncate_prompt_tokens"),
+        ("/chat/completions", {"continue_final_message": True}, "continue_final_message"),
+        ("/chat/completions", {"chat_template": "{{ messages }}"}, "chat_template"),
+        ("/chat/completions", {"chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
+        ("/chat/completions", {"echo": True}, "echo"),
     ],
 )
 def test_features_we_do_not_implement_are_refused_by_name(server, path, extra, param):
@@ -544,12 +562,69 @@ def test_the_supported_forms_of_those_features_still_work(server):
         {"tools": tools, "tool_choice": "none"},
         {"logit_bias": {}},
         {"modalities": ["text"]},
+        {"skip_special_tokens": True, "include_stop_str_in_output": False, "chat_template_kwargs": {}},
     ):
         assert httpx.post(server.api + "/chat/completions", json={**chat, **extra}).status_code == 200
     # An integer field takes an integral float, as pydantic (vLLM) does.
     body = {"model": "debug", "prompt": "hi", "max_tokens": 3.0, "n": 2.0, "ignore_eos": True}
     r = httpx.post(server.api + "/completions", json=body)
     assert r.status_code == 200 and len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] == 6
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):
+    """lm-evaluation-harness's log-likelihood request: the prompt's logprobs, nothing generated."""
+    kw = dict(model="debug", prompt="12+34=46", echo=True, logprobs=2, temperature=0)
+    scored = client.completions.create(**kw, max_tokens=0)
+    one = client.completions.create(**kw, max_tokens=1)
+    (c,) = scored.choices
+    assert scored.usage.completion_tokens == 0 and c.finish_reason == "length"
+    n = scored.usage.prompt_tokens
+    assert len(c.logprobs.tokens) == n and c.logprobs.token_logprobs[0] is None
+    assert c.logprobs.token_logprobs == one.choices[0].logprobs.token_logprobs[:n]
+    assert c.text == one.choices[0].text[: len(c.text)] and c.text.endswith("12+34=46")
+    streamed = list(client.completions.create(**kw, max_tokens=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed) == c.text
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+def test_completions_top_logprobs_always_hold_the_chosen_token(client):
+    """OpenAI: "the logprob of the sampled token" is always returned, so up to logprobs + 1."""
+    out = client.completions.create(model="debug", prompt="hi", max_tokens=6, logprobs=0, seed=1, temperature=1.5)
+    lp = out.choices[0].logprobs
+    assert [list(row) for row in lp.top_logprobs] == [[t] for t in lp.tokens]
+    assert [row[t] for t, row in zip(lp.tokens, lp.top_logprobs)] == lp.token_logprobs
+
+
+def test_the_endpoints_encode_prompts_as_tokenize_counts_them(server, client):
+    """vLLM's `add_special_tokens` (completions) and `add_generation_prompt` (chat) change the
+    prompt the model gets, and /tokenize counts the same ids."""
+    messages = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": None}]
+    for path, body in [
+        ("/completions", {"prompt": "12+34="}),
+        ("/completions", {"prompt": "12+34=", "add_special_tokens": False}),
+        ("/chat/completions", {"messages": messages[:1]}),
+        ("/chat/completions", {"messages": messages[:1], "add_generation_prompt": False}),
+        ("/chat/completions", {"messages": messages}),  # an assistant turn with null content (tool calls only)
+    ]:
+        r = httpx.post(server.api + path, json={"model": "debug", "max_tokens": 1, **body})
+        assert r.status_code == 200, r.text
+        count = httpx.post(server.url + "/tokenize", json={"model": "debug", **body}).json()["count"]
+        assert r.json()["usage"]["prompt_tokens"] == count, (path, body)
+    plain = httpx.post(server.url + "/tokenize", json={"prompt": "12+34="}).json()["count"]
+    bare = httpx.post(server.url + "/tokenize", json={"prompt": "12+34=", "add_special_tokens": False}).json()
+    assert bare["count"] == plain - 1
+
+
+def test_a_chat_turn_ends_at_its_end_token_with_no_stop_reason(server, client, offline):
+    """`<|end|>` closes the assistant's turn as EOS does (vLLM reports stop_reason null there);
+    a stop id the client sent is still named."""
+    _, tok = offline
+    end = {"logit_bias": {str(tok.end_id): 100}}
+    out = greedy_chat_logprobs(client, 4, 0, extra_body=end)
+    assert [t.token for t in out.choices[0].logprobs.content] == ["<|end|>"]
+    assert out.choices[0].finish_reason == "stop" and out.choices[0].model_extra["stop_reason"] is None
+    asked = greedy_chat_logprobs(client, 4, 0, extra_body={**end, "stop_token_ids": [tok.end_id]})
+    assert asked.choices[0].model_extra["stop_reason"] == tok.end_id
 
 
 def test_malformed_bodies_get_400(server):
@@ -572,6 +647,8 @@ def test_malformed_bodies_get_400(server):
     # Nesting deep enough to exhaust the JSON decoder's recursion is still just a bad body.
     r = httpx.post(server.api + "/completions", content=b"[" * 100_000, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    r = httpx.get(server.api + "/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
     assert not [line for line in server.lines if "Traceback" in line]
 
 
@@ -627,6 +704,11 @@ def test_overload_gets_503_with_retry_after_and_api_key_is_enforced(debug_bundle
         )  # two queue places (plus one running); the rest are refused
         refused = next(r for r in asyncio.run(burst()) if r.status_code == 503)
         assert refused.headers["retry-after"] and refused.json()["error"]["type"] == "service_unavailable"
+        # More sequences than the queue holds can never be admitted: 400, not a 503 to retry.
+        for extra, param in [({"prompt": ["a", "b", "c"]}, "prompt"), ({"prompt": "a", "n": 3}, "n")]:
+            r = httpx.post(srv.api + "/completions", json={"max_tokens": 1, **extra}, headers=headers)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "--max-queue" in r.json()["error"]["message"]
         # --no-prefix-caching: a repeated long prompt is computed whole every time.
         body = {"model": "debug", "prompt": " ".join(PROMPTS) * 2, "max_tokens": 2}
         for _ in range(2):

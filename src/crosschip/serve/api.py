@@ -158,12 +158,23 @@ class Submitted:
     n: int
 
 
-def submit_all(state: ServerState, prompts: list, params: SamplingParams, stream: bool) -> Submitted:
+def submit_all(
+    state: ServerState, prompts: list[list[int]], params: SamplingParams, stream: bool, end_ids: tuple[int, ...] = ()
+) -> Submitted:
     engine = state.engine
+    limit = engine.engine.max_queue
+    if len(prompts) * params.n > limit:  # never admitted, however long the client waits: not a 503
+        param = "n" if len(prompts) == 1 else "prompt"
+        raise ApiError(
+            400,
+            f"{param}: {len(prompts)} prompt(s) x n={params.n} are more sequences than the server queues "
+            f"({limit}, --max-queue)",
+            param=param,
+        )
     ids, prompt_ids, streams = [], [], []
     try:
         for p in prompts:
-            req, deltas = engine.submit(p, params, stream=stream)
+            req, deltas = engine.submit(p, params, stream=stream, end_ids=end_ids)
             ids.append(req.request_id)
             prompt_ids.append(req.prompt_ids)
             streams.append(deltas)
@@ -263,7 +274,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return ApiError(e.status_code, str(e.detail), type=kind).response()
+        return ApiError(e.status_code, str(e.detail), type=kind, headers=e.headers).response()  # 405: Allow
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
@@ -370,7 +381,7 @@ def create_app(state: ServerState) -> FastAPI:
         def parse(body: dict):
             return (
                 sampling_params(body, chat=False),
-                completion_prompts(body),
+                completion_prompts(body, state.tokenizer),
                 _get_stream(body),
                 LogprobFormatter.for_request(body, state.tokenizer),
             )
@@ -400,10 +411,9 @@ def create_app(state: ServerState) -> FastAPI:
             )
 
         _, (params, prompt_ids, stream, lp) = await read_request(request, parse)
+        # `<|end|>` closes the assistant's turn: it ends a choice as EOS does (stop_reason null).
         end_id = getattr(state.tokenizer, "end_id", None)
-        if end_id is not None:
-            params.stop_token_ids = [*params.stop_token_ids, end_id]  # `<|end|>` closes the assistant turn
-        sub = submit_all(state, [prompt_ids], params, stream is not None)
+        sub = submit_all(state, [prompt_ids], params, stream is not None, () if end_id is None else (end_id,))
         env = Envelope.new("chatcmpl", "chat.completion", state.model_name)
         if stream is not None:
             env.object = "chat.completion.chunk"

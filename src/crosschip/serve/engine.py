@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -160,6 +160,8 @@ class Request:
     """`bias` that also bans the stop ids, for the steps before `min_tokens` are out."""
     in_prompt: torch.Tensor | None = None
     """(V,) bool: the prompt's tokens, only with a repetition penalty."""
+    eos_ids: frozenset[int] = frozenset()
+    """Ids that end a choice as EOS does (stop_reason None; `ignore_eos` ignores them)."""
 
     @property
     def finished(self) -> bool:
@@ -235,9 +237,9 @@ class Engine:
         context, cache = self.executor.max_seq_len, self.executor.cache_tokens
         limit = f"the model's context of {context} tokens" if context <= cache else f"the latent cache ({cache} tokens)"
         room = min(context, cache) - len(prompt_ids)
+        if room < 1:
+            raise InvalidParameter("prompt", f"prompt: {len(prompt_ids)} tokens leave no room in {limit}")
         if params.max_tokens is None:
-            if room < 1:
-                raise InvalidParameter("prompt", f"prompt: {len(prompt_ids)} tokens leave no room in {limit}")
             return room
         if params.max_tokens > room:
             raise InvalidParameter(
@@ -253,17 +255,23 @@ class Engine:
         request_id: str | None = None,
         on_delta=None,
         stream: bool = True,
+        *,
+        end_ids: Iterable[int] = (),
     ) -> Request:
-        """Queue a request (thread-safe); raises InvalidParameter, QueueFull or NotAdmitting."""
+        """Queue a request (thread-safe); raises InvalidParameter, QueueFull or NotAdmitting.
+
+        `end_ids`: ids that end this request as EOS does, besides the engine's own (a chat's
+        end-of-turn token)."""
         prompt_ids = self.encode(prompt)
         max_tokens = self.check_request(prompt_ids, params)
         request = Request(
             request_id or uuid.uuid4().hex, prompt_ids, params, max_tokens, time.monotonic(), on_delta, stream
         )
+        request.eos_ids = frozenset({*self.eos_token_ids, *end_ids})
         vocab = self.executor.vocab_size
         request.bias = request_bias(params, vocab)
         if params.min_tokens:
-            stops = {*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)}
+            stops = {*params.stop_token_ids, *(() if params.ignore_eos else request.eos_ids)}
             request.early_bias = request_bias(params, vocab, stops)
         if params.repetition_penalty != 1.0:
             request.in_prompt = torch.zeros(vocab, dtype=torch.bool)
@@ -312,6 +320,9 @@ class Engine:
             seq.computed += n
             if seq.prefilling:
                 continue  # more prompt chunks to come
+            if seq.request.max_tokens == 0:  # only the prompt's logprobs were asked for
+                seq.finish_reason = "length"
+                continue
             if seq.request.params.plain_greedy:
                 greedy_rows.append(i)
                 greedy_seqs.append(seq)
@@ -323,7 +334,7 @@ class Engine:
             # an argmax took ~4x numpy's time (280 against 70 us at batch 8, ~10% of a step).
             for seq, tok in zip(greedy_seqs, logits.numpy()[greedy_rows].argmax(-1).tolist()):
                 self._append(seq, tok)
-        self._emit([seq for seq, _ in fed if len(seq.output_ids) > seq.sent_tokens], now)
+        self._emit([seq for seq, _ in fed if len(seq.output_ids) > seq.sent_tokens or seq.finish_reason], now)
         self._retire()
 
     def _emit(self, seqs: list[Sequence], now: float) -> None:
@@ -426,7 +437,7 @@ class Engine:
         may_stop = len(seq.output_ids) >= params.min_tokens
         if may_stop and tok in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", tok
-        elif may_stop and tok in self.eos_token_ids and not params.ignore_eos:
+        elif may_stop and tok in seq.request.eos_ids and not params.ignore_eos:
             seq.finish_reason = "stop"  # stop_reason stays None at EOS, as in vLLM
         elif params.stop or (seq.request.stream and seq.request.on_delta is not None):
             before = len(seq.text)
@@ -589,7 +600,13 @@ class AsyncEngine:
         self.engine.abort(rid)  # the abort ends the request's stream with finish_reason "abort"
 
     def submit(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, *, stream: bool = True
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        stream: bool = True,
+        end_ids: Iterable[int] = (),
     ) -> tuple[Request, AsyncIterator[list[Delta]]]:
         """Queue a request; returns it and an async iterator of its deltas (ends when all choices finish)."""
         loop = asyncio.get_running_loop()
@@ -600,7 +617,7 @@ class AsyncEngine:
         def on_delta(deltas: list[Delta]) -> None:  # on the engine thread, during a step
             self._outbox.append((loop, request_id, queue, deltas))
 
-        request = self.engine.add_request(prompt, params, request_id, on_delta, stream)
+        request = self.engine.add_request(prompt, params, request_id, on_delta, stream, end_ids=end_ids)
         self._wake.set()
         return request, self._stream(request, queue)
 

@@ -6,6 +6,8 @@ read the shapes in one place.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -63,10 +65,10 @@ def _logit_bias(body: dict) -> dict[int, float]:
     raw = _get(body, "logit_bias", (dict,), {})
     bias = {}
     for key, value in raw.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise InvalidParameter("logit_bias", f"logit_bias: keys must be token ids, got {key!r}") from None
+        # Digits only: int() would also take " 7", "1_0" and other scripts' digits.
+        if not re.fullmatch(r"-?[0-9]+", key):
+            raise InvalidParameter("logit_bias", f"logit_bias: keys must be token ids, got {key!r}")
+        token = int(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise InvalidParameter("logit_bias", f"logit_bias: the bias of token {key} must be a number")
         bias[token] = float(value)
@@ -85,16 +87,37 @@ VLLM_CONSTRAINTS = (
 )
 
 
+# vLLM's extra fields that change what a client gets back, with the value that changes nothing:
+# any other value is refused by name rather than ignored.
+VLLM_EXTRAS = {
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "prompt_logprobs": None,
+    "truncate_prompt_tokens": None,
+    "continue_final_message": False,
+    "chat_template": None,
+    "chat_template_kwargs": None,
+    "documents": None,
+}
+
+
 def refuse_unsupported(body: dict, *, chat: bool) -> None:
     """Features a client relies on that this server does not implement get a 400 naming them,
     not silence: a client that asked for JSON or a tool call must not take free text for it."""
     for name in VLLM_CONSTRAINTS:
         if body.get(name):
             raise InvalidParameter(name, f"{name}: not supported")
+    for name, neutral in VLLM_EXTRAS.items():
+        value = body.get(name)
+        if value not in (None, neutral, {}, []):
+            raise InvalidParameter(name, f"{name}: not supported (only {json.dumps(neutral)} is)")
     if not chat:
         if _get(body, "suffix", (str,), None):
             raise InvalidParameter("suffix", "suffix: not supported")
         return
+    if body.get("echo"):
+        raise InvalidParameter("echo", "echo: not supported in chat (completions echo the prompt)")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise InvalidParameter("response_format", 'response_format: only {"type": "text"} is supported')
@@ -156,18 +179,21 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
     )
 
 
-def completion_prompts(body: dict) -> list[str | list[int]]:
-    """`prompt`: a string, an array of strings, an array of token ids, or an array of those."""
+def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
+    """The ids of `prompt`: a string, an array of strings, an array of token ids, or an array
+    of those. Text gets `<|bos|>` first unless `add_special_tokens` is false (as in vLLM);
+    ids are taken as they are."""
     prompt = body.get("prompt", _MISSING)
     if prompt is _MISSING or prompt is None:
         raise InvalidParameter("prompt", "prompt: required")
+    add_bos = _get(body, "add_special_tokens", (bool,), True)
     if isinstance(prompt, str):
-        return [prompt]
+        return [tokenizer.encode(prompt, add_bos=add_bos)]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
             return [prompt]
         if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
+            return [tokenizer.encode(p, add_bos=add_bos) for p in prompt]
         if all(
             isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt
         ):
@@ -185,6 +211,8 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InvalidParameter("messages", f"messages[{i}]: expected an object with 'role' and 'content'")
         content = m.get("content")
+        if content is None and m["role"] == "assistant":
+            content = ""  # an assistant turn that only called tools, as OpenAI sends it back
         if isinstance(content, list):
             texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
             if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
@@ -196,9 +224,11 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
-def chat_prompt_ids(body: dict, tokenizer, *, add_generation_prompt: bool = True) -> list[int]:
-    """The ids of `messages` rendered by the bundle's chat template (it holds `<|bos|>` itself)."""
+def chat_prompt_ids(body: dict, tokenizer) -> list[int]:
+    """The ids of `messages` rendered by the bundle's chat template (it holds `<|bos|>` itself),
+    with the assistant's header unless `add_generation_prompt` is false (vLLM's extra field)."""
     messages = chat_messages(body)
+    add_generation_prompt = _get(body, "add_generation_prompt", (bool,), True)
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except CrosschipError as e:  # an unknown role
@@ -220,13 +250,10 @@ def tokenize_ids(body: dict, tokenizer) -> list[int]:
     """vLLM's `/tokenize`: the ids a completions `prompt` (string) or a chat's `messages` becomes,
     exactly as the two endpoints encode them."""
     if "messages" in body:
-        return chat_prompt_ids(
-            body, tokenizer, add_generation_prompt=_get(body, "add_generation_prompt", (bool,), True)
-        )
-    prompt = _get(body, "prompt", (str,), None)
-    if prompt is None:
+        return chat_prompt_ids(body, tokenizer)
+    if not isinstance(body.get("prompt"), str):
         raise InvalidParameter("prompt", "prompt: required (a string), or messages")
-    return tokenizer.encode(prompt, add_bos=_get(body, "add_special_tokens", (bool,), True))
+    return completion_prompts(body, tokenizer)[0]
 
 
 def detokenize_ids(body: dict, vocab_size: int) -> list[int]:
@@ -299,9 +326,16 @@ class LogprobFormatter:
         return {
             "tokens": [self.token(t) for t in token_ids],
             "token_logprobs": [None if e is None else e.logprob for e in entries],
-            "top_logprobs": [None if e is None else {self.token(i): lp for i, lp in e.top} for e in entries],
+            "top_logprobs": [None if e is None else self._top(e) for e in entries],
             "text_offset": offsets,
         }
+
+    def _top(self, e: TokenLogprob) -> dict[str, float]:
+        """The k most likely tokens and the chosen one, so up to logprobs + 1 entries (OpenAI's
+        rule). Where the chosen token's string is one of the top k's, that entry stays."""
+        row = {self.token(i): lp for i, lp in e.top}
+        row.setdefault(self.token(e.token_id), e.logprob)
+        return row
 
     def chat(self, entries: list[TokenLogprob]) -> dict:
         def item(token_id: int, logprob: float) -> dict:

@@ -45,7 +45,8 @@ class SamplingParams:
     """How one request is sampled; names and defaults follow the OpenAI API and vLLM."""
 
     max_tokens: int | None = 16
-    """Tokens to generate at most; None = up to the model's context."""
+    """Tokens to generate at most; None = up to the model's context; 0 (with `prompt_logprobs`)
+    = none: only the prompt is computed."""
     temperature: float = 1.0
     """0 = greedy."""
     top_p: float = 1.0
@@ -82,7 +83,14 @@ class SamplingParams:
             if not cond:
                 raise InvalidParameter(param, f"{param}: {msg}")
 
-        need(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
+        # 0 computes the prompt only: its logprobs (completions' echo with logprobs, as
+        # lm-evaluation-harness scores a text), as OpenAI's legacy API and vLLM allow.
+        floor = 0 if self.prompt_logprobs is not None else 1
+        need(
+            self.max_tokens is None or self.max_tokens >= floor,
+            "max_tokens",
+            f"must be >= 1 (0 only with echo and logprobs), got {self.max_tokens}",
+        )
         need(0.0 <= self.temperature <= 2.0, "temperature", f"must be between 0 and 2, got {self.temperature}")
         need(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
         need(self.top_k >= -1, "top_k", f"must be -1 (off) or >= 0, got {self.top_k}")

@@ -116,16 +116,22 @@ class RemoteSide:
             raise _explain(self.url, e) from None
 
     # -- token ids ----------------------------------------------------------------------------
+    def _is_shared(self, token: str) -> bool:
+        """Whether several ids of the tokenizer display as `token` (never for `token_id:N`)."""
+        if _TOKEN_ID.match(token):
+            return False
+        if self._by_string is None:
+            self._by_string, self._shared = string_table(self.tokenizer)
+        return token in self._shared
+
     def _id(self, token: str) -> tuple[int, bool]:
         """(id, exact): the canonical id of a token string; exact is False for shared strings."""
         if m := _TOKEN_ID.match(token):
             return int(m[1]), True
-        if self._by_string is None:
-            self._by_string, self._shared = string_table(self.tokenizer)
+        exact = not self._is_shared(token)
         self.mapped_from_strings += 1
         if token not in self._by_string:
             raise CrosschipError(f"{self.url} returned token {token!r}, which the bundle's tokenizer does not have")
-        exact = token not in self._shared
         self.ambiguous += not exact
         return self._by_string[token], exact
 
@@ -142,13 +148,15 @@ class RemoteSide:
             raise CrosschipError(
                 f"{self.url} returned logprobs for {len(tops)} of {T} prompt positions; it must support echo=True with logprobs"
             )
-        k = min(self.top_k, *(len(row) for row in tops))
+        chosen = lp.tokens[1 : T + 1] if lp.tokens else [None] * len(tops)
+        tops = [self._top_k_of(row, token) for row, token in zip(tops, chosen)]
+        k = min(self.top_k, *(len(row) for row, _ in tops))
         top_ids, top_lp, exact = [], [], []
-        for row in tops:
+        for row, doubtful in tops:
             best = sorted(row.items(), key=lambda kv: -kv[1])[:k]
             mapped = [self._id(tok) for tok, _ in best]
             top_ids.append([i for i, _ in mapped])
-            exact.append([e for _, e in mapped])
+            exact.append([e and tok != doubtful for (_, e), (tok, _) in zip(mapped, best)])
             top_lp.append([v for _, v in best])
         token_lp = torch.tensor([float(v) for v in lp.token_logprobs[1:T]], dtype=torch.float64)
         return (
@@ -157,6 +165,22 @@ class RemoteSide:
             torch.tensor(exact, dtype=torch.bool),
             token_lp,
         )
+
+    def _top_k_of(self, row: dict[str, float], chosen: str | None) -> tuple[dict[str, float], str | None]:
+        """A position's top-k entries, and the entry that may not belong among them.
+
+        OpenAI's rule (vLLM's too): the chosen token is always in `top_logprobs`, so a position
+        holds k + 1 entries when it is not one of the k most likely; that extra entry goes. A
+        server naming tokens by string merges the entries of ids that share a string, so a row
+        of k or fewer with such a string cannot tell whether its lowest entry, the chosen
+        token, is extra: it is returned as doubtful (flagged inexact, not guessed)."""
+        if chosen is None or chosen not in row:
+            return row, None
+        if len(row) > self.top_k:
+            return {t: v for t, v in row.items() if t != chosen}, None
+        merged = any(self._is_shared(t) for t in row)
+        lowest = row[chosen] <= min(row.values())
+        return row, chosen if merged and lowest else None
 
     def score_all(self, prompts: Any) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
