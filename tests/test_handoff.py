@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +162,40 @@ def test_cli_errors_are_one_line(debug_bundle, tmp_path, capsys):
     rc, out = _cli(capsys, str(debug_bundle), "--to", "torch:cpu", "--out", str(tmp_path / "full"))
     assert rc == 1 and "not empty" in out.err and (tmp_path / "full" / "x").exists()
     assert "Traceback" not in out.err
+
+
+def test_force_never_deletes_the_source_or_the_folder_it_runs_in(debug_bundle, tmp_path, capsys, monkeypatch):
+    """--force replaces an old bundle, and nothing else: not a folder holding the source or
+    the current folder, and not before a new bundle is finished."""
+    run = tmp_path / "run"
+    shutil.copytree(debug_bundle, run / "checkpoints" / "src")
+    src = run / "checkpoints" / "src"
+    for out in (run, run / "checkpoints", src):
+        rc, err = _cli(capsys, str(src), "--to", "torch:cpu", "--out", str(out), "--force")
+        assert rc == 1 and "holds the source" in err.err, err.err
+    (tmp_path / "work" / "here").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work" / "here")
+    for out in (".", str(tmp_path / "work")):
+        rc, err = _cli(capsys, str(src), "--to", "torch:cpu", "--out", out, "--force")
+        assert rc == 1 and "holds the current folder" in err.err, err.err
+    assert (tmp_path / "work" / "here").is_dir()
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(tmp_path / "work")
+    assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in Path(debug_bundle).iterdir())
+    # A failed export leaves the old bundle as it was, and no partial folder beside it.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep").write_text("the old bundle")
+    rc, err = _cli(capsys, str(tmp_path / "missing"), "--to", "torch:cpu", "--out", str(old), "--force")
+    assert rc == 1 and (old / "keep").read_text() == "the old bundle"
+    monkeypatch.setattr("crosschip.handoff.export._write_hf", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(src, old, target="torch:cpu", force=True, progress=False)
+    assert (old / "keep").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["old", "run"]
+    monkeypatch.undo()
+    rc, _ = _cli(capsys, str(src), "--to", "torch:cpu", "--out", str(old), "--force")
+    assert rc == 0 and not (old / "keep").exists() and (old / "crosschip.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "run"]
 
 
 def test_cli_exports_and_prints_summary(debug_bundle, tmp_path, capsys):

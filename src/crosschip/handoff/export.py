@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,25 +77,29 @@ def export_bundle(
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Export SRC to the bundle folder `out` for `target` under precision `policy`; returns the manifest."""
+    """Export SRC to the bundle folder `out` for `target` under precision `policy`; returns the manifest.
+
+    The bundle is written into a hidden folder next to `out` and renamed into place at the end,
+    so an export that fails or is interrupted leaves `out` as it was (with --force, the old
+    bundle is replaced only by a finished one) and never a bundle that looks complete."""
     backend = check_target(target, policy)
     out = Path(out)
-    _prepare_out(Path(src), out, force)
+    _check_out(Path(src), out, force)
     started = time.time()
-    with _progress(progress) as phase:
+    with _progress(progress) as phase, _staged(out) as staging:
         phase("load source", str(src))
         source = resolve_source(src)
         phase("check precision", policy)
         precision_info = _check_precision(source, policy, fp16_overflow)
         phase("write HF bundle", str(out))
-        _write_hf(source, out, policy)
+        _write_hf(source, staging, policy)
         onnx_info = None
         if backend.runtime == "ort":
             phase("export ONNX")
             served = precision.round_model(source.model, policy)
-            onnx_info = _write_onnx(served, out, policy, lambda msg: phase("export ONNX", msg))
+            onnx_info = _write_onnx(served, staging, policy, lambda msg: phase("export ONNX", msg))
             phase("check ONNX vs torch")
-            onnx_info["parity_fp32_max_abs"] = onnx_parity(served, out / ONNX_FILE, backend=None)
+            onnx_info["parity_fp32_max_abs"] = onnx_parity(served, staging / ONNX_FILE, backend=None)
         phase("write manifest")
         manifest = {
             "source": source.info,
@@ -104,19 +109,41 @@ def export_bundle(
             "onnx": onnx_info,
             "export": {"time_s": round(time.time() - started, 2), "torch": torch.__version__},
         }
-        hf.write_manifest(out, manifest)
-        hf.write_manifest(out, {"sizes": bundle_sizes(out)})
+        hf.write_manifest(staging, manifest)
+        hf.write_manifest(staging, {"sizes": bundle_sizes(staging)})
     return hf.read_manifest(out)
 
 
-def _prepare_out(src: Path, out: Path, force: bool) -> None:
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise CrosschipError(f"--out {out} is the source itself; choose another folder")
+def _check_out(src: Path, out: Path, force: bool) -> None:
+    """`out` may be replaced (--force) only where that deletes nothing but an old bundle."""
     check_output_dir(out, "--out")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise CrosschipError(f"--out {out} is not empty; pass --force to replace it")
-        shutil.rmtree(out)
+    target = out.resolve()
+    for what, path in (("the source", src), ("the current folder", Path.cwd())):
+        path = path.resolve()
+        if target == path or target in path.parents:
+            raise CrosschipError(f"--out {out} holds {what} ({path}); choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CrosschipError(f"--out {out} is not empty; pass --force to replace it")
+
+
+@contextmanager
+def _staged(out: Path):
+    """A hidden folder beside `out` to write the bundle into; on success it replaces `out`
+    (the old folder is removed only after the new one is in place), on failure it goes."""
+    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f"{staging.name}.old")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_precision(source: Source, policy: str, fp16_overflow: str) -> dict[str, Any]:
