@@ -83,6 +83,8 @@ def test_int_accepted_where_float_expected_but_not_bool(tmp_path):
         ("keep_checkpoints = 1", "train.keep_checkpoints: must be at least 2, got 1"),
         ("beta2 = 1.0", r"train.beta2: must be in \[0, 1\), got 1.0"),
         ("eval_every = -2", "train.eval_every: must be >= -1"),
+        ("lr = inf", "train.lr: must be a finite number, got inf"),
+        ("max_minutes = nan", "train.max_minutes: must be a finite number, got nan"),
     ],
 )
 def test_out_of_range_training_values_are_named(tmp_path, line, message):
@@ -90,6 +92,30 @@ def test_out_of_range_training_values_are_named(tmp_path, line, message):
     a reshape error, torch's own ValueError) or be silently changed."""
     path = _write(tmp_path, f"[train]\n{line}\n")
     with pytest.raises(ConfigError, match=f"{path.name}: {message}"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # These trained into NaNs, and the health guard then blamed the chip (exit 3).
+        ("[model]\nrms_norm_eps = -1.0", "model.rms_norm_eps: must be a positive number, got -1.0"),
+        ("[model]\nrope_theta = 0", "model.rope_theta: must be a positive number, got 0"),
+        ("[model]\ninitializer_range = nan", "model.initializer_range: must be a positive number, got nan"),
+        # This one trained every step, then failed in the final evaluation with a traceback.
+        ("[data]\nheldout_size = 0", "data.heldout_size: must be at least 1, got 0"),
+    ],
+)
+def test_model_and_data_numbers_no_run_can_use_are_named(tmp_path, text, message):
+    path = _write(tmp_path, text + "\n")
+    with pytest.raises(ConfigError, match=f"{path.name}: {message}"):
+        load_config(path)
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"\xff\xfe[train]\n")
+    with pytest.raises(ConfigError, match="latin1.toml: not UTF-8 text"):
         load_config(path)
 
 

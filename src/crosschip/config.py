@@ -9,6 +9,7 @@ the line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -145,6 +146,9 @@ class ModelConfig:
             "must be between 0 and num_hidden_layers",
         )
         need(self.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers", "must be 0 or 1")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range", "routed_scaling_factor"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, name, f"must be a positive number, got {value}")
 
     @property
     def qk_head_dim(self) -> int:
@@ -334,6 +338,8 @@ class DataConfig:
             raise ConfigError(f"data.ops: must be a non-empty subset of ['+', '-'], got {self.ops}")
         if self.prefetch not in (True, False, "auto"):
             raise ConfigError(f"data.prefetch: must be true, false or 'auto', got {self.prefetch!r}")
+        if self.heldout_size < 1:  # the final evaluation and the parity gate draw on them
+            raise ConfigError(f"data.heldout_size: must be at least 1, got {self.heldout_size}")
 
 
 @dataclass
@@ -437,6 +443,10 @@ class TrainConfig:
             ("max_rollbacks", self.max_rollbacks >= 0, "must be >= 0"),
             ("activation_checkpoint", self.activation_checkpoint in ("none", "full"), 'must be "none" or "full"'),
         ]
+        # A NaN passes no comparison, but an inf passes "positive": refuse both first.
+        for name, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"train.{name}: must be a finite number, got {value}")
         for name, ok, rule in rules:
             if not ok:
                 raise ConfigError(f"train.{name}: {rule}, got {getattr(self, name)}")
@@ -638,7 +648,10 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
