@@ -115,6 +115,9 @@ def test_verify_refuses_numbers_it_cannot_run_with_before_either_side_runs(
         (["--nproc", "2", "--nnodes", "2", "--node-rank", "2"], "--node-rank must be between 0 and --nnodes - 1 (1)"),
         (["--nproc", "2", "--master-port", "70000"], "--master-port must be between 1 and 65535, got 70000"),
         (["--nproc", "2", "--max-restarts", "-1"], "--max-restarts must be >= 0, got -1"),
+        (["--nproc", "3"], "train.batch_size 32 must be divisible by processes x grad_accum (3 x 1)"),
+        (["--nproc", "2", "--backend", "ort:cpu"], "ort:cpu serves but does not train"),
+        (["--backend", "ort:cpu"], "ort:cpu serves but does not train"),
     ],
 )
 def test_train_refuses_launcher_numbers_before_torchrun(tmp_path, capsys, args, message):

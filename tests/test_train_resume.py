@@ -6,11 +6,13 @@ Every run is a real `crosschip train` process on the `debug` model; kills are re
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 
 import pytest
 
+from crosschip import hf
 from crosschip.train.checkpoint import latest_verified
 from train_helpers import events, losses, start_train, train, wait_for_first_step, write_config
 
@@ -86,6 +88,25 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference, tmp
     assert bad["checkpoint"].endswith("step_00000012") and "checksum" in bad["reason"]
     assert events(run, "resume")[0]["step"] == 8
     assert losses(run) == losses(ref)
+
+
+@pytest.mark.parametrize("damage", ["state", "weights"])
+def test_a_checkpoint_that_matches_its_manifest_but_cannot_be_read_is_one_clear_error(reference, tmp_path, damage):
+    """A file replaced along with its checksum (or written by another version) used to end the
+    resume in a KeyError or SafetensorError traceback."""
+    cfg, ref = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    newest = run / "checkpoints" / "step_00000012"
+    if damage == "state":
+        (newest / "trainer_state.json").write_text("{}")
+    else:
+        weights = newest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    hf.write_manifest(newest, {})  # the checksums now match the damaged files
+    resumed = train(cfg, run, "--resume", "--steps", "16")
+    assert resumed.returncode == 1 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert f"checkpoint {newest} matches its manifest but cannot be read" in resumed.stderr
 
 
 def test_sigterm_saves_the_step_reached_and_resume_is_bit_identical(tmp_path):

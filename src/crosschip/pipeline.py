@@ -406,14 +406,15 @@ def stage_report(run: Run) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_backend_names(named: dict[str, list[str]]) -> None:
-    """Every backend spec is one crosschip knows; the error names where the spec came from."""
+def _check_backend_names(named: dict[str, list[str]], to_train: tuple[str, ...] = ()) -> None:
+    """Every backend spec is one crosschip knows, and those named under a `to_train` key train;
+    the error names where the spec came from."""
     from crosschip.backends import get_backend
 
     for where, specs in named.items():
         for spec in specs:
             try:
-                get_backend(spec)
+                get_backend(spec, to_train=where in to_train)
             except CrosschipError as e:
                 raise CrosschipError(f"{where}: {e}") from None
 
@@ -425,7 +426,7 @@ def _check_stage_settings(cfg: RunConfig, path: Path) -> None:
 
     keys = {"train.backend": cfg.train.backend, "export.target": cfg.export.target}
     keys |= {"serve.backend": cfg.serve.backend, "verify.reference": cfg.verify.reference}
-    _check_backend_names({f"{path}: {key}": [spec] for key, spec in keys.items()})
+    _check_backend_names({f"{path}: {key}": [spec] for key, spec in keys.items()}, to_train=(f"{path}: train.backend",))
     if cfg.export.dtype not in POLICIES:
         raise CrosschipError(f"{path}: export.dtype: must be one of {', '.join(POLICIES)}, got {cfg.export.dtype!r}")
 
@@ -447,7 +448,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     named = {"--candidates": args.candidates or []}
     if args.train_on is not None:
         named["--train-on"] = parse_train_on(args.train_on)
-    _check_backend_names(named)
+    _check_backend_names(named, to_train=("--train-on",))
     for spec in args.inject:
         parse_fault(spec)
 

@@ -35,11 +35,16 @@ REGISTRY: dict[str, Callable[[], Backend]] = {
 TORCH_ACCELERATORS = ["torch:cuda", "torch:npu", "torch:xpu", "torch:mps"]
 
 
-def get_backend(spec: str) -> Backend:
-    """The backend named `spec`; a clear error lists the known names for a typo."""
+def get_backend(spec: str, *, to_train: bool = False) -> Backend:
+    """The backend named `spec`; a clear error lists the known names for a typo. `to_train`:
+    it must be one that trains (ONNX Runtime's providers serve only)."""
     if spec not in REGISTRY:
         raise CrosschipError(f"unknown backend {spec!r}; known backends: {', '.join(REGISTRY)}")
-    return REGISTRY[spec]()
+    backend = REGISTRY[spec]()
+    if to_train and backend.runtime != "torch":
+        trainable = [name for name, cls in REGISTRY.items() if cls().runtime == "torch"]
+        raise CrosschipError(f"{spec} serves but does not train (ONNX Runtime); train on one of {', '.join(trainable)}")
+    return backend
 
 
 __all__ = ["Backend", "BackendUnavailable", "REGISTRY", "TORCH_ACCELERATORS", "get_backend"]

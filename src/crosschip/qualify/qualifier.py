@@ -36,11 +36,11 @@ class Qualifier:
     """Qualifies targets against one reference; `workdir` keeps every child's output."""
 
     def __init__(self, reference: str = "torch:cpu", workdir: Path | None = None, steps: int = STABILITY_STEPS):
-        self.reference = get_backend(reference)
-        if self.reference.runtime != "torch":
-            raise CrosschipError(
-                f"--reference {reference}: the reference must be a torch backend (it trains and runs fp64)"
-            )
+        # The reference trains and runs fp64, here: a torch backend this machine has.
+        try:
+            self.reference = get_backend(reference, to_train=True).require()
+        except CrosschipError as e:
+            raise CrosschipError(f"--reference {reference}: {e}") from None
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="crosschip-qualify-")
         self.workdir = Path(workdir or self._tmp.name)
         self.steps = steps

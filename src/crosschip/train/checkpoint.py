@@ -27,11 +27,13 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -187,12 +189,26 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> tuple[TrainState, 
     path = Path(path)
     if verify and (reason := verify_checkpoint(path)) is not None:
         raise CrosschipError(f"checkpoint {path} is corrupt: {reason}")
-    cfg = hf.model_config_from_hf(json.loads((path / hf.CONFIG_FILE).read_text(encoding="utf-8")))
-    model = hf.from_hf(load_file(path / hf.WEIGHTS_FILE), cfg)
-    scalars = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    step = int(scalars.pop("step"))
-    state = TrainState(step, model, load_file(path / OPTIMIZER_FILE), load_file(path / RNG_FILE), scalars)
+    with unreadable_as_error(path):
+        cfg = hf.model_config_from_hf(json.loads((path / hf.CONFIG_FILE).read_text(encoding="utf-8")))
+        model = hf.from_hf(load_file(path / hf.WEIGHTS_FILE), cfg)
+        scalars = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        step = int(scalars.pop("step"))
+        state = TrainState(step, model, load_file(path / OPTIMIZER_FILE), load_file(path / RNG_FILE), scalars)
     return state, cfg
+
+
+@contextmanager
+def unreadable_as_error(path: Path):
+    """A checkpoint whose files match its manifest but do not hold what a checkpoint holds (a
+    file replaced along with its checksum, a writer of another version) is one clear error."""
+    try:
+        yield
+    except (SafetensorError, KeyError, IndexError, TypeError, ValueError) as e:
+        what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise CrosschipError(
+            f"checkpoint {path} matches its manifest but cannot be read ({what}); remove it to resume from the one before"
+        ) from None
 
 
 def load_model(ckpt_dir: str | Path) -> tuple[Transformer, Tokenizer | None]:

@@ -146,6 +146,7 @@ def check_launcher(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from crosschip.backends import get_backend
     from crosschip.train import distributed as D
+    from crosschip.train.data import check_batch_split
     from crosschip.train.health import HealthGaveUp
     from crosschip.train.trainer import Trainer
 
@@ -153,7 +154,11 @@ def run(args: argparse.Namespace) -> int:
     check_launcher(args)
     check_output_dir(args.out, "--out")
     if (args.nproc > 1 or args.nnodes) and not D.in_torchrun():
-        get_backend(cfg.train.backend).require()  # fail here, once, rather than in every worker
+        # Fail here, once, rather than in every worker (and then in torchrun's traceback).
+        get_backend(cfg.train.backend, to_train=True).require()
+        nodes = (args.nnodes or "1").split(":")
+        if len(set(nodes)) == 1:  # a fixed world size (an elastic one is known at the rendezvous)
+            check_batch_split(cfg.train.batch_size, args.nproc * int(nodes[0]), cfg.train.grad_accum)
         argv = sys.argv[sys.argv.index("train") + 1 :] if "train" in sys.argv else []
         try:
             code = D.launch_torchrun(args, _worker_argv(argv))

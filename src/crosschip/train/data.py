@@ -249,13 +249,17 @@ class BatchStream:
             self._pool.shutdown()
 
 
+def check_batch_split(batch_size: int, world: int, grad_accum: int) -> None:
+    """Every process takes the same number of rows for each of its grad_accum micro-batches."""
+    if batch_size % (world * grad_accum):
+        raise CrosschipError(
+            f"train.batch_size {batch_size} must be divisible by processes x grad_accum ({world} x {grad_accum})"
+        )
+
+
 def shard_rows(batch: Batch, rank: int, world: int, grad_accum: int) -> list[Batch]:
     """This process's micro-batches: rows rank::world of the global batch, in grad_accum chunks."""
-    B = batch.input_ids.shape[0]
-    if B % (world * grad_accum):
-        raise CrosschipError(
-            f"train.batch_size {B} must be divisible by processes x grad_accum ({world} x {grad_accum})"
-        )
+    check_batch_split(batch.input_ids.shape[0], world, grad_accum)
     mine = batch.rows(slice(rank, None, world))
     per = mine.input_ids.shape[0] // grad_accum
     return [mine.rows(slice(i * per, (i + 1) * per)) for i in range(grad_accum)]

@@ -33,7 +33,7 @@ from crosschip.model import MLA, RMSNorm, SwiGLU, Transformer, count_params, gro
 from crosschip.tokenizer import Tokenizer, default_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train import distributed as D
-from crosschip.train.data import IGNORE, Batch, BatchStream, shard_rows
+from crosschip.train.data import IGNORE, Batch, BatchStream, check_batch_split, shard_rows
 from crosschip.train.evaluate import arith_accuracy
 from crosschip.train.faults import SPIKE_FACTOR, FaultInjector, kill_self
 from crosschip.train.health import HealthGaveUp, HealthGuard, StepHang, Watchdog
@@ -179,7 +179,7 @@ class Trainer:
         cfg.validate()  # fields set after the config was built (CLI overrides, tests) are checked here
         self.out = Path(out_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.backend = get_backend(self.t.backend).require()
+        self.backend = get_backend(self.t.backend, to_train=True).require()
         self.faults = FaultInjector([*inject, *self.backend.emulated_faults], seed=self.t.seed)
         self.dtype = resolve_dtype(self.t.dtype, self.backend)
         self.dist = D.init_distributed(self.backend)
@@ -192,11 +192,7 @@ class Trainer:
         # What can refuse the run is checked before anything is written: a refused run leaves
         # no metrics.jsonl behind.
         self._check_memory()
-        if self.t.batch_size % (self.dist.world * self.t.grad_accum):
-            raise CrosschipError(
-                f"train.batch_size {self.t.batch_size} must be divisible by processes x grad_accum "
-                f"({self.dist.world} x {self.t.grad_accum})"
-            )
+        check_batch_split(self.t.batch_size, self.dist.world, self.t.grad_accum)
         self.tokenizer = self._tokenizer()
         prefetch = self.host_runs_ahead if cfg.data.prefetch == "auto" else cfg.data.prefetch
         self.stream = BatchStream(cfg.data, self.tokenizer, self.t.batch_size, self.t.seq_len, prefetch=prefetch)
@@ -385,6 +381,10 @@ class Trainer:
         state, cfg = ckpt.read_checkpoint(path)
         if asdict(cfg) != asdict(self.cfg.model):
             raise CrosschipError(f"checkpoint {path} holds a different model shape than the config's [model]")
+        with ckpt.unreadable_as_error(path):
+            self._load_state(state)
+
+    def _load_state(self, state: ckpt.TrainState) -> None:
         s = state.scalars
         osd = ckpt.unflatten_optimizer(state.optimizer, s["param_groups"])
         D.load_full_state(self.model, self.optimizer, state.model, osd, self.dist.enabled)
