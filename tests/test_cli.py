@@ -264,3 +264,15 @@ def test_sigterm_stops_a_stage_like_ctrl_c_with_exit_143(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "crosschip train: interrupted (SIGTERM)" in err and "Traceback" not in err
+
+
+def test_verify_into_a_read_only_bundle_is_refused_before_either_side_runs(debug_bundle, tmp_path, capsys, monkeypatch):
+    """It used to run both sides, print PASS and then exit 1 naming a temporary file."""
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(debug_bundle) else real(p, mode))
+    assert main(["verify", str(debug_bundle), "--out", str(tmp_path / "v")]) == 1
+    err = capsys.readouterr().err
+    assert "is read-only, so the verdict cannot be recorded" in err and "--no-record" in err
+    assert not (tmp_path / "v").exists()

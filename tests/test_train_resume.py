@@ -90,6 +90,26 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference, tmp
     assert losses(run) == losses(ref)
 
 
+def test_a_resume_with_a_changed_config_says_what_changed_and_logs_it(reference, tmp_path):
+    """transformers' Trainer warns when resumed arguments differ; a changed lr or data seed
+    used to be taken silently, and metrics.jsonl kept only the first config."""
+    cfg, ref = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    changed = tmp_path / "changed.toml"
+    changed.write_text(
+        cfg.read_text().replace("[train]", "[train]\nlr = 0.01", 1).replace("[data]", "[data]\nseed = 7", 1)
+    )
+    resumed = train(changed, run, "--resume", "--steps", "14")
+    assert resumed.returncode == 0, resumed.stderr
+    (warning,) = [line for line in resumed.stderr.splitlines() if "warning" in line]
+    assert "data.seed 0 -> 7" in warning and "train.lr" in warning and "train.steps" not in warning
+    (resume,) = events(run, "resume")
+    assert resume["config"]["train"]["lr"] == 0.01 and resume["config"]["train"]["steps"] == 14
+    assert any(c.startswith("train.steps 12 -> 14") for c in resume["changed"])
+    assert train(changed, run, "--resume", "--steps", "16").stderr.count("warning") == 0  # logged now
+
+
 @pytest.mark.parametrize("damage", ["state", "weights"])
 def test_a_checkpoint_that_matches_its_manifest_but_cannot_be_read_is_one_clear_error(reference, tmp_path, damage):
     """A file replaced along with its checksum (or written by another version) used to end the

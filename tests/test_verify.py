@@ -231,3 +231,24 @@ def test_a_tampered_bundle_is_refused_before_either_side_runs(tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"checksum mismatch for bundle file {bundle / 'config.json'}" in captured.err
     assert "reference side" not in captured.out and not (tmp_path / "v").exists()
+
+
+def test_the_reference_is_the_source_checkpoint_only_while_it_holds_the_exported_weights(tmp_path):
+    """A later run can write a checkpoint of the same name where the bundle's source was: the
+    reference would then be another model, and the gate would blame the hand-off for it."""
+    from crosschip import hf
+    from crosschip.errors import CrosschipError
+    from crosschip.verify.parity import VerifyOptions, reference_weights
+
+    source, bundle = tmp_path / "step_00000020", tmp_path / "bundle"
+    save_bundle(debug_model(), source, tokenizer=default_tokenizer(512))
+    save_bundle(debug_model(), bundle, tokenizer=default_tokenizer(512))
+    sha = hf.read_manifest(source)["files"][hf.WEIGHTS_FILE]
+    hf.write_manifest(bundle, {"source": {"path": str(source), "weights_sha256": sha}})
+    opts = VerifyOptions(bundle=bundle, out=tmp_path / "v")
+    assert reference_weights(opts) == source
+    torch.manual_seed(1)
+    save_bundle(Transformer(model_preset("debug")), source, tokenizer=default_tokenizer(512))  # retrained
+    with pytest.raises(CrosschipError, match="is not the checkpoint it was exported from.*--reference-weights bundle"):
+        reference_weights(opts)
+    assert reference_weights(VerifyOptions(bundle=bundle, out=tmp_path / "v", reference_weights="bundle")) is None

@@ -304,6 +304,7 @@ class Trainer:
             done = [r["step"] for r in records if r["event"] == "step"]
             lost = max(0, max(done, default=0) - self.step)
             self.lost_steps += lost
+            changed = config_changes(records, to_dict(self.cfg))
             self.log.event(
                 "resume",
                 step=self.step,
@@ -311,7 +312,18 @@ class Trainer:
                 backend=fingerprint,
                 world=self.dist.world,
                 lost_steps=lost,
+                config=to_dict(self.cfg),
+                changed=changed,
             )
+            # Continuing for more steps, for longer, or on another backend is what a resume is
+            # for; anything else makes the run's steps before and after differ, so say so.
+            surprising = [c for c in changed if c.split(" ")[0] not in RESUME_CHANGES]
+            if surprising and self.dist.is_main:
+                print(
+                    "crosschip train: warning: resuming with a config that differs from the run's: "
+                    + "; ".join(surprising),
+                    file=sys.stderr,
+                )
             self._carry_over_hangs(records)
         else:
             self.log.event(
@@ -859,6 +871,32 @@ class Trainer:
         self.log.close()
         if ok:
             D.shutdown(self.dist)
+
+
+# Config keys a resume is expected to change.
+RESUME_CHANGES = {"train.steps", "train.max_minutes", "train.backend"}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        out |= _flat(value, name + ".") if isinstance(value, dict) else {name: value}
+    return out
+
+
+def config_changes(records: list[dict[str, Any]], now: dict[str, Any]) -> list[str]:
+    """ "KEY OLD -> NEW" for each config value that differs from the one the run last logged
+    (its start, or the latest resume that logged one)."""
+    logged = [r["config"] for r in records if r["event"] in ("start", "resume") and "config" in r]
+    if not logged:
+        return []
+    before, after = _flat(logged[-1]), _flat(now)
+    return [
+        f"{key} {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
 
 
 def saved_note(step: int, path: str | Path) -> str:

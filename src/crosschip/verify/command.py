@@ -6,6 +6,7 @@ Exit codes: 0 the gate passed; 4 the gate failed (report written); 1 bad input.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from crosschip.config import DataConfig, VerifyConfig
@@ -78,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise CrosschipError(f"verify: --top-k must be >= 1, got {args.top_k}")
     check_output_dir(args.out, "--out")
+    if not args.no_record and Path(args.bundle).is_dir() and not os.access(args.bundle, os.W_OK | os.X_OK):
+        # Said now, not after both sides have run (the verdict would be lost to the error).
+        raise CrosschipError(
+            f"{args.bundle} is read-only, so the verdict cannot be recorded in its crosschip.json; pass --no-record"
+        )
     target = args.target if args.target or args.target_url else "ort:cpu"
     opts = VerifyOptions(
         bundle=args.bundle,

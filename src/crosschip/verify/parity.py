@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crosschip import hf
 from crosschip.backends.cpu import cpu_share
 from crosschip.errors import CrosschipError
 from crosschip.verify import gate as gate_mod
@@ -195,9 +196,20 @@ def reference_weights(opts: VerifyOptions) -> Path | None:
     except (OSError, ValueError):
         return None
     path = Path(source["path"]) if isinstance(source, dict) and source.get("path") else None
-    if path is not None and path.resolve() != opts.bundle.resolve() and (path / "config.json").is_file():
-        return path
-    return None
+    if path is None or path.resolve() == opts.bundle.resolve() or not (path / "config.json").is_file():
+        return None
+    recorded = source.get("weights_sha256")
+    try:
+        now = hf.read_manifest(path).get("files", {}).get(hf.WEIGHTS_FILE)
+    except CrosschipError:
+        now = None
+    if recorded and now != recorded:  # a later run wrote a checkpoint of the same name there
+        raise CrosschipError(
+            f"the bundle's source {path} is not the checkpoint it was exported from (its weights' sha256 "
+            f"differs from the one {opts.bundle / 'crosschip.json'} records); pass --reference-weights bundle "
+            "to take the bundle's own weights as the reference, or export it again"
+        )
+    return path
 
 
 def sides_of(opts: VerifyOptions, precision: str) -> tuple[SideSpec, SideSpec]:
