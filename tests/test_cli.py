@@ -31,6 +31,14 @@ def test_each_stage_help_has_an_example(stage):
     assert "example:" in out.stdout and STAGES[stage].example in out.stdout
 
 
+def test_version_is_printed(capsys):
+    import crosschip
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"crosschip {crosschip.__version__}\n"
+
+
 def test_no_stage_prints_help_and_exits_2(capsys):
     assert main([]) == 2
     assert "STAGE" in capsys.readouterr().out
@@ -118,6 +126,8 @@ def test_verify_refuses_numbers_it_cannot_run_with_before_either_side_runs(
         (["--nproc", "3"], "train.batch_size 32 must be divisible by processes x grad_accum (3 x 1)"),
         (["--nproc", "2", "--backend", "ort:cpu"], "ort:cpu serves but does not train"),
         (["--backend", "ort:cpu"], "ort:cpu serves but does not train"),
+        (["--backend", ""], "--backend is empty"),
+        (["--resume"], "does not exist; there is no run to continue"),
     ],
 )
 def test_train_refuses_launcher_numbers_before_torchrun(tmp_path, capsys, args, message):

@@ -285,7 +285,7 @@ def test_fault_specs():
     assert parse_fault("slow@p=0.1").p == 0.1
     assert parse_fault("crash@save=2").save == 2
     assert parse_fault("nan@step=3,times=5").times == 5
-    for bad in ("nan", "boom@step=3", "nan@step=0", "slow@p=2", "hang@save=1"):
+    for bad in ("nan", "boom@step=3", "nan@step=0", "slow@p=2", "hang@save=1", "nan@step=2,times=0"):
         with pytest.raises(CrosschipError, match="--inject"):
             parse_fault(bad)
 

@@ -88,6 +88,9 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
         epilog="examples:\n  crosschip run                       # the whole pipeline on the default config\n"
         "  crosschip <stage> --help            # arguments of one stage",
     )
+    import crosschip
+
+    parser.add_argument("--version", action="version", version=f"crosschip {crosschip.__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
     for name, stage in STAGES.items():
         p = sub.add_parser(

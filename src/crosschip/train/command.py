@@ -6,6 +6,7 @@ import argparse
 import faulthandler
 import os
 import sys
+from pathlib import Path
 
 from crosschip.config import DEFAULT_CONFIG, RunConfig, load_config
 from crosschip.errors import CrosschipError
@@ -55,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> RunConfig:
     cfg = load_config(args.config or DEFAULT_CONFIG)
-    if args.backend:
+    if args.backend is not None:
+        if not args.backend.strip():
+            raise CrosschipError("--backend is empty; name one, e.g. --backend torch:cpu")
         cfg.train.backend = args.backend
     if args.steps is not None:
         cfg.train.steps = args.steps
@@ -84,7 +87,6 @@ def _worker_argv(argv: list[str]) -> list[str]:
 def _gave_up(out: str) -> int:
     """3 when the workers' health guard gave up (torchrun itself only reports a failure)."""
     import json
-    from pathlib import Path
 
     path = Path(out) / "train_summary.json"
     try:
@@ -105,8 +107,6 @@ def _give_up_in_group(error: Exception) -> int:
 def _report_saved(args: argparse.Namespace) -> None:
     """The workers' "saved step N before stopping" line, from their log: torchrun's stderr,
     which carried it, is dropped once the launcher is interrupted."""
-    from pathlib import Path
-
     from crosschip.train.metrics import read_metrics
     from crosschip.train.trainer import saved_note
 
@@ -153,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     check_launcher(args)
     check_output_dir(args.out, "--out")
+    if args.resume and not Path(args.out).is_dir():  # refused before anything is made there
+        raise CrosschipError(f"--resume: {args.out} does not exist; there is no run to continue")
     if (args.nproc > 1 or args.nnodes) and not D.in_torchrun():
         # Fail here, once, rather than in every worker (and then in torchrun's traceback).
         get_backend(cfg.train.backend, to_train=True).require()

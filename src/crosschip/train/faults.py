@@ -51,6 +51,8 @@ def parse_fault(spec: str) -> Fault:
         raise CrosschipError(f"--inject {spec!r}: {grammar}")
     kind, key, value = m["kind"], m["key"], m["value"]
     times = int(m["times"] or 1)
+    if times < 1:  # it would plant nothing, and the run would look like a run that survived it
+        raise CrosschipError(f"--inject {spec!r}: times must be at least 1")
     try:
         if key == "p":
             p = float(value)
