@@ -112,7 +112,7 @@ def test_a_hang_that_returns_after_each_restart_gives_up_at_the_rollback_cap(tmp
     """Each restart skips the batch that hung, but the chip hangs at step 6 again: the hangs
     count against max_rollbacks across restarts, and past it the run gives up (exit 3) instead
     of using up torchrun's restarts."""
-    cfg = write_config(tmp_path, steps=10, ckpt_every=4, hang_timeout_s=3.0, max_rollbacks=1)
+    cfg = write_config(tmp_path, steps=8, ckpt_every=4, hang_timeout_s=2.0, max_rollbacks=1)
     run = tmp_path / "run"
     proc = train(cfg, run, "--nproc", "2", "--max-restarts", "3", "--inject", "hang@step=6,times=99")
     assert proc.returncode == 3, proc.stderr

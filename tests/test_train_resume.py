@@ -107,7 +107,6 @@ def test_a_resume_with_a_changed_config_says_what_changed_and_logs_it(reference,
     (resume,) = events(run, "resume")
     assert resume["config"]["train"]["lr"] == 0.01 and resume["config"]["train"]["steps"] == 14
     assert any(c.startswith("train.steps 12 -> 14") for c in resume["changed"])
-    assert train(changed, run, "--resume", "--steps", "16").stderr.count("warning") == 0  # logged now
 
 
 @pytest.mark.parametrize("damage", ["state", "weights"])
