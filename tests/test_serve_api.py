@@ -496,6 +496,7 @@ def test_repetition_penalty_covers_the_prompt_and_the_output(server, client):
         ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
         ({"prompt": "hi", "top_p": 2}, "top_p"),
         ({"prompt": "hi", "n": 0}, "n"),
+        ({"prompt": "hi", "n": 129}, "n"),
         ({"prompt": "hi", "seed": 2**64}, "seed"),
         ({"prompt": "hi", "max_tokens": 2.5}, "max_tokens"),
         ({"max_tokens": 3}, "prompt"),
@@ -569,6 +570,9 @@ def test_the_supported_forms_of_those_features_still_work(server):
     body = {"model": "debug", "prompt": "hi", "max_tokens": 3.0, "n": 2.0, "ignore_eos": True}
     r = httpx.post(server.api + "/completions", json=body)
     assert r.status_code == 200 and len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] == 6
+    # OpenAI bounds n at 128 (this server once stopped at 16).
+    r = httpx.post(server.api + "/completions", json={**body, "max_tokens": 1, "n": 40})
+    assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == list(range(40))
 
 
 def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):

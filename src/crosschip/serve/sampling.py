@@ -111,7 +111,7 @@ class SamplingParams:
             f"must be > 0 (1: off), got {self.repetition_penalty}",
         )
         need(self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed", f"must fit in 64 bits, got {self.seed}")
-        need(1 <= self.n <= 16, "n", f"must be between 1 and 16, got {self.n}")
+        need(1 <= self.n <= 128, "n", f"must be between 1 and 128 (OpenAI's bound), got {self.n}")
         need(len(self.stop) <= 4 and all(self.stop), "stop", "at most 4 non-empty strings")
         need(
             all(math.isfinite(v) and abs(v) <= MAX_LOGIT_BIAS for v in self.logit_bias.values()),
