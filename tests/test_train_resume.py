@@ -107,6 +107,9 @@ def test_a_resume_with_a_changed_config_says_what_changed_and_logs_it(reference,
     (resume,) = events(run, "resume")
     assert resume["config"]["train"]["lr"] == 0.01 and resume["config"]["train"]["steps"] == 14
     assert any(c.startswith("train.steps 12 -> 14") for c in resume["changed"])
+    again = train(changed, run, "--resume", "--steps", "14")  # the changed config is now the run's
+    assert again.returncode == 0 and "warning" not in again.stderr
+    assert "already at step 14 of 14: nothing to train" in again.stderr
 
 
 @pytest.mark.parametrize("damage", ["state", "weights"])

@@ -648,6 +648,12 @@ class Trainer:
         shutdown timeout, which kills the workers, is the hard stop.
         """
         self.total_steps = steps or self.schedule_steps or self.t.steps
+        if self.step >= self.total_steps and self.dist.is_main:  # a resume asked for no more steps
+            print(
+                f"crosschip train: the run is already at step {self.step} of {self.total_steps}: nothing to train "
+                "(raise train.steps or --steps to continue it)",
+                file=sys.stderr,
+            )
         self.progress = Progress(self.total_steps, self.step, self.verbose)
         # The schedule is first fitted to the time budget after a few steps of this process, by
         # the end of warmup where the cosine has not started; then again every FIT_EVERY steps.
