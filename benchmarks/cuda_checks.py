@@ -244,6 +244,9 @@ def main() -> None:
     p.add_argument("--profile-shape", default="16x1024", help="BxT of the profiled training step")
     p.add_argument("--learn-args", default="--max-minutes 1.2", help="extra `crosschip train` flags for learn")
     args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if args.weights is None and (args.check == "parity" or (args.check == "all" and "parity" not in skip)):
+        p.error("the parity check needs --weights DIR (or --skip parity)")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.check == "parity":
         return parity(args)
@@ -276,11 +279,12 @@ def main() -> None:
             90,
         ),
     ]
-    skip = set(filter(None, args.skip.split(",")))
     results = [(name, *run_check(name, cmd, args.out, limit)) for name, cmd, limit in checks if name not in skip]
     print("\nsummary:")
     for name, status, took in results:
         print(f"  {name:<19} {status:<24} {took:>5.0f} s")
+    if any(status != "ok" for _, status, _ in results):
+        sys.exit(1)  # what each check measured is in OUT; a driver must still see that one failed
 
 
 if __name__ == "__main__":

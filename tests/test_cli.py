@@ -286,3 +286,11 @@ def test_verify_into_a_read_only_bundle_is_refused_before_either_side_runs(debug
     err = capsys.readouterr().err
     assert "is read-only, so the verdict cannot be recorded" in err and "--no-record" in err
     assert not (tmp_path / "v").exists()
+
+
+def test_bench_runs_a_script_that_imports_its_neighbours(capsys):
+    """prefix_caching imports serve_throughput from benchmarks/: under `crosschip bench` that
+    was a ModuleNotFoundError traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "prefix_caching", "--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out

@@ -230,6 +230,40 @@ def test_bad_flags_fail_before_any_stage(tmp_path, capsys, flags, message):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_port_in_use_and_a_non_empty_out_are_refused_before_any_stage(tmp_path, capsys):
+    """A taken --port used to surface after training, export and verify, as "the server exited
+    with 1"; a folder that was not a run was used as one (its bundle/ replaced, its train/
+    resumed)."""
+    import socket
+
+    from crosschip.cli import main
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["run", "--config", "configs/smoke.toml", "--port", str(port), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err and not (tmp_path / "r").exists()
+    (tmp_path / "full" / "bundle").mkdir(parents=True)
+    assert main(["run", "--config", "configs/smoke.toml", "--out", str(tmp_path / "full")]) == 1
+    assert "--out" in capsys.readouterr().err and sorted(p.name for p in (tmp_path / "full").iterdir()) == ["bundle"]
+
+
+def test_a_resume_after_the_runs_config_was_edited_is_refused_naming_the_change(tmp_path):
+    """The stages already done used the config the run started with; an edited one would mix
+    two runs (a model trained on 2 digits verified on 3)."""
+    run = tmp_path / "r"
+    started = _run("--config", "configs/smoke.toml", "--train-on", "torch:npu", "--out", str(run))
+    assert (
+        started.returncode == 1 and "training on torch:npu failed (exit 1): crosschip train: error:" in started.stderr
+    )
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace("digits = 2", "digits = 3"))
+    resumed = _run("--resume", str(run))
+    assert resumed.returncode == 1 and "changed since the run started (data.digits 2 -> 3)" in resumed.stderr
+
+
 def test_the_default_run_is_found_from_any_directory(tmp_path):
     """Without --config, `crosschip run` takes the default run shipped in the package: it used to
     look for configs/default.toml under the working directory, which only a checkout has.

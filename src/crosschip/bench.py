@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.name not in scripts:
         raise CrosschipError(f"unknown benchmark {args.name!r}; available: {', '.join(scripts) or 'none'}")
-    sys.argv = [args.name, *args.args]
+    # As `python benchmarks/NAME.py` would run it: its folder first on the import path (the
+    # scripts import each other), and its usage line naming the command that was typed.
+    sys.argv = [f"crosschip bench {args.name}", *args.args]
+    sys.path.insert(0, str(_bench_dir()))
     runpy.run_path(str(_bench_dir() / f"{args.name}.py"), run_name="__main__")
     return 0

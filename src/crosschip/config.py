@@ -9,6 +9,7 @@ the line.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import tomllib
@@ -657,6 +658,24 @@ def load_config(path: str | Path) -> RunConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     return config_from_dict(data, str(path), text)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        out |= _flat(value, name + ".") if isinstance(value, dict) else {name: value}
+    return out
+
+
+def config_diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """ "TABLE.KEY OLD -> NEW" for each value of two `to_dict` configs that differs."""
+    a, b = _flat(before), _flat(after)
+    return [
+        f"{k} {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

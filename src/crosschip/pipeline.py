@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from crosschip import interrupts
-from crosschip.config import DEFAULT_CONFIG, RunConfig, ServeConfig, load_config
+from crosschip.config import DEFAULT_CONFIG, RunConfig, ServeConfig, config_diff, load_config, to_dict
 from crosschip.errors import CrosschipError
 from crosschip.paths import check_output_dir
 from crosschip.qualify.command import UNFIT_EXIT
 from crosschip.serve.command import API_KEY_ENV, client_url
+from crosschip.verify.gate import GATE_FAILED_EXIT
 
 GIVE_UP_EXIT = 3  # the training health guard's "fail me over" exit code
 STAGES = ["probe", "qualify", "assign", "train", "export", "verify", "serve", "report"]
@@ -52,7 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="skip probe and qualify and train on these backends in this order (failover left to right)",
     )
     p.add_argument("--serve", action="store_true", help="keep the server up at the end instead of a smoke run")
-    p.add_argument("--port", type=int, default=0, help="port for --serve (default: the config's serve.port)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="port of the serve stage's server (default: a free one for the smoke run; with --serve, the config's serve.port)",
+    )
     p.add_argument("--inject", action="append", default=[], help="fault injection passed to the first training backend")
 
 
@@ -131,6 +137,18 @@ class Child:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+def stage_failed(what: str, rc: int, log: Path, exit_code: int | None = None) -> CrosschipError:
+    """The error of a stage whose process failed, naming that process's own error line (a
+    `... error: ...` line of its log) rather than only the log to read."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    errors = [line.strip() for line in lines if "error:" in line or "Error:" in line]
+    cause = f": {errors[-1]}" if errors else ""
+    return CrosschipError(f"{what} failed (exit {rc}){cause}; see {log}", exit_code)
+
+
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise CrosschipError(f"expected {path} from the previous stage, but it is missing")
@@ -179,7 +197,7 @@ def stage_qualify(run: Run, candidates: list[str] | None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         rc = Child.run(["qualify", "--backend", spec, "--json", str(out)], run.root / "logs" / f"qualify_{spec}.log")
         if rc not in (0, UNFIT_EXIT) or not out.is_file():
-            raise CrosschipError(f"qualify {spec} failed (exit {rc}); see logs/qualify_{spec}.log")
+            raise stage_failed(f"qualify {spec}", rc, run.root / "logs" / f"qualify_{spec}.log")
         verdicts[spec] = _read_json(out)
     (run.root / "qualify.json").write_text(json.dumps(verdicts, indent=2))
     return {"candidates": candidates}
@@ -254,7 +272,7 @@ def stage_train(run: Run, inject: list[str]) -> dict:
         if rc == 0:
             return {"backend": spec, "attempts": list(attempts)}
         if rc != GIVE_UP_EXIT:
-            raise CrosschipError(f"training on {spec} failed (exit {rc}); see logs/train_{spec}.log")
+            raise stage_failed(f"training on {spec}", rc, run.root / "logs" / f"train_{spec}.log")
         _say(f"  the health guard gave up on {spec}; failing over from its last verified checkpoint")
     raise CrosschipError(f"every training backend gave up: {attempts}", exit_code=GIVE_UP_EXIT)
 
@@ -267,7 +285,7 @@ def stage_export(run: Run) -> dict:
     args = ["export", str(run.root / "train" / "checkpoints"), "--to", cfg.export.target, "--dtype", cfg.export.dtype]
     rc = Child.run([*args, "--out", str(bundle)], run.root / "logs" / "export.log")
     if rc != 0:
-        raise CrosschipError(f"export failed (exit {rc}); see logs/export.log")
+        raise stage_failed("export", rc, run.root / "logs" / "export.log")
     return {"bundle": bundle.name, "target": cfg.export.target, "dtype": cfg.export.dtype}
 
 
@@ -279,6 +297,8 @@ def stage_verify(run: Run) -> dict:
     if cfg.verify.max_new_tokens:
         args += ["--max-new-tokens", str(cfg.verify.max_new_tokens)]
     rc = Child.run([*args, "--out", str(out)], run.root / "logs" / "verify.log")
+    if rc not in (0, GATE_FAILED_EXIT):  # verify itself failed: there is no verdict to read
+        raise stage_failed("verify", rc, run.root / "logs" / "verify.log")
     report = _read_json(out / "report.json")
     passed = bool(report.get("gate", {}).get("passed"))
     if rc != 0 or not passed:
@@ -313,7 +333,7 @@ def _start_server(bundle: Path, serve: ServeConfig, port: int, api_key: str, log
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise CrosschipError(f"the server exited with {proc.returncode} while starting; see {log}")
+            raise stage_failed("the server", proc.returncode, log)
         if "ready on http" in log.read_text(encoding="utf-8", errors="replace"):
             return proc
         time.sleep(0.2)
@@ -460,20 +480,57 @@ def _open_run(args: argparse.Namespace) -> Run:
         if not state_path.is_file():
             raise CrosschipError(f"{root} is not a crosschip run folder (no run_state.json)")
         state = json.loads(state_path.read_text())
-        return Run(root=root, config_path=Path(state["config"]), state=state)
+        run = Run(root=root, config_path=Path(state["config"]), state=state)
+        _check_unchanged(run)
+        if not run.done("serve"):
+            _check_port(args, load_config(run.config_path).serve)
+        return run
     config_path = Path(args.config or DEFAULT_CONFIG)
-    _check_stage_settings(load_config(config_path), config_path)  # fail before any stage starts
+    cfg = load_config(config_path)
+    _check_stage_settings(cfg, config_path)  # fail before any stage starts
+    _check_port(args, cfg.serve)
     root = Path(args.out or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output_dir(root, "--out")
     if (root / "run_state.json").exists():
         raise CrosschipError(f"{root} already holds a run; use --resume {root} or another --out")
+    if root.is_dir() and any(root.iterdir()):  # its stages would replace what is there, or train on
+        raise CrosschipError(f"--out {root} is not empty; choose a new folder (or --resume a run)")
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(config_path, root / "config.toml")
-    run = Run(
-        root=root, config_path=(root / "config.toml").resolve(), state={"config": str((root / "config.toml").resolve())}
-    )
+    path = (root / "config.toml").resolve()
+    run = Run(root=root, config_path=path, state={"config": str(path), "config_values": to_dict(cfg)})
     run.save()
     return run
+
+
+def _check_unchanged(run: Run) -> None:
+    """A run continues with the config it started with: an edit to its config.toml since then
+    is refused, naming the values (the stages already done used the old ones)."""
+    cfg = load_config(run.config_path)
+    before = run.state.get("config_values")
+    changed = config_diff(before, to_dict(cfg)) if before is not None else []
+    if changed:
+        raise CrosschipError(
+            f"{run.config_path} changed since the run started ({'; '.join(changed)}); a run continues with the "
+            "config it started with: undo the edit, or start a new run with --config"
+        )
+
+
+def _check_port(args: argparse.Namespace, serve: ServeConfig) -> None:
+    """A port the serve stage could not bind, said before the stages before it run for minutes."""
+    import socket
+
+    host, port = serve.host, args.port or (serve.port if args.serve else 0)
+    if not port:
+        return  # the smoke run takes a free port
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+            s.bind((host, port))
+    except OSError as e:
+        raise CrosschipError(
+            f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); choose another port"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:

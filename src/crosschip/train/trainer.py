@@ -26,7 +26,7 @@ from torch import Tensor
 
 from crosschip import interrupts
 from crosschip.backends import Backend, get_backend
-from crosschip.config import RunConfig, to_dict
+from crosschip.config import RunConfig, config_diff, to_dict
 from crosschip.data.arith import heldout_set
 from crosschip.errors import CrosschipError
 from crosschip.model import MLA, RMSNorm, SwiGLU, Transformer, count_params, grouped_mm_works
@@ -883,26 +883,11 @@ class Trainer:
 RESUME_CHANGES = {"train.steps", "train.max_minutes", "train.backend"}
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        out |= _flat(value, name + ".") if isinstance(value, dict) else {name: value}
-    return out
-
-
 def config_changes(records: list[dict[str, Any]], now: dict[str, Any]) -> list[str]:
-    """ "KEY OLD -> NEW" for each config value that differs from the one the run last logged
-    (its start, or the latest resume that logged one)."""
+    """`config_diff` against the config the run last logged (its start, or the latest resume
+    that logged one)."""
     logged = [r["config"] for r in records if r["event"] in ("start", "resume") and "config" in r]
-    if not logged:
-        return []
-    before, after = _flat(logged[-1]), _flat(now)
-    return [
-        f"{key} {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
-        for key in sorted(before.keys() | after.keys())
-        if before.get(key) != after.get(key)
-    ]
+    return config_diff(logged[-1], now) if logged else []
 
 
 def saved_note(step: int, path: str | Path) -> str:
