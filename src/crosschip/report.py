@@ -73,9 +73,16 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def kept_steps(steps: list[dict]) -> list[dict]:
+    """The step records that stood: a rollback trains its steps again, and the later record
+    of a step replaces the one rolled back."""
+    return [s for _, s in sorted({s["step"]: s for s in steps}.items())]
+
+
 def plot_loss(steps: list[dict]) -> str | None:
     if not steps:
         return None
+    steps = kept_steps(steps)
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1)
     ax.set_xlabel("step")
@@ -107,12 +114,16 @@ def plot_layers(rows: list[dict]) -> str | None:
     if not rows:
         return None
     names = [r.get("label", r.get("key", "?")) for r in rows]
-    errs = [max(float(r.get("max_abs", 0.0)), 1e-12) for r in rows]
+    errs = [float(r.get("max_abs", 0.0)) for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.22 * len(rows))))
     ax.barh(range(len(rows)), errs)
     ax.set_yticks(range(len(rows)), names, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xscale("log")
+    if max(errs) > 0:
+        ax.set_xscale("log", nonpositive="clip")  # an exact 0 shows as no bar, not as a made-up 1e-12
+    else:
+        ax.set_xlim(0, 1)
+        ax.set_title("every module output identical (max abs error 0)", fontsize=9)
     ax.set_xlabel("max abs error vs reference (per module output)")
     ax.grid(alpha=0.3, axis="x")
     return _png(fig)
@@ -198,10 +209,14 @@ def render_html(data: dict[str, Any]) -> str:
         _table(
             "table-health",
             ["event", "step", "detail"],
-            [[h.get("event"), h.get("step"), h.get("reason") or h.get("detail")] for h in train["health"]],
+            [[h.get("event"), h.get("step", h.get("from_step")), _health_detail(h)] for h in train["health"]],
         ),
         "<h2>Parity</h2>" + _table("table-parity", ["metric", "value"], _parity_rows(data["verify"])),
-        _figure("fig-layers", plot_layers(layers), "Per-layer error, target vs reference"),
+        _figure(
+            "fig-layers",
+            plot_layers(layers),
+            "Per-layer error: the target's weights against the reference's, module by module (computed in torch)",
+        ),
         "<h2>Serving</h2>" + _table("table-serve", ["figure", "value"], _serve_rows(data["serve"])),
     ]
     style = (
@@ -221,6 +236,15 @@ def render_html(data: dict[str, Any]) -> str:
     )
 
 
+def _health_detail(event: dict) -> str:
+    if event.get("event") == "rollback":
+        return (
+            f"{event.get('reason')}: back to step {event.get('to_step')}, {event.get('lost_steps')} steps lost, "
+            f"batches {event.get('skipped_batches')} skipped"
+        )
+    return str(event.get("reason") or event.get("detail") or "")
+
+
 def summary_lines(data: dict[str, Any]) -> list[str]:
     roles = data["roles"] or {}
     lines = [f"run folder: {data['run']}"]
@@ -231,9 +255,9 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     summary = data["train"]["summary"] or {}
     evals = data["train"]["evals"]
     if evals:
-        lines.append(
-            f"training: {len(data['train']['steps'])} logged steps, held-out accuracy {100 * evals[-1]['accuracy']:.1f}%"
-        )
+        trained = summary.get("step") or len(kept_steps(data["train"]["steps"]))
+        lost = f" ({summary['lost_steps']} lost to rollbacks and trained again)" if summary.get("lost_steps") else ""
+        lines.append(f"training: {trained} steps{lost}, held-out accuracy {100 * evals[-1]['accuracy']:.1f}%")
     elif summary:  # a corpus run: no held-out problems to score
         loss = summary.get("final_loss")
         tail = f", final loss {loss:.4f}" if loss is not None else ""
