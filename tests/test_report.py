@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crosschip.report import _health_detail, kept_steps, summary_lines
+from crosschip.report import _health_detail, kept_steps, render_html, summary_lines
 
 
 def _steps(*numbers: int) -> list[dict]:
@@ -32,3 +32,18 @@ def test_a_rollback_counts_each_step_once_and_its_row_says_what_it_did():
     assert _health_detail({**rollback, "skipped_batches": [37]}) == (
         "nan: back to step 30, 7 steps lost, batches [37] skipped"
     )
+
+
+def test_an_emulated_trainer_is_named_as_one():
+    data = {
+        "run": "r",
+        "state": {},
+        "roles": {"train": ["emu:flaky", "torch:cpu"], "serve": "ort:cpu"},
+        "qualify": None,
+        "train": {"summary": None, "steps": [], "evals": [], "health": []},
+        "verify": None,
+        "serve": {"url": "http://127.0.0.1:1/v1"},
+    }
+    assert "roles: train on emu:flaky (emulated), serve on ort:cpu" in summary_lines(data)
+    page = render_html(data)
+    assert "emu:flaky (emulated), torch:cpu" in page and "url (smoke run, stopped since)" in page

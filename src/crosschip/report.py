@@ -180,7 +180,14 @@ def _parity_rows(verify: dict | None) -> list[list[Any]]:
 
 
 def _serve_rows(serve: dict | None) -> list[list[Any]]:
-    return [[k, v] for k, v in (serve or {}).items() if isinstance(v, (int, float, str, bool))]
+    # The smoke run's server is stopped once it has answered: its URL is a record, not a link.
+    names = {"url": "url (smoke run, stopped since)"}
+    return [[names.get(k, k), v] for k, v in (serve or {}).items() if isinstance(v, (int, float, str, bool))]
+
+
+def _backend(spec: str | None) -> str:
+    """A backend as the report names it: an emulated chip says so wherever it appears."""
+    return f"{spec} (emulated)" if spec and spec.startswith("emu:") else str(spec)
 
 
 def render_html(data: dict[str, Any]) -> str:
@@ -195,7 +202,7 @@ def render_html(data: dict[str, Any]) -> str:
         + _table(
             "table-roles",
             ["role", "backend"],
-            [["train", ", ".join(roles.get("train", []))], ["serve", roles.get("serve")]],
+            [["train", ", ".join(map(_backend, roles.get("train", [])))], ["serve", _backend(roles.get("serve"))]],
         ),
         "<h2>Qualification</h2>"
         + _table(
@@ -249,7 +256,9 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     roles = data["roles"] or {}
     lines = [f"run folder: {data['run']}"]
     if roles:
-        lines.append(f"roles: train on {', '.join(roles.get('train', [])[:1])}, serve on {roles.get('serve')}")
+        lines.append(
+            f"roles: train on {', '.join(map(_backend, roles.get('train', [])[:1]))}, serve on {_backend(roles.get('serve'))}"
+        )
     for spec, v in (data["qualify"] or {}).items():
         lines.append(f"  {spec}: {v.get('verdict')}")
     summary = data["train"]["summary"] or {}
