@@ -112,6 +112,11 @@ def test_model_and_data_numbers_no_run_can_use_are_named(tmp_path, text, message
         load_config(path)
 
 
+def test_a_config_path_that_is_a_folder_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder; give the TOML file"):
+        load_config(tmp_path)
+
+
 def test_a_config_that_is_not_utf8_is_named(tmp_path):
     path = tmp_path / "latin1.toml"
     path.write_bytes(b"\xff\xfe[train]\n")

@@ -647,6 +647,8 @@ def config_from_dict(data: dict[str, Any], where: str = "<dict>", text: str = ""
 def load_config(path: str | Path) -> RunConfig:
     """Load a run config from a TOML file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder; give the TOML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

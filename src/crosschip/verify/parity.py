@@ -161,6 +161,8 @@ def check_inputs(opts: VerifyOptions) -> None:
     from crosschip import hf
     from crosschip.backends import get_backend
 
+    if opts.bundle.is_file():
+        raise CrosschipError(f"{opts.bundle} is a file; give the bundle's folder")
     if not opts.bundle.is_dir():
         raise CrosschipError(f"bundle folder not found: {opts.bundle}")
     for name in ("config.json", "tokenizer.json"):
