@@ -215,6 +215,7 @@ def test_bad_config_fails_before_any_stage(tmp_path, capsys, toml, message):
         (["--train-on", " , "], "--train-on needs at least one backend"),
         (["--candidates"], "--candidates needs at least one backend"),
         (["--candidates", "torch:cpu", "tpu"], "--candidates: unknown backend 'tpu'"),
+        (["--candidates", "torch:cpu", "torch:cpu"], "--candidates names torch:cpu more than once"),
         (["--train-on", "torch:cpu", "--inject", "boom@step=3"], "--inject 'boom@step=3': expected KIND@step=N"),
         (["--resume", "runs/x", "--config", "configs/smoke.toml"], "--config cannot be combined with --resume"),
     ],

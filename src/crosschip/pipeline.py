@@ -465,6 +465,9 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise CrosschipError(f"--port must be between 1 and 65535, got {args.port}")
     if args.candidates is not None and not args.candidates:
         raise CrosschipError("--candidates needs at least one backend, e.g. --candidates torch:cpu torch:cuda")
+    if args.candidates and len(set(args.candidates)) < len(args.candidates):  # each would be qualified again
+        twice = sorted({c for c in args.candidates if args.candidates.count(c) > 1})
+        raise CrosschipError(f"--candidates names {', '.join(twice)} more than once")
     named = {"--candidates": args.candidates or []}
     if args.train_on is not None:
         named["--train-on"] = parse_train_on(args.train_on)
