@@ -432,6 +432,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return _read_json(path / MANIFEST_FILE if path.is_dir() else path)
 
 
+def weights_sha256(folder: str | Path) -> str | None:
+    """The sha256 the manifest of `folder` records for its weights; None without a manifest."""
+    try:
+        return read_manifest(folder).get("files", {}).get(WEIGHTS_FILE)
+    except BundleError:
+        return None
+
+
 def write_manifest(path: str | Path, extra: dict[str, Any]) -> None:
     """Merge `extra` into the bundle's manifest and recompute every file's sha256.
 

@@ -35,13 +35,6 @@ def _checkpoint_root(path: Path) -> Path | None:
     return None
 
 
-def _weights_sha(folder: Path) -> str | None:
-    try:
-        return hf.read_manifest(folder).get("files", {}).get(hf.WEIGHTS_FILE)
-    except CrosschipError:
-        return None
-
-
 def resolve_source(src: str | Path) -> Source:
     """Load SRC: a training checkpoint folder, a checkpoint root (its newest verified
     checkpoint), a training run folder (its `checkpoints/`), or an existing bundle."""
@@ -79,7 +72,7 @@ def _from_checkpoint(folder: Path) -> Source:
         "path": str(folder.resolve()),
         "kind": "checkpoint",
         "step": state.get("step"),
-        "weights_sha256": _weights_sha(folder),
+        "weights_sha256": hf.weights_sha256(folder),
     }
     return Source(model, tokenizer, info, training)
 
@@ -89,7 +82,7 @@ def _from_bundle(folder: Path) -> Source:
 
     model, tokenizer = load_for_serving(folder)
     manifest = hf.read_manifest(folder) if (folder / hf.MANIFEST_FILE).exists() else {}
-    info = {"path": str(folder.resolve()), "kind": "bundle", "weights_sha256": _weights_sha(folder)}
+    info = {"path": str(folder.resolve()), "kind": "bundle", "weights_sha256": hf.weights_sha256(folder)}
     if manifest.get("precision", {}).get("policy") not in (None, "fp32"):
         info["note"] = f"re-exported from a {manifest['precision']['policy']} bundle: its rounding is kept"
     return Source(model, tokenizer, info, manifest.get("training_backend"))

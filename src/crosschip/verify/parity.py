@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crosschip import hf
 from crosschip.backends.cpu import cpu_share
 from crosschip.errors import CrosschipError
 from crosschip.verify import gate as gate_mod
@@ -200,12 +199,10 @@ def reference_weights(opts: VerifyOptions) -> Path | None:
     path = Path(source["path"]) if isinstance(source, dict) and source.get("path") else None
     if path is None or path.resolve() == opts.bundle.resolve() or not (path / "config.json").is_file():
         return None
+    from crosschip import hf
+
     recorded = source.get("weights_sha256")
-    try:
-        now = hf.read_manifest(path).get("files", {}).get(hf.WEIGHTS_FILE)
-    except CrosschipError:
-        now = None
-    if recorded and now != recorded:  # a later run wrote a checkpoint of the same name there
+    if recorded and hf.weights_sha256(path) != recorded:  # a later run wrote a checkpoint of the same name there
         raise CrosschipError(
             f"the bundle's source {path} is not the checkpoint it was exported from (its weights' sha256 "
             f"differs from the one {opts.bundle / 'crosschip.json'} records); pass --reference-weights bundle "
