@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,12 @@ def test_failover_interrupt_and_resume(tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "[train] already finished" in resumed.stdout
     state = _state(run_dir)
+    # Its wall time is this resume's; the closing line also gives what every stage took.
+    line = re.search(r"wall time: (\d+) s \(this resume; the run's stages took (\d+) s in all\)", resumed.stdout)
+    assert line, resumed.stdout[-2000:]
+    wall, total = map(int, line.groups())
+    assert total == round(sum(s["seconds"] for s in state["stages"].values())) and total > wall - 5
+    assert state["stages"]["train"]["seconds"] > 0
     assert state["finished"] == ["probe", "qualify", "assign", "train", "export", "verify", "serve", "report"]
     assert state["train_attempts"][-1] == {"backend": "torch:cpu", "exit": 0}
     # The CPU continued from a checkpoint the flaky chip wrote, not from scratch.

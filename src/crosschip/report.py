@@ -302,7 +302,11 @@ def write_report(root: Path) -> Path:
     return path
 
 
-def print_summary(root: Path, wall_s: float) -> None:
+def print_summary(root: Path, wall_s: float, stages_s: float | None = None) -> None:
+    """The run's closing lines; `stages_s`, for a resumed run: the seconds of all its stages."""
     data = collect(Path(root))
-    print("\n".join(["", "crosschip run finished", *summary_lines(data), f"wall time: {wall_s:.0f} s"]))
+    wall = f"wall time: {wall_s:.0f} s"
+    if stages_s is not None:
+        wall += f" (this resume; the run's stages took {stages_s:.0f} s in all)"
+    print("\n".join(["", "crosschip run finished", *summary_lines(data), wall]))
     print(f"report: {Path(root) / 'report.html'}")
