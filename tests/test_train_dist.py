@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -58,6 +59,25 @@ def test_two_processes_match_one_with_the_same_global_batch(one_proc, tmp_path):
     # every worker ended its process group cleanly (barrier before destroy): no abort at exit
     assert "terminate called" not in proc.stderr
     assert json.loads((run / "train_summary.json").read_text())["world"] == 2
+
+
+def test_two_nodes_meet_at_the_rendezvous_endpoint_without_node_ranks(one_proc, tmp_path):
+    """The README's multi-node command, two "nodes" of one process each on loopback: no
+    --node-rank, so the c10d rendezvous assigns the ranks (under torchrun's default, the static
+    rendezvous, both nodes took rank 0 and the group never formed)."""
+    cfg, one = one_proc
+    run = tmp_path / "run"
+    flags = ["--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "job"]
+    nodes = [start_train(cfg, run, "--quiet", *flags, new_session=True) for _ in range(2)]
+    try:
+        outs = [node.communicate(timeout=180) for node in nodes]
+    finally:  # a group that never forms waits for ever: stop each node's torchrun and workers too
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outs]
+    assert events(run, "start")[0]["world"] == 2
+    _close(losses(run), losses(one))
 
 
 def test_two_process_checkpoint_resumes_on_one(one_proc, tmp_path):

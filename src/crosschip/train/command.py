@@ -20,7 +20,7 @@ faults (for tests and demos), repeatable:
 several processes (torchrun underneath):
   crosschip train --config configs/default.toml --out runs/t --nproc 2
   multi-node, on every node:
-  crosschip train ... --nproc 8 --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --rdzv-id job1
+  crosschip train ... --nproc 8 --nnodes 2 --rdzv-endpoint HOST:29500 --rdzv-id job1
 
 exit codes: 0 done, 1 user error, 3 the health guard gave up (fail over), 130 / 143 interrupted (Ctrl-C / SIGTERM)
 """
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dist.add_argument("--nnodes", help="nodes, or MIN:MAX for elastic")
     dist.add_argument("--node-rank", type=int, help="this node's rank (static rendezvous)")
     dist.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous")
-    dist.add_argument("--rdzv-backend", help="rendezvous backend (default c10d)")
+    dist.add_argument("--rdzv-backend", help="rendezvous backend (default with --rdzv-endpoint: c10d)")
     dist.add_argument("--rdzv-id", help="job id shared by every node")
     dist.add_argument("--master-addr", help="static rendezvous address (with --node-rank)")
     dist.add_argument("--master-port", type=int, help="static rendezvous port")

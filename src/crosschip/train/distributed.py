@@ -43,19 +43,29 @@ def in_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch_torchrun(args: Any, argv: list[str]) -> int:
-    """Run `crosschip train ARGV` under torchrun with `args.nproc` workers per node; its exit code."""
+def torchrun_command(args: Any, argv: list[str]) -> list[str]:
+    """The torchrun command line that runs `crosschip train ARGV` with `args.nproc` workers per node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}"]
     for name, flag in TORCHRUN_FLAGS.items():
         value = getattr(args, name, None)
         if value is not None:
             cmd.append(f"{flag}={value}")
-    if getattr(args, "nnodes", None) in (None, "1", 1) and getattr(args, "rdzv_endpoint", None) is None:
+    endpoint = getattr(args, "rdzv_endpoint", None)
+    if getattr(args, "nnodes", None) in (None, "1", 1) and endpoint is None:
         cmd.append("--standalone")
+    elif endpoint is not None and getattr(args, "rdzv_backend", None) is None:
+        # torchrun's own default is the static rendezvous, where every node not given
+        # --node-rank claims rank 0 and the group never forms; c10d assigns the ranks.
+        cmd.append("--rdzv-backend=c10d")
+    return [*cmd, "-m", "crosschip", "train", *argv]
+
+
+def launch_torchrun(args: Any, argv: list[str]) -> int:
+    """Run `crosschip train ARGV` under torchrun with `args.nproc` workers per node; its exit code."""
+    cmd = torchrun_command(args, argv)
     env = dict(os.environ)
     # Each worker gets its share of the cores unless the user chose.
     env.setdefault("OMP_NUM_THREADS", str(cpu_share(int(args.nproc))))
-    cmd += ["-m", "crosschip", "train", *argv]
     # torchrun's stderr (its workers' too) passes through here, so that once this process is
     # interrupted, what torchrun says while it stops is dropped: it answers any signal with a
     # traceback of its own. This process then reports the interruption once, for them all.
