@@ -15,6 +15,7 @@ from crosschip.cli import main
 from crosschip.errors import BundleError
 from crosschip.handoff import precision
 from crosschip.handoff.export import export_bundle
+from crosschip.train.checkpoint import list_checkpoints, verify_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -120,26 +121,29 @@ def test_tampered_bundle_is_refused(exported, tmp_path):
         hf.load_bundle(bad)
 
 
-def test_export_from_checkpoint_root_takes_newest_verified(debug_bundle, tmp_path):
+FINGERPRINT = {"backend": "torch:cpu", "device": "x86_64", "torch": torch.__version__}
+
+
+def _checkpoints(bundle: Path, root: Path, steps: tuple[int, ...]) -> None:
+    """Training checkpoints of `bundle`'s model under `root`, as the trainer writes them."""
     from crosschip.train.checkpoint import TrainState, save_checkpoint
 
-    model, tok = hf.load_bundle(debug_bundle)
-    fingerprint = {"backend": "torch:cpu", "device": "x86_64", "torch": torch.__version__}
+    model, tok = hf.load_bundle(bundle)
+    for step in steps:
+        scalars = {"backend": FINGERPRINT, "dtype": "fp32"}
+        state = TrainState(step, model.state_dict(), {}, {"torch_cpu": torch.get_rng_state()}, scalars)
+        save_checkpoint(root, state, model.cfg, tokenizer=tok)
+
+
+def test_export_from_checkpoint_root_takes_newest_verified(debug_bundle, tmp_path):
     root = tmp_path / "run" / "checkpoints"
-    for step in (10, 20):
-        scalars = {"backend": fingerprint, "dtype": "fp32"}
-        save_checkpoint(
-            root,
-            TrainState(step, model.state_dict(), {}, {"torch_cpu": torch.get_rng_state()}, scalars),
-            model.cfg,
-            tokenizer=tok,
-        )
+    _checkpoints(debug_bundle, root, (10, 20))
     (root / "step_00000020" / "model.safetensors").write_bytes(b"corrupt")  # the newest no longer verifies
     # A torch target: the subject is which checkpoint is taken (ONNX graphs are tested elsewhere).
     manifest = export_bundle(tmp_path / "run", tmp_path / "b", target="torch:cpu", policy="int8", progress=False)
     assert manifest["source"]["kind"] == "checkpoint" and manifest["source"]["step"] == 10
     assert manifest["source"]["path"].endswith("step_00000010")
-    assert manifest["training_backend"] == {**fingerprint, "dtype": "fp32"}
+    assert manifest["training_backend"] == {**FINGERPRINT, "dtype": "fp32"}
     assert manifest["target"]["spec"] == "torch:cpu" and manifest["precision"]["policy"] == "int8"
 
 
@@ -173,6 +177,14 @@ def test_force_never_deletes_the_source_or_the_folder_it_runs_in(debug_bundle, t
     for out in (run, run / "checkpoints", src):
         rc, err = _cli(capsys, str(src), "--to", "torch:cpu", "--out", str(out), "--force")
         assert rc == 1 and "holds the source" in err.err, err.err
+    # A run folder as the source: its checkpoints are read, so --out may not be among them.
+    ckpts = run / "train" / "checkpoints"
+    _checkpoints(debug_bundle, ckpts, (4, 8))
+    for out in (ckpts, ckpts / "step_00000004", ckpts / "step_00000008"):
+        rc, err = _cli(capsys, str(run / "train"), "--to", "torch:cpu", "--out", str(out), "--force")
+        assert rc == 1 and "inside the source's checkpoints" in err.err, err.err
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000008", "step_00000004"]
+    assert all(verify_checkpoint(p) is None for p in list_checkpoints(ckpts))
     (tmp_path / "work" / "here").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "work" / "here")
     for out in (".", str(tmp_path / "work")):

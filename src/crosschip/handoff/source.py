@@ -25,7 +25,7 @@ class Source:
     """Training backend fingerprint (backend, device, torch version) and dtype, when recorded."""
 
 
-def _checkpoint_root(path: Path) -> Path | None:
+def checkpoint_root(path: Path) -> Path | None:
     """`path` itself or its `checkpoints/` when that holds step_XXXXXXXX folders."""
     from crosschip.train.checkpoint import list_checkpoints
 
@@ -47,7 +47,7 @@ def resolve_source(src: str | Path) -> Source:
         return _from_checkpoint(path)
     if (path / hf.CONFIG_FILE).is_file():
         return _from_bundle(path)
-    root = _checkpoint_root(path)
+    root = checkpoint_root(path)
     if root is None:
         raise CrosschipError(
             f"{path} is not a checkpoint, a checkpoint root or a bundle (no trainer_state.json, config.json or step_* folders)"
