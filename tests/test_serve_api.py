@@ -526,6 +526,8 @@ def test_invalid_parameters_get_400_naming_the_param(server, body, param):
     [
         ("/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
         ("/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
         ("/completions", {"suffix": "!"}, "suffix"),
         ("/completions", {"guided_choice": ["yes", "no"]}, "guided_choice"),

@@ -112,17 +112,19 @@ def refuse_unsupported(body: dict, *, chat: bool) -> None:
         value = body.get(name)
         if value not in (None, neutral, {}, []):
             raise InvalidParameter(name, f"{name}: not supported (only {json.dumps(neutral)} is)")
+    # Both endpoints: vLLM's completions take response_format too, and tools sent anywhere
+    # ask for a tool call.
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise InvalidParameter("response_format", 'response_format: only {"type": "text"} is supported')
+    if body.get("tools") and body.get("tool_choice", "auto") != "none":
+        raise InvalidParameter("tools", 'tools: tool calls are not supported (tool_choice "none" is)')
     if not chat:
         if _get(body, "suffix", (str,), None):
             raise InvalidParameter("suffix", "suffix: not supported")
         return
     if body.get("echo"):
         raise InvalidParameter("echo", "echo: not supported in chat (completions echo the prompt)")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise InvalidParameter("response_format", 'response_format: only {"type": "text"} is supported')
-    if body.get("tools") and body.get("tool_choice", "auto") != "none":
-        raise InvalidParameter("tools", 'tools: tool calls are not supported (tool_choice "none" is)')
     for legacy in ("functions", "function_call"):
         if body.get(legacy):
             raise InvalidParameter(legacy, f"{legacy}: not supported")
