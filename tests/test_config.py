@@ -85,6 +85,8 @@ def test_int_accepted_where_float_expected_but_not_bool(tmp_path):
         ("eval_every = -2", "train.eval_every: must be >= -1"),
         ("lr = inf", "train.lr: must be a finite number, got inf"),
         ("max_minutes = nan", "train.max_minutes: must be a finite number, got nan"),
+        # torch.manual_seed's overflow, as a traceback
+        ("seed = 18446744073709551616", "train.seed: must fit in a signed 64-bit integer"),
     ],
 )
 def test_out_of_range_training_values_are_named(tmp_path, line, message):

@@ -206,6 +206,15 @@ def test_rows_too_short_for_a_problem_are_refused_before_the_run_writes_anything
     assert not (tmp_path / "run").exists()
 
 
+def test_a_heldout_size_the_task_cannot_fill_is_refused_before_the_run_writes_anything(tmp_path):
+    """It used to surface at the first evaluation (or the final one), after training."""
+    cfg = debug_cfg(eval_every=-1)
+    cfg.data.digits, cfg.data.heldout_size = 1, 50
+    with pytest.raises(CrosschipError, match=r"asked for 50 held-out problems, but only \d+ distinct"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_shard_rows_partitions_the_global_batch():
     tok = default_tokenizer(512)
     batch = BatchStream(DataConfig(digits=1), tok, 8, 32).next()[1]

@@ -443,6 +443,7 @@ class TrainConfig:
             ("straggler_factor", self.straggler_factor > 1, "must be above 1"),
             ("max_rollbacks", self.max_rollbacks >= 0, "must be >= 0"),
             ("activation_checkpoint", self.activation_checkpoint in ("none", "full"), 'must be "none" or "full"'),
+            ("seed", -(2**63) <= self.seed < 2**63, "must fit in a signed 64-bit integer"),
         ]
         # A NaN passes no comparison, but an inf passes "positive": refuse both first.
         for name, value in vars(self).items():

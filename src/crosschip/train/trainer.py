@@ -193,6 +193,8 @@ class Trainer:
         # no metrics.jsonl behind.
         self._check_memory()
         check_batch_split(self.t.batch_size, self.dist.world, self.t.grad_accum)
+        # Drawn now, so that a held-out size the task cannot fill is refused before training.
+        self.heldout = heldout_set(cfg.data) if cfg.data.task == "arith" else []
         self.tokenizer = self._tokenizer()
         prefetch = self.host_runs_ahead if cfg.data.prefetch == "auto" else cfg.data.prefetch
         self.stream = BatchStream(cfg.data, self.tokenizer, self.t.batch_size, self.t.seq_len, prefetch=prefetch)
@@ -826,7 +828,7 @@ class Trainer:
                 model.load_state_dict(msd)
         acc = None
         if self.dist.is_main:
-            problems = heldout_set(self.cfg.data)[:n]
+            problems = self.heldout[:n]
             t0 = time.perf_counter()
             acc, _ = arith_accuracy(model, self.tokenizer, problems)
             self.log.event("eval", step=step, accuracy=acc, n=len(problems), seconds=time.perf_counter() - t0)
