@@ -31,7 +31,7 @@ from crosschip.train.faults import parse_fault
 from crosschip.train.health import HealthGuard
 from crosschip.train.metrics import Progress
 from crosschip.train.trainer import Trainer, estimate_memory, lr_at, resolve_dtype, update_balance_bias
-from train_helpers import events, losses
+from train_helpers import events, losses, records
 
 
 def debug_cfg(**train) -> RunConfig:
@@ -261,6 +261,25 @@ def test_corrupt_checkpoint_is_reported_and_skipped(tmp_path):
     assert reports and reports[0][0] == "step_00000010" and "checksum" in reports[0][1]
     with pytest.raises(CrosschipError, match="corrupt"):
         ckpt.read_checkpoint(tmp_path / "step_00000010")
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_until_the_first_closes(tmp_path):
+    """Two runs on one --out (two --resume started at once) once ran side by side: each save
+    removed the other's half-written checkpoint, and both appended to one metrics log."""
+    first = Trainer(debug_cfg(steps=2), tmp_path, verbose=False)
+    try:
+        first.fit()
+        with pytest.raises(CrosschipError, match=rf"is being written by another crosschip train \(pid {os.getpid()}\)"):
+            Trainer(debug_cfg(steps=4), tmp_path, resume=True)
+        assert [r["event"] for r in records(tmp_path)].count("resume") == 0
+    finally:
+        first.close()
+    second = Trainer(debug_cfg(steps=4), tmp_path, resume=True, verbose=False)
+    try:
+        assert second.fit()["status"] == "done"
+    finally:
+        second.close()
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
 
 
 def test_a_save_killed_before_the_rename_leaves_the_previous_checkpoint(tmp_path):

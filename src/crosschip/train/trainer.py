@@ -199,7 +199,10 @@ class Trainer:
         prefetch = self.host_runs_ahead if cfg.data.prefetch == "auto" else cfg.data.prefetch
         self.stream = BatchStream(cfg.data, self.tokenizer, self.t.batch_size, self.t.seq_len, prefetch=prefetch)
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.dist.is_main)
+        self._lock = None
         try:
+            # Rank 0 writes the run (its log, its checkpoints), and holds it against other runs.
+            self._lock = ckpt.lock_run(self.out) if self.dist.is_main else None
             self.model = self._build_model()
             # The MoE layers a training step runs, whose loads drive the balance update and the
             # sequence-wise loss: an MTP block's only when its loss is on (it never runs otherwise).
@@ -877,6 +880,9 @@ class Trainer:
     def close(self, ok: bool = True) -> None:
         self.stream.close()
         self.log.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
         if ok:
             D.shutdown(self.dist)
 
