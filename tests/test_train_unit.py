@@ -396,6 +396,23 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_resume_into_another_data_task_names_the_task_not_a_damaged_checkpoint(tmp_path):
+    """It used to say the checkpoint "cannot be read (KeyError: 'rows')" and advise removing
+    it, which would only have made the next checkpoint fail the same way."""
+    t = Trainer(debug_cfg(steps=2), tmp_path / "run", verbose=False)
+    try:
+        t.fit()
+    finally:
+        t.close()
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    cfg = debug_cfg(steps=4)
+    cfg.data = DataConfig(task="corpus", corpus=[str(tmp_path / "text.txt")])
+    with pytest.raises(CrosschipError, match="not one of a data.task = 'corpus' run") as e:
+        Trainer(cfg, tmp_path / "run", resume=True)
+    assert "remove it" not in str(e.value)
+    assert ckpt.latest_verified(tmp_path / "run" / "checkpoints").name == "step_00000002"
+
+
 def test_refused_dtype_on_an_emulated_chip(tmp_path):
     cfg = debug_cfg(backend="emu:fp16-only", dtype="bf16")
     with pytest.raises(CrosschipError, match="refuses bf16"):

@@ -200,6 +200,7 @@ class BatchStream:
         self, data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int, *, prefetch: bool = False
     ):
         cls = ArithStream if data.task == "arith" else CorpusStream
+        self.task = data.task
         self.source = cls(data, tokenizer, batch_size, seq_len)
         self.skip: set[int] = set()
         """Indices of global batches never to train on again (they caused a rollback)."""
@@ -238,6 +239,13 @@ class BatchStream:
         return {**self._cursor, "skip": sorted(self.skip)}
 
     def load_state_dict(self, state: dict) -> None:
+        # Each task's cursor has keys of its own: another task's is a changed config, not a
+        # damaged checkpoint.
+        if not self.source.state_dict().keys() <= state.keys():
+            raise CrosschipError(
+                f"the checkpoint's data position is not one of a data.task = {self.task!r} run: a resume continues "
+                "the run's own data, so keep its data.task, or start a new run in another --out"
+            )
         self._drop_ahead()
         self.source.load_state_dict(state)
         self._cursor = self.source.state_dict()
