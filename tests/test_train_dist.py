@@ -142,7 +142,10 @@ def test_a_hang_that_returns_after_each_restart_gives_up_at_the_rollback_cap(tmp
     assert len(events(run, "resume")) == 2  # the second restart gives up before it trains
     assert [(r["from_step"], r["attempt"]) for r in events(run, "rollback")] == [(6, 1)]
     verdict = events(run, "give_up")[-1]
-    assert verdict["step"] == 6 and "persisted through 1 rollbacks" in verdict["reason"]
+    assert (
+        verdict["step"] == 6
+        and "hang at step 6 (train.hang_timeout_s = 2) persisted through 1 rollbacks" in verdict["reason"]
+    )
     assert json.loads((run / "train_summary.json").read_text())["status"] == "gave_up"
 
 

@@ -28,7 +28,7 @@ from crosschip.tokenizer import default_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train.data import IGNORE, ArithStream, BatchStream, shard_rows
 from crosschip.train.faults import parse_fault
-from crosschip.train.health import HealthGuard
+from crosschip.train.health import HealthGaveUp, HealthGuard
 from crosschip.train.metrics import Progress
 from crosschip.train.trainer import Trainer, estimate_memory, lr_at, resolve_dtype, update_balance_bias
 from train_helpers import events, losses, records
@@ -411,6 +411,17 @@ def test_a_resume_into_another_data_task_names_the_task_not_a_damaged_checkpoint
         Trainer(cfg, tmp_path / "run", resume=True)
     assert "remove it" not in str(e.value)
     assert ckpt.latest_verified(tmp_path / "run" / "checkpoints").name == "step_00000002"
+
+
+def test_giving_up_names_the_threshold_the_fault_was_judged_by(tmp_path):
+    """A grad-norm limit below this model's normal norms gives up as a faulty chip would: the
+    verdict names the setting, so that the user can tell which."""
+    t = Trainer(debug_cfg(grad_norm_limit=1e-9, max_rollbacks=0), tmp_path, verbose=False)
+    try:
+        with pytest.raises(HealthGaveUp, match=r"grad_explosion at step 1 \(train.grad_norm_limit = 1e-09\) persisted"):
+            t.fit()
+    finally:
+        t.close(ok=False)
 
 
 def test_refused_dtype_on_an_emulated_chip(tmp_path):

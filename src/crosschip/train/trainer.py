@@ -45,6 +45,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FIT_EVERY = 10
 """Steps between fits of the schedule to train.max_minutes."""
 STUCK = "step hung and could not be interrupted"
+# The setting each fault is judged by, named when the run stops on it: a threshold set tighter
+# than the model's normal steps looks like a faulty chip.
+THRESHOLDS = {"spike": "spike_factor", "grad_explosion": "grad_norm_limit", "hang": "hang_timeout_s"}
 """The give_up reason of a hang that ended the process (`Trainer._on_stuck`)."""
 
 
@@ -589,8 +592,15 @@ class Trainer:
         """This rollback's attempt number at `step`; past max_rollbacks the run gives up."""
         n = self.guard.count_rollback(step)
         if n > self.t.max_rollbacks:
-            self.give_up(f"{reason} at step {step} persisted through {self.t.max_rollbacks} rollbacks", step)
+            self.give_up(
+                f"{reason} at step {step}{self._threshold(reason)} persisted through {self.t.max_rollbacks} rollbacks",
+                step,
+            )
         return n
+
+    def _threshold(self, reason: str) -> str:
+        name = THRESHOLDS.get(reason)
+        return f" (train.{name} = {getattr(self.t, name):g})" if name else ""
 
     def give_up(self, message: str, step: int) -> None:
         self.log.event("give_up", step=step, reason=message, rollbacks=self.guard.rollbacks)
@@ -613,7 +623,11 @@ class Trainer:
         finishes the rollback when the run restarts) and exit 3."""
         self.log.event("give_up", step=self.step + 1, reason=STUCK, batch=self._batch_index)
         self._write_summary("gave_up", STUCK)
-        print("crosschip train: error: a step hung past the watchdog timeout; restart with --resume", file=sys.stderr)
+        print(
+            f"crosschip train: error: a step hung past the watchdog timeout{self._threshold('hang')}; "
+            "restart with --resume",
+            file=sys.stderr,
+        )
         os._exit(3)
 
     def _carry_over_hangs(self, records: list[dict]) -> None:
