@@ -413,6 +413,13 @@ def test_a_resume_into_another_data_task_names_the_task_not_a_damaged_checkpoint
     assert ckpt.latest_verified(tmp_path / "run" / "checkpoints").name == "step_00000002"
 
 
+def test_a_resume_with_nothing_to_resume_is_refused_and_writes_nothing(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CrosschipError, match="--resume: no verified checkpoint under"):
+        Trainer(debug_cfg(), tmp_path / "run", resume=True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_giving_up_names_the_threshold_the_fault_was_judged_by(tmp_path):
     """A grad-norm limit below this model's normal norms gives up as a faulty chip would: the
     verdict names the setting, so that the user can tell which."""

@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def _clean(value: Any) -> Any:
@@ -28,21 +28,23 @@ class MetricsLog:
         self.path = path
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._f: IO[str] | None = None  # opened by the first event: a run refused before it leaves no file
 
     def event(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "time": time.time(), **_clean(fields)}
         self.records.append(record)
         if self.enabled:
+            if self._f is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
         return record
 
     def close(self) -> None:
-        if self.enabled:
+        if self._f is not None:
             self._f.close()
+            self._f = None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
