@@ -150,6 +150,10 @@ class CorpusStream:
     def __init__(self, data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int):
         if not data.corpus:
             raise CrosschipError('data.corpus is empty: give paths of .txt/.jsonl files for data.task = "corpus"')
+        if seq_len < 2:  # a row's labels are its own next tokens: one token predicts nothing
+            raise CrosschipError(
+                f'train.seq_len {seq_len} is too short for data.task = "corpus": it must be at least 2'
+            )
         docs = [[tokenizer.bos_id, *ids, tokenizer.eos_id] for ids in tokenizer.encode_batch(load_texts(data.corpus))]
         self.blocks = pack_documents(docs, seq_len, pad_id=tokenizer.pad_id)
         self.labels = self.blocks.labels(IGNORE)
