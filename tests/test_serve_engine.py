@@ -548,3 +548,60 @@ def test_a_stream_whose_event_loop_closed_is_aborted_and_the_engine_serves_on(lo
         front.shutdown()
     assert got == engine.generate([PROMPTS[1]], GREEDY)[0].token_ids
     assert engine.executor.cache_usage()["blocks_used"] == 0
+
+
+def test_an_aborted_non_streaming_request_gets_what_it_generated(loaded):
+    """A drain's timeout (or any abort) ends a request, not its output: a non-streaming request,
+    which gets nothing before it ends, used to end with no tokens and empty text."""
+    engine = make_engine(loaded)
+    got: list = []
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    req = engine.add_request(PROMPTS[0], params, "r", got.extend, False)
+    for _ in range(8):
+        engine.step()
+    assert got == []  # nothing is sent before the request ends
+    engine.abort("r")
+    engine.step()
+    (d,) = got
+    assert d.finish_reason == "abort" and len(d.token_ids) >= 4 and d.token_ids == req.sequences[0].output_ids
+    assert d.text == loaded[1].decode(d.token_ids) and d.error is None
+
+
+def test_a_failing_engine_step_answers_500_or_an_error_event_and_says_so(loaded, monkeypatch, capfd):
+    """A step that raises (a damaged bundle, a kernel error) used to end its requests as
+    aborted choices with a 200 and empty text, and the server said nothing."""
+    import httpx
+
+    from crosschip.serve.api import ServerState, create_app
+
+    engine = make_engine(loaded)
+    front = AsyncEngine(engine)
+    state = ServerState(model_name="debug")
+    state.set_engine(front, loaded[1])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the kernel fell over")
+
+    monkeypatch.setattr(engine.executor, "step", broken)
+    body = {"model": "debug", "prompt": "12+34=", "max_tokens": 4}
+
+    async def main():
+        front.start()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(state)), base_url="http://t") as c:
+            plain = await c.post("/v1/completions", json=body)
+            streamed = await c.post("/v1/completions", json={**body, "stream": True})
+        return plain, streamed
+
+    try:
+        plain, streamed = asyncio.run(main())
+    finally:
+        front.shutdown()
+    assert plain.status_code == 500
+    error = plain.json()["error"]
+    assert error["type"] == "internal_error" and "RuntimeError: the kernel fell over" in error["message"]
+    events = [line[len("data: ") :] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "the kernel fell over" in events[-2] and '"error"' in events[-2]
+    assert (
+        "crosschip serve: error: an engine step failed (RuntimeError: the kernel fell over)" in capfd.readouterr().err
+    )
+    assert not engine.requests and not engine.running  # their blocks are free

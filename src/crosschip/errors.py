@@ -14,3 +14,10 @@ class CrosschipError(Exception):
 
 class BundleError(CrosschipError):
     """A bundle that is missing files, has wrong tensors or fails its checksums."""
+
+
+def first_line(error: BaseException) -> str:
+    """`Type: first line of the message`: an exception named in one line of a log or a
+    warning (a compiler's or a kernel's message can run to pages of advice)."""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__

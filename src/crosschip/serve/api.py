@@ -189,7 +189,16 @@ def submit_all(
     state.metrics.prompt_tokens.inc(sum(len(p) for p in prompt_ids))
     offsets = [i * params.n for i in range(len(prompts))]
     deltas = flat(streams[0]) if len(streams) == 1 else merged(streams, offsets)
-    return Submitted(ids, prompt_ids, timed(deltas, state.metrics), params.n)
+    return Submitted(ids, prompt_ids, timed(failed_as_error(deltas), state.metrics), params.n)
+
+
+async def failed_as_error(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    """A choice the engine failed (a step raised) ends the response as a 500, not as an
+    aborted choice with a 200: the client must not take the part it got for the answer."""
+    async for d in deltas:
+        if d.error is not None:
+            raise ApiError(500, f"the engine failed this request: {d.error}", type="internal_error")
+        yield d
 
 
 async def flat(stream: AsyncIterator[list[Delta]]) -> AsyncIterator[Delta]:
@@ -247,8 +256,12 @@ async def guarded_stream(body: AsyncIterator[bytes], sub: Submitted, state: Serv
     """Abort the engine requests if the stream ends early (client disconnect cancels it)."""
     finished = False
     try:
-        async for chunk in body:
-            yield chunk
+        try:
+            async for chunk in body:
+                yield chunk
+        except ApiError as e:  # the status went out with the first chunk: an error event, as vLLM sends
+            yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            yield sse("[DONE]")
         finished = True
     finally:
         if not finished:

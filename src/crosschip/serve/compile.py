@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crosschip.errors import first_line
 from crosschip.model import MLA, MoE, RMSNorm, Transformer, grouped_mm_works, rope_cos_sin
 
 
@@ -292,8 +293,8 @@ def compile_forward(forward: Callable, *, dynamic: bool = True, backend: str = "
                 raise
             import warnings
 
-            reason = next((line for line in str(e).splitlines() if line.strip()), "")  # not dynamo's advice lines
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {reason}); serving in eager mode", stacklevel=2)
+            # One line: dynamo's message goes on with pages of advice.
+            warnings.warn(f"torch.compile failed ({first_line(e)}); serving in eager mode", stacklevel=2)
             state["fn"] = forward
             return forward(*args, **kwargs)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from crosschip.errors import CrosschipError
+from crosschip.errors import CrosschipError, first_line
 from crosschip.serve.executor import Chunk, Executor
 from crosschip.serve.sampling import (
     InvalidParameter,
@@ -76,6 +77,8 @@ class Delta:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     ttft_s: float | None = None
     """Set on a choice's first delta: seconds from arrival to its first token."""
+    error: str | None = None
+    """Set on the last delta of a choice the engine could not finish because a step failed."""
 
 
 def merge_deltas(deltas: list[Delta]) -> Delta:
@@ -92,6 +95,7 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
         stop_reason=deltas[-1].stop_reason,
         prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
         ttft_s=next((d.ttft_s for d in deltas if d.ttft_s is not None), None),
+        error=deltas[-1].error,
     )
 
 
@@ -154,6 +158,8 @@ class Request:
     stream: bool = True  # False: one delta per choice, when it finishes
     sequences: list[Sequence] = field(default_factory=list)
     first_token_time: float | None = None
+    error: str | None = None
+    """Why the engine failed this request (a step raised), for its last deltas."""
     bias: torch.Tensor | None = None
     """(V,) `request_bias` of its params, added to every step's logits (None: nothing to add)."""
     early_bias: torch.Tensor | None = None
@@ -368,7 +374,12 @@ class Engine:
                 self.executor.release(seq.seq_id)
                 seq.finish_reason = seq.finish_reason or "abort"
             if req.on_delta is not None and open_seqs:
-                req.on_delta([Delta(index=s.index, token_ids=[], text="", finish_reason="abort") for s in open_seqs])
+                # What each choice generated and has not sent yet (all of it, for a
+                # non-streaming request): a drain's timeout ends requests, not their output.
+                deltas = [self._delta(s) for s in open_seqs]
+                for d in deltas:
+                    d.error = req.error
+                req.on_delta(deltas)
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
@@ -574,9 +585,12 @@ class AsyncEngine:
                 continue
             try:
                 self.engine.step()
-            except Exception as e:  # keep serving; the failing requests are aborted
+            except Exception as e:  # keep serving; the failing requests end with the error
                 self.error = e
-                for rid in list(self.engine.requests):
+                reason = first_line(e)
+                print(f"crosschip serve: error: an engine step failed ({reason})", file=sys.stderr, flush=True)
+                for rid, req in list(self.engine.requests.items()):
+                    req.error = reason
                     self._fail(rid)
             finally:
                 self._hand_off()

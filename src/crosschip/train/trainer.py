@@ -28,7 +28,7 @@ from crosschip import interrupts
 from crosschip.backends import Backend, get_backend
 from crosschip.config import RunConfig, config_diff, to_dict
 from crosschip.data.arith import heldout_set
-from crosschip.errors import CrosschipError
+from crosschip.errors import CrosschipError, first_line
 from crosschip.model import MLA, RMSNorm, SwiGLU, Transformer, count_params, grouped_mm_works
 from crosschip.tokenizer import Tokenizer, default_tokenizer
 from crosschip.train import checkpoint as ckpt
@@ -271,8 +271,7 @@ class Trainer:
         # The compiler's own exception, not dynamo's wrapper around it (whose first line only
         # names the backend).
         cause = getattr(error, "inner_exception", None) or error.__cause__ or error
-        lines = str(cause).strip().splitlines()
-        reason = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        reason = first_line(cause)
         self.log.event("compile_fallback", error=reason)
         if self.dist.is_main:
             print(f"crosschip train: torch.compile failed ({reason}); training eagerly", file=sys.stderr)
