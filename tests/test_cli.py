@@ -86,6 +86,32 @@ def test_serve_refuses_values_it_cannot_run_with_before_starting(tmp_path, capsy
     assert message in err and "Traceback" not in err
 
 
+def test_serve_refuses_compile_on_onnx_runtime(tmp_path, capsys):
+    """It was dropped silently: ONNX Runtime serves its own optimized graph."""
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert main(["serve", str(tmp_path), "--port", "18999", "--on", "ort:cpu", "--compile"]) == 1
+    assert "--compile is torch.compile, for torch backends" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--block-size", "1000000000000"],
+            r"the latent cache of [\d,]+ blocks \(--num-blocks\) of 1,000,000,000,000 tokens",
+        ),
+        (["--num-blocks", "100000000"], r"the latent cache of 100,000,000 blocks \(--num-blocks\) of 16 tokens"),
+        (["--max-batch", "1000000000000"], "--max-batch 1000000000000 ask for more memory than this machine has"),
+    ],
+)
+def test_serve_refuses_a_cache_larger_than_the_machine(debug_bundle, capsys, flags, message):
+    """These ended in a MemoryError or numpy's allocation traceback (or, sized to fit the
+    address space but not the memory, in the OOM killer)."""
+    assert main(["serve", str(debug_bundle), "--port", "0", *flags]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+
+
 def test_the_engine_refuses_a_zero_prefill_chunk():
     from crosschip.serve.engine import Engine
 

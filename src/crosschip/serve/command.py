@@ -87,18 +87,24 @@ def load_engine(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = dict(max_batch=args.max_batch, block_size=args.block_size, num_blocks=args.num_blocks)
-    if args.on.startswith("torch:"):
-        opts["compile"] = args.compile
-    executor = make_executor(args.bundle, args.on, **opts)
-    tokenizer = Tokenizer.load(args.bundle)
-    engine = Engine(
-        executor,
-        tokenizer,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        prefill_chunk=args.prefill_chunk,
-        prefix_caching=args.prefix_caching,
-    )
+    if args.compile:  # torch backends only (check_flags)
+        opts["compile"] = True
+    try:
+        executor = make_executor(args.bundle, args.on, **opts)
+        tokenizer = Tokenizer.load(args.bundle)
+        engine = Engine(
+            executor,
+            tokenizer,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            prefill_chunk=args.prefill_chunk,
+            prefix_caching=args.prefix_caching,
+        )
+    except MemoryError:  # the cache itself is checked first (check_cache_fits); its tables and buffers here
+        raise CrosschipError(
+            f"--num-blocks {args.num_blocks}, --block-size {args.block_size} and --max-batch {args.max_batch} "
+            "ask for more memory than this machine has; lower them"
+        ) from None
     front = AsyncEngine(engine)
     front.start()
     return front, tokenizer
@@ -107,6 +113,8 @@ def load_engine(args: argparse.Namespace):
 def check_flags(args: argparse.Namespace) -> None:
     """Values the server cannot run with, named by their flags, before anything starts."""
     check_serve_limits(args, lambda name: "--" + name.removesuffix("_s").replace("_", "-"))
+    if args.compile and not args.on.startswith("torch:"):
+        raise CrosschipError(f"--compile is torch.compile, for torch backends; {args.on} optimizes its own graph")
     if args.threads < 0:
         raise CrosschipError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     # An empty value is most often an unset shell variable (`--api-key "$KEY"`): served as it

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -230,6 +231,24 @@ def pool_blocks(num_blocks: int, block_size: int, max_batch: int, max_seq_len: i
     return num_blocks if num_blocks > 0 else max_batch * math.ceil(max_seq_len / block_size) + 1
 
 
+def check_cache_fits(nbytes: int, device_type: str, num_blocks: int, block_size: int) -> None:
+    """Refuse a latent cache larger than the host's memory before allocating it (the flags'
+    product, not a MemoryError traceback or the kernel's OOM killer, names the problem). A
+    device's pool is left to its allocator's own error."""
+    if device_type != "cpu":
+        return
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return
+    if nbytes > 0.9 * have:
+        raise CrosschipError(
+            f"the latent cache of {num_blocks:,} blocks (--num-blocks) of {block_size:,} tokens (--block-size) needs "
+            f"{nbytes / 2**30:,.1f} GiB, more than "
+            f"this machine's {have / 2**30:,.1f} GiB of memory; lower --num-blocks or --block-size"
+        )
+
+
 class BlockPool(BlockTables):
     """Block tables over torch storage: one tensor (layers, num_blocks * block_size,
     kv_lora_rank + rope), c_kv and k_pe side by side, so one gather reads both."""
@@ -246,6 +265,9 @@ class BlockPool(BlockTables):
     ):
         super().__init__(num_blocks, block_size)
         self.kv_lora_rank = kv_lora_rank
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = num_layers * num_blocks * block_size * (kv_lora_rank + rope_dim) * itemsize
+        check_cache_fits(nbytes, device.type, num_blocks, block_size)
         self.latent = torch.zeros(
             num_layers, num_blocks * block_size, kv_lora_rank + rope_dim, dtype=dtype, device=device
         )
