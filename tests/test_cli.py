@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,27 @@ def test_serve_refuses_a_cache_larger_than_the_machine(debug_bundle, capsys, fla
     assert main(["serve", str(debug_bundle), "--port", "0", *flags]) == 1
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("on", "damage", "message"),
+    [
+        ("ort:cpu", {"model.onnx": b"\x08\x07garbage"}, "model.onnx: ONNX Runtime cannot load it (InvalidProtobuf"),
+        ("ort:cpu", {"model.onnx": b"\x08\x07garbage", "config.json": b"{bad"}, "config.json: not valid JSON"),
+        ("torch:cpu", {"model.safetensors": b"\x00" * 100}, "model.safetensors: not a readable safetensors file"),
+    ],
+)
+def test_a_damaged_bundle_without_its_manifest_is_one_line(debug_bundle, tmp_path, capsys, on, damage, message):
+    """Without crosschip.json no checksum catches the damage: the file's reader did, with a
+    traceback (ONNX Runtime's InvalidProtobuf, json's JSONDecodeError, a SafetensorError)."""
+    bundle = tmp_path / "b"
+    shutil.copytree(debug_bundle, bundle)
+    (bundle / "crosschip.json").unlink()
+    for name, data in damage.items():
+        (bundle / name).write_bytes(data)
+    assert main(["serve", str(bundle), "--on", on, "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
 
 
 def test_the_engine_refuses_a_zero_prefill_chunk():

@@ -403,7 +403,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"bundle file not found: {path}")
     try:
@@ -429,7 +429,7 @@ def _bundle_files(folder: Path) -> dict[str, str]:
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The bundle's `crosschip.json` (`path` is the bundle folder or the manifest itself)."""
     path = Path(path)
-    return _read_json(path / MANIFEST_FILE if path.is_dir() else path)
+    return read_json(path / MANIFEST_FILE if path.is_dir() else path)
 
 
 def weights_sha256(folder: str | Path) -> str | None:
@@ -450,7 +450,7 @@ def write_manifest(path: str | Path, extra: dict[str, Any]) -> None:
     if not folder.is_dir():
         raise BundleError(f"bundle folder not found: {folder}")
     manifest_path = folder / MANIFEST_FILE
-    manifest = _read_json(manifest_path) if manifest_path.exists() else {}
+    manifest = read_json(manifest_path) if manifest_path.exists() else {}
     manifest.update(extra)
     manifest["format"] = MANIFEST_FORMAT
     manifest["files"] = _bundle_files(folder)
@@ -538,7 +538,7 @@ def save_bundle(
     return out
 
 
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
+def load_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(path)
     except SafetensorError as e:
@@ -548,15 +548,15 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
 def _load_weights(folder: Path) -> dict[str, Tensor]:
     single, index = folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX_FILE
     if single.is_file():
-        return _load_safetensors(single)
+        return load_safetensors(single)
     if index.is_file():
         # Sharded checkpoints (large HF models): the index maps each tensor to its shard.
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         state: dict[str, Tensor] = {}
         for shard in shards:
             if not (folder / shard).is_file():
                 raise BundleError(f"bundle file not found: {folder / shard} (listed in {index})")
-            state.update(_load_safetensors(folder / shard))
+            state.update(load_safetensors(folder / shard))
         return state
     raise BundleError(f"bundle file not found: {single}")
 
@@ -598,7 +598,7 @@ def load_bundle(
     # Checksums first: a tampered config.json must fail as tampered, not as a strange model.
     if verify_checksums and (folder / MANIFEST_FILE).exists():
         verify_manifest(folder)
-    cfg = model_config_from_hf(_read_json(folder / CONFIG_FILE))
+    cfg = model_config_from_hf(read_json(folder / CONFIG_FILE))
     return build_model(cfg, _load_weights(folder), device=device, dtype=dtype), _load_tokenizer(folder)
 
 

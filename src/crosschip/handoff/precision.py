@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from crosschip import hf
@@ -248,10 +248,10 @@ def load_for_serving(bundle: str | Path, backend: Any = None, *, dtype: torch.dt
         raise hf.BundleError(f"bundle folder not found: {folder}")
     if (folder / hf.MANIFEST_FILE).exists():
         hf.verify_manifest(folder)
-    weights = load_file(folder / hf.WEIGHTS_FILE) if (folder / hf.WEIGHTS_FILE).is_file() else None
+    weights = hf.load_safetensors(folder / hf.WEIGHTS_FILE) if (folder / hf.WEIGHTS_FILE).is_file() else None
     if weights is None or not is_quantized(weights):
         return hf.load_bundle(folder, device=_device(backend), dtype=dtype, verify_checksums=False)
-    cfg = hf.model_config_from_hf(hf._read_json(folder / hf.CONFIG_FILE))
+    cfg = hf.model_config_from_hf(hf.read_json(folder / hf.CONFIG_FILE))
     model = hf.build_model(cfg, dequantize_state(weights), device=_device(backend), dtype=dtype)
     return model, hf._load_tokenizer(folder)
 

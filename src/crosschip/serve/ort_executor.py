@@ -14,7 +14,6 @@ ScatterND graph whose output is bound to the pool itself.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from crosschip import hf
-from crosschip.errors import BundleError
+from crosschip.errors import BundleError, first_line
 from crosschip.serve.executor import BlockTables, Chunk, PagedExecutor, check_cache_fits, pool_blocks
 
 ONNX_FILE = "model.onnx"
@@ -72,16 +71,25 @@ class OrtExecutor(PagedExecutor):
             raise BundleError(f"{folder} has no {ONNX_FILE}; export it with `crosschip export ... --to {backend.spec}`")
         if (folder / hf.MANIFEST_FILE).exists():
             hf.verify_manifest(folder)
-        cfg = hf.model_config_from_hf(json.loads((folder / hf.CONFIG_FILE).read_text(encoding="utf-8")))
+        cfg = hf.model_config_from_hf(hf.read_json(folder / hf.CONFIG_FILE))
         self.cfg, self.backend = cfg, backend
         self.vocab_size = cfg.vocab_size
         self.max_seq_len = cfg.max_position_embeddings
         self.cache_bytes_per_token_per_layer = cfg.latent_dim * 4  # fp32 latents
         threads = threads or torch.get_num_threads()
-        self.session = open_session(folder / ONNX_FILE, backend, threads)
+
+        def session(path: Path) -> Any:
+            try:
+                return open_session(path, backend, threads)
+            except Exception as e:  # ONNX Runtime's own error types: a damaged or foreign graph
+                raise BundleError(
+                    f"{path}: ONNX Runtime cannot load it ({first_line(e)}); export the bundle again"
+                ) from None
+
+        self.session = session(folder / ONNX_FILE)
         # The small-batch decode graph, when the bundle has one (bundles exported before it still serve).
         small = decode_path(folder / ONNX_FILE)
-        self.decode_session = open_session(small, backend, threads) if small.is_file() else None
+        self.decode_session = session(small) if small.is_file() else None
         # Up to this many decode rows the decode graph wins. Its dense experts read each expert
         # once in two large products, whose FLOPs grow with the rows and spread over the threads;
         # the general graph's per-expert slices are small products that barely use a second
