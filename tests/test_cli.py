@@ -149,6 +149,13 @@ def test_the_engine_refuses_a_zero_prefill_chunk():
         (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
         (["--top-k", "0", "--target-url", "http://127.0.0.1:1"], "--top-k must be >= 1, got 0"),
         (["--digits", "7"], "--digits must be 1, 2 or 3, got 7"),  # was "arith: digits must be ..."
+        # These were accepted and did nothing (the bf16 gate judged an fp32 graph); an empty
+        # --out wrote into the current folder, and one inside the bundle into the bundle.
+        (["--target-dtype", "bf16"], "--target-dtype apply to a torch target; --target ort:cpu runs its own"),
+        (["--target-weights", "w", "--target", "ort:cpu"], "--target-weights apply to a torch target"),
+        (["--target-url", "http://127.0.0.1:1", "--target-dtype", "fp16"], "; --target-url http://127.0.0.1:1 runs"),
+        (["--out", ""], "--out is empty; name a folder"),
+        (["--out", "{bundle}/verify"], "is inside the bundle it verifies"),
     ],
 )
 def test_verify_refuses_numbers_it_cannot_run_with_before_either_side_runs(
@@ -156,6 +163,7 @@ def test_verify_refuses_numbers_it_cannot_run_with_before_either_side_runs(
 ):
     """--max-new-tokens -1 used to run the whole target side, then fail in the reference's
     latent cache with an internal error."""
+    args = [a.format(bundle=debug_bundle) for a in args]
     assert main(["verify", str(debug_bundle), "--out", str(tmp_path / "v"), "--no-record", *args]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

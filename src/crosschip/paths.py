@@ -25,14 +25,19 @@ def _check_ancestors(path: Path, flag: str, folders: tuple[Path, ...]) -> None:
         return
 
 
-def check_output_dir(path: Path, flag: str) -> None:
-    """`path` is, or can be made, a writable folder."""
+def check_output_dir(path: Path | str, flag: str) -> None:
+    """`path` is, or can be made, a writable folder; not an empty string (an unset variable,
+    which would write into the current folder)."""
+    if not str(path).strip():
+        raise CrosschipError(f"{flag} is empty; name a folder")
     path = Path(path)
     _check_ancestors(path, flag, (path, *path.parents))
 
 
-def check_output_file(path: Path, flag: str) -> None:
+def check_output_file(path: Path | str, flag: str) -> None:
     """`path` can be written as a file."""
+    if not str(path).strip():
+        raise CrosschipError(f"{flag} is empty; name a file")
     path = Path(path)
     if path.is_dir():
         raise CrosschipError(f"{flag} {path} is a folder; give a file name")

@@ -67,9 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-record", action="store_true", help="do not record the parity report in the bundle's crosschip.json"
     )
-    p.add_argument(
-        "--out", type=Path, default=Path("runs/verify"), help="folder for report.json, report.txt and the sides' files"
-    )
+    p.add_argument("--out", default="runs/verify", help="folder for report.json, report.txt and the sides' files")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,6 +77,21 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise CrosschipError(f"verify: --top-k must be >= 1, got {args.top_k}")
     check_output_dir(args.out, "--out")
+    args.out = Path(args.out)
+    bundle = Path(args.bundle).resolve()
+    if args.out.resolve() == bundle or bundle in args.out.resolve().parents:
+        raise CrosschipError(f"--out {args.out} is inside the bundle it verifies; choose another folder")
+    # What only a torch target runs: a served graph or a server has its own weights and precision.
+    torch_only = [
+        flag
+        for flag, value in (("--target-dtype", args.target_dtype), ("--target-weights", args.target_weights))
+        if value is not None
+    ]
+    if torch_only and (args.target_url or not (args.target or "ort:cpu").startswith("torch:")):
+        where = f"--target-url {args.target_url}" if args.target_url else f"--target {args.target or 'ort:cpu'}"
+        raise CrosschipError(
+            f"{' and '.join(torch_only)} apply to a torch target; {where} runs its own weights and precision"
+        )
     if not args.no_record and Path(args.bundle).is_dir() and not os.access(args.bundle, os.W_OK | os.X_OK):
         # Said now, not after both sides have run (the verdict would be lost to the error).
         raise CrosschipError(
