@@ -55,9 +55,11 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def unavailable(message: str) -> ApiError:
@@ -260,7 +262,7 @@ async def guarded_stream(body: AsyncIterator[bytes], sub: Submitted, state: Serv
             async for chunk in body:
                 yield chunk
         except ApiError as e:  # the status went out with the first chunk: an error event, as vLLM sends
-            yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            yield sse(e.body())
             yield sse("[DONE]")
         finished = True
     finally:
