@@ -68,6 +68,14 @@ def test_probes_that_time_the_host_cpu_run_alone(monkeypatch, tmp_path):
     monkeypatch.setattr(command, "probe_in_subprocess", fake_probe)
     assert [r["backend"] for r in command.probe_all(specs, tmp_path)] == specs
     assert hosts == ["torch:cpu", "ort:cpu"] and overlaps == []
+    # A backend named twice (`--backend ort:cpu --backend ort:cpu`) is probed, and listed, once.
+    calls = []
+    monkeypatch.setattr(command, "probe_in_subprocess", lambda spec, workdir: calls.append(spec) or {"backend": spec})
+    assert [r["backend"] for r in command.probe_all(["ort:cpu", "torch:cpu", "ort:cpu"], tmp_path)] == [
+        "ort:cpu",
+        "torch:cpu",
+    ]
+    assert sorted(calls) == ["ort:cpu", "torch:cpu"]
 
 
 def test_unknown_backend_is_one_clear_line():

@@ -51,7 +51,7 @@ def _times_host_cpu(spec: str) -> bool:
 
 def probe_all(specs: list[str] | None = None, workdir: Path | None = None) -> list[dict[str, Any]]:
     """Probe every backend in `specs` (default: all known, emulations included), in registry order."""
-    specs = list(REGISTRY) if specs is None else specs
+    specs = list(REGISTRY) if specs is None else list(dict.fromkeys(specs))  # a backend named twice: one probe
     for spec in specs:
         get_backend(spec)  # unknown names fail here, before any process starts
     with tempfile.TemporaryDirectory(prefix="crosschip-probe-") as tmp:
