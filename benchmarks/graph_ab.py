@@ -60,16 +60,12 @@ def graph_config(path: Path) -> dict:
 
 def step_times(paths: list[Path], batch: int, past: int, steps: int, threads: int, seed: int = 0) -> list[list[float]]:
     """Seconds of each timed step of graph 0 and graph 1, created in this order (they take turns)."""
-    import onnxruntime as ort
-
-    from crosschip.handoff.onnx_export import session_options
+    from crosschip.serve.ort_executor import load_session
 
     dims = graph_config(paths[0])
     if graph_config(paths[1]) != dims:
         raise SystemExit("the two graphs come from models of different widths")
-    sessions = [
-        ort.InferenceSession(str(p), session_options(threads), providers=["CPUExecutionProvider"]) for p in paths
-    ]
+    sessions = [load_session(p, None, threads) for p in paths]
     rng = np.random.default_rng(seed)
     L, C, R = dims["layers"], dims["kv_lora_rank"], dims["rope"]
     slots = batch * (past + 1) + 1

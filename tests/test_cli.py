@@ -227,6 +227,23 @@ def test_a_benchmark_script_answers_bad_arguments_in_one_line(script, args, code
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+def test_graph_ab_names_a_graph_onnx_runtime_cannot_load(debug_bundle, tmp_path):
+    """It ended in ONNX Runtime's InvalidProtobuf traceback."""
+    shutil.copy(debug_bundle / "config.json", tmp_path / "config.json")
+    for name in ("a.onnx", "b.onnx"):
+        (tmp_path / name).write_bytes(b"\x08\x07not a graph")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "graph_ab.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "a.onnx", "b.onnx", "--steps", "1", "--batches", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1 and "a.onnx: ONNX Runtime cannot load it (InvalidProtobuf" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_train_step_ab_times_both_configs_in_turns(tmp_path):
     """Two trainers, each with its own settings over the base config, timed step by step."""
     (tmp_path / "base.toml").write_text('[model]\npreset = "debug"\n[train]\nbatch_size = 2\nseq_len = 64\n')

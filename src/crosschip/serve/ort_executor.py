@@ -45,6 +45,17 @@ def _commit_graph() -> bytes:
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]).SerializeToString()
 
 
+def load_session(path: Path, backend: Any = None, threads: int | None = None) -> Any:
+    """A bundle graph's InferenceSession (`open_session`); a graph ONNX Runtime cannot load
+    (damaged, or not ONNX) is one BundleError naming the file."""
+    from crosschip.handoff.onnx_export import open_session
+
+    try:
+        return open_session(path, backend, threads)
+    except Exception as e:  # ONNX Runtime's own error types (InvalidProtobuf, Fail, ...)
+        raise BundleError(f"{path}: ONNX Runtime cannot load it ({first_line(e)}); export the bundle again") from None
+
+
 class OrtExecutor(PagedExecutor):
     """Runs a bundle's `model.onnx` with ONNX Runtime behind the `Executor` protocol."""
 
@@ -64,7 +75,7 @@ class OrtExecutor(PagedExecutor):
         threads: intra-op threads (default: torch's thread count, so `serve --threads` applies to both runtimes). commit: `auto` (numpy on CPU, graph
         elsewhere) or `graph` (force the device-generic ScatterND commit). Torch-only options
         (compile, dtype) are accepted and ignored."""
-        from crosschip.handoff.onnx_export import decode_path, open_session
+        from crosschip.handoff.onnx_export import decode_path
 
         folder = Path(bundle_dir)
         if not (folder / ONNX_FILE).is_file():
@@ -77,19 +88,10 @@ class OrtExecutor(PagedExecutor):
         self.max_seq_len = cfg.max_position_embeddings
         self.cache_bytes_per_token_per_layer = cfg.latent_dim * 4  # fp32 latents
         threads = threads or torch.get_num_threads()
-
-        def session(path: Path) -> Any:
-            try:
-                return open_session(path, backend, threads)
-            except Exception as e:  # ONNX Runtime's own error types: a damaged or foreign graph
-                raise BundleError(
-                    f"{path}: ONNX Runtime cannot load it ({first_line(e)}); export the bundle again"
-                ) from None
-
-        self.session = session(folder / ONNX_FILE)
+        self.session = load_session(folder / ONNX_FILE, backend, threads)
         # The small-batch decode graph, when the bundle has one (bundles exported before it still serve).
         small = decode_path(folder / ONNX_FILE)
-        self.decode_session = session(small) if small.is_file() else None
+        self.decode_session = load_session(small, backend, threads) if small.is_file() else None
         # Up to this many decode rows the decode graph wins. Its dense experts read each expert
         # once in two large products, whose FLOPs grow with the rows and spread over the threads;
         # the general graph's per-expert slices are small products that barely use a second
