@@ -191,16 +191,7 @@ def submit_all(
     state.metrics.prompt_tokens.inc(sum(len(p) for p in prompt_ids))
     offsets = [i * params.n for i in range(len(prompts))]
     deltas = flat(streams[0]) if len(streams) == 1 else merged(streams, offsets)
-    return Submitted(ids, prompt_ids, timed(failed_as_error(deltas), state.metrics), params.n)
-
-
-async def failed_as_error(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
-    """A choice the engine failed (a step raised) ends the response as a 500, not as an
-    aborted choice with a 200: the client must not take the part it got for the answer."""
-    async for d in deltas:
-        if d.error is not None:
-            raise ApiError(500, f"the engine failed this request: {d.error}", type="internal_error")
-        yield d
+    return Submitted(ids, prompt_ids, timed(deltas, state.metrics), params.n)
 
 
 async def flat(stream: AsyncIterator[list[Delta]]) -> AsyncIterator[Delta]:
@@ -214,9 +205,13 @@ async def timed(deltas: AsyncIterator[Delta], metrics: ServeMetrics) -> AsyncIte
 
     TTFT comes from the engine (arrival to first token), so non-streaming requests, which
     get one delta per choice at the end, report it too; inter-token gaps are streaming-only.
+    A choice the engine failed (a step raised) ends the response here as a 500, not as an
+    aborted choice with a 200: the client must not take the part it got for the answer.
     """
     start = last = time.monotonic()
     async for d in deltas:
+        if d.error is not None:
+            raise ApiError(500, f"the engine failed this request: {d.error}", type="internal_error")
         now = time.monotonic()
         if d.ttft_s is not None:
             metrics.ttft.observe(d.ttft_s)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -235,13 +234,10 @@ def check_cache_fits(nbytes: int, device_type: str, num_blocks: int, block_size:
     """Refuse a latent cache larger than the host's memory before allocating it (the flags'
     product, not a MemoryError traceback or the kernel's OOM killer, names the problem). A
     device's pool is left to its allocator's own error."""
-    if device_type != "cpu":
-        return
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return
-    if nbytes > 0.9 * have:
+    from crosschip.backends.cpu import CPUBackend
+
+    have = CPUBackend().memory_bytes() if device_type == "cpu" else None
+    if have is not None and nbytes > 0.9 * have:
         raise CrosschipError(
             f"the latent cache of {num_blocks:,} blocks (--num-blocks) of {block_size:,} tokens (--block-size) needs "
             f"{nbytes / 2**30:,.1f} GiB, more than "
@@ -265,8 +261,7 @@ class BlockPool(BlockTables):
     ):
         super().__init__(num_blocks, block_size)
         self.kv_lora_rank = kv_lora_rank
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = num_layers * num_blocks * block_size * (kv_lora_rank + rope_dim) * itemsize
+        nbytes = num_layers * num_blocks * block_size * (kv_lora_rank + rope_dim) * dtype.itemsize
         check_cache_fits(nbytes, device.type, num_blocks, block_size)
         self.latent = torch.zeros(
             num_layers, num_blocks * block_size, kv_lora_rank + rope_dim, dtype=dtype, device=device

@@ -113,7 +113,8 @@ class OrtExecutor(PagedExecutor):
         import onnxruntime as ort
 
         L, C, R = self.cfg.num_hidden_layers, self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim
-        check_cache_fits(L * slots * (C + R) * 4, self.device_type, self.blocks.num_blocks, self.blocks.block_size)
+        nbytes = L * slots * self.cache_bytes_per_token_per_layer
+        check_cache_fits(nbytes, self.device_type, self.blocks.num_blocks, self.blocks.block_size)
         if self.device_type == "cpu":
             # Host memory: the numpy arrays *are* the OrtValues' buffers (zero copy both ways).
             self.host_pool = {"c_kv": np.zeros((L, slots, C), np.float32), "k_pe": np.zeros((L, slots, R), np.float32)}
