@@ -218,6 +218,13 @@ def test_executor_needs_an_onnx_graph(debug_bundle):
         OrtExecutor(debug_bundle, get_backend("ort:cpu"))
 
 
+def test_executor_refuses_a_pool_larger_than_the_machine_before_listing_its_blocks(fp32_bundle):
+    from crosschip.errors import CrosschipError
+
+    with pytest.raises(CrosschipError, match=r"latent cache of 1,000,000,000,000 blocks \(--num-blocks\)"):
+        OrtExecutor(fp32_bundle, get_backend("ort:cpu"), num_blocks=10**12)
+
+
 def test_session_uses_backend_providers(fp32_bundle):
     session = open_session(fp32_bundle / "model.onnx", get_backend("ort:cpu"))
     assert session.get_providers() == ["CPUExecutionProvider"]

@@ -100,7 +100,7 @@ def load_engine(args: argparse.Namespace):
             prefill_chunk=args.prefill_chunk,
             prefix_caching=args.prefix_caching,
         )
-    except MemoryError:  # the cache itself is checked first (check_cache_fits); its tables and buffers here
+    except MemoryError:  # the pool is refused first (pool_blocks); this is for the buffers sized by --max-batch
         raise CrosschipError(
             f"--num-blocks {args.num_blocks}, --block-size {args.block_size} and --max-batch {args.max_batch} "
             "ask for more memory than this machine has; lower them"

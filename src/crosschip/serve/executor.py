@@ -225,24 +225,28 @@ def _chain(key: bytes, block: Sequence[int]) -> bytes:
     return hashlib.sha256(key + np.asarray(block, dtype=np.int64).tobytes()).digest()
 
 
-def pool_blocks(num_blocks: int, block_size: int, max_batch: int, max_seq_len: int) -> int:
-    """`num_blocks`, or for 0 enough blocks for `max_batch` full-length sequences (plus scratch)."""
-    return num_blocks if num_blocks > 0 else max_batch * math.ceil(max_seq_len / block_size) + 1
+def pool_blocks(
+    num_blocks: int, block_size: int, max_batch: int, max_seq_len: int, *, token_bytes: int, device_type: str
+) -> int:
+    """The pool's block count: `num_blocks`, or for 0 enough blocks for `max_batch` full-length
+    sequences (plus scratch). token_bytes: the cache bytes of one token over every layer.
 
-
-def check_cache_fits(nbytes: int, device_type: str, num_blocks: int, block_size: int) -> None:
-    """Refuse a latent cache larger than the host's memory before allocating it (the flags'
-    product, not a MemoryError traceback or the kernel's OOM killer, names the problem). A
-    device's pool is left to its allocator's own error."""
+    A pool larger than the host's memory is refused here, before its block tables (a Python
+    list of every free block) or its storage exist: the flags, not a MemoryError traceback or
+    the kernel's OOM killer, name the problem. A device's pool is left to its allocator's error."""
     from crosschip.backends.cpu import CPUBackend
 
+    blocks = num_blocks if num_blocks > 0 else max_batch * math.ceil(max_seq_len / block_size) + 1
+    nbytes = blocks * block_size * token_bytes
     have = CPUBackend().memory_bytes() if device_type == "cpu" else None
     if have is not None and nbytes > 0.9 * have:
+        sized_by = "--num-blocks" if num_blocks > 0 else f"--max-batch {max_batch:,} full-length sequences"
         raise CrosschipError(
-            f"the latent cache of {num_blocks:,} blocks (--num-blocks) of {block_size:,} tokens (--block-size) needs "
-            f"{nbytes / 2**30:,.1f} GiB, more than "
-            f"this machine's {have / 2**30:,.1f} GiB of memory; lower --num-blocks or --block-size"
+            f"the latent cache of {blocks:,} blocks ({sized_by}) of {block_size:,} tokens (--block-size) needs "
+            f"{nbytes / 2**30:,.1f} GiB, more than this machine's {have / 2**30:,.1f} GiB of memory; "
+            "lower --num-blocks, --block-size or --max-batch"
         )
+    return blocks
 
 
 class BlockPool(BlockTables):
@@ -261,8 +265,6 @@ class BlockPool(BlockTables):
     ):
         super().__init__(num_blocks, block_size)
         self.kv_lora_rank = kv_lora_rank
-        nbytes = num_layers * num_blocks * block_size * (kv_lora_rank + rope_dim) * dtype.itemsize
-        check_cache_fits(nbytes, device.type, num_blocks, block_size)
         self.latent = torch.zeros(
             num_layers, num_blocks * block_size, kv_lora_rank + rope_dim, dtype=dtype, device=device
         )
@@ -459,7 +461,14 @@ class TorchExecutor(PagedExecutor):
         self.cache_bytes_per_token_per_layer = cfg.latent_dim * param.element_size()
         self.blocks = BlockPool(
             cfg.num_hidden_layers,
-            pool_blocks(num_blocks, block_size, max_batch, self.max_seq_len),
+            pool_blocks(
+                num_blocks,
+                block_size,
+                max_batch,
+                self.max_seq_len,
+                token_bytes=cfg.num_hidden_layers * self.cache_bytes_per_token_per_layer,
+                device_type=self.device.type,
+            ),
             block_size,
             cfg.kv_lora_rank,
             cfg.qk_rope_head_dim,

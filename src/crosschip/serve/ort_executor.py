@@ -24,7 +24,7 @@ from torch import Tensor
 
 from crosschip import hf
 from crosschip.errors import BundleError, first_line
-from crosschip.serve.executor import BlockTables, Chunk, PagedExecutor, check_cache_fits, pool_blocks
+from crosschip.serve.executor import BlockTables, Chunk, PagedExecutor, pool_blocks
 
 ONNX_FILE = "model.onnx"
 
@@ -100,8 +100,12 @@ class OrtExecutor(PagedExecutor):
         # 2 threads 0.81x at 16, 0.92x at 32, 1.00x at 48. Experts x threads is at the
         # crossover on 1 thread and on the winning side on 2.
         self.decode_rows = cfg.n_routed_experts * threads
-        self.blocks = BlockTables(pool_blocks(num_blocks, block_size, max_batch, self.max_seq_len), block_size)
         self.device_type = "cpu" if backend is None else backend.device_type
+        token_bytes = cfg.num_hidden_layers * self.cache_bytes_per_token_per_layer
+        blocks = pool_blocks(
+            num_blocks, block_size, max_batch, self.max_seq_len, token_bytes=token_bytes, device_type=self.device_type
+        )
+        self.blocks = BlockTables(blocks, block_size)
         self._alloc_pool(self.blocks.num_blocks * block_size)
         self.commit = "numpy" if commit == "auto" and self.device_type == "cpu" else "graph"
         if self.commit == "graph":
@@ -113,8 +117,6 @@ class OrtExecutor(PagedExecutor):
         import onnxruntime as ort
 
         L, C, R = self.cfg.num_hidden_layers, self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim
-        nbytes = L * slots * self.cache_bytes_per_token_per_layer
-        check_cache_fits(nbytes, self.device_type, self.blocks.num_blocks, self.blocks.block_size)
         if self.device_type == "cpu":
             # Host memory: the numpy arrays *are* the OrtValues' buffers (zero copy both ways).
             self.host_pool = {"c_kv": np.zeros((L, slots, C), np.float32), "k_pe": np.zeros((L, slots, R), np.float32)}
