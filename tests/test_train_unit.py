@@ -635,6 +635,14 @@ def test_mixed_precision_keeps_fp32_master_weights(tmp_path, backend, dtype):
     assert (t.scaler is not None) == (dtype == "fp16")
 
 
+# The two tests that run inductor share a pytest-xdist worker: the second finds its kernels
+# (attention, norms, experts' activations) in the on-disk cache the first filled, instead of
+# compiling them with g++ on the other core at the same time. On a cold cache (as in CI) each
+# took 45-49 s alone; run after the first, the second took 2 s.
+INDUCTOR = pytest.mark.xdist_group("inductor")
+
+
+@INDUCTOR
 def test_compiled_regions_train_like_eager_and_evaluation_stays_eager(tmp_path):
     torch._dynamo.reset()
     counters.clear()
@@ -663,6 +671,7 @@ def test_compiled_regions_train_like_eager_and_evaluation_stays_eager(tmp_path):
         assert runs[True][step] == pytest.approx(loss, rel=1e-4)
 
 
+@INDUCTOR
 def test_the_expert_loop_keeps_its_activations_eager_under_compile(tmp_path):
     """Backends without grouped_mm run the experts in a loop, on row counts of 0, 1 and more:
     compiled, each expert's activation would take a variant of its own up to dynamo's
