@@ -60,11 +60,13 @@ browser:
 
 # The suite in two parts. Most tests spend their time in one Python thread (process start-up,
 # ONNX tracing, tiny models), so they run on one pytest worker per core at one torch thread
-# each. Tests marked solo measure the machine (the 5-minute learning check, step-time
-# statistics) and run afterwards with the machine to themselves. Both parts always
+# each. Tests marked solo (the default run's 5-minute learning check and the tests of the
+# model it trains) run afterwards with the machine to themselves. Both parts always
 # run; the target fails if either does. A plain `pytest` runs everything in one process.
+# On a new machine the browser's Debian packages and the .venv's pip packages install side by side.
 TEST_WORKERS ?= auto
-test: lint browser
+test:
+	@$(MAKE) --no-print-directory -j 2 lint browser
 	@$(COMPILE_SRC)
 	@status=0; \
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not solo" || status=1; \

@@ -185,11 +185,13 @@ def test_an_unfit_backend_exits_5_with_its_verdict_written(tmp_path):
 
 
 # -- real verdicts -----------------------------------------------------------------------------
-# 83 s on 2 quiet cores (three emulated chips and the reference's runs); several times that
-# when the machine is shared, hence the timeout.
+# 71 s on 2 quiet cores (three emulated chips and the reference's runs); several times that
+# when the machine is shared, hence the timeout. They run beside the other tests: each verdict
+# these tests assert holds under load. The slow interconnect's communication is 11-15x its
+# compute against a limit of 0.5x; the fp16-only chip's check may go either way and the test
+# follows it; the flaky chip's NaN is seeded. (With a busy loop on the other core and one torch
+# thread: the same three verdicts, the fp16-only chip's ratio 0.15x against 0.20x alone.)
 LONG = pytest.mark.timeout(1500)
-# Verdicts rest on step times and collective timings: measured with the machine to themselves.
-MEASURED = pytest.mark.solo
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +212,6 @@ def verdicts(tmp_path_factory):
 
 @pytest.mark.slow
 @LONG
-@MEASURED
 def test_fp16_only_chip_trains_in_fp16_or_serves_with_the_reason(verdicts):
     results, text = verdicts
     fp16 = results["emu:fp16-only"]
@@ -226,7 +227,6 @@ def test_fp16_only_chip_trains_in_fp16_or_serves_with_the_reason(verdicts):
 
 @pytest.mark.slow
 @LONG
-@MEASURED
 def test_flaky_chip_cannot_train_because_of_its_nans(verdicts):
     results, _ = verdicts
     flaky = results["emu:flaky"]
@@ -239,7 +239,6 @@ def test_flaky_chip_cannot_train_because_of_its_nans(verdicts):
 
 @pytest.mark.slow
 @LONG
-@MEASURED
 def test_slow_interconnect_fails_the_throughput_check_but_serves(verdicts):
     results, _ = verdicts
     slow = results["emu:slow-collectives"]
