@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -351,21 +352,37 @@ def _ignores_sigint(pid: int) -> bool:
 
 
 # -- the trace cache -------------------------------------------------------------------------------
-def test_a_cached_trace_binds_new_weights_and_writes_what_a_fresh_trace_writes(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def fresh_export(tmp_path_factory):
+    """The small model exported once into an empty trace cache of its own: the traces (about
+    15 s of tracing) serve both tests below."""
+    from crosschip.handoff.onnx_export import export_onnx
+
+    root = tmp_path_factory.mktemp("trace_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CROSSCHIP_CACHE_DIR", str(root / "cache"))
+        mp.delenv("CROSSCHIP_TRACE_CACHE", raising=False)
+        model, said = _small_model(), []
+        info = export_onnx(model, root / "b" / "model.onnx", progress=said.append)
+    return SimpleNamespace(root=root, cache=root / "cache", model=model, said=said, info=info)
+
+
+def test_a_cached_trace_binds_new_weights_and_writes_what_a_fresh_trace_writes(fresh_export, tmp_path, monkeypatch):
     """Model b traced fresh fills the cache; model a (other weights) and b again are served from
     it, with no second process: a's graphs compute a's model, b's files are byte for byte the
     fresh ones."""
     from crosschip.handoff.export import onnx_parity
     from crosschip.handoff.onnx_export import export_onnx
 
-    monkeypatch.setenv("CROSSCHIP_CACHE_DIR", str(tmp_path / "cache"))
-    b = _small_model()
+    monkeypatch.setenv("CROSSCHIP_CACHE_DIR", str(fresh_export.cache))
+    b = fresh_export.model
     torch.manual_seed(1)
     a = type(b)(b.cfg).eval()
-    runs, infos = {}, {}
-    for name, model in (("b", b), ("a", a), ("b-again", b)):
+    runs, infos = {"b": fresh_export.said}, {"b": fresh_export.info}
+    folders = {"b": fresh_export.root / "b", "a": tmp_path / "a", "b-again": tmp_path / "b-again"}
+    for name, model in (("a", a), ("b-again", b)):
         said = []
-        infos[name] = export_onnx(model, tmp_path / name / "model.onnx", progress=said.append)
+        infos[name] = export_onnx(model, folders[name] / "model.onnx", progress=said.append)
         runs[name] = said
     assert not any("from the cache" in m for m in runs["b"]) and "traced graph kept in the cache" in runs["b"]
     assert infos["b"]["traced_from_cache"] == []
@@ -374,12 +391,12 @@ def test_a_cached_trace_binds_new_weights_and_writes_what_a_fresh_trace_writes(t
         assert not any("second process" in m for m in runs[name]), runs[name]
         assert infos[name]["traced_from_cache"] == ["model.onnx", "model.decode.onnx"]
     for graph in ("model.onnx", "model.decode.onnx"):
-        assert (tmp_path / "b" / graph).read_bytes() == (tmp_path / "b-again" / graph).read_bytes(), graph
-        assert (tmp_path / "b" / graph).read_bytes() != (tmp_path / "a" / graph).read_bytes(), graph
-        assert onnx_parity(a, tmp_path / "a" / graph) < 1e-5, graph
+        assert (folders["b"] / graph).read_bytes() == (folders["b-again"] / graph).read_bytes(), graph
+        assert (folders["b"] / graph).read_bytes() != (folders["a"] / graph).read_bytes(), graph
+        assert onnx_parity(a, folders["a"] / graph) < 1e-5, graph
 
 
-def test_the_rewrite_rules_the_export_skips_change_no_byte_of_either_graph():
+def test_the_rewrite_rules_the_export_skips_change_no_byte_of_either_graph(fresh_export, monkeypatch):
     """The export optimizes without onnxscript's rewrite rules that never apply to our graphs
     (one of them is most of the optimizing time): both graphs must come out as the full
     default rule set makes them, and the default set must be whole again afterwards."""
@@ -387,15 +404,18 @@ def test_the_rewrite_rules_the_export_skips_change_no_byte_of_either_graph():
     from onnxscript import rewriter
 
     from crosschip.handoff import trace_cache
-    from crosschip.handoff.onnx_export import UNUSED_REWRITE_RULES, CachedStep, _trace, export_model, optimize_graph
+    from crosschip.handoff.onnx_export import UNUSED_REWRITE_RULES, CachedStep, export_model, optimize_graph
 
+    monkeypatch.setenv("CROSSCHIP_CACHE_DIR", str(fresh_export.cache))
+    monkeypatch.delenv("CROSSCHIP_TRACE_CACHE", raising=False)
     default = rewriter._DEFAULT_REWRITE_RULES
     # Still rules of onnxscript's default set, under the name the export replaces: otherwise it skips nothing.
     assert UNUSED_REWRITE_RULES <= {r.name for r in default}
-    model = _small_model()
+    model = fresh_export.model
     for kind in ("general", "decode"):
         step = CachedStep(export_model(model, decode=kind == "decode"))
-        traced = trace_cache.load(trace_cache.trace_key(model, kind), step) or _trace(step, model)
+        traced = trace_cache.load(trace_cache.trace_key(model, kind), step)
+        assert traced is not None, kind
         written = []
         for skip in (frozenset(), UNUSED_REWRITE_RULES):
             graph = ir.serde.deserialize_model(traced)
