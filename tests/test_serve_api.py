@@ -655,6 +655,27 @@ def test_malformed_bodies_get_400(server):
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
     r = httpx.get(server.api + "/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
+    # These were 500s: an integer over Python's 4300-digit limit for int(), in the body and as a
+    # logit_bias key, and a lone surrogate ("\ud800" is valid JSON but not Unicode), which the
+    # tokenizer refused with a TypeError and a traceback in the server's log.
+    digits = "1" * 5000
+    r = httpx.post(
+        server.api + "/completions",
+        content=b'{"prompt": "hi", "max_tokens": ' + digits.encode() + b"}",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    r = httpx.post(server.api + "/completions", json={"prompt": "hi", "logit_bias": {digits: 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+    for path, body, param in [
+        ("/v1/completions", b'{"prompt": "a\\ud800b"}', "prompt"),
+        ("/v1/completions", b'{"prompt": ["ok", "\\ud800"]}', "prompt"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+        ("/tokenize", b'{"prompt": "\\ud800"}', "prompt"),
+    ]:
+        r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
+        assert "lone surrogate" in r.json()["error"]["message"]
     assert not [line for line in server.lines if "Traceback" in line]
 
 

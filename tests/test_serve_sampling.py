@@ -73,6 +73,20 @@ def test_a_penalty_changes_the_greedy_choice():
     assert sample(logits, SamplingParams(temperature=0), counts, make_generator(0)) == 0
 
 
+@pytest.mark.parametrize(
+    ("temperature", "repetition_penalty"), [(1e-45, 1.0), (1e-300, 1.0), (1.0, 1e-300), (1e-45, 1e-300)]
+)
+def test_extreme_temperature_or_penalty_samples_the_likeliest_token(temperature, repetition_penalty):
+    """Both overflowed the logits to inf, softmax to NaN, and torch.multinomial raised: the
+    engine step failed, and with it every request in flight. A temperature under 0.01 samples at
+    0.01, as vLLM's; an overflowed logit counts as the largest finite one."""
+    logits = torch.tensor([1.0, 3.0, -2.0, 0.5])
+    in_prompt = torch.tensor([False, True, False, False])
+    params = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty)
+    params.validate()
+    assert [sample(logits, params, None, make_generator(s), None, in_prompt) for s in range(5)] == [1] * 5
+
+
 def test_a_seed_reproduces_the_draws_and_different_seeds_differ():
     logits = torch.randn(500, generator=torch.Generator().manual_seed(1))
     params = SamplingParams(temperature=1.0)

@@ -110,6 +110,8 @@ async def read_json(request: Request) -> dict:
         ) from None
     except RecursionError:  # the decoder recurses once per nesting level
         raise ApiError(400, "request body is nested too deeply to parse as JSON", code="invalid_json") from None
+    except ValueError:  # an integer literal over Python's 4300-digit limit for int()
+        raise ApiError(400, "request body holds a number too long to read", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     return body

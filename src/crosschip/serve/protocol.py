@@ -68,6 +68,8 @@ def _logit_bias(body: dict) -> dict[int, float]:
         # Digits only: int() would also take " 7", "1_0" and other scripts' digits.
         if not re.fullmatch(r"-?[0-9]+", key):
             raise InvalidParameter("logit_bias", f"logit_bias: keys must be token ids, got {key!r}")
+        if len(key.lstrip("-")) > 18:  # no vocabulary's id (and past 4300 digits int() refuses it)
+            raise InvalidParameter("logit_bias", f"logit_bias: token id {key[:20]}... is outside the vocabulary")
         token = int(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise InvalidParameter("logit_bias", f"logit_bias: the bias of token {key} must be a number")
@@ -190,12 +192,12 @@ def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
         raise InvalidParameter("prompt", "prompt: required")
     add_bos = _get(body, "add_special_tokens", (bool,), True)
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt, add_bos=add_bos)]
+        return [encode_text(tokenizer, prompt, "prompt", add_bos=add_bos)]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
             return [prompt]
         if all(isinstance(p, str) for p in prompt):
-            return [tokenizer.encode(p, add_bos=add_bos) for p in prompt]
+            return [encode_text(tokenizer, p, "prompt", add_bos=add_bos) for p in prompt]
         if all(
             isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt
         ):
@@ -235,7 +237,19 @@ def chat_prompt_ids(body: dict, tokenizer) -> list[int]:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except CrosschipError as e:  # an unknown role
         raise InvalidParameter("messages", f"messages: {e}") from None
-    return tokenizer.encode(text, add_bos=False)
+    return encode_text(tokenizer, text, "messages", add_bos=False)
+
+
+def encode_text(tokenizer, text: str, param: str, *, add_bos: bool) -> list[int]:
+    """The ids of `text`; text that is not Unicode is refused by `param`. JSON's "\\ud800"
+    decodes to a lone surrogate, which the tokenizer rejects with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidParameter(
+            param, f"{param}: not valid Unicode (a lone surrogate, {text[e.start]!r}, at character {e.start})"
+        ) from None
+    return tokenizer.encode(text, add_bos=add_bos)
 
 
 def tokenize_response(body: dict, tokenizer, max_model_len: int) -> dict:

@@ -22,6 +22,9 @@ from crosschip.errors import CrosschipError
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value
+# As vLLM: a temperature between 0 and this samples at this (a smaller one overflows fp32
+# logits to inf, and softmax to NaN).
+MIN_TEMPERATURE = 0.01
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
@@ -255,7 +258,10 @@ def sample(
     x = apply_penalties(x, counts, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return int(x.argmax())
-    x = x / params.temperature
+    x = x / max(params.temperature, MIN_TEMPERATURE)
+    # An extreme repetition_penalty (1e-300) can still overflow a logit to inf: as the largest
+    # finite value it stays the likeliest token instead of turning softmax into NaNs.
+    x = x.nan_to_num(nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
     x = top_k_mask(x, params.top_k)
     x = top_p_mask(x, params.top_p)
     x = min_p_mask(x, params.min_p)
