@@ -782,6 +782,7 @@ def test_health_is_503_while_the_bundle_loads(debug_bundle):
                 return
             post = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi"}, timeout=5)
             seen.append(post)
+            seen.append(httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5))
 
     srv = ServerProcess(debug_bundle, port=port, on_start=watch)
     try:
@@ -795,6 +796,10 @@ def test_health_is_503_while_the_bundle_loads(debug_bundle):
         refused = posts[:-1] if posts and posts[-1].status_code == 200 else posts
         assert refused and all(r.status_code == 503 and r.headers["retry-after"] for r in refused)
         assert all(r.json()["error"]["type"] == "service_unavailable" for r in refused)
+        # The model list too: it answered 200 with max_model_len 0 before the model was loaded.
+        listed = [r for r in seen if r.url.path == "/v1/models"]
+        listed = listed[:-1] if listed and listed[-1].status_code == 200 else listed
+        assert listed and all(r.status_code == 503 for r in listed), [r.text for r in listed]
     finally:
         srv.stop()
 

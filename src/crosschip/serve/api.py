@@ -292,7 +292,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def _internal(request: Request, e: Exception):
         return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error").response()
 
-    def check(request: Request) -> None:
+    def check(request: Request, *, admitting: bool = True) -> None:
+        """The API key, then a loaded model; `admitting`: also a server not shutting down (the
+        model listing still answers while it drains)."""
         sent = request.headers.get("authorization", "").encode()
         # A constant-time comparison: the time a wrong key takes says nothing about the right one.
         if state.api_key and not hmac.compare_digest(sent, f"Bearer {state.api_key}".encode()):
@@ -304,7 +306,7 @@ def create_app(state: ServerState) -> FastAPI:
             )
         if state.engine is None:
             raise unavailable("the model is still loading")
-        if state.draining:
+        if admitting and state.draining:
             raise unavailable("the server is shutting down")
 
     def check_model(body: dict) -> None:
@@ -352,15 +354,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        if state.api_key:
-            check(request)
+        # While loading, 503 like every endpoint: the card's max_model_len is not known yet.
+        check(request, admitting=False)
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str, request: Request):
         """`client.models.retrieve(id)`; ids may contain `/` (as HF-style names do)."""
-        if state.api_key:
-            check(request)
+        check(request, admitting=False)
         check_model({"model": model})
         return model_card()
 
