@@ -406,6 +406,13 @@ def test_chat_token_limits_and_top_logprobs_range(server):
     r = httpx.post(server.api + "/chat/completions", json={**chat, "max_tokens": 2, "max_completion_tokens": 5})
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.json()
     assert r.json()["usage"]["completion_tokens"] == 5
+    # Its errors name it (they named max_tokens, which the client had not sent).
+    for value, says in [(0, "must be >= 1"), (100000, "plus max_completion_tokens (100000) exceeds")]:
+        r = httpx.post(server.api + "/chat/completions", json={**chat, "max_completion_tokens": value})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "max_completion_tokens" and says in error["message"], error
+    r = httpx.post(server.api + "/chat/completions", json={**chat, "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = httpx.post(server.api + "/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 21})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
 

@@ -248,9 +248,9 @@ class Engine:
         if params.max_tokens is None:
             return room
         if params.max_tokens > room:
+            name = params.max_tokens_param
             raise InvalidParameter(
-                "max_tokens",
-                f"max_tokens: the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds {limit}",
+                name, f"{name}: the prompt ({len(prompt_ids)} tokens) plus {name} ({params.max_tokens}) exceeds {limit}"
             )
         return params.max_tokens
 

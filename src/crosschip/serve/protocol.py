@@ -144,6 +144,7 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         # `max_completion_tokens` is the current name and wins over the deprecated `max_tokens` (as in vLLM).
         max_tokens = _get(body, "max_tokens", (int,), None)
         max_tokens = _get(body, "max_completion_tokens", (int,), max_tokens)
+        max_tokens_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         want_logprobs = _get(body, "logprobs", (bool,), False)
         top = _get(body, "top_logprobs", (int,), None)
         if top is not None and not want_logprobs:
@@ -154,6 +155,7 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         prompt_logprobs = None
     else:
         max_tokens = _get(body, "max_tokens", (int,), 16)
+        max_tokens_param = "max_tokens"
         logprobs = _get(body, "logprobs", (int,), None)
         echo = _get(body, "echo", (bool,), False)
         prompt_logprobs = logprobs if echo and logprobs is not None else None
@@ -180,6 +182,7 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         n=n,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        max_tokens_param=max_tokens_param,
     )
 
 

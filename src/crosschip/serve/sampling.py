@@ -77,6 +77,8 @@ class SamplingParams:
     min_tokens: int = 0
     """Tokens generated before EOS or a stop token id may come and stop strings are looked
     for (vLLM's extension)."""
+    max_tokens_param: str = "max_tokens"
+    """The request field `max_tokens` came from, as errors name it (chat's `max_completion_tokens`)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,8 +93,8 @@ class SamplingParams:
         floor = 0 if self.prompt_logprobs is not None else 1
         need(
             self.max_tokens is None or self.max_tokens >= floor,
-            "max_tokens",
-            f"must be >= 1 (0 only with echo and logprobs), got {self.max_tokens}",
+            self.max_tokens_param,
+            f"must be >= 1 (0 only with completions' echo and logprobs), got {self.max_tokens}",
         )
         need(0.0 <= self.temperature <= 2.0, "temperature", f"must be between 0 and 2, got {self.temperature}")
         need(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
