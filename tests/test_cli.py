@@ -201,6 +201,39 @@ def test_train_refuses_launcher_numbers_before_torchrun(tmp_path, capsys, args, 
 
 
 @pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # An empty string (an unset variable) was taken as not given: the default config ran,
+        # `--resume ""` started a new run, `--out ""` made runs/run-DATE, and the export of ""
+        # exported the current folder.
+        (["run", "--config", ""], "--config is empty"),
+        (["run", "--resume", " "], "--resume is empty"),
+        (["run", "--config", "configs/smoke.toml", "--out", ""], "--out is empty"),
+        (["train", "--config", "", "--out", "{tmp}/t"], "--config is empty"),
+        (["export", "", "--to", "ort:cpu", "--out", "{tmp}/b"], "the source is empty"),
+    ],
+)
+def test_an_empty_path_flag_is_refused_not_taken_as_unset(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(Path(__file__).resolve().parent.parent / "configs" / "smoke.toml", tmp_path / "configs")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs"]  # nothing made
+
+
+@pytest.mark.parametrize(
+    ("state", "why"), [('{"config": ', "JSONDecodeError: Expecting value"), ("{}", "KeyError: 'config'")]
+)
+def test_a_damaged_run_state_is_one_line(tmp_path, capsys, state, why):
+    (tmp_path / "run_state.json").write_text(state)
+    assert main(["run", "--resume", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"run_state.json: damaged ({why}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
     ("script", "args", "code", "message"),
     [
         ("train_throughput", ["--batch", "0"], 2, "argument --batch: must be at least 1, got 0"),

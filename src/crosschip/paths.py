@@ -25,6 +25,13 @@ def _check_ancestors(path: Path, flag: str, folders: tuple[Path, ...]) -> None:
         return
 
 
+def refuse_empty(value: str | None, flag: str) -> None:
+    """A flag given as an empty string (an unset variable) is refused, not taken as not given:
+    `--config ""` ran the default config, `--resume ""` started a new run."""
+    if value is not None and not str(value).strip():
+        raise CrosschipError(f"{flag} is empty")
+
+
 def check_output_dir(path: Path | str, flag: str) -> None:
     """`path` is, or can be made, a writable folder; not an empty string (an unset variable,
     which would write into the current folder)."""

@@ -24,8 +24,8 @@ from typing import Any
 
 from crosschip import interrupts
 from crosschip.config import DEFAULT_CONFIG, RunConfig, ServeConfig, config_diff, load_config, to_dict
-from crosschip.errors import CrosschipError
-from crosschip.paths import check_output_dir
+from crosschip.errors import CrosschipError, first_line
+from crosschip.paths import check_output_dir, refuse_empty
 from crosschip.qualify.command import UNFIT_EXIT
 from crosschip.serve.command import API_KEY_ENV, client_url
 from crosschip.verify.gate import GATE_FAILED_EXIT
@@ -456,6 +456,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     is made, not when the stage that uses them starts."""
     from crosschip.train.faults import parse_fault
 
+    for flag in ("config", "resume", "out"):
+        refuse_empty(getattr(args, flag), f"--{flag}")
     if args.resume and args.config is not None:
         raise CrosschipError(
             f"--config cannot be combined with --resume: a run continues with the config it started with "
@@ -482,8 +484,12 @@ def _open_run(args: argparse.Namespace) -> Run:
         state_path = root / "run_state.json"
         if not state_path.is_file():
             raise CrosschipError(f"{root} is not a crosschip run folder (no run_state.json)")
-        state = json.loads(state_path.read_text())
-        run = Run(root=root, config_path=Path(state["config"]), state=state)
+        try:
+            state = json.loads(state_path.read_text())
+            config_path = Path(state["config"])
+        except (ValueError, KeyError, TypeError) as e:  # a truncated write, or an edit by hand
+            raise CrosschipError(f"{state_path}: damaged ({first_line(e)}); the run cannot be resumed") from None
+        run = Run(root=root, config_path=config_path, state=state)
         _check_unchanged(run)
         if not run.done("serve"):
             _check_port(args, load_config(run.config_path).serve)

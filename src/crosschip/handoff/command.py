@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from crosschip import hf
     from crosschip.handoff.export import export_bundle
+    from crosschip.paths import refuse_empty
 
+    refuse_empty(args.src, "the source")  # "" exported the current folder
     manifest = export_bundle(
         args.src,
         args.out,

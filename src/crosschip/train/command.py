@@ -10,7 +10,7 @@ from pathlib import Path
 
 from crosschip.config import DEFAULT_CONFIG, RunConfig, load_config
 from crosschip.errors import CrosschipError
-from crosschip.paths import check_output_dir
+from crosschip.paths import check_output_dir, refuse_empty
 
 EPILOG_EXTRA = """
 faults (for tests and demos), repeatable:
@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
+    refuse_empty(args.config, "--config")
     cfg = load_config(args.config or DEFAULT_CONFIG)
     if args.backend is not None:
         if not args.backend.strip():
