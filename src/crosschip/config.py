@@ -333,6 +333,8 @@ class DataConfig:
             raise ConfigError(
                 f'data.corpus is set but data.task is {self.task!r}: set data.task = "corpus" to train on it'
             )
+        if any(not str(path).strip() for path in self.corpus):  # "" is the current folder, read whole
+            raise ConfigError(f"data.corpus: an empty path, got {self.corpus}")
         if not 1 <= self.digits <= 3:
             raise ConfigError(f"data.digits: must be 1, 2 or 3, got {self.digits}")
         if not self.ops or any(op not in ("+", "-") for op in self.ops):
