@@ -25,26 +25,24 @@ def _check_ancestors(path: Path, flag: str, folders: tuple[Path, ...]) -> None:
         return
 
 
-def refuse_empty(value: str | None, flag: str) -> None:
+def refuse_empty(value: str | Path | None, flag: str, hint: str = "") -> None:
     """A flag given as an empty string (an unset variable) is refused, not taken as not given:
     `--config ""` ran the default config, `--resume ""` started a new run."""
     if value is not None and not str(value).strip():
-        raise CrosschipError(f"{flag} is empty")
+        raise CrosschipError(f"{flag} is empty" + (f"; {hint}" if hint else ""))
 
 
 def check_output_dir(path: Path | str, flag: str) -> None:
     """`path` is, or can be made, a writable folder; not an empty string (an unset variable,
     which would write into the current folder)."""
-    if not str(path).strip():
-        raise CrosschipError(f"{flag} is empty; name a folder")
+    refuse_empty(path, flag, "name a folder")
     path = Path(path)
     _check_ancestors(path, flag, (path, *path.parents))
 
 
 def check_output_file(path: Path | str, flag: str) -> None:
     """`path` can be written as a file."""
-    if not str(path).strip():
-        raise CrosschipError(f"{flag} is empty; name a file")
+    refuse_empty(path, flag, "name a file")
     path = Path(path)
     if path.is_dir():
         raise CrosschipError(f"{flag} {path} is a folder; give a file name")

@@ -58,8 +58,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
     refuse_empty(args.config, "--config")
     cfg = load_config(args.config or DEFAULT_CONFIG)
     if args.backend is not None:
-        if not args.backend.strip():
-            raise CrosschipError("--backend is empty; name one, e.g. --backend torch:cpu")
+        refuse_empty(args.backend, "--backend", "name one, e.g. --backend torch:cpu")
         cfg.train.backend = args.backend
     if args.steps is not None:
         cfg.train.steps = args.steps
