@@ -18,6 +18,7 @@ from pathlib import Path
 
 from crosschip.config import ServeConfig, check_serve_limits
 from crosschip.errors import BundleError, CrosschipError
+from crosschip.paths import refuse_empty
 
 DEFAULTS = ServeConfig()
 API_KEY_ENV = "CROSSCHIP_API_KEY"
@@ -121,8 +122,7 @@ def check_flags(args: argparse.Namespace) -> None:
     # was, it would open the server to anyone, or name the model after the folder, silently.
     if args.api_key == "":
         raise CrosschipError("--api-key is empty; give the key, or leave the flag out to serve without one")
-    if args.model_name is not None and not args.model_name.strip():
-        raise CrosschipError("--model-name is empty; give a name, or leave the flag out for the bundle folder's name")
+    refuse_empty(args.model_name, "--model-name", "give a name, or leave the flag out for the bundle folder's name")
 
 
 # A server bound to a wildcard address answers on loopback.
