@@ -28,9 +28,9 @@ import torch
 from crosschip.backends import Backend
 from crosschip.config import RunConfig, model_preset
 from crosschip.hf import hf_config
-from crosschip.model import count_params
+from crosschip.model import DTYPES, count_params
 from crosschip.scripts import positive_int, run_main
-from crosschip.train.trainer import DTYPES, Trainer
+from crosschip.train.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 

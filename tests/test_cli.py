@@ -25,11 +25,53 @@ def test_top_level_help_lists_every_stage():
         assert stage in out.stdout
 
 
+# The runtimes a stage imports only once its command line has passed its checks: a help text or
+# a mistyped path is answered at once, not after seconds of importing torch.
+RUNTIMES = ("torch", "onnx", "onnxruntime", "transformers", "matplotlib", "fastapi", "uvicorn", "safetensors")
+_LIGHT = f"""
+import sys
+from crosschip.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print("imported:", *sorted({{m.split(".")[0] for m in sys.modules}} & set({RUNTIMES!r})), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _cli_light(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`crosschip ARGS` in a fresh process, and the runtimes it imported on the way."""
+    out = subprocess.run([sys.executable, "-c", _LIGHT, *args], capture_output=True, text=True, timeout=120)
+    *rest, last = out.stderr.splitlines() or [""]
+    assert last.startswith("imported:"), out.stderr
+    out.stderr = "\n".join(rest)
+    return out, last.split()[1:]
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_each_stage_help_has_an_example(stage):
-    out = _cli(stage, "--help")
+def test_each_stage_help_has_an_example_and_imports_no_runtime(stage):
+    out, imported = _cli_light(stage, "--help")
     assert out.returncode == 0, out.stderr
     assert "example:" in out.stdout and STAGES[stage].example in out.stdout
+    assert imported == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "missing"], "crosschip serve: error: bundle folder not found: missing"),
+        (["verify", "missing", "--target", "ort:cpu"], "crosschip verify: error: bundle folder not found: missing"),
+        (["qualify", "--backend", "emu:nope"], "crosschip qualify: error: unknown backend 'emu:nope'"),
+        (["run", "--config", "missing.toml"], "crosschip run: error: config file not found: missing.toml"),
+        (["run", "--train-on", "torch:tpu"], "crosschip run: error: --train-on: unknown backend 'torch:tpu'"),
+    ],
+)
+def test_a_mistyped_command_is_answered_before_any_runtime_is_imported(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out, imported = _cli_light(*args)
+    assert out.returncode == 1 and out.stderr.startswith(message) and len(out.stderr.splitlines()) == 1, out.stderr
+    assert imported == []
 
 
 def test_version_is_printed(capsys):

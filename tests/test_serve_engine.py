@@ -405,20 +405,6 @@ def test_abort_frees_the_blocks_at_the_next_step(loaded):
     assert not engine.has_work()
 
 
-def test_serve_cli_refuses_a_missing_bundle_with_one_line(tmp_path):
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [sys.executable, "-m", "crosschip", "serve", str(tmp_path / "nope")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 1
-    assert "bundle folder not found" in r.stderr and "Traceback" not in r.stderr
-
-
 def test_a_request_larger_than_the_whole_cache_is_refused_not_stuck(loaded):
     """Its room is reserved whole at admission: a sequence larger than the whole pool would wait forever."""
     model, tok = loaded

@@ -456,6 +456,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: {rule}, got {getattr(self, name)}")
 
 
+POLICIES = ("fp32", "bf16", "fp16", "int8")
+"""The hand-off's precision policies (int8 is weight-only); handoff.precision applies them."""
+
+
 @dataclass
 class ExportConfig:
     """The hand-off: precision policy and target."""

@@ -25,6 +25,9 @@ from torch import Tensor, nn
 
 from crosschip.config import ModelConfig
 
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The compute precisions by the names configs, flags and reports use."""
+
 
 class LatentCache(Protocol):
     """Where the absorbed attention keeps the per-token latents of each layer."""

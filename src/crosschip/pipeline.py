@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from crosschip import interrupts
-from crosschip.config import DEFAULT_CONFIG, RunConfig, ServeConfig, config_diff, load_config, to_dict
+from crosschip.config import DEFAULT_CONFIG, POLICIES, RunConfig, ServeConfig, config_diff, load_config, to_dict
 from crosschip.errors import CrosschipError, first_line
 from crosschip.paths import check_output_dir, refuse_empty
 from crosschip.qualify.command import UNFIT_EXIT
@@ -442,8 +442,6 @@ def _check_backend_names(named: dict[str, list[str]], to_train: tuple[str, ...] 
 def _check_stage_settings(cfg: RunConfig, path: Path) -> None:
     """Backend names and the export policy, which the stages would only refuse when they
     start (an export comes minutes after the training it needs)."""
-    from crosschip.handoff.precision import POLICIES
-
     keys = {"train.backend": cfg.train.backend, "export.target": cfg.export.target}
     keys |= {"serve.backend": cfg.serve.backend, "verify.reference": cfg.verify.reference}
     _check_backend_names({f"{path}: {key}": [spec] for key, spec in keys.items()}, to_train=(f"{path}: train.backend",))

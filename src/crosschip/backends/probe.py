@@ -62,7 +62,8 @@ def check_matmul(backend: Backend, dtype: str) -> dict[str, Any]:
     """Run a matmul in `dtype` and check it is finite and close to fp32 on the same inputs."""
     import torch
 
-    from crosschip.qualify.metrics import BANDS, DTYPES, error_stats, refusal
+    from crosschip.model import DTYPES
+    from crosschip.qualify.metrics import BANDS, error_stats, refusal
 
     refused = refusal(backend.emulated_refused_dtypes, dtype, backend.spec, backend.emulation)
     if refused:
@@ -85,7 +86,8 @@ def check_autocast(backend: Backend, dtype: str) -> dict[str, Any]:
     """A Linear forward and backward under autocast(dtype): it must really compute in dtype."""
     import torch
 
-    from crosschip.qualify.metrics import DTYPES, error_stats, refusal
+    from crosschip.model import DTYPES
+    from crosschip.qualify.metrics import error_stats, refusal
 
     refused = refusal(backend.emulated_refused_dtypes, dtype, backend.spec, backend.emulation)
     if refused:
@@ -115,7 +117,7 @@ def matmul_tflops(backend: Backend, dtype: str) -> float:
     """Square matmul throughput in TFLOP/s (2 n^3 FLOPs per product), median of 5 reps."""
     import torch
 
-    from crosschip.qualify.metrics import DTYPES
+    from crosschip.model import DTYPES
 
     n = 512 if backend.device_type == "cpu" else 4096
     a = torch.randn(n, n, device=backend.device(), dtype=DTYPES[dtype])

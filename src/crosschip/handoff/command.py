@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from crosschip.handoff.precision import POLICIES
+from crosschip.config import POLICIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

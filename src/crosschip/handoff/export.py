@@ -23,6 +23,7 @@ from crosschip.backends import get_backend
 from crosschip.errors import CrosschipError
 from crosschip.handoff import precision
 from crosschip.handoff.source import Source, checkpoint_root, resolve_source
+from crosschip.model import DTYPES
 from crosschip.paths import check_output_dir
 
 ONNX_FILE = "model.onnx"
@@ -176,7 +177,7 @@ def _check_precision(source: Source, policy: str, fp16_overflow: str) -> dict[st
 
 
 def _write_hf(source: Source, out: Path, policy: str) -> None:
-    dtype = precision.TORCH_DTYPES.get(policy)
+    dtype = DTYPES.get(policy)
     hf.save_bundle(source.model, out, tokenizer=source.tokenizer, dtype=dtype if policy != "fp32" else torch.float32)
     if policy == "int8":
         precision.write_int8_weights(out, hf.to_hf(source.model.state_dict(), source.model.cfg))

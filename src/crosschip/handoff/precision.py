@@ -33,10 +33,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from crosschip import hf
+from crosschip.config import POLICIES
 from crosschip.errors import CrosschipError
+from crosschip.model import DTYPES
 
-POLICIES = ("fp32", "bf16", "fp16", "int8")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCALE_SUFFIX = "_scale"
 
 FP16_MAX = 65504.0
@@ -221,7 +221,7 @@ def round_model(model: torch.nn.Module, policy: str) -> torch.nn.Module:
     if policy == "int8":
         state = dequantize_state(quantize_state(state))
     elif policy in ("bf16", "fp16"):
-        dt = TORCH_DTYPES[policy]
+        dt = DTYPES[policy]
         state = {
             k: v if KEEP_FP32.search(k) or not v.is_floating_point() else v.to(dt).float() for k, v in state.items()
         }

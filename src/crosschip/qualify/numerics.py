@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crosschip.model import MLP, RMSNorm, apply_rope, rope_cos_sin
-from crosschip.qualify.metrics import DTYPES, error_stats
+from crosschip.model import DTYPES, MLP, RMSNorm, apply_rope, rope_cos_sin
+from crosschip.qualify.metrics import error_stats
 
 
 @dataclass(frozen=True)

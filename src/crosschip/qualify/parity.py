@@ -11,15 +11,17 @@ dtype (ratio <= 2): it is a limit of the dtype, not of the target.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-from safetensors.torch import load_file
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from crosschip.qualify.metrics import RATIO_GOOD, error_stats, judge
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 def load_parity(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
     return load_file(str(path))
 
 

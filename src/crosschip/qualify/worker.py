@@ -24,8 +24,7 @@ from crosschip.backends.base import Backend
 from crosschip.backends.probe import check_autocast, check_matmul
 from crosschip.config import model_preset
 from crosschip.errors import CrosschipError
-from crosschip.model import Transformer
-from crosschip.qualify.metrics import DTYPES
+from crosschip.model import DTYPES, Transformer
 from crosschip.qualify.numerics import OPS, measure_op
 
 PARITY_BATCH = (2, 32)

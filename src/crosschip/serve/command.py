@@ -167,16 +167,17 @@ def check_listen(host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from crosschip.serve.api import ServerState, create_app
-
     if not args.bundle.is_dir():
         raise BundleError(f"bundle folder not found: {args.bundle}")
     if not (args.bundle / "tokenizer.json").is_file():
         raise BundleError(f"bundle has no tokenizer.json: {args.bundle}")
     check_flags(args)
     check_listen(args.host, args.port)
+    # The server's runtime (torch, the web stack) only once the command line is known to be good.
+    import uvicorn
+
+    from crosschip.serve.api import ServerState, create_app
+
     # The engine thread runs Python between torch ops; a shorter GIL switch interval than the
     # default 5 ms lets the event loop answer and stream while a step is running.
     sys.setswitchinterval(0.0005)

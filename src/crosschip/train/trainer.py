@@ -29,7 +29,7 @@ from crosschip.backends import Backend, get_backend
 from crosschip.config import RunConfig, config_diff, to_dict
 from crosschip.data.arith import heldout_set
 from crosschip.errors import CrosschipError, first_line
-from crosschip.model import MLA, RMSNorm, SwiGLU, Transformer, count_params, grouped_mm_works
+from crosschip.model import DTYPES, MLA, RMSNorm, SwiGLU, Transformer, count_params, grouped_mm_works
 from crosschip.tokenizer import Tokenizer, default_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train import distributed as D
@@ -38,9 +38,6 @@ from crosschip.train.evaluate import arith_accuracy
 from crosschip.train.faults import SPIKE_FACTOR, FaultInjector, kill_self
 from crosschip.train.health import HealthGaveUp, HealthGuard, StepHang, Watchdog
 from crosschip.train.metrics import MetricsLog, Progress, plot_loss
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 FIT_EVERY = 10
 """Steps between fits of the schedule to train.max_minutes."""

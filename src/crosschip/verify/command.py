@@ -72,7 +72,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from crosschip.verify.parity import VerifyOptions, verify
-    from crosschip.verify.report import record_in_bundle, render_text, write_report
 
     if args.top_k < 1:
         raise CrosschipError(f"verify: --top-k must be >= 1, got {args.top_k}")
@@ -119,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         layers=args.layers,
     )
     report = verify(opts)
+    from crosschip.verify.report import record_in_bundle, render_text, write_report
+
     json_path, _ = write_report(report, args.out)
     print(render_text(report), end="")
     if not args.no_record:

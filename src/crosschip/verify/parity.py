@@ -13,13 +13,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crosschip.backends.cpu import cpu_share
 from crosschip.errors import CrosschipError
 from crosschip.verify import gate as gate_mod
-from crosschip.verify.metrics import SideResult, all_metrics
 from crosschip.verify.prompts import PromptSet
+
+if TYPE_CHECKING:  # the metrics need torch; `crosschip verify` checks its input before importing it
+    from crosschip.verify.metrics import SideResult
 
 
 @dataclass
@@ -136,6 +138,8 @@ def _last_error(log: Path) -> str:
 def read_side(out: Path, name: str, prompts: PromptSet) -> SideResult:
     from safetensors.torch import load_file
 
+    from crosschip.verify.metrics import SideResult
+
     tensors = load_file(out / f"{name}.safetensors")
     data = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
     n = len(prompts.scored)
@@ -156,8 +160,8 @@ def read_side(out: Path, name: str, prompts: PromptSet) -> SideResult:
 
 
 def check_inputs(opts: VerifyOptions) -> None:
-    """Clear errors before any process starts."""
-    from crosschip import hf
+    """Clear errors before any process starts (and before torch is imported: a mistyped path is
+    answered at once)."""
     from crosschip.backends import get_backend
 
     if opts.bundle.is_file():
@@ -167,10 +171,6 @@ def check_inputs(opts: VerifyOptions) -> None:
     for name in ("config.json", "tokenizer.json"):
         if not (opts.bundle / name).is_file():
             raise CrosschipError(f"{opts.bundle} is not a bundle: {name} is missing")
-    if (opts.bundle / hf.MANIFEST_FILE).is_file():
-        # Here, not only when the target loads it: the reference side may run from the source
-        # checkpoint, and would spend its whole run before a tampered bundle is noticed.
-        hf.verify_manifest(opts.bundle)
     get_backend(opts.reference)
     if (opts.target is None) == (opts.target_url is None):
         raise CrosschipError("give exactly one of --target SPEC or --target-url URL")
@@ -180,6 +180,12 @@ def check_inputs(opts: VerifyOptions) -> None:
     for w in (ref_w, opts.target_weights):
         if w is not None and not (w / "config.json").is_file():
             raise CrosschipError(f"weights folder not found or not a bundle/checkpoint: {w}")
+    from crosschip import hf
+
+    if (opts.bundle / hf.MANIFEST_FILE).is_file():
+        # Here, not only when the target loads it: the reference side may run from the source
+        # checkpoint, and would spend its whole run before a tampered bundle is noticed.
+        hf.verify_manifest(opts.bundle)
     if opts.target_url is not None:
         from crosschip.verify.remote import check_reachable
 
@@ -256,6 +262,8 @@ def verify(opts: VerifyOptions, progress: Any = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     run_workers([ref_spec, tgt_spec], opts, prompt_path, progress=progress)
     ref, tgt = read_side(opts.out, "reference", prompts), read_side(opts.out, "target", prompts)
+    from crosschip.verify.metrics import all_metrics
+
     metrics = all_metrics(prompts, ref, tgt, tokenizer)
     result = gate_mod.evaluate(metrics, precision)
     report = {
