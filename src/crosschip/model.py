@@ -244,7 +244,7 @@ def grouped_mm_works(device: torch.device | str, dtype: torch.dtype) -> bool:
             w = torch.ones(3, 16, 16, device=device, dtype=dtype, requires_grad=True)
             offs = torch.tensor([8, 8, 16], dtype=torch.int32, device=device)
             y = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
-            y.backward(torch.ones_like(y))
+            y.sum().backward()  # not y.backward(ones): an explicit gradient imports sympy (0.7 s)
             return y.shape == (16, 16) and bool(w.grad[1].eq(0).all()) and bool(w.grad[0].eq(8).all())
     except (AttributeError, RuntimeError, NotImplementedError, TypeError):
         return False
