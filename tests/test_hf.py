@@ -389,6 +389,13 @@ def test_missing_bundle_file_is_named_with_its_path(bundle, name):
         load_bundle(bundle, verify_checksums=False)
 
 
+def test_a_config_json_that_is_a_folder_is_named_as_one(bundle):
+    (bundle / "config.json").unlink()
+    (bundle / "config.json").mkdir()
+    with pytest.raises(BundleError, match=r"config\.json is a folder, not a file"):
+        load_bundle(bundle, verify_checksums=False)
+
+
 def test_missing_bundle_folder_is_a_clear_error(tmp_path):
     with pytest.raises(BundleError, match="bundle folder not found"):
         load_bundle(tmp_path / "nowhere")

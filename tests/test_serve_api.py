@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
 import signal
 import socket
 import time
@@ -771,42 +773,45 @@ def test_a_request_larger_than_the_whole_latent_cache_gets_400(debug_bundle):
         assert srv.stop() == 0
 
 
-def test_health_is_503_while_the_bundle_loads(debug_bundle):
+def test_health_is_503_while_the_bundle_loads(debug_bundle, tmp_path):
     """The server listens before the model is loaded; until then /health (and any request)
-    gets 503 with Retry-After, and the body says it is loading."""
-    port, seen = _free_port(), []
+    gets 503 with Retry-After, and the body says it is loading.
 
-    def watch(proc) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-            except httpx.TransportError:
-                time.sleep(0.005)  # not listening yet
-                continue
-            seen.append(r)
-            if r.status_code == 200:
-                return
-            post = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi"}, timeout=5)
-            seen.append(post)
-            seen.append(httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5))
+    The loading is held open for as long as the test needs: the bundle's config.json is a named
+    pipe, whose read waits until the test writes the file's text into it."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(debug_bundle, bundle)
+    (bundle / "crosschip.json").unlink()  # without its manifest: no checksum reads the pipe first
+    config = (bundle / "config.json").read_bytes()
+    (bundle / "config.json").unlink()
+    os.mkfifo(bundle / "config.json")
+    port, loading = _free_port(), {}
 
-    srv = ServerProcess(debug_bundle, port=port, on_start=watch)
+    def hold_the_load(proc) -> None:
+        def ask(path: str) -> httpx.Response:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if path == "/v1/completions":
+                        return httpx.post(f"http://127.0.0.1:{port}{path}", json={"prompt": "hi"}, timeout=5)
+                    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+                except httpx.TransportError:
+                    time.sleep(0.01)  # not listening yet
+            raise AssertionError(f"{path} was never answered")
+
+        for path in ("/health", "/v1/completions", "/v1/models"):
+            loading[path] = ask(path)
+        with open(bundle / "config.json", "wb") as pipe:  # the load goes on
+            pipe.write(config)
+
+    srv = ServerProcess(bundle, port=port, on_start=hold_the_load)
     try:
-        assert seen and seen[-1].status_code == 200
-        loading = [r for r in seen[:-1] if r.url.path == "/health"]
-        assert loading, "the server answered no request before it was ready"
-        assert all(r.status_code == 503 and r.headers["retry-after"] for r in loading)
-        assert all(r.json() == {"status": "loading"} for r in loading)
-        # The last request may have come in just as the model finished loading.
-        posts = [r for r in seen if r.url.path == "/v1/completions"]
-        refused = posts[:-1] if posts and posts[-1].status_code == 200 else posts
-        assert refused and all(r.status_code == 503 and r.headers["retry-after"] for r in refused)
-        assert all(r.json()["error"]["type"] == "service_unavailable" for r in refused)
+        assert all(r.status_code == 503 and r.headers["retry-after"] for r in loading.values()), loading
+        assert loading["/health"].json() == {"status": "loading"}
+        assert loading["/v1/completions"].json()["error"]["type"] == "service_unavailable"
         # The model list too: it answered 200 with max_model_len 0 before the model was loaded.
-        listed = [r for r in seen if r.url.path == "/v1/models"]
-        listed = listed[:-1] if listed and listed[-1].status_code == 200 else listed
-        assert listed and all(r.status_code == 503 for r in listed), [r.text for r in listed]
+        assert httpx.get(srv.url + "/health").status_code == 200
+        assert httpx.get(srv.api + "/models").json()["data"][0]["max_model_len"] > 0
     finally:
         srv.stop()
 

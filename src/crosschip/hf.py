@@ -404,8 +404,11 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    # Anything readable is read (a named pipe too); only what is missing is "not found".
+    if not path.exists():
         raise BundleError(f"bundle file not found: {path}")
+    if path.is_dir():
+        raise BundleError(f"{path} is a folder, not a file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
