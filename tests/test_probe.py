@@ -135,10 +135,42 @@ def test_probe_reports_absent_accelerators_and_names_emulations(probed):
 
 @pytest.mark.slow
 def test_every_backend_was_probed_in_its_own_process(probed):
+    """Except the devices the installed torch is built without (this CPU build: cuda, xpu; mps
+    off macOS): `crosschip probe` answers those itself, without importing torch."""
     rows, _ = probed
-    pids = [r["pid"] for r in rows.values()]
+    command = rows["torch:cpu"]["parent_pid"]
+    built_without = {s for s, r in rows.items() if r["pid"] == command}
+    assert {s for s in built_without if get_backend(s).build_lacks()} == built_without
+    assert all(
+        rows[s]["available"] is False and "built without" in rows[s]["reason"] for s in built_without - {"torch:mps"}
+    )
+    probed_apart = [r for s, r in rows.items() if s not in built_without]
+    pids = [r["pid"] for r in probed_apart]
     assert len(set(pids)) == len(pids)  # one process per backend
     assert os.getpid() not in pids
     # Each probe's parent is the `crosschip probe` process, not this test and not another probe.
-    parents = {r["parent_pid"] for r in rows.values()}
-    assert len(parents) == 1 and parents.isdisjoint(pids) and os.getpid() not in parents
+    parents = {r["parent_pid"] for r in probed_apart}
+    assert parents == {command} and command not in pids and command != os.getpid()
+
+
+def test_the_build_facts_read_without_importing_torch_are_torchs_own():
+    """`build_lacks` rules devices out from torch/version.py, read as text: it must say what
+    the imported torch says of itself."""
+    import re
+
+    import torch
+
+    from crosschip.backends.accelerator import torch_build
+    from crosschip.errors import CrosschipError
+
+    build = torch_build()
+    assert build["__version__"] == torch.__version__
+    assert build["cuda"] == torch.version.cuda and build["hip"] == torch.version.hip
+    has_cuda = torch.version.cuda is not None or torch.version.hip is not None
+    assert (get_backend("torch:cuda").build_lacks() is None) == has_cuda
+    if not has_cuda:
+        with pytest.raises(
+            CrosschipError,
+            match=rf"torch:cuda is not available: this torch \({re.escape(torch.__version__)}\) is built without cuda",
+        ):
+            get_backend("torch:cuda").require()

@@ -2,7 +2,44 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
 from crosschip.backends.base import Backend
+
+# The build facts (torch/version.py) without which a device type cannot exist: ROCm builds
+# reuse the cuda device type.
+BUILT_WITH = {"cuda": ("cuda", "hip"), "xpu": ("xpu",)}
+
+
+@cache
+def torch_build() -> dict[str, Any]:
+    """The literal assignments of the installed torch's version.py (`__version__`, `cuda`,
+    `hip`, `xpu`, ...), read without importing torch, which takes seconds; {} when unreadable."""
+    try:
+        spec = importlib.util.find_spec("torch")  # a top-level package: found, not imported
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        tree = ast.parse((folder / "version.py").read_text(encoding="utf-8"))
+    except (AttributeError, TypeError, StopIteration, OSError, SyntaxError, ValueError):
+        return {}
+    facts: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        else:
+            continue
+        if isinstance(target, ast.Name):
+            try:
+                facts[target.id] = ast.literal_eval(value)
+            except ValueError:
+                pass
+    return facts
 
 
 class TorchAccelerator(Backend):
@@ -12,6 +49,14 @@ class TorchAccelerator(Backend):
         super().__init__(
             spec=f"torch:{device_type}", runtime="torch", device_type=device_type, dist_backend=dist_backend
         )
+
+    def build_lacks(self) -> str | None:
+        if self.device_type == "mps" and sys.platform != "darwin":
+            return "torch has mps on macOS only"
+        keys, build = BUILT_WITH.get(self.device_type, ()), torch_build()
+        if keys and all(key in build and build[key] is None for key in keys):
+            return f"this torch ({build.get('__version__', 'unknown version')}) is built without {self.device_type}"
+        return None
 
     def _accelerator_type(self) -> str | None:
         import torch

@@ -56,8 +56,16 @@ class Backend:
     def why_unavailable(self) -> str:
         return f"{self.spec} is not available on this machine"
 
+    def build_lacks(self) -> str | None:
+        """Why the installed runtime cannot have this backend at all, known without importing
+        it (a torch built without CUDA has no cuda device); None: only the runtime can tell."""
+        return None
+
     def require(self) -> Backend:
         """Import the runtime and fail with a clear error when the backend cannot run here."""
+        lacks = self.build_lacks()
+        if lacks:
+            raise BackendUnavailable(f"{self.spec} is not available: {lacks}")
         try:
             self.import_runtime()
         except ImportError as e:
