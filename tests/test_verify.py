@@ -252,3 +252,18 @@ def test_the_reference_is_the_source_checkpoint_only_while_it_holds_the_exported
     with pytest.raises(CrosschipError, match="is not the checkpoint it was exported from.*--reference-weights bundle"):
         reference_weights(opts)
     assert reference_weights(VerifyOptions(bundle=bundle, out=tmp_path / "v", reference_weights="bundle")) is None
+
+
+@pytest.mark.parametrize("flag", ["reference_weights", "target_weights"])
+def test_weights_of_another_vocabulary_are_refused_before_either_side_runs(tmp_path, flag):
+    """They ended in an IndexError in the worker that used them, after the other side had run."""
+    from crosschip.errors import CrosschipError
+    from crosschip.verify.parity import VerifyOptions, check_inputs
+
+    bundle = save_bundle(debug_model(), tmp_path / "bundle", tokenizer=default_tokenizer(512))
+    other = save_bundle(debug_model(vocab_size=384), tmp_path / "other", tokenizer=default_tokenizer(384))
+    value = str(other) if flag == "reference_weights" else other
+    opts = VerifyOptions(bundle=bundle, out=tmp_path / "out", target="torch:cpu", **{flag: value})
+    with pytest.raises(CrosschipError, match=r"has a vocabulary of 384 tokens and the bundle .* one of 512"):
+        check_inputs(opts)
+    check_inputs(VerifyOptions(bundle=bundle, out=tmp_path / "out", target="torch:cpu", **{flag: type(value)(bundle)}))

@@ -186,6 +186,17 @@ def check_inputs(opts: VerifyOptions) -> None:
         # Here, not only when the target loads it: the reference side may run from the source
         # checkpoint, and would spend its whole run before a tampered bundle is noticed.
         hf.verify_manifest(opts.bundle)
+    # Both sides read the bundle tokenizer's ids: weights with another vocabulary would index past
+    # their embedding, or give logits of another width (an IndexError in a worker, after the other
+    # side's whole run).
+    vocab = hf.read_json(opts.bundle / hf.CONFIG_FILE).get("vocab_size")
+    for flag, w in (("--reference-weights", ref_w), ("--target-weights", opts.target_weights)):
+        theirs = None if w is None else hf.read_json(w / hf.CONFIG_FILE).get("vocab_size")
+        if w is not None and theirs != vocab:
+            raise CrosschipError(
+                f"{flag} {w} has a vocabulary of {theirs} tokens and the bundle {opts.bundle} one of {vocab}: "
+                "the prompts are the bundle tokenizer's ids; give weights of the same model"
+            )
     if opts.target_url is not None:
         from crosschip.verify.remote import check_reachable
 
