@@ -201,7 +201,6 @@ def test_the_engine_refuses_a_zero_prefill_chunk():
         (["--target-dtype", "bf16"], "--target-dtype apply to a torch target; --target ort:cpu runs its own"),
         (["--target-weights", "w", "--target", "ort:cpu"], "--target-weights apply to a torch target"),
         (["--target-url", "http://127.0.0.1:1", "--target-dtype", "fp16"], "; --target-url http://127.0.0.1:1 runs"),
-        (["--out", ""], "--out is empty; name a folder"),
         (["--out", "{bundle}/verify"], "is inside the bundle it verifies"),
     ],
 )
@@ -243,25 +242,36 @@ def test_train_refuses_launcher_numbers_before_torchrun(tmp_path, capsys, args, 
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "flag"),
     [
         # An empty string (an unset variable) was taken as not given: the default config ran,
-        # `--resume ""` started a new run, `--out ""` made runs/run-DATE, and the export of ""
-        # exported the current folder.
-        (["run", "--config", ""], "--config is empty"),
-        (["run", "--resume", " "], "--resume is empty"),
-        (["run", "--config", "configs/smoke.toml", "--out", ""], "--out is empty"),
-        (["train", "--config", "", "--out", "{tmp}/t"], "--config is empty"),
-        (["export", "", "--to", "ort:cpu", "--out", "{tmp}/b"], "the source is empty"),
+        # `--resume ""` started a new run, `--out ""` made runs/run-DATE, the export of ""
+        # exported the current folder, and `Path("")` made the others the current folder
+        # (`qualify --workdir ""` wrote its children's files there).
+        (["run", "--config", ""], "--config"),
+        (["run", "--resume", " "], "--resume"),
+        (["run", "--config", "configs/smoke.toml", "--out", ""], "--out"),
+        (["train", "--config", "", "--out", "{tmp}/t"], "--config"),
+        (["train", "--out", ""], "--out"),
+        (["export", "", "--to", "ort:cpu", "--out", "{tmp}/b"], "SRC"),
+        (["export", "{tmp}/configs", "--to", "ort:cpu", "--out", ""], "--out"),
+        (["serve", ""], "bundle"),
+        (["verify", ""], "bundle"),
+        (["verify", "{tmp}/configs", "--out", ""], "--out"),
+        (["verify", "{tmp}/configs", "--target", "torch:cpu", "--target-weights", ""], "--target-weights"),
+        (["probe", "--json", ""], "--json"),
+        (["qualify", "--json", ""], "--json"),
+        (["qualify", "--workdir", ""], "--workdir"),
     ],
 )
-def test_an_empty_path_flag_is_refused_not_taken_as_unset(tmp_path, capsys, monkeypatch, args, message):
+def test_an_empty_path_is_refused_not_taken_as_unset_or_as_here(tmp_path, capsys, monkeypatch, args, flag):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").mkdir()
     shutil.copy(Path(__file__).resolve().parent.parent / "configs" / "smoke.toml", tmp_path / "configs")
-    assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 1
+    with pytest.raises(SystemExit) as e:
+        main([a.replace("{tmp}", str(tmp_path)) for a in args])
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err, err
+    assert e.value.code == 2 and f"error: argument {flag}: is empty; give a path" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs"]  # nothing made
 
 

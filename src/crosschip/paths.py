@@ -7,6 +7,7 @@ stage, or, for a JSON report, only after the whole measurement it reports.
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def refuse_empty(value: str | Path | None, flag: str, hint: str = "") -> None:
     `--config ""` ran the default config, `--resume ""` started a new run."""
     if value is not None and not str(value).strip():
         raise CrosschipError(f"{flag} is empty" + (f"; {hint}" if hint else ""))
+
+
+def path_arg(value: str) -> Path:
+    """The argparse `type` of a path argument: empty is an error (most often an unset shell
+    variable), where `Path("")` would quietly be the current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty; give a path")
+    return Path(value)
 
 
 def check_output_dir(path: Path | str, flag: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from crosschip import interrupts
 from crosschip.config import DEFAULT_CONFIG, POLICIES, RunConfig, ServeConfig, config_diff, load_config, to_dict
 from crosschip.errors import CrosschipError, first_line
-from crosschip.paths import check_output_dir, refuse_empty
+from crosschip.paths import check_output_dir, path_arg
 from crosschip.qualify.command import UNFIT_EXIT
 from crosschip.serve.command import API_KEY_ENV, client_url
 from crosschip.verify.gate import GATE_FAILED_EXIT
@@ -36,10 +36,15 @@ STAGES = ["probe", "qualify", "assign", "train", "export", "verify", "serve", "r
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", default=None, help="run config (TOML); default: the built-in default run, configs/default.toml"
+        "--config",
+        type=path_arg,
+        default=None,
+        help="run config (TOML); default: the built-in default run, configs/default.toml",
     )
-    p.add_argument("--out", default=None, help="run folder (default runs/run-YYYYmmdd-HHMMSS)")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last finished stage")
+    p.add_argument("--out", type=path_arg, default=None, help="run folder (default runs/run-YYYYmmdd-HHMMSS)")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", type=path_arg, default=None, help="continue a run from its last finished stage"
+    )
     p.add_argument(
         "--candidates",
         nargs="*",
@@ -454,8 +459,6 @@ def _check_flags(args: argparse.Namespace) -> None:
     is made, not when the stage that uses them starts."""
     from crosschip.train.faults import parse_fault
 
-    for flag in ("config", "resume", "out"):
-        refuse_empty(getattr(args, flag), f"--{flag}")
     if args.resume and args.config is not None:
         raise CrosschipError(
             f"--config cannot be combined with --resume: a run continues with the config it started with "

@@ -21,7 +21,7 @@ from typing import Any
 from crosschip.backends import REGISTRY, get_backend
 from crosschip.backends.probe import probe
 from crosschip.errors import CrosschipError
-from crosschip.paths import check_output_file
+from crosschip.paths import check_output_file, path_arg
 
 PROBE_TIMEOUT_S = 120.0
 
@@ -168,7 +168,7 @@ def render_table(results: list[dict[str, Any]]) -> None:
 
 # -- CLI ---------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the measurements as JSON here")
+    parser.add_argument("--json", type=path_arg, metavar="FILE", help="also write the measurements as JSON here")
     parser.add_argument(
         "--backend",
         action="append",

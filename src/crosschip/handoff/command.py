@@ -6,12 +6,14 @@ import argparse
 import json
 
 from crosschip.config import POLICIES
+from crosschip.paths import path_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "src",
         metavar="SRC",
+        type=path_arg,
         help="checkpoint folder, checkpoint root / training run folder (newest verified checkpoint), or a bundle",
     )
     parser.add_argument(
@@ -21,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="target backend, e.g. ort:cpu, ort:cann, torch:npu (default ort:cpu)",
     )
     parser.add_argument("--dtype", default="fp32", help=f"precision policy: {', '.join(POLICIES)} (default fp32)")
-    parser.add_argument("--out", required=True, help="bundle folder to write")
+    parser.add_argument("--out", required=True, type=path_arg, help="bundle folder to write")
     parser.add_argument(
         "--fp16-overflow", choices=["error", "warn"], default="error", help="what an fp16 overflow does (default error)"
     )
@@ -38,9 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from crosschip import hf
     from crosschip.handoff.export import export_bundle
-    from crosschip.paths import refuse_empty
 
-    refuse_empty(args.src, "the source")  # "" exported the current folder
     manifest = export_bundle(
         args.src,
         args.out,

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from crosschip.backends import REGISTRY, get_backend
 from crosschip.errors import CrosschipError
-from crosschip.paths import check_output_dir, check_output_file
+from crosschip.paths import check_output_dir, check_output_file, path_arg
 
 UNFIT_EXIT = 5
 
@@ -31,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"backend to qualify (repeatable; the reference is measured once): {', '.join(REGISTRY)}",
     )
     parser.add_argument("--reference", default="torch:cpu", metavar="SPEC", help="trusted backend (default torch:cpu)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the verdict(s) and every measurement as JSON")
-    parser.add_argument("--workdir", type=Path, help="keep the children's outputs (training runs, tensors) here")
+    parser.add_argument(
+        "--json", type=path_arg, metavar="FILE", help="write the verdict(s) and every measurement as JSON"
+    )
+    parser.add_argument("--workdir", type=path_arg, help="keep the children's outputs (training runs, tensors) here")
     parser.add_argument("--steps", type=int, default=None, help="steps of the stability runs (default 40)")
 
 

@@ -14,18 +14,17 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 from crosschip.config import ServeConfig, check_serve_limits
 from crosschip.errors import BundleError, CrosschipError
-from crosschip.paths import refuse_empty
+from crosschip.paths import path_arg, refuse_empty
 
 DEFAULTS = ServeConfig()
 API_KEY_ENV = "CROSSCHIP_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundle", type=Path, help="bundle folder (HF DeepseekV3 layout + tokenizer.json)")
+    parser.add_argument("bundle", type=path_arg, help="bundle folder (HF DeepseekV3 layout + tokenizer.json)")
     parser.add_argument(
         "--on", default="torch:cpu", metavar="SPEC", help="backend that runs the model (torch:cpu, ort:cpu, ...)"
     )

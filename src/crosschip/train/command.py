@@ -10,7 +10,7 @@ from pathlib import Path
 
 from crosschip.config import DEFAULT_CONFIG, RunConfig, load_config
 from crosschip.errors import CrosschipError
-from crosschip.paths import check_output_dir, refuse_empty
+from crosschip.paths import check_output_dir, path_arg, refuse_empty
 
 EPILOG_EXTRA = """
 faults (for tests and demos), repeatable:
@@ -28,9 +28,14 @@ exit codes: 0 done, 1 user error, 3 the health guard gave up (fail over), 130 / 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (parser.epilog or "") + "\n" + EPILOG_EXTRA
-    parser.add_argument("--config", help="run config TOML (default: the default run's, configs/default.toml)")
     parser.add_argument(
-        "--out", required=True, help="run folder: metrics.jsonl, checkpoints/, loss.png, train_summary.json"
+        "--config", type=path_arg, help="run config TOML (default: the default run's, configs/default.toml)"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=path_arg,
+        help="run folder: metrics.jsonl, checkpoints/, loss.png, train_summary.json",
     )
     parser.add_argument(
         "--backend", help="backend spec, overrides train.backend (e.g. torch:cpu, torch:cuda, torch:npu)"
@@ -55,7 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    refuse_empty(args.config, "--config")
     cfg = load_config(args.config or DEFAULT_CONFIG)
     if args.backend is not None:
         refuse_empty(args.backend, "--backend", "name one, e.g. --backend torch:cpu")

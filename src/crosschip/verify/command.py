@@ -11,7 +11,7 @@ from pathlib import Path
 
 from crosschip.config import DataConfig, VerifyConfig
 from crosschip.errors import CrosschipError
-from crosschip.paths import check_output_dir
+from crosschip.paths import check_output_dir, path_arg
 from crosschip.verify.gate import GATE_FAILED_EXIT
 
 EPILOG = """
@@ -32,7 +32,7 @@ examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d, v = DataConfig(), VerifyConfig()
     p.epilog = (p.epilog or "") + "\n" + EPILOG
-    p.add_argument("bundle", type=Path, help="bundle folder (written by crosschip export)")
+    p.add_argument("bundle", type=path_arg, help="bundle folder (written by crosschip export)")
     p.add_argument("--reference", default=v.reference, help=f"reference backend (default {v.reference})")
     p.add_argument("--target", default=None, help="target backend, e.g. ort:cpu, torch:cpu (default ort:cpu)")
     p.add_argument("--target-url", default=None, help="OpenAI-compatible server with logprobs instead of --target")
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "here, else the bundle), bundle, or a checkpoint/bundle folder (default auto)",
     )
     p.add_argument(
-        "--target-weights", type=Path, default=None, help="weights a torch target runs (default: the bundle)"
+        "--target-weights", type=path_arg, default=None, help="weights a torch target runs (default: the bundle)"
     )
     p.add_argument(
         "--target-dtype",
@@ -67,7 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-record", action="store_true", help="do not record the parity report in the bundle's crosschip.json"
     )
-    p.add_argument("--out", default="runs/verify", help="folder for report.json, report.txt and the sides' files")
+    p.add_argument(
+        "--out", type=path_arg, default="runs/verify", help="folder for report.json, report.txt and the sides' files"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
