@@ -195,9 +195,15 @@ def test_force_never_deletes_the_source_or_the_folder_it_runs_in(debug_bundle, t
     monkeypatch.chdir(tmp_path)
     shutil.rmtree(tmp_path / "work")
     assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in Path(debug_bundle).iterdir())
+    # A folder that is not a bundle is not replaced: --force could have deleted a user's files.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a bundle")
+    rc, err = _cli(capsys, str(src), "--to", "torch:cpu", "--out", str(tmp_path / "mine"), "--force")
+    assert rc == 1 and "is not a bundle (no crosschip.json)" in err.err, err.err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not a bundle"
+    shutil.rmtree(tmp_path / "mine")
     # A failed export leaves the old bundle as it was, and no partial folder beside it.
-    old = tmp_path / "old"
-    old.mkdir()
+    old = shutil.copytree(debug_bundle, tmp_path / "old")
     (old / "keep").write_text("the old bundle")
     rc, err = _cli(capsys, str(tmp_path / "missing"), "--to", "torch:cpu", "--out", str(old), "--force")
     assert rc == 1 and (old / "keep").read_text() == "the old bundle"

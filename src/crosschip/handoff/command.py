@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fp16-overflow", choices=["error", "warn"], default="error", help="what an fp16 overflow does (default error)"
     )
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument(
+        "--force", action="store_true", help="replace the bundle an earlier export wrote to --out (nothing else)"
+    )
     parser.add_argument(
         "--measure-memory",
         action="store_true",

@@ -130,8 +130,14 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
         raise CrosschipError(
             f"--out {out} is inside the source's checkpoints ({root.resolve()}); choose another folder"
         )
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise CrosschipError(f"--out {out} is not empty; pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise CrosschipError(f"--out {out} is not empty; pass --force to replace the bundle there")
+        if not (out / hf.MANIFEST_FILE).is_file():  # every bundle an export writes has one
+            raise CrosschipError(
+                f"--out {out} is not empty and is not a bundle (no {hf.MANIFEST_FILE}); --force replaces "
+                "only an earlier export, so choose another folder"
+            )
 
 
 @contextmanager
