@@ -185,6 +185,16 @@ def test_padded_expert_rows_change_nothing_but_the_shapes(multiple, static):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_the_grouped_mm_probe_finds_the_cpu_kernels_from_torch_2_9_on():
+    """A probe that says no sends training and serving to the slower loop over experts, and the
+    tests below to a skip: one did, for a change that handed the kernel a stride-0 gradient
+    (`y.sum().backward()`), and the default run's training slowed with nothing failing."""
+    if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 9):
+        pytest.skip(f"torch {torch.__version__} has no CPU grouped_mm (it landed in 2.9)")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert grouped_mm_works("cpu", dtype) and grouped_mm_works("cpu", dtype, backward=False), dtype
+
+
 @pytest.mark.skipif(not grouped_mm_works("cpu", torch.float32), reason="this torch has no CPU grouped_mm")
 @pytest.mark.parametrize("multiple,static", [(1, False), (8, False), (8, True)], ids=["1", "8", "8-static"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])

@@ -232,19 +232,23 @@ class Gate(nn.Module):
         return weights * self.route_scale, indices, scores
 
 
-def grouped_mm_works(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether `torch._grouped_mm` runs forward and backward on this build, device and dtype.
+def grouped_mm_works(device: torch.device | str, dtype: torch.dtype, backward: bool = True) -> bool:
+    """Whether `torch._grouped_mm` runs forward (and `backward`) on this build, device and dtype.
 
     CPU kernels landed in torch 2.9; CUDA's want bf16 on recent chips, and every kernel wants
     16-byte aligned strides, so the probe uses widths of 16 and groups of 8 rows (one empty).
+    Serving asks for the forward only: the backward's explicit gradient imports sympy (0.7 s),
+    and `y.sum().backward()` would hand the kernel a stride-0 gradient, which it refuses.
     """
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            x = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)
-            w = torch.ones(3, 16, 16, device=device, dtype=dtype, requires_grad=True)
+            x = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=backward)
+            w = torch.ones(3, 16, 16, device=device, dtype=dtype, requires_grad=backward)
             offs = torch.tensor([8, 8, 16], dtype=torch.int32, device=device)
             y = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
-            y.sum().backward()  # not y.backward(ones): an explicit gradient imports sympy (0.7 s)
+            if not backward:
+                return y.shape == (16, 16) and bool(y[:8].eq(16).all()) and bool(y[8:].eq(16).all())
+            y.backward(torch.ones_like(y))
             return y.shape == (16, 16) and bool(w.grad[1].eq(0).all()) and bool(w.grad[0].eq(8).all())
     except (AttributeError, RuntimeError, NotImplementedError, TypeError):
         return False

@@ -242,7 +242,7 @@ class DecodeForward:
         grouped = (
             (cfg.hidden_size * elem) % 16 == 0
             and (cfg.moe_intermediate_size * elem) % 16 == 0
-            and grouped_mm_works(param.device, param.dtype)
+            and grouped_mm_works(param.device, param.dtype, backward=False)
         )
         self.attn = [AbsorbedMLA(layer.attn) for layer in model.layers]
         self.ffn: list[Callable[[Tensor], Tensor]] = [
