@@ -61,6 +61,7 @@ def test_each_stage_help_has_an_example_and_imports_no_runtime(stage):
     ("args", "message"),
     [
         (["serve", "missing"], "crosschip serve: error: bundle folder not found: missing"),
+        (["export", "missing", "--out", "b"], "crosschip export: error: export source not found: missing"),
         (["verify", "missing", "--target", "ort:cpu"], "crosschip verify: error: bundle folder not found: missing"),
         (["qualify", "--backend", "emu:nope"], "crosschip qualify: error: unknown backend 'emu:nope'"),
         (["run", "--config", "missing.toml"], "crosschip run: error: config file not found: missing.toml"),

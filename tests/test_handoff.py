@@ -156,6 +156,8 @@ def _cli(capsys, *argv):
 def test_cli_errors_are_one_line(debug_bundle, tmp_path, capsys):
     rc, out = _cli(capsys, str(tmp_path / "nope"), "--to", "ort:cpu", "--out", str(tmp_path / "o"))
     assert rc == 1 and "export source not found" in out.err and len(out.err.strip().splitlines()) == 1
+    rc, out = _cli(capsys, str(debug_bundle / "config.json"), "--out", str(tmp_path / "o"))
+    assert rc == 1 and "export source must be a checkpoint or bundle folder, got a file" in out.err
     rc, out = _cli(capsys, str(debug_bundle), "--to", "ort:tpu", "--out", str(tmp_path / "o"))
     assert rc == 1 and "unknown backend 'ort:tpu'" in out.err and "ort:cann" in out.err
     rc, out = _cli(capsys, str(debug_bundle), "--dtype", "fp8", "--out", str(tmp_path / "o"))

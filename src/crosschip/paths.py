@@ -49,6 +49,15 @@ def check_output_dir(path: Path | str, flag: str) -> None:
     _check_ancestors(path, flag, (path, *path.parents))
 
 
+def check_input_dir(path: Path, what: str, kind: str) -> None:
+    """`path` is an existing folder; else one line naming `what` (a missing one, or a file where
+    a `kind` folder belongs). Light enough to run before a stage imports its runtime."""
+    if not path.exists():
+        raise CrosschipError(f"{what} not found: {path}")
+    if not path.is_dir():
+        raise CrosschipError(f"{what} must be a {kind}, got a file: {path}")
+
+
 def check_output_file(path: Path | str, flag: str) -> None:
     """`path` can be written as a file."""
     refuse_empty(path, flag, "name a file")

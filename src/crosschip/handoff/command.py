@@ -6,6 +6,7 @@ import argparse
 import json
 
 from crosschip.config import POLICIES
+from crosschip.handoff.source import check_source
 from crosschip.paths import path_arg
 
 
@@ -40,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_source(args.src)
     from crosschip import hf
     from crosschip.handoff.export import export_bundle
 

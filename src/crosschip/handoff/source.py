@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crosschip import hf
 from crosschip.errors import CrosschipError
+from crosschip.paths import check_input_dir
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -35,14 +35,18 @@ def checkpoint_root(path: Path) -> Path | None:
     return None
 
 
+def check_source(path: Path) -> None:
+    """SRC exists and is a folder: answered before the exporter's imports (torch, onnx: seconds)."""
+    check_input_dir(path, "export source", "checkpoint or bundle folder")
+
+
 def resolve_source(src: str | Path) -> Source:
     """Load SRC: a training checkpoint folder, a checkpoint root (its newest verified
     checkpoint), a training run folder (its `checkpoints/`), or an existing bundle."""
     path = Path(src)
-    if not path.exists():
-        raise CrosschipError(f"export source not found: {path}")
-    if not path.is_dir():
-        raise CrosschipError(f"export source must be a checkpoint or bundle folder, got a file: {path}")
+    check_source(path)
+    from crosschip import hf  # torch
+
     if (path / TRAINER_STATE).is_file():
         return _from_checkpoint(path)
     if (path / hf.CONFIG_FILE).is_file():
@@ -61,6 +65,7 @@ def resolve_source(src: str | Path) -> Source:
 
 
 def _from_checkpoint(folder: Path) -> Source:
+    from crosschip import hf
     from crosschip.train.checkpoint import load_model
 
     model, tokenizer = load_model(folder)
@@ -78,6 +83,7 @@ def _from_checkpoint(folder: Path) -> Source:
 
 
 def _from_bundle(folder: Path) -> Source:
+    from crosschip import hf
     from crosschip.handoff.precision import load_for_serving
 
     model, tokenizer = load_for_serving(folder)
