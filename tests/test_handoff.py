@@ -288,18 +288,21 @@ def test_an_error_in_the_decode_graph_process_names_the_file(tmp_path):
         export_onnx(_small_model(), tmp_path / "model.onnx")
 
 
-@pytest.mark.usefixtures("no_trace_cache")
-def test_export_traces_both_graphs_here_when_no_second_process_can_start(tmp_path, monkeypatch):
+def test_export_goes_on_without_a_second_process_or_a_writable_trace_cache(tmp_path, monkeypatch):
+    """Both graphs are traced here, and the manifest's facts name the cache folder that refused them."""
     from crosschip.handoff.onnx_export import export_onnx
 
     def no_shared_memory(self):
         raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
 
     monkeypatch.setattr(torch.multiprocessing.get_context("spawn").Process, "start", no_shared_memory)
+    (tmp_path / "cache").write_text("")
+    monkeypatch.setenv("CROSSCHIP_CACHE_DIR", str(tmp_path / "cache"))
     said = []
-    export_onnx(_small_model(), tmp_path / "model.onnx", progress=said.append)
+    info = export_onnx(_small_model(), tmp_path / "model.onnx", progress=said.append)
     assert any(m.startswith("no second process (RuntimeError") for m in said), said
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.decode.onnx").is_file()
+    assert info["cache_unwritable"] == f"{tmp_path / 'cache' / 'onnx-traces'}: Not a directory", said
 
 
 @pytest.mark.usefixtures("no_trace_cache")
@@ -461,6 +464,11 @@ def test_the_trace_cache_keeps_no_captured_tensor_and_drops_a_broken_entry(tmp_p
     assert trace_cache.load("k", step) is None and not trace_cache.has("k")
     monkeypatch.setenv("CROSSCHIP_TRACE_CACHE", "0")
     assert not trace_cache.store("k", traced, step) and not trace_cache.has("k")
+    monkeypatch.delenv("CROSSCHIP_TRACE_CACHE")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("CROSSCHIP_CACHE_DIR", str(tmp_path / "file"))  # a file where the folder goes
+    with pytest.raises(trace_cache.Unwritable, match=f"^{tmp_path / 'file' / 'onnx-traces'}: Not a directory$"):
+        trace_cache.store("k", traced, step)
 
 
 def _named(tensor, name):
@@ -499,3 +507,7 @@ def test_the_export_summary_names_the_graphs_reused_from_the_trace_cache():
     assert "traced graphs reused from the trace cache: model.decode.onnx" in summary("b", manifest)
     manifest["onnx"]["traced_from_cache"] = []
     assert "trace cache" not in summary("b", manifest)
+    manifest["onnx"]["cache_unwritable"] = "/c/onnx-traces: Not a directory"
+    assert "trace cache not written (/c/onnx-traces: Not a directory): every export traces again" in summary(
+        "b", manifest
+    )

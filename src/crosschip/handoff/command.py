@@ -79,6 +79,11 @@ def summary(out: str, m: dict) -> str:
         )
         if o.get("traced_from_cache"):
             lines.append(f"  traced graphs reused from the trace cache: {', '.join(o['traced_from_cache'])}")
+        if o.get("cache_unwritable"):
+            lines.append(
+                f"  trace cache not written ({o['cache_unwritable']}): every export traces again; set "
+                "CROSSCHIP_CACHE_DIR to a writable folder, or CROSSCHIP_TRACE_CACHE=0"
+            )
     if r := m["precision"].get("fp16_range"):
         lines.append(f"  fp16 range: {len(r['overflow'])} tensors overflow, {len(r['underflow'])} underflow")
     if res := m.get("resident"):

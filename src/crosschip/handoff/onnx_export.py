@@ -378,16 +378,19 @@ def _export_graph(model: Transformer, path: Path, policy: str, say, *, decode: b
     step = CachedStep(export_model(model, decode=decode))
     key = trace_cache.trace_key(model, "decode" if decode else "general")
     traced = trace_cache.load(key, step)
-    from_cache = traced is not None
+    from_cache, unwritable = traced is not None, None
     if from_cache:
         say(f"traced graph from the cache ({trace_cache.cache_dir()})")
     else:
         say("tracing the cached step (torch.export)")
         traced = _trace(step, model)
         interrupts.check()  # torch.onnx.export retries after an interrupted import: Ctrl-C is lost there
-        if trace_cache.store(key, traced, step):
-            say("traced graph kept in the cache")
-    return {**_finish_graph(traced, model, path, policy, say), "from_cache": from_cache}
+        try:
+            if trace_cache.store(key, traced, step):
+                say("traced graph kept in the cache")
+        except trace_cache.Unwritable as e:
+            unwritable = str(e)
+    return {**_finish_graph(traced, model, path, policy, say), "from_cache": from_cache, "cache_unwritable": unwritable}
 
 
 def _trace(step: CachedStep, model: Transformer) -> onnx.ModelProto:

@@ -15,7 +15,8 @@ crosschip itself (any code change starts a new key). Entries are stored without 
 
 Where: $CROSSCHIP_CACHE_DIR/onnx-traces, by default $XDG_CACHE_HOME/crosschip or
 ~/.cache/crosschip. CROSSCHIP_TRACE_CACHE=0 turns the cache off. A cache that cannot be read
-or written never fails an export: the export traces as if it were empty.
+or written never fails an export: the export traces as if it were empty, and one that cannot
+be written is named in the export's summary (every later export would trace again).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from torch import nn
 import crosschip
 
 _PACKAGES = ("torch", "onnx", "onnxscript", "onnx-ir")
+
+
+class Unwritable(Exception):
+    """The cache folder cannot take an entry: the message names the path and the reason."""
 
 
 def cache_dir() -> Path | None:
@@ -119,9 +124,9 @@ def load(key: str, step: nn.Module) -> onnx.ModelProto | None:
 
 def store(key: str, traced: onnx.ModelProto, step: nn.Module) -> bool:
     """Keep the `traced` graph of `step` under `key`, without its weights. Returns
-    whether it was stored: not when the cache is off or unwritable, nor when the graph holds
-    an initializer that is not one of `step`'s parameters or buffers (a captured tensor whose
-    value a later export could not rebind)."""
+    whether it was stored: not when the cache is off, nor when the graph holds an initializer
+    that is not one of `step`'s parameters or buffers (a captured tensor whose value a later
+    export could not rebind). Raises Unwritable when the cache folder refuses the entry."""
     path = _path(key)
     if path is None or not {t.name for t in traced.graph.initializer} <= _state(step).keys():
         return False
@@ -140,8 +145,8 @@ def store(key: str, traced: onnx.ModelProto, step: nn.Module) -> bool:
             f.write(proto.SerializeToString())
         os.replace(tmp, path)
         return True
-    except OSError:
+    except OSError as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        return False
+        raise Unwritable(f"{e.filename or path.parent}: {e.strerror or e}") from None
