@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import threading
 import time
 
 import httpx
@@ -274,6 +275,16 @@ def test_raw_sse_format_of_a_completion_with_usage(server):
     assert all(c["object"] == "text_completion" for c in chunks)
     plain = httpx.post(server.api + "/completions", json={**body, "stream_options": None}, timeout=30)
     assert all("usage" not in json.loads(e) for e in sse_events(plain.text)[:-1])
+    # vLLM's continuous_usage_stats: the counts so far on every chunk (chat's role chunk: none generated).
+    continuous = {"include_usage": True, "continuous_usage_stats": True}
+    for path, extra in (("/completions", {}), ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        request = {**body, "stream_options": continuous, **extra}
+        if extra:
+            del request["prompt"]
+        events = sse_events(httpx.post(server.api + path, json=request, timeout=30).text)
+        counts = [json.loads(e)["usage"]["completion_tokens"] for e in events[:-1]]
+        assert counts == sorted(counts) and counts[-2:] == [4, 4] and (counts[0] == 0) == bool(extra), (path, counts)
+        assert len({json.loads(e)["usage"]["prompt_tokens"] for e in events[:-1]}) == 1
 
 
 def test_usage_counts_match_the_tokenizer(client, offline):
@@ -518,7 +529,7 @@ def test_repetition_penalty_covers_the_prompt_and_the_output(server, client):
         ({"prompt": "hi", "logit_bias": {" 7": 1}}, "logit_bias"),
         ({"prompt": "hi", "logit_bias": {"1_0": 1}}, "logit_bias"),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-        ({"prompt": "hi", "max_tokens": 0, "echo": True}, "max_tokens"),
+        ({"prompt": "hi", "tool_choice": "bogus"}, "tool_choice"),
         ({"prompt": [1] * 300, "max_tokens": 1}, "prompt"),
     ],
 )
@@ -553,6 +564,13 @@ def test_invalid_parameters_get_400_naming_the_param(server, body, param):
         ("/chat/completions", {"chat_template": "{{ messages }}"}, "chat_template"),
         ("/chat/completions", {"chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
         ("/chat/completions", {"echo": True}, "echo"),
+        # A tool_choice asks for tools: without them it is refused (OpenAI, vLLM), not ignored.
+        ("/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        (
+            "/chat/completions",
+            {"tools": [], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+            "tool_choice",
+        ),
     ],
 )
 def test_features_we_do_not_implement_are_refused_by_name(server, path, extra, param):
@@ -572,6 +590,7 @@ def test_the_supported_forms_of_those_features_still_work(server):
     for extra in (
         {"response_format": {"type": "text"}},
         {"tools": tools, "tool_choice": "none"},
+        {"tool_choice": "none"},
         {"logit_bias": {}},
         {"modalities": ["text"]},
         {"skip_special_tokens": True, "include_stop_str_in_output": False, "chat_template_kwargs": {}},
@@ -600,6 +619,10 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):
     streamed = list(client.completions.create(**kw, max_tokens=0, stream=True))
     assert "".join(ch.choices[0].text for ch in streamed) == c.text
     assert streamed[-1].choices[0].finish_reason == "length"
+    # Without logprobs: the prompt back, nothing generated (OpenAI's legacy API and vLLM allow it).
+    del kw["logprobs"]
+    bare = client.completions.create(**kw, max_tokens=0)
+    assert (bare.choices[0].text, bare.choices[0].logprobs, bare.usage.completion_tokens) == (c.text, None, 0)
 
 
 def test_completions_top_logprobs_always_hold_the_chosen_token(client):
@@ -685,6 +708,10 @@ def test_malformed_bodies_get_400(server):
         r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
         assert "lone surrogate" in r.json()["error"]["message"]
+    # An error message that quotes one (an unknown role) was a 500: it had no UTF-8 form.
+    body = b'{"messages": [{"role": "\\ud800", "content": "x"}]}'
+    r = httpx.post(server.api + "/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"].endswith("unknown chat role: \ud800"), r.text
     assert not [line for line in server.lines if "Traceback" in line]
 
 
@@ -899,3 +926,36 @@ def test_serves_on_an_ipv6_loopback_address(debug_bundle):
         assert 1 <= out.usage.completion_tokens <= 3
     finally:
         assert srv.stop() == 0
+
+
+def test_text_parts_of_a_message_are_joined_by_newlines(server):
+    """As vLLM joins them: a client that splits its text gets the prompt vLLM would build."""
+
+    def ids(content):
+        body = {"messages": [{"role": "user", "content": content}]}
+        return httpx.post(server.url + "/tokenize", json=body).json()["tokens"]
+
+    assert ids([{"type": "text", "text": "12+"}, {"type": "text", "text": "34="}]) == ids("12+\n34=")
+
+
+def test_a_long_prompt_is_tokenized_without_stalling_the_server(server):
+    """A 3 MB prompt takes seconds to tokenize (then it is refused: it exceeds the context);
+    meanwhile the server answers others. It used to tokenize on the event loop, and then in a
+    thread that held the GIL (/health: 3.8 s of the 4.4 s the prompt took)."""
+    took = {}
+
+    def big():
+        body = {"model": "debug", "prompt": "ab " * 1_000_000, "max_tokens": 1}
+        t0 = time.monotonic()
+        r = httpx.post(server.api + "/completions", json=body, timeout=120)
+        took["big"] = time.monotonic() - t0, r.status_code
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    time.sleep(0.5)  # its body is in, and being tokenized
+    t0 = time.monotonic()
+    health = httpx.get(server.url + "/health", timeout=120)
+    took["health"] = time.monotonic() - t0
+    thread.join()
+    assert health.status_code == 200 and took["big"][1] == 400
+    assert took["health"] < took["big"][0] / 4, took

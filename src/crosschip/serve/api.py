@@ -58,8 +58,10 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        # json.dumps' ASCII escapes: a message may quote what the client sent, and a lone
+        # surrogate (valid JSON, not Unicode) has no UTF-8 form for JSONResponse to write.
+        return Response(json.dumps(self.body()), self.status, self.headers, media_type="application/json")
 
 
 def unavailable(message: str) -> ApiError:
@@ -372,7 +374,9 @@ def create_app(state: ServerState) -> FastAPI:
         body = await read_json(request)
         try:
             check_model(body)
-            return body, parse(body)
+            # In a worker thread: tokenizing a long prompt takes seconds (0.8 s for 900 KB), in
+            # which the event loop would serve nobody else (the tokenizer releases the GIL).
+            return body, await asyncio.to_thread(parse, body)
         except InvalidParameter as e:
             raise ApiError(400, str(e), param=e.param) from None
 
@@ -462,14 +466,22 @@ def _get_stream(body: dict) -> dict | None:
         raise InvalidParameter("stream_options", "stream_options: expected an object")
     if opts and not stream:
         raise InvalidParameter("stream_options", "stream_options: only allowed when stream is true")
-    include_usage = (opts or {}).get("include_usage")
-    if include_usage is not None and not isinstance(include_usage, bool):
-        raise InvalidParameter("stream_options", "stream_options.include_usage: expected boolean")
-    return {"include_usage": bool(include_usage)} if stream else None
+    flags = {}
+    for name in ("include_usage", "continuous_usage_stats"):  # the second is vLLM's
+        value = (opts or {}).get(name)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidParameter("stream_options", f"stream_options.{name}: expected boolean")
+        flags[name] = bool(value)
+    # As in vLLM, usage on every chunk is a form of include_usage, not a request of its own.
+    flags["continuous_usage_stats"] &= flags["include_usage"]
+    return flags if stream else None
 
 
-def _usage_field(opts: dict) -> dict:
-    """With include_usage, OpenAI sends `"usage": null` on every chunk before the usage chunk."""
+def _chunk_usage(opts: dict, sub: Submitted, generated: int) -> dict:
+    """A chunk's `usage`: absent without include_usage; null before the usage chunk, as OpenAI
+    sends it; with vLLM's continuous_usage_stats, the counts so far."""
+    if opts["continuous_usage_stats"]:
+        return {"usage": usage(sum(len(p) for p in sub.prompt_ids), generated)}
     return {"usage": None} if opts["include_usage"] else {}
 
 
@@ -503,7 +515,6 @@ async def _completion_chunks(
     sub: Submitted, env: Envelope, opts: dict, echo: bool, state: ServerState, lp: LogprobFormatter
 ) -> AsyncIterator[bytes]:
     sent: dict[int, list[int]] = {}  # choice -> the ids of its chunks so far (echoed prompt included)
-    extra = _usage_field(opts)
     generated = 0
     async for d in sub.deltas:
         generated += len(d.token_ids)
@@ -515,21 +526,20 @@ async def _completion_chunks(
         if echo and first:
             before += sub.prompt_ids[d.index // sub.n]
         before += d.token_ids
-        yield sse(env.body(choices=[choice], **extra))
+        yield sse(env.body(choices=[choice], **_chunk_usage(opts, sub, generated)))
     if opts["include_usage"]:
         yield sse(env.body(choices=[], usage=usage(sum(len(p) for p in sub.prompt_ids), generated)))
     yield sse("[DONE]")
 
 
 async def _chat_chunks(sub: Submitted, env: Envelope, opts: dict, lp: LogprobFormatter) -> AsyncIterator[bytes]:
-    extra = _usage_field(opts)
     for i in range(sub.n):  # the role comes first, in a delta of its own, as OpenAI sends it
         yield sse(
             env.body(
                 choices=[
                     {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 ],
-                **extra,
+                **_chunk_usage(opts, sub, 0),
             )
         )
     generated = 0
@@ -545,7 +555,7 @@ async def _chat_chunks(sub: Submitted, env: Envelope, opts: dict, lp: LogprobFor
             "finish_reason": d.finish_reason,
             "stop_reason": d.stop_reason,
         }
-        yield sse(env.body(choices=[choice], **extra))
+        yield sse(env.body(choices=[choice], **_chunk_usage(opts, sub, generated)))
     if opts["include_usage"]:
         yield sse(env.body(choices=[], usage=usage(sum(len(p) for p in sub.prompt_ids), generated)))
     yield sse("[DONE]")

@@ -119,8 +119,7 @@ def refuse_unsupported(body: dict, *, chat: bool) -> None:
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise InvalidParameter("response_format", 'response_format: only {"type": "text"} is supported')
-    if body.get("tools") and body.get("tool_choice", "auto") != "none":
-        raise InvalidParameter("tools", 'tools: tool calls are not supported (tool_choice "none" is)')
+    _check_tool_choice(body)
     if not chat:
         if _get(body, "suffix", (str,), None):
             raise InvalidParameter("suffix", "suffix: not supported")
@@ -135,6 +134,21 @@ def refuse_unsupported(body: dict, *, chat: bool) -> None:
         raise InvalidParameter("modalities", 'modalities: only ["text"] is supported')
     if body.get("audio") is not None:
         raise InvalidParameter("audio", "audio: audio output is not supported")
+
+
+def _check_tool_choice(body: dict) -> None:
+    """Tools are refused unless tool_choice is "none"; a tool_choice asks for tools, so without
+    them it is refused as OpenAI and vLLM refuse it, not answered with free text."""
+    choice, tools = body.get("tool_choice"), body.get("tools")
+    named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+    if choice is not None and choice not in ("none", "auto", "required") and not named:
+        raise InvalidParameter(
+            "tool_choice", 'tool_choice: expected "none", "auto", "required" or {"type": "function", "function": {...}}'
+        )
+    if tools and choice != "none":
+        raise InvalidParameter("tools", 'tools: tool calls are not supported (tool_choice "none" is)')
+    if not tools and choice not in (None, "none"):
+        raise InvalidParameter("tool_choice", "tool_choice: only allowed when tools are given")
 
 
 def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
@@ -152,7 +166,7 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         if top is not None and not 0 <= top <= MAX_LOGPROBS:
             raise InvalidParameter("top_logprobs", f"top_logprobs: must be between 0 and {MAX_LOGPROBS}, got {top}")
         logprobs = (top or 0) if want_logprobs else None
-        prompt_logprobs = None
+        prompt_logprobs, echo = None, False
     else:
         max_tokens = _get(body, "max_tokens", (int,), 16)
         max_tokens_param = "max_tokens"
@@ -182,6 +196,7 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         n=n,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        echo=echo,
         max_tokens_param=max_tokens_param,
     )
 
@@ -209,7 +224,7 @@ def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
 
 
 def chat_messages(body: dict) -> list[dict[str, str]]:
-    """`messages` with string content (an array of text parts is joined)."""
+    """`messages` with string content (an array of text parts is joined by newlines)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidParameter("messages", "messages: expected a non-empty array of messages")
@@ -224,7 +239,7 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
             texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
             if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
                 raise InvalidParameter("messages", f"messages[{i}].content: only text parts are supported")
-            content = "".join(texts)
+            content = "\n".join(texts)  # as vLLM joins them
         if not isinstance(content, str):
             raise InvalidParameter("messages", f"messages[{i}].content: expected a string")
         out.append({"role": m["role"], "content": content})

@@ -48,8 +48,8 @@ class SamplingParams:
     """How one request is sampled; names and defaults follow the OpenAI API and vLLM."""
 
     max_tokens: int | None = 16
-    """Tokens to generate at most; None = up to the model's context; 0 (with `prompt_logprobs`)
-    = none: only the prompt is computed."""
+    """Tokens to generate at most; None = up to the model's context; 0 (with `echo`) = none:
+    only the prompt is computed."""
     temperature: float = 1.0
     """0 = greedy."""
     top_p: float = 1.0
@@ -70,6 +70,8 @@ class SamplingParams:
     """None = no logprobs; k >= 0 = the chosen token's logprob plus the k most likely."""
     prompt_logprobs: int | None = None
     """Like `logprobs`, for the prompt tokens (completions `echo` with `logprobs`)."""
+    echo: bool = False
+    """The answer starts with the prompt (completions' `echo`): max_tokens may then be 0."""
     logit_bias: dict[int, float] = field(default_factory=dict)
     """token id -> added to its logit at every step (OpenAI; -100..100: -100 all but bans a token)."""
     allowed_token_ids: list[int] | None = None
@@ -88,13 +90,13 @@ class SamplingParams:
             if not cond:
                 raise InvalidParameter(param, f"{param}: {msg}")
 
-        # 0 computes the prompt only: its logprobs (completions' echo with logprobs, as
-        # lm-evaluation-harness scores a text), as OpenAI's legacy API and vLLM allow.
-        floor = 0 if self.prompt_logprobs is not None else 1
+        # 0 computes the prompt only: completions' echo returns it, with logprobs scored (as
+        # lm-evaluation-harness scores a text); OpenAI's legacy API and vLLM allow it.
+        floor = 0 if self.echo else 1
         need(
             self.max_tokens is None or self.max_tokens >= floor,
             self.max_tokens_param,
-            f"must be >= 1 (0 only with completions' echo and logprobs), got {self.max_tokens}",
+            f"must be >= 1 (0 only with completions' echo), got {self.max_tokens}",
         )
         need(0.0 <= self.temperature <= 2.0, "temperature", f"must be between 0 and 2, got {self.temperature}")
         need(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
