@@ -428,6 +428,11 @@ def test_chat_token_limits_and_top_logprobs_range(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = httpx.post(server.api + "/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 21})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    # Without a limit a chat gets the room the prompt leaves, and min_tokens must fit in it (it
+    # was a 200 that stopped short of min_tokens at the end of the context).
+    r = httpx.post(server.api + "/chat/completions", json={**chat, "min_tokens": 100000})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "min_tokens" and "the prompt leaves in" in error["message"]
 
 
 def test_n_choices_with_seed_are_reproducible(client):

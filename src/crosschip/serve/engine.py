@@ -246,6 +246,12 @@ class Engine:
         if room < 1:
             raise InvalidParameter("prompt", f"prompt: {len(prompt_ids)} tokens leave no room in {limit}")
         if params.max_tokens is None:
+            # max_tokens is then the room, and min_tokens must fit it as it must fit max_tokens.
+            if params.min_tokens > room:
+                raise InvalidParameter(
+                    "min_tokens",
+                    f"min_tokens: must not exceed the {room} tokens the prompt leaves in {limit}, got {params.min_tokens}",
+                )
             return room
         if params.max_tokens > room:
             name = params.max_tokens_param
