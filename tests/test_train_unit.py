@@ -23,7 +23,7 @@ from crosschip.backends.cpu import CPUBackend
 from crosschip.config import ConfigError, DataConfig, RunConfig, model_preset
 from crosschip.data.arith import generate_problems
 from crosschip.errors import CrosschipError
-from crosschip.model import MLA, RMSNorm, SwiGLU, Transformer
+from crosschip.model import DTYPES, MLA, RMSNorm, SwiGLU, Transformer, grouped_experts_run, grouped_mm_works
 from crosschip.tokenizer import default_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train.data import IGNORE, ArithStream, BatchStream, shard_rows
@@ -903,3 +903,19 @@ def test_progress_eta_is_the_pace_so_far(monkeypatch):
     monkeypatch.setattr(time, "monotonic", lambda: next(clock))
     progress = Progress(total=110, start=0, enabled=False)
     assert progress.eta(10) == "0:05:00"  # 100 steps left at 3 s a step
+
+
+@pytest.mark.parametrize(("width", "dtype"), [(68, "bf16"), (65, "fp32")])
+def test_expert_widths_the_grouped_kernel_cannot_take_train_on_the_loop(tmp_path, width, dtype):
+    """torch._grouped_mm wants 16-byte row strides: hidden_size 68 in bf16 (136 bytes) or 65 in
+    fp32 was a RuntimeError at the first step, after the config had been accepted."""
+    cfg = debug_cfg(steps=1, dtype=dtype)
+    cfg.model.hidden_size = width
+    trainer = Trainer(cfg, tmp_path / "run", verbose=False)
+    try:
+        trainer.fit()
+        assert not trainer.grouped_experts
+    finally:
+        trainer.close()
+    cfg.model.hidden_size = 64  # the aligned neighbour still takes the kernel, where there is one
+    assert grouped_experts_run(cfg.model, "cpu", DTYPES[dtype], backward=True) == grouped_mm_works("cpu", DTYPES[dtype])

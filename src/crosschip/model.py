@@ -254,6 +254,15 @@ def grouped_mm_works(device: torch.device | str, dtype: torch.dtype, backward: b
         return False
 
 
+def grouped_experts_run(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, backward: bool) -> bool:
+    """Whether `cfg`'s experts can run as grouped GEMMs in `dtype` here: the kernel works
+    (`grouped_mm_works`), and their row strides, the hidden and expert widths, are multiples of
+    16 bytes, as every kernel wants (hidden_size 68 in bf16 was a RuntimeError mid-step)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    aligned = all(width * size % 16 == 0 for width in (cfg.hidden_size, cfg.moe_intermediate_size))
+    return aligned and grouped_mm_works(device, dtype, backward)
+
+
 class MoE(nn.Module):
     """DeepSeekMoE: shared experts plus fine-grained routed experts.
 
@@ -268,7 +277,7 @@ class MoE(nn.Module):
     of one Split, so every expert stays in the graph as a few nodes, with no per-expert NonZero
     (the export feeds that Split the counts tensor whole: `feed_splits_whole_sizes`).
 
-    With `grouped` set (the trainer sets it where `grouped_mm_works`), the experts run as two
+    With `grouped` set (the trainer sets it where `grouped_experts_run`), the experts run as two
     `torch._grouped_mm` calls over their stacked weights instead of a loop over the experts: no
     host sync, and a handful of kernels per layer whatever the expert count. On a GPU the loop
     is launch-bound: measured on an H200 (small-100m, bf16, 16 x 1024 tokens), the training

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from crosschip.errors import first_line
-from crosschip.model import MLA, MoE, RMSNorm, Transformer, grouped_mm_works, rope_cos_sin
+from crosschip.model import MLA, MoE, RMSNorm, Transformer, grouped_experts_run, rope_cos_sin
 
 
 class RoutedExperts:
@@ -235,15 +235,8 @@ class DecodeForward:
 
     def __init__(self, model: Transformer):
         self.model = model
-        # grouped_mm wants 16-byte aligned strides: hidden and expert widths a multiple of 16 bytes.
-        param = next(model.parameters())
-        elem = param.element_size()
-        cfg = model.cfg
-        grouped = (
-            (cfg.hidden_size * elem) % 16 == 0
-            and (cfg.moe_intermediate_size * elem) % 16 == 0
-            and grouped_mm_works(param.device, param.dtype, backward=False)
-        )
+        param, cfg = next(model.parameters()), model.cfg
+        grouped = grouped_experts_run(cfg, param.device, param.dtype, backward=False)
         self.attn = [AbsorbedMLA(layer.attn) for layer in model.layers]
         self.ffn: list[Callable[[Tensor], Tensor]] = [
             RoutedExperts(layer.ffn, grouped) if isinstance(layer.ffn, MoE) else FusedMLP(layer.ffn)

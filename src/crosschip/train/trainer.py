@@ -29,7 +29,7 @@ from crosschip.backends import Backend, get_backend
 from crosschip.config import RunConfig, config_diff, to_dict
 from crosschip.data.arith import heldout_set
 from crosschip.errors import CrosschipError, first_line
-from crosschip.model import DTYPES, MLA, RMSNorm, SwiGLU, Transformer, count_params, grouped_mm_works
+from crosschip.model import DTYPES, MLA, RMSNorm, SwiGLU, Transformer, count_params, grouped_experts_run
 from crosschip.tokenizer import Tokenizer, default_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train import distributed as D
@@ -254,7 +254,7 @@ class Trainer:
         model.checkpoint_blocks = self.t.activation_checkpoint == "full"
         # One grouped GEMM over the experts where this device and dtype have the kernel (see
         # `MoE.grouped`), else the loop over experts; both compute the same values.
-        self.grouped_experts = grouped_mm_works(self.device, DTYPES[self.dtype])
+        self.grouped_experts = grouped_experts_run(self.cfg.model, self.device, DTYPES[self.dtype], backward=True)
         for moe in model.moe_layers():
             moe.row_multiple = self.backend.expert_row_multiple(self.dtype)
             moe.grouped = self.grouped_experts
