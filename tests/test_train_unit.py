@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -919,3 +920,15 @@ def test_expert_widths_the_grouped_kernel_cannot_take_train_on_the_loop(tmp_path
         trainer.close()
     cfg.model.hidden_size = 64  # the aligned neighbour still takes the kernel, where there is one
     assert grouped_experts_run(cfg.model, "cpu", DTYPES[dtype], backward=True) == grouped_mm_works("cpu", DTYPES[dtype])
+
+
+def test_the_api_key_of_a_config_is_written_nowhere(tmp_path):
+    """The run's config goes into its metrics log (and the pipeline's run state and report);
+    a serve.api_key there was written out in plain text."""
+    cfg = debug_cfg(steps=1)
+    cfg.serve.api_key = "sk-SECRET-12345"
+    Trainer(cfg, tmp_path / "run", verbose=False).fit()
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert files and not [p for p in files if b"sk-SECRET-12345" in p.read_bytes()]
+    (start,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][:1]
+    assert start["config"]["serve"]["api_key"] == "<set>"

@@ -687,6 +687,17 @@ def config_diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     ]
 
 
+SECRETS = frozenset({"api_key"})
+"""Config fields whose values no report, log or run state may hold."""
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
-    """A plain dict of a config dataclass, for JSON reports."""
-    return dataclasses.asdict(obj)
+    """A plain dict of a config dataclass, for JSON reports, logs and run state; a secret
+    (`serve.api_key`) says only whether it is set."""
+
+    def redact(d: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: ("<set>" if v else "") if k in SECRETS else redact(v) if isinstance(v, dict) else v for k, v in d.items()
+        }
+
+    return redact(dataclasses.asdict(obj))
