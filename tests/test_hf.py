@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -522,3 +523,41 @@ def test_to_hf_uses_per_expert_keys_and_hf_names():
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in keys
     assert "model.layers.0.self_attn.q_a_layernorm.weight" in keys
     assert not any("gate_up_proj" in k for k in keys)
+
+
+def test_bundle_files_take_the_umask_like_any_file(tmp_path):
+    """A serving account reads the bundle: its JSON files and weights were written 0600 (through
+    mkstemp) whatever the umask, beside 0644 tokenizer files."""
+    import stat
+
+    from crosschip.tokenizer import default_tokenizer
+
+    previous = os.umask(0o022)
+    try:
+        torch.manual_seed(0)
+        folder = save_bundle(Transformer(model_preset("debug")), tmp_path / "b", tokenizer=default_tokenizer(512))
+        write_manifest(folder, {"note": "x"})
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert "config.json" in modes and "model.safetensors" in modes and "crosschip.json" in modes
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_checkpoint_files_take_the_umask_like_any_file(tmp_path):
+    import stat
+
+    from crosschip.config import RunConfig
+    from crosschip.train.trainer import Trainer
+
+    cfg = RunConfig(model=model_preset("debug"))
+    cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_every = 1, 2, 64, 0
+    cfg.data.heldout_size = 10
+    previous = os.umask(0o022)
+    try:
+        Trainer(cfg, tmp_path / "run", verbose=False).fit()
+    finally:
+        os.umask(previous)
+    files = [p for step in (tmp_path / "run" / "checkpoints").glob("step_*") for p in step.iterdir()]
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert any(p.name == "model.safetensors" for p in files) and set(modes.values()) == {0o644}, modes

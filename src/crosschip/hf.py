@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -384,11 +384,16 @@ def _fsync_dir(folder: Path) -> None:
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run `write(tmp)` on a temp file next to `path`, fsync it, then rename it over `path`."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    # The mode open() gives a new file, 0666 less the umask, read from a file created so (no
+    # umask call, which would race other threads). mkstemp's 0600, and safetensors' own, left a
+    # bundle's config, manifest and weights unreadable to the account that serves them.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    mode = os.fstat(fd).st_mode & 0o777
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

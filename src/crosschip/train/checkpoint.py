@@ -147,7 +147,11 @@ def save_checkpoint(
     try:
         _write_files(tmp, state, cfg, tokenizer)
         hf.write_manifest(tmp, {"kind": "checkpoint", "step": state.step})
+        # safetensors writes 0600 whatever the umask; every file gets the mode open() gave the
+        # state file, so whoever may read the run folder may export from it.
+        mode = (tmp / STATE_FILE).stat().st_mode & 0o777
         for f in tmp.iterdir():
+            os.chmod(f, mode)
             _fsync_file(f)
         _fsync_dir(tmp)
         if before_rename is not None:
