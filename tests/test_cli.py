@@ -458,3 +458,27 @@ def test_bench_runs_a_script_that_imports_its_neighbours(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "prefix_caching", "--help"])
     assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "but RANK and MASTER_ADDR and MASTER_PORT not: unset them"),
+        (
+            {"LOCAL_RANK": "0", "WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "p"},
+            "MASTER_PORT='p'",
+        ),
+        ({"TORCHELASTIC_RESTART_COUNT": "abc"}, "TORCHELASTIC_RESTART_COUNT='abc' in the environment is not a whole"),
+    ],
+)
+def test_torchruns_variables_left_in_a_shell_are_one_line(env, message, tmp_path, monkeypatch, capsys):
+    """A cluster shell or a container can carry torchrun's variables: they were tracebacks (env://
+    rendezvous refused, int() of a non-number)."""
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", "--config", "configs/smoke.toml", "--out", str(tmp_path / "run"), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("crosschip train: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

@@ -178,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     if sys.__stderr__ is not None:
         faulthandler.enable(file=sys.__stderr__)
     # A worker group restarted by torchrun (--max-restarts) continues from the last checkpoint.
+    D.check_torchrun_env()
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
         trainer = Trainer(cfg, args.out, resume=args.resume or restarted, inject=args.inject, verbose=not args.quiet)

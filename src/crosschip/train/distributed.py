@@ -43,6 +43,25 @@ def in_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def check_torchrun_env() -> None:
+    """The variables torchrun gives its workers, checked before any is read: a shell or a
+    container can carry some of them (LOCAL_RANK and WORLD_SIZE alone made this process wait
+    for a rendezvous that env:// then refused with a traceback)."""
+    numbers = ["TORCHELASTIC_RESTART_COUNT"]
+    if in_torchrun():
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise CrosschipError(
+                f"LOCAL_RANK and WORLD_SIZE are set in the environment, as torchrun sets them for its workers, "
+                f"but {' and '.join(missing)} not: unset them to train in one process, or use --nproc N"
+            )
+        numbers += ["LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"]
+    for name in numbers:
+        value = os.environ.get(name)
+        if value is not None and not value.strip().isdigit():
+            raise CrosschipError(f"{name}={value!r} in the environment is not a whole number")
+
+
 def torchrun_command(args: Any, argv: list[str]) -> list[str]:
     """The torchrun command line that runs `crosschip train ARGV` with `args.nproc` workers per node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}"]
