@@ -204,15 +204,23 @@ def test_force_never_deletes_the_source_or_the_folder_it_runs_in(debug_bundle, t
     assert rc == 1 and "is not a bundle (no crosschip.json)" in err.err, err.err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "not a bundle"
     shutil.rmtree(tmp_path / "mine")
-    # A failed export leaves the old bundle as it was, and no partial folder beside it.
+    # Nor a bundle beside which someone put files of their own: they would go with it.
     old = shutil.copytree(debug_bundle, tmp_path / "old")
-    (old / "keep").write_text("the old bundle")
+    (old / "notes").mkdir()
+    (old / "notes" / "eval.txt").write_text("mine")
+    rc, err = _cli(capsys, str(src), "--to", "torch:cpu", "--out", str(old), "--force")
+    assert rc == 1 and "holds files the earlier export did not write (notes/eval.txt)" in err.err, err.err
+    assert (old / "notes" / "eval.txt").read_text() == "mine"
+    shutil.rmtree(old / "notes")
+    # A failed export leaves the old bundle as it was, and no partial folder beside it.
+    listing = {p.name: p.read_bytes() for p in old.iterdir()}
     rc, err = _cli(capsys, str(tmp_path / "missing"), "--to", "torch:cpu", "--out", str(old), "--force")
-    assert rc == 1 and (old / "keep").read_text() == "the old bundle"
+    assert rc == 1 and {p.name: p.read_bytes() for p in old.iterdir()} == listing
     monkeypatch.setattr("crosschip.handoff.export._write_hf", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         export_bundle(src, old, target="torch:cpu", force=True, progress=False)
-    assert (old / "keep").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["old", "run"]
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == listing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "run"]
     monkeypatch.undo()
     rc, _ = _cli(capsys, str(src), "--to", "torch:cpu", "--out", str(old), "--force")
     assert rc == 0 and not (old / "keep").exists() and (old / "crosschip.json").exists()

@@ -138,6 +138,18 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
                 f"--out {out} is not empty and is not a bundle (no {hf.MANIFEST_FILE}); --force replaces "
                 "only an earlier export, so choose another folder"
             )
+        # The whole folder is replaced: files someone added beside the bundle would go with it.
+        # The manifest lists (and checksums) every file of the bundle but itself.
+        written = {*hf.read_manifest(out).get("files", {}), hf.MANIFEST_FILE}
+        added = sorted(
+            f for f in (p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) if f not in written
+        )
+        if added:
+            shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
+            raise CrosschipError(
+                f"--out {out} holds files the earlier export did not write ({shown}); --force would delete "
+                "them with the old bundle: move them, or choose another folder"
+            )
 
 
 @contextmanager
