@@ -267,3 +267,16 @@ def test_weights_of_another_vocabulary_are_refused_before_either_side_runs(tmp_p
     with pytest.raises(CrosschipError, match=r"has a vocabulary of 384 tokens and the bundle .* one of 512"):
         check_inputs(opts)
     check_inputs(VerifyOptions(bundle=bundle, out=tmp_path / "out", target="torch:cpu", **{flag: type(value)(bundle)}))
+
+
+def test_greedy_tokens_past_the_context_are_refused_before_either_side_runs(debug_bundle, tmp_path, capsys):
+    """The debug model's context is 256 tokens: --max-new-tokens 600 generated past it on a torch
+    target and passed, 300 failed on ONNX Runtime after the reference's whole run, 100000 ran for
+    minutes."""
+    from crosschip.cli import main
+
+    args = ["verify", str(debug_bundle), "--target", "torch:cpu", "--problems", "2", "--no-record"]
+    assert main([*args, "--max-new-tokens", "600", "--out", str(tmp_path / "v")]) == 1
+    err = capsys.readouterr().err
+    assert "new tokens exceed the model's context of 256 tokens; give --max-new-tokens" in err, err
+    assert len(err.strip().splitlines()) == 1 and not list((tmp_path / "v").glob("*/"))

@@ -252,6 +252,17 @@ def build_prompt_file(opts: VerifyOptions) -> tuple[PromptSet, Path, Any]:
         max_len=opts.max_len,
         max_new_tokens=opts.max_new_tokens,
     )
+    # Checked before either side starts: a reference on torch generated past the context the
+    # bundle serves (and --max-new-tokens 100000 ran for minutes), then the target refused.
+    from crosschip import hf
+
+    context = hf.read_json(opts.bundle / hf.CONFIG_FILE).get("max_position_embeddings")
+    longest = max(len(p.ids) for p in prompts.greedy)
+    if isinstance(context, int) and longest + prompts.max_new_tokens > context:
+        raise CrosschipError(
+            f"verify: greedy prompts of up to {longest} tokens plus {prompts.max_new_tokens} new tokens exceed "
+            f"the model's context of {context} tokens; give --max-new-tokens {context - longest} or less"
+        )
     path = opts.out / "prompts.json"
     prompts.save(path)
     return prompts, path, tokenizer
