@@ -1,5 +1,6 @@
 """The CLI as a user meets it: help texts, examples, one-line errors."""
 
+import json
 import os
 import re
 import shutil
@@ -277,13 +278,42 @@ def test_an_empty_path_is_refused_not_taken_as_unset_or_as_here(tmp_path, capsys
 
 
 @pytest.mark.parametrize(
-    ("state", "why"), [('{"config": ', "JSONDecodeError: Expecting value"), ("{}", "KeyError: 'config'")]
+    ("state", "why"),
+    [
+        ('{"config": ', "JSONDecodeError: Expecting value"),
+        # An edit by hand: this one was an AttributeError traceback after the probe ran again.
+        ('{"finished": "serve"}', "ValueError: expected an object with a list of finished stages"),
+        ("[]", "ValueError: expected an object"),
+    ],
 )
 def test_a_damaged_run_state_is_one_line(tmp_path, capsys, state, why):
     (tmp_path / "run_state.json").write_text(state)
     assert main(["run", "--resume", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert f"run_state.json: damaged ({why}" in err and "Traceback" not in err, err
+
+
+def test_a_resume_takes_the_config_copy_in_its_folder_and_refuses_flags_it_would_ignore(tmp_path, capsys):
+    """A moved run folder resumes (the state's absolute config path went stale: "config file not
+    found" for a file that was there); --out and, once the serve stage is done, --serve and --port
+    did nothing, silently."""
+    run = tmp_path / "moved"
+    run.mkdir()
+    shutil.copy(Path(__file__).resolve().parent.parent / "configs" / "smoke.toml", run / "config.toml")
+    stages = ["probe", "qualify", "assign", "train", "export", "verify", "serve", "report"]
+    state = {"config": str(tmp_path / "before" / "config.toml"), "finished": stages}
+    (run / "run_state.json").write_text(json.dumps(state))
+    for flags, says in [
+        (["--serve"], "serve stage already finished, so --serve and --port do nothing here"),
+        (["--port", "8123"], "serve stage already finished"),
+        (["--out", str(tmp_path / "x")], "--out cannot be combined with --resume"),
+    ]:
+        assert main(["run", "--resume", str(run), *flags]) == 1
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    (run / "config.toml").unlink()
+    assert main(["run", "--resume", str(run)]) == 1
+    assert f"config file not found: {run / 'config.toml'}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

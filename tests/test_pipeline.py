@@ -83,6 +83,8 @@ def test_failover_interrupt_and_resume(tmp_path):
     assert state["train_attempts"] == [{"backend": "emu:flaky", "exit": 3}, {"backend": "torch:cpu", "exit": 0}]
     assert any(e["event"] == "give_up" for e in _events(run_dir)), "the health guard on emu:flaky did not give up"
 
+    # Resumed from where the folder was moved to (the run state's paths once went stale).
+    run_dir = run_dir.rename(tmp_path / "moved")
     resumed = _run("--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "[train] already finished" in resumed.stdout

@@ -464,6 +464,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             f"--config cannot be combined with --resume: a run continues with the config it started with "
             f"({Path(args.resume) / 'config.toml'})"
         )
+    if args.resume and args.out is not None:
+        raise CrosschipError(f"--out cannot be combined with --resume: the run continues in {args.resume}")
     if args.port and not 1 <= args.port <= 65535:
         raise CrosschipError(f"--port must be between 1 and 65535, got {args.port}")
     if args.candidates is not None and not args.candidates:
@@ -487,11 +489,19 @@ def _open_run(args: argparse.Namespace) -> Run:
             raise CrosschipError(f"{root} is not a crosschip run folder (no run_state.json)")
         try:
             state = json.loads(state_path.read_text())
-            config_path = Path(state["config"])
-        except (ValueError, KeyError, TypeError) as e:  # a truncated write, or an edit by hand
+            if not isinstance(state, dict) or not isinstance(state.get("finished", []), list):
+                raise ValueError("expected an object with a list of finished stages")
+        except ValueError as e:  # a truncated write, or an edit by hand
             raise CrosschipError(f"{state_path}: damaged ({first_line(e)}); the run cannot be resumed") from None
-        run = Run(root=root, config_path=config_path, state=state)
+        # The copy the run made when it started, found where the folder is now (the state's
+        # absolute path went stale when a run folder was moved).
+        run = Run(root=root, config_path=root / "config.toml", state=state)
         _check_unchanged(run)
+        if run.done("serve") and (args.serve or args.port):
+            raise CrosschipError(
+                f"{root}'s serve stage already finished, so --serve and --port do nothing here; serve its "
+                f"bundle with `crosschip serve {root / 'bundle'} --port N`"
+            )
         if not run.done("serve"):
             _check_port(args, load_config(run.config_path).serve)
         return run
