@@ -311,6 +311,13 @@ def test_a_resume_takes_the_config_copy_in_its_folder_and_refuses_flags_it_would
         assert main(["run", "--resume", str(run), *flags]) == 1
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
+    # A second `--resume` of a run that is still going is refused before any stage (the two redid
+    # a stage side by side: one's export deleted the bundle the other verified).
+    from crosschip.paths import lock_folder
+
+    with lock_folder(run, "crosschip run"):
+        assert main(["run", "--resume", str(run)]) == 1
+    assert f"{run} is being written by another crosschip run (pid {os.getpid()})" in capsys.readouterr().err
     (run / "config.toml").unlink()
     assert main(["run", "--resume", str(run)]) == 1
     assert f"config file not found: {run / 'config.toml'}" in capsys.readouterr().err

@@ -8,8 +8,10 @@ stage, or, for a JSON report, only after the whole measurement it reports.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 from pathlib import Path
+from typing import IO
 
 from crosschip.errors import CrosschipError
 
@@ -65,3 +67,33 @@ def check_output_file(path: Path | str, flag: str) -> None:
     if path.is_dir():
         raise CrosschipError(f"{flag} {path} is a folder; give a file name")
     _check_ancestors(path, flag, tuple(path.parents))
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_folder(out: Path, who: str) -> IO[str]:
+    """Hold `out`/.lock while this process (`who`, e.g. "crosschip train") writes there;
+    another writer is refused, named by its pid.
+
+    Two trainings on one folder appended to one metrics log, and each save removed the other's
+    half-written checkpoint; two `crosschip run --resume` of one run redid a stage side by side,
+    the second overwrote the first's log, and its export stage deletes the bundle the other
+    verifies. The lock is released when the returned file is closed or the process ends,
+    however it ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - the caller closes it
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise CrosschipError(
+            f"{out} is being written by another {who} (pid {holder}); wait for it to end or use another folder"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f

@@ -25,7 +25,7 @@ from typing import Any
 from crosschip import interrupts
 from crosschip.config import DEFAULT_CONFIG, POLICIES, RunConfig, ServeConfig, config_diff, load_config, to_dict
 from crosschip.errors import CrosschipError, first_line
-from crosschip.paths import check_output_dir, path_arg
+from crosschip.paths import check_output_dir, lock_folder, path_arg
 from crosschip.qualify.command import UNFIT_EXIT
 from crosschip.serve.command import API_KEY_ENV, client_url
 from crosschip.verify.gate import GATE_FAILED_EXIT
@@ -556,6 +556,8 @@ def _check_port(args: argparse.Namespace, serve: ServeConfig) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_flags(args)
     run_ = _open_run(args)
+    # Held until this process ends: a second `--resume` of this run is refused, not run alongside.
+    lock = lock_folder(run_.root, "crosschip run")  # noqa: F841 - the open file is the lock
     started = time.perf_counter()
     train_on = args.train_on or run_.state.get("train_on")
     if train_on:

@@ -21,7 +21,6 @@ next save.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -52,35 +51,8 @@ RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
 
 
-LOCK_FILE = ".lock"
-
-
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
-
-
-def lock_run(out: Path) -> IO[str]:
-    """Hold `out`/.lock while this process writes the run there; another writer is refused.
-
-    Two runs on one folder would append to one metrics log, and each save removes the
-    half-written checkpoints it finds, the other run's save in progress among them. The lock
-    is released when the returned file is closed or the process ends, however it ends."""
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - the caller closes it
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise CrosschipError(
-            f"{out} is being written by another crosschip train (pid {holder}); wait for it to end or choose another --out"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
 
 
 @dataclass

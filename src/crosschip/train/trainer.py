@@ -30,6 +30,7 @@ from crosschip.config import RunConfig, config_diff, to_dict
 from crosschip.data.arith import heldout_set
 from crosschip.errors import CrosschipError, first_line
 from crosschip.model import DTYPES, MLA, RMSNorm, SwiGLU, Transformer, count_params, grouped_experts_run
+from crosschip.paths import lock_folder
 from crosschip.tokenizer import Tokenizer, default_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train import distributed as D
@@ -202,7 +203,7 @@ class Trainer:
         self._lock = None
         try:
             # Rank 0 writes the run (its log, its checkpoints), and holds it against other runs.
-            self._lock = ckpt.lock_run(self.out) if self.dist.is_main else None
+            self._lock = lock_folder(self.out, "crosschip train") if self.dist.is_main else None
             self.model = self._build_model()
             # The MoE layers a training step runs, whose loads drive the balance update and the
             # sequence-wise loss: an MTP block's only when its loss is on (it never runs otherwise).
