@@ -46,6 +46,20 @@ def test_unknown_table_is_rejected(tmp_path):
         load_config(_write(tmp_path, "[trian]\nsteps = 1\n"))
 
 
+@pytest.mark.parametrize(
+    ("toml", "says"),
+    [
+        ("steps = 3\n", "steps is a key outside any table; put it under [train]"),
+        ('dtype = "fp32"\n', "dtype is a key outside any table; put it under [train] or [export]"),
+        ("stepz = 3\n", "stepz is a key outside any table; known tables: model, data, train"),
+    ],
+)
+def test_a_key_above_every_table_says_where_it_belongs(tmp_path, toml, says):
+    """It was "unknown table [steps]": a key, read as a table, with no word of where it goes."""
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(_write(tmp_path, toml))
+
+
 def test_invalid_toml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(_write(tmp_path, "[model\n"))
@@ -56,6 +70,11 @@ def test_invalid_toml_and_missing_file(tmp_path):
 def test_model_overrides_apply_on_top_of_preset(tmp_path):
     cfg = load_config(_write(tmp_path, '[model]\npreset = "debug"\nnum_hidden_layers = 3\nq_lora_rank = 16\n'))
     assert cfg.model.num_hidden_layers == 3 and cfg.model.q_lora_rank == 16
+    # TOML has no null: 0 asks for a plain query projection (None), as DeepSeek-V2-Lite has.
+    cfg = load_config(_write(tmp_path, '[model]\npreset = "debug"\nq_lora_rank = 0\n'))
+    assert cfg.model.q_lora_rank is None
+    with pytest.raises(ConfigError, match=r"q_lora_rank: must be positive or null \(0 in a run config"):
+        load_config(_write(tmp_path, '[model]\npreset = "debug"\nq_lora_rank = -1\n'))
     assert cfg.model.hidden_size == model_preset("debug").hidden_size
 
 

@@ -54,7 +54,8 @@ class ModelConfig:
     num_attention_heads: int = 4
     """Attention heads of MLA."""
     q_lora_rank: int | None = 128
-    """Rank of the low-rank query projection; None gives a plain `q_proj`."""
+    """Rank of the low-rank query projection; None (0 in a TOML file, which has no null) gives
+    a plain `q_proj`, as DeepSeek-V2-Lite has."""
     kv_lora_rank: int = 64
     """Width of the compressed latent `c_kv` that decode caches."""
     qk_nope_head_dim: int = 32
@@ -117,7 +118,11 @@ class ModelConfig:
             "max_position_embeddings",
         ):
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank", "must be positive or null")
+        need(
+            self.q_lora_rank is None or self.q_lora_rank > 0,
+            "q_lora_rank",
+            f"must be positive or null (0 in a run config, whose TOML has no null), got {self.q_lora_rank}",
+        )
         need(
             self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
             "qk_rope_head_dim",
@@ -620,10 +625,23 @@ def build_section(cls: type, values: dict[str, Any], where: str, text: str = "",
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _section_type(name: str) -> type:
+    """The dataclass of the run config's table `name`."""
+    return typing.get_type_hints(RunConfig)[name]
+
+
 def config_from_dict(data: dict[str, Any], where: str = "<dict>", text: str = "") -> RunConfig:
     """A RunConfig from the parsed TOML tables; `[model] preset = NAME` starts from a preset."""
     sections = {f.name: f for f in dataclasses.fields(RunConfig)}
     for table in data:
+        if table not in sections and not isinstance(data[table], dict):  # `steps = 3` above every table
+            owners = [name for name in sections if table in {f.name for f in dataclasses.fields(_section_type(name))}]
+            where_to = (
+                f"; put it under {' or '.join(f'[{o}]' for o in owners)}"
+                if owners
+                else f"; known tables: {', '.join(sections)}"
+            )
+            raise ConfigError(f"{where}: {table} is a key outside any table{where_to}")
         if table not in sections:
             line = None
             if text:
@@ -644,7 +662,9 @@ def config_from_dict(data: dict[str, Any], where: str = "<dict>", text: str = ""
             if not isinstance(preset, str) or preset not in PRESETS:
                 raise ConfigError(f"{where}: model.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
             values = {**PRESETS[preset], **values}
-        kwargs[name] = build_section(typing.get_type_hints(RunConfig)[name], values, where, text, name)
+            if type(values.get("q_lora_rank")) is int and values["q_lora_rank"] == 0:  # TOML has no null
+                values["q_lora_rank"] = None
+        kwargs[name] = build_section(_section_type(name), values, where, text, name)
     try:
         return RunConfig(**kwargs)
     except ConfigError as e:
