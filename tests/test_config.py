@@ -212,3 +212,31 @@ def test_train_without_a_config_takes_the_default_run(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     args = argparse.Namespace(config=None, backend=None, steps=None, max_minutes=None)
     assert to_dict(_config(args)) == to_dict(load_config(CONFIGS[0].parent / "default.toml"))
+
+
+def test_a_config_from_a_pipe_is_read(tmp_path, capsys):
+    """`crosschip train --config <(...)`: a pipe exists but is no regular file, and was
+    "config file not found". (`crosschip run` refuses it by name: it keeps a copy of its config.)"""
+    import os
+    import threading
+
+    from crosschip.cli import main
+
+    regular = tmp_path / "regular.toml"
+    regular.write_text((Path(__file__).resolve().parent.parent / "configs" / "smoke.toml").read_text())
+    fifo = tmp_path / "piped.toml"
+
+    def piped(read):
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=lambda: fifo.write_text(regular.read_text()), daemon=True)
+        writer.start()
+        try:
+            return read(fifo)
+        finally:
+            writer.join(10)
+            fifo.unlink()
+
+    assert piped(load_config) == load_config(regular)
+    assert piped(lambda path: main(["run", "--config", str(path), "--out", str(tmp_path / "run")])) == 1
+    assert "is not a regular file: a run keeps a copy, so save it to one" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

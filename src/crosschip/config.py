@@ -676,7 +676,7 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config {path} is a folder; give the TOML file")
-    if not path.is_file():
+    if not path.exists():  # anything else that exists is read: a pipe too (`--config <(...)`)
         raise ConfigError(f"config file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")

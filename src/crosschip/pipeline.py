@@ -507,6 +507,8 @@ def _open_run(args: argparse.Namespace) -> Run:
         return run
     config_path = Path(args.config or DEFAULT_CONFIG)
     cfg = load_config(config_path)
+    if not config_path.is_file():  # read once above; the copy below would read it again
+        raise CrosschipError(f"--config {config_path} is not a regular file: a run keeps a copy, so save it to one")
     _check_stage_settings(cfg, config_path)  # fail before any stage starts
     _check_port(args, cfg.serve)
     root = Path(args.out or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
