@@ -236,6 +236,11 @@ def pool_blocks(
     the kernel's OOM killer, name the problem. A device's pool is left to its allocator's error."""
     from crosschip.backends.cpu import CPUBackend
 
+    if block_size > max_seq_len:  # every sequence would hold one block mostly empty
+        raise CrosschipError(
+            f"--block-size {block_size:,} is larger than the model's context of {max_seq_len:,} tokens; "
+            "blocks of 16 tokens (the default) share the cache best"
+        )
     blocks = num_blocks if num_blocks > 0 else max_batch * math.ceil(max_seq_len / block_size) + 1
     nbytes = blocks * block_size * token_bytes
     have = CPUBackend().memory_bytes() if device_type == "cpu" else None
