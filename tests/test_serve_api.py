@@ -758,6 +758,9 @@ def test_overload_gets_503_with_retry_after_and_api_key_is_enforced(debug_bundle
     try:
         r = httpx.post(srv.api + "/completions", json={"prompt": "hi"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        # The scheme is case-insensitive (RFC 9110), the key is not.
+        for sent, code in [("bearer sekret", 200), ("BEARER  sekret", 200), ("Bearer Sekret", 401), ("sekret", 401)]:
+            assert httpx.get(srv.api + "/models", headers={"Authorization": sent}).status_code == code, sent
         headers = {"Authorization": "Bearer sekret"}
 
         async def burst() -> list[httpx.Response]:

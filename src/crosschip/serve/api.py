@@ -297,9 +297,12 @@ def create_app(state: ServerState) -> FastAPI:
     def check(request: Request, *, admitting: bool = True) -> None:
         """The API key, then a loaded model; `admitting`: also a server not shutting down (the
         model listing still answers while it drains)."""
-        sent = request.headers.get("authorization", "").encode()
-        # A constant-time comparison: the time a wrong key takes says nothing about the right one.
-        if state.api_key and not hmac.compare_digest(sent, f"Bearer {state.api_key}".encode()):
+        # The scheme's case is free (RFC 9110: "bearer" is "Bearer"); the key is compared in
+        # constant time, so the time a wrong key takes says nothing about the right one.
+        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+        if state.api_key and not (
+            scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), state.api_key.encode())
+        ):
             raise ApiError(
                 401,
                 "invalid or missing API key (send Authorization: Bearer KEY)",
