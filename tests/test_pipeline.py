@@ -321,3 +321,24 @@ def test_ctrl_c_or_sigterm_as_a_stage_process_starts_leaves_no_orphan(tmp_path, 
         for p in leftover:
             os.killpg(p.pid, signal.SIGKILL)
     assert len(started) == 1 and leftover == []
+
+
+def test_a_stage_line_is_echoed_whole_up_to_its_limit_and_cut_visibly_past_it(tmp_path, capsys):
+    """A qualify verdict's reasons (~250 characters) were cut at 160 mid-word with no mark, the
+    worst gradient's error lost from the terminal. Lines stay whole to ECHO_CHARS; past it the
+    cut says so and names the log, which keeps the line whole."""
+    from crosschip import pipeline
+
+    shown = {}
+    for name_len in (200, 600):
+        # One line, "config file not found: <path>" (folders of 50: a name has at most 255 bytes).
+        missing = tmp_path.joinpath(*["x" * 50] * (name_len // 50))
+        log = tmp_path / f"stage{name_len}.log"
+        assert pipeline.Child.run(["run", "--config", str(missing)], log) != 0
+        logged = next(line for line in log.read_text().splitlines() if "not found" in line)
+        shown[name_len] = (capsys.readouterr().out.strip(), logged, log)
+    out, logged, _ = shown[200]
+    assert 160 < len(logged) < 400 and out == logged
+    out, logged, log = shown[600]
+    assert len(logged) > pipeline.ECHO_CHARS
+    assert out == f"{logged[: pipeline.ECHO_CHARS]} ... (cut; the whole line is in {log})"

@@ -93,6 +93,17 @@ class Run:
         self.save()
 
 
+ECHO_CHARS = 400
+"""A stage's output line longer than this is cut on the terminal (a qualify verdict's reasons
+run to ~250 characters and are shown whole); its log keeps it whole."""
+
+
+def _shown(line: str, log: Path) -> str:
+    if len(line) <= ECHO_CHARS:
+        return line
+    return f"{line[:ECHO_CHARS]} ... (cut; the whole line is in {log})"
+
+
 class Child:
     """A stage subprocess in its own process group, so Ctrl-C can stop all of it."""
 
@@ -111,7 +122,7 @@ class Child:
                 for line in proc.stdout:
                     f.write(line)
                     if echo:
-                        print("    " + line.rstrip()[:160], flush=True)
+                        print("    " + _shown(line.rstrip(), log), flush=True)
                 return proc.wait()
             except KeyboardInterrupt:
                 # Stop the stage before this frame forgets it; an orphaned stage would keep
