@@ -101,6 +101,9 @@ class Backend:
             times.append(time.perf_counter() - t0)
         return times
 
+    def prepare_training_process(self) -> None:
+        """Process-wide settings a training process on this backend wants; none by default."""
+
     def memory_bytes(self) -> int | None:
         """Device memory in bytes, None where unknown."""
         return None

@@ -181,6 +181,7 @@ class Trainer:
         self.out = Path(out_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.backend = get_backend(self.t.backend, to_train=True).require()
+        self.backend.prepare_training_process()
         self.faults = FaultInjector([*inject, *self.backend.emulated_faults], seed=self.t.seed)
         self.dtype = resolve_dtype(self.t.dtype, self.backend)
         self.dist = D.init_distributed(self.backend)
