@@ -64,6 +64,9 @@ def test_each_stage_help_has_an_example_and_imports_no_runtime(stage):
         (["serve", "missing"], "crosschip serve: error: bundle folder not found: missing"),
         (["export", "missing", "--out", "b"], "crosschip export: error: export source not found: missing"),
         (["verify", "missing", "--target", "ort:cpu"], "crosschip verify: error: bundle folder not found: missing"),
+        # A bundle's file given for its folder is named as a file (serve said "not found").
+        (["serve", "model.onnx"], "crosschip serve: error: model.onnx is a file; give the bundle's folder"),
+        (["verify", "model.onnx"], "crosschip verify: error: model.onnx is a file; give the bundle's folder"),
         (["qualify", "--backend", "emu:nope"], "crosschip qualify: error: unknown backend 'emu:nope'"),
         (["run", "--config", "missing.toml"], "crosschip run: error: config file not found: missing.toml"),
         (["run", "--train-on", "torch:tpu"], "crosschip run: error: --train-on: unknown backend 'torch:tpu'"),
@@ -71,6 +74,7 @@ def test_each_stage_help_has_an_example_and_imports_no_runtime(stage):
 )
 def test_a_mistyped_command_is_answered_before_any_runtime_is_imported(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.onnx").write_bytes(b"")
     out, imported = _cli_light(*args)
     assert out.returncode == 1 and out.stderr.startswith(message) and len(out.stderr.splitlines()) == 1, out.stderr
     assert imported == []

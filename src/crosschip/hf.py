@@ -35,6 +35,7 @@ from torch import Tensor
 from crosschip.config import ConfigError, ModelConfig, build_section
 from crosschip.errors import BundleError
 from crosschip.model import Transformer
+from crosschip.paths import check_bundle_folder
 
 if TYPE_CHECKING:
     from crosschip.tokenizer import Tokenizer
@@ -455,8 +456,7 @@ def write_manifest(path: str | Path, extra: dict[str, Any]) -> None:
     recomputed so files they added are covered too.
     """
     folder = Path(path)
-    if not folder.is_dir():
-        raise BundleError(f"bundle folder not found: {folder}")
+    check_bundle_folder(folder)
     manifest_path = folder / MANIFEST_FILE
     manifest = read_json(manifest_path) if manifest_path.exists() else {}
     manifest.update(extra)
@@ -601,8 +601,7 @@ def load_bundle(
     Checksums are verified when the folder has a `crosschip.json`.
     """
     folder = Path(path)
-    if not folder.is_dir():
-        raise BundleError(f"bundle folder not found: {folder}")
+    check_bundle_folder(folder)
     # Checksums first: a tampered config.json must fail as tampered, not as a strange model.
     if verify_checksums and (folder / MANIFEST_FILE).exists():
         verify_manifest(folder)

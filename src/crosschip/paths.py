@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from crosschip.errors import CrosschipError
+from crosschip.errors import BundleError, CrosschipError
 
 
 def _check_ancestors(path: Path, flag: str, folders: tuple[Path, ...]) -> None:
@@ -58,6 +58,15 @@ def check_input_dir(path: Path, what: str, kind: str) -> None:
         raise CrosschipError(f"{what} not found: {path}")
     if not path.is_dir():
         raise CrosschipError(f"{what} must be a {kind}, got a file: {path}")
+
+
+def check_bundle_folder(path: Path) -> None:
+    """`path` is a folder, as a bundle is: else one BundleError naming a missing one, or a file
+    given for it (a bundle's model.onnx, say)."""
+    if path.is_file():
+        raise BundleError(f"{path} is a file; give the bundle's folder")
+    if not path.is_dir():
+        raise BundleError(f"bundle folder not found: {path}")
 
 
 def check_output_file(path: Path | str, flag: str) -> None:

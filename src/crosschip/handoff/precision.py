@@ -36,6 +36,7 @@ from crosschip import hf
 from crosschip.config import POLICIES
 from crosschip.errors import CrosschipError
 from crosschip.model import DTYPES
+from crosschip.paths import check_bundle_folder
 
 SCALE_SUFFIX = "_scale"
 
@@ -244,8 +245,7 @@ def load_for_serving(bundle: str | Path, backend: Any = None, *, dtype: torch.dt
     with the router bias kept fp32. Returns (model, tokenizer | None).
     """
     folder = Path(bundle)
-    if not folder.is_dir():
-        raise hf.BundleError(f"bundle folder not found: {folder}")
+    check_bundle_folder(folder)
     if (folder / hf.MANIFEST_FILE).exists():
         hf.verify_manifest(folder)
     weights = hf.load_safetensors(folder / hf.WEIGHTS_FILE) if (folder / hf.WEIGHTS_FILE).is_file() else None

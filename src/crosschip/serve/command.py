@@ -17,7 +17,7 @@ import time
 
 from crosschip.config import ServeConfig, check_serve_limits
 from crosschip.errors import BundleError, CrosschipError
-from crosschip.paths import path_arg, refuse_empty
+from crosschip.paths import check_bundle_folder, path_arg, refuse_empty
 
 DEFAULTS = ServeConfig()
 API_KEY_ENV = "CROSSCHIP_API_KEY"
@@ -166,8 +166,7 @@ def check_listen(host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.bundle.is_dir():
-        raise BundleError(f"bundle folder not found: {args.bundle}")
+    check_bundle_folder(args.bundle)
     if not (args.bundle / "tokenizer.json").is_file():
         raise BundleError(f"bundle has no tokenizer.json: {args.bundle}")
     check_flags(args)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from crosschip.backends.cpu import cpu_share
 from crosschip.errors import CrosschipError
+from crosschip.paths import check_bundle_folder
 from crosschip.verify import gate as gate_mod
 from crosschip.verify.prompts import PromptSet
 
@@ -164,10 +165,7 @@ def check_inputs(opts: VerifyOptions) -> None:
     answered at once)."""
     from crosschip.backends import get_backend
 
-    if opts.bundle.is_file():
-        raise CrosschipError(f"{opts.bundle} is a file; give the bundle's folder")
-    if not opts.bundle.is_dir():
-        raise CrosschipError(f"bundle folder not found: {opts.bundle}")
+    check_bundle_folder(opts.bundle)
     for name in ("config.json", "tokenizer.json"):
         if not (opts.bundle / name).is_file():
             raise CrosschipError(f"{opts.bundle} is not a bundle: {name} is missing")
