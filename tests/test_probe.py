@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -135,15 +136,18 @@ def test_probe_reports_absent_accelerators_and_names_emulations(probed):
 
 @pytest.mark.slow
 def test_every_backend_was_probed_in_its_own_process(probed):
-    """Except the devices the installed torch is built without (this CPU build: cuda, xpu; mps
-    off macOS): `crosschip probe` answers those itself, without importing torch."""
+    """Except the devices the installed runtimes are built without (this CPU torch: cuda, xpu;
+    mps off macOS; the CPU onnxruntime: cuda, cann): `crosschip probe` answers those itself,
+    without a process that imports torch."""
     rows, _ = probed
     command = rows["torch:cpu"]["parent_pid"]
     built_without = {s for s, r in rows.items() if r["pid"] == command}
     assert {s for s in built_without if get_backend(s).build_lacks()} == built_without
     assert all(
-        rows[s]["available"] is False and "built without" in rows[s]["reason"] for s in built_without - {"torch:mps"}
+        rows[s]["available"] is False and re.search(r"is built without|this onnxruntime build has", rows[s]["reason"])
+        for s in built_without - {"torch:mps"}
     )
+    assert {"ort:cuda", "ort:cann"} <= built_without
     probed_apart = [r for s, r in rows.items() if s not in built_without]
     pids = [r["pid"] for r in probed_apart]
     assert len(set(pids)) == len(pids)  # one process per backend

@@ -122,6 +122,9 @@ def free_port() -> int:
     [
         (["--target", "torch:cpu"], "bundle folder not found"),
         (["--target", "tpu:v5"], "unknown backend 'tpu:v5'"),
+        # A side the installed build cannot run, said before the other side runs whole.
+        (["--target", "ort:cuda"], "ort:cuda is not available: this onnxruntime build has"),
+        (["--target", "ort:cpu", "--reference", "torch:xpu"], "torch:xpu is not available: this torch"),
         (["--target-url", "http://127.0.0.1:{port}/v1"], "cannot reach http://127.0.0.1:{port}/v1"),
         (["--target", "torch:cpu", "--target-url", "http://127.0.0.1:1/v1"], "exactly one of --target"),
     ],
@@ -134,4 +137,5 @@ def test_bad_input_is_one_clear_line(bundles, tmp_path, args, message):
     assert proc.returncode == 1
     assert message.format(port=port) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "side" not in proc.stdout, proc.stdout  # refused before either side started
     assert report is None

@@ -61,11 +61,17 @@ class Backend:
         it (a torch built without CUDA has no cuda device); None: only the runtime can tell."""
         return None
 
-    def require(self) -> Backend:
-        """Import the runtime and fail with a clear error when the backend cannot run here."""
+    def check_build(self) -> Backend:
+        """Fail with a clear error when the installed runtime cannot have this backend at all
+        (`build_lacks`): cheap, for checks before a command starts its work."""
         lacks = self.build_lacks()
         if lacks:
             raise BackendUnavailable(f"{self.spec} is not available: {lacks}")
+        return self
+
+    def require(self) -> Backend:
+        """Import the runtime and fail with a clear error when the backend cannot run here."""
+        self.check_build()
         try:
             self.import_runtime()
         except ImportError as e:

@@ -23,15 +23,18 @@ class OrtBackend(Backend):
         self.provider = PROVIDERS[ep]
         self.provider_options = dict(provider_options or {})
 
-    def is_available(self) -> bool:
+    def build_lacks(self) -> str | None:
+        # The provider list is the build's, and onnxruntime's import is light (no torch).
         import onnxruntime as ort
 
-        return self.provider in ort.get_available_providers()
+        have = ort.get_available_providers()
+        return None if self.provider in have else f"this onnxruntime build has {', '.join(have)}"
+
+    def is_available(self) -> bool:
+        return self.build_lacks() is None
 
     def why_unavailable(self) -> str:
-        import onnxruntime as ort
-
-        return f"{self.spec} is not available: this onnxruntime build has {', '.join(ort.get_available_providers())}"
+        return f"{self.spec} is not available: {self.build_lacks()}"
 
     def providers(self) -> list[tuple[str, dict[str, Any]]]:
         """The provider list for an InferenceSession: this EP, then CPU for ops it lacks."""

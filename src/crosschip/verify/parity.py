@@ -169,11 +169,11 @@ def check_inputs(opts: VerifyOptions) -> None:
     for name in ("config.json", "tokenizer.json"):
         if not (opts.bundle / name).is_file():
             raise CrosschipError(f"{opts.bundle} is not a bundle: {name} is missing")
-    get_backend(opts.reference)
     if (opts.target is None) == (opts.target_url is None):
         raise CrosschipError("give exactly one of --target SPEC or --target-url URL")
-    if opts.target is not None:
-        get_backend(opts.target)
+    # A side this machine's build cannot run is said now: the other side would run whole first.
+    for spec in filter(None, (opts.reference, opts.target)):
+        get_backend(spec).check_build()
     ref_w = None if opts.reference_weights in ("auto", "bundle") else Path(opts.reference_weights)
     for w in (ref_w, opts.target_weights):
         if w is not None and not (w / "config.json").is_file():
