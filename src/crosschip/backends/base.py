@@ -57,8 +57,9 @@ class Backend:
         return f"{self.spec} is not available on this machine"
 
     def build_lacks(self) -> str | None:
-        """Why the installed runtime cannot have this backend at all, known without importing
-        it (a torch built without CUDA has no cuda device); None: only the runtime can tell."""
+        """Why the installed runtime cannot have this backend at all, known cheaply: without
+        importing torch (a torch built without CUDA has no cuda device), or from onnxruntime's
+        light import (a build without the provider); None: only the runtime can tell."""
         return None
 
     def check_build(self) -> Backend:
