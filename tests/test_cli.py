@@ -13,6 +13,7 @@ import pytest
 from crosschip.backends import get_backend
 from crosschip.cli import STAGES, main
 from crosschip.errors import CrosschipError
+from light import cli_light
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -26,33 +27,9 @@ def test_top_level_help_lists_every_stage():
         assert stage in out.stdout
 
 
-# The runtimes a stage imports only once its command line has passed its checks: a help text or
-# a mistyped path is answered at once, not after seconds of importing torch.
-RUNTIMES = ("torch", "onnx", "onnxruntime", "transformers", "matplotlib", "fastapi", "uvicorn", "safetensors")
-_LIGHT = f"""
-import sys
-from crosschip.cli import main
-try:
-    code = main(sys.argv[1:])
-except SystemExit as e:
-    code = e.code
-print("imported:", *sorted({{m.split(".")[0] for m in sys.modules}} & set({RUNTIMES!r})), file=sys.stderr)
-sys.exit(code)
-"""
-
-
-def _cli_light(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """`crosschip ARGS` in a fresh process, and the runtimes it imported on the way."""
-    out = subprocess.run([sys.executable, "-c", _LIGHT, *args], capture_output=True, text=True, timeout=120)
-    *rest, last = out.stderr.splitlines() or [""]
-    assert last.startswith("imported:"), out.stderr
-    out.stderr = "\n".join(rest)
-    return out, last.split()[1:]
-
-
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_each_stage_help_has_an_example_and_imports_no_runtime(stage):
-    out, imported = _cli_light(stage, "--help")
+    out, imported = cli_light(stage, "--help")
     assert out.returncode == 0, out.stderr
     assert "example:" in out.stdout and STAGES[stage].example in out.stdout
     assert imported == []
@@ -75,7 +52,7 @@ def test_each_stage_help_has_an_example_and_imports_no_runtime(stage):
 def test_a_mistyped_command_is_answered_before_any_runtime_is_imported(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model.onnx").write_bytes(b"")
-    out, imported = _cli_light(*args)
+    out, imported = cli_light(*args)
     assert out.returncode == 1 and out.stderr.startswith(message) and len(out.stderr.splitlines()) == 1, out.stderr
     assert imported == []
 

@@ -25,7 +25,16 @@ from crosschip.pipeline import _free_port
 from crosschip.train.checkpoint import latest_verified
 from crosschip.train.distributed import Dist
 from crosschip.train.trainer import Trainer
-from train_helpers import events, losses, processes_tagged, start_train, train, wait_for_first_step, write_config
+from train_helpers import (
+    events,
+    losses,
+    processes_tagged,
+    start_train,
+    train,
+    train_reporting_imports,
+    wait_for_first_step,
+    write_config,
+)
 
 # One pytest-xdist worker for the module, so that the `one_proc` run is trained once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train_dist")]
@@ -52,8 +61,11 @@ def _close(a: dict[int, float], b: dict[int, float]) -> None:
 def test_two_processes_match_one_with_the_same_global_batch(one_proc, tmp_path):
     cfg, one = one_proc
     run = tmp_path / "two"
-    proc = train(cfg, run, "--nproc", "2")
+    proc, imported = train_reporting_imports(cfg, run, "--nproc", "2")
     assert proc.returncode == 0, proc.stderr
+    # The launcher only starts torchrun and relays it: no torch of its own (1.7 s before the
+    # workers could start).
+    assert imported == []
     assert events(run, "start")[0]["world"] == 2
     _close(losses(run), losses(one))
     # every worker ended its process group cleanly (barrier before destroy): no abort at exit

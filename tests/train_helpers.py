@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from light import cli_light
+
 DEBUG_TOML = """
 [model]
 preset = "debug"
@@ -61,6 +63,14 @@ def train(config: Path, out: Path, *args: str, timeout: float = 300) -> subproce
     """`crosschip train --quiet` in a fresh process, to its end."""
     cmd, env = _train_command(config, out, "--quiet", *args)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_reporting_imports(
+    config: Path, out: Path, *args: str, timeout: float = 300
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`train(...)`, and the runtimes the `crosschip train` process itself imported."""
+    cmd, env = _train_command(config, out, "--quiet", *args)
+    return cli_light(*cmd[3:], env=env, timeout=timeout)  # cmd[3:]: from "train" on
 
 
 def start_train(config: Path, out: Path, *args: str, new_session: bool = False, **env: str) -> subprocess.Popen:

@@ -111,8 +111,7 @@ def _give_up_in_group(error: Exception) -> int:
 def _report_saved(args: argparse.Namespace) -> None:
     """The workers' "saved step N before stopping" line, from their log: torchrun's stderr,
     which carried it, is dropped once the launcher is interrupted."""
-    from crosschip.train.metrics import read_metrics
-    from crosschip.train.trainer import saved_note
+    from crosschip.train.metrics import read_metrics, saved_note
 
     path = Path(args.out) / "metrics.jsonl"
     last = read_metrics(path)[-1:] if path.exists() else []
@@ -149,25 +148,23 @@ def check_launcher(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from crosschip.backends import get_backend
-    from crosschip.train import distributed as D
-    from crosschip.train.data import check_batch_split
+    from crosschip.train import launch
     from crosschip.train.health import HealthGaveUp
-    from crosschip.train.trainer import Trainer
 
     cfg = _config(args)
     check_launcher(args)
     check_output_dir(args.out, "--out")
     if args.resume and not Path(args.out).is_dir():  # refused before anything is made there
         raise CrosschipError(f"--resume: {args.out} does not exist; there is no run to continue")
-    if (args.nproc > 1 or args.nnodes) and not D.in_torchrun():
+    if (args.nproc > 1 or args.nnodes) and not launch.in_torchrun():
         # Fail here, once, rather than in every worker (and then in torchrun's traceback).
         get_backend(cfg.train.backend, to_train=True).require()
         nodes = (args.nnodes or "1").split(":")
         if len(set(nodes)) == 1:  # a fixed world size (an elastic one is known at the rendezvous)
-            check_batch_split(cfg.train.batch_size, args.nproc * int(nodes[0]), cfg.train.grad_accum)
+            launch.check_batch_split(cfg.train.batch_size, args.nproc * int(nodes[0]), cfg.train.grad_accum)
         argv = sys.argv[sys.argv.index("train") + 1 :] if "train" in sys.argv else []
         try:
-            code = D.launch_torchrun(args, _worker_argv(argv))
+            code = launch.launch_torchrun(args, _worker_argv(argv))
         except KeyboardInterrupt:
             _report_saved(args)
             raise
@@ -178,12 +175,15 @@ def run(args: argparse.Namespace) -> int:
     if sys.__stderr__ is not None:
         faulthandler.enable(file=sys.__stderr__)
     # A worker group restarted by torchrun (--max-restarts) continues from the last checkpoint.
-    D.check_torchrun_env()
+    launch.check_torchrun_env()
+    # The launcher stops above: it imports no torch (the workers start sooner).
+    from crosschip.train.trainer import Trainer
+
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
         trainer = Trainer(cfg, args.out, resume=args.resume or restarted, inject=args.inject, verbose=not args.quiet)
     except HealthGaveUp as e:  # a resume that carries a hang past the cap (Trainer._carry_over_hangs)
-        if D.in_torchrun():
+        if launch.in_torchrun():
             return _give_up_in_group(e)
         raise
     ok = False
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         ok = True
     except HealthGaveUp as e:
         ok = True  # every process reached the same verdict: end the group cleanly
-        if D.in_torchrun():
+        if launch.in_torchrun():
             return _give_up_in_group(e)
         raise
     except KeyboardInterrupt:

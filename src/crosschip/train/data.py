@@ -28,6 +28,7 @@ from crosschip.data.arith import Problem, iter_problems
 from crosschip.data.corpus import load_texts, pack_documents
 from crosschip.errors import CrosschipError
 from crosschip.tokenizer import Tokenizer
+from crosschip.train.launch import check_batch_split
 
 IGNORE = -100
 """Label of positions that carry no loss (cross_entropy's ignore_index)."""
@@ -259,14 +260,6 @@ class BatchStream:
         self._drop_ahead()
         if self._pool is not None:
             self._pool.shutdown()
-
-
-def check_batch_split(batch_size: int, world: int, grad_accum: int) -> None:
-    """Every process takes the same number of rows for each of its grad_accum micro-batches."""
-    if batch_size % (world * grad_accum):
-        raise CrosschipError(
-            f"train.batch_size {batch_size} must be divisible by processes x grad_accum ({world} x {grad_accum})"
-        )
 
 
 def shard_rows(batch: Batch, rank: int, world: int, grad_accum: int) -> list[Batch]:

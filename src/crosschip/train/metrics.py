@@ -143,3 +143,8 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def saved_note(step: int, path: str | Path) -> str:
+    """The line that tells where an interrupted run saved the step it reached."""
+    return f"saved step {step} before stopping: {path}"

@@ -34,11 +34,12 @@ from crosschip.paths import lock_folder
 from crosschip.tokenizer import Tokenizer, default_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train import distributed as D
-from crosschip.train.data import IGNORE, Batch, BatchStream, check_batch_split, shard_rows
+from crosschip.train.data import IGNORE, Batch, BatchStream, shard_rows
 from crosschip.train.evaluate import arith_accuracy
 from crosschip.train.faults import SPIKE_FACTOR, FaultInjector, kill_self
 from crosschip.train.health import HealthGaveUp, HealthGuard, StepHang, Watchdog
-from crosschip.train.metrics import MetricsLog, Progress, plot_loss
+from crosschip.train.launch import check_batch_split
+from crosschip.train.metrics import MetricsLog, Progress, plot_loss, saved_note
 
 FIT_EVERY = 10
 """Steps between fits of the schedule to train.max_minutes."""
@@ -908,10 +909,6 @@ def config_changes(records: list[dict[str, Any]], now: dict[str, Any]) -> list[s
     that logged one)."""
     logged = [r["config"] for r in records if r["event"] in ("start", "resume") and "config" in r]
     return config_diff(logged[-1], now) if logged else []
-
-
-def saved_note(step: int, path: str | Path) -> str:
-    return f"saved step {step} before stopping: {path}"
 
 
 def _read_all(path: Path) -> list[dict[str, Any]]:
