@@ -57,10 +57,10 @@ class ServerProcess:
         assert m or default is not None, f"metric {sample} not found"
         return float(m.group(1)) if m else default
 
-    def wait_metric(self, name: str, value: float, timeout: float = 5.0) -> float:
+    def wait_metric(self, name: str, value: float, timeout: float = 5.0, default: float | None = None) -> float:
         deadline = time.monotonic() + timeout
         while True:
-            v = self.metric(name)
+            v = self.metric(name, default)
             if v == value or time.monotonic() > deadline:
                 return v
             time.sleep(0.02)

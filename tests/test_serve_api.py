@@ -749,6 +749,23 @@ def test_non_streaming_disconnect_frees_blocks(server):
     steps_at_close = server.metric("crosschip_engine_steps")
     assert server.wait_metric("crosschip_cache_blocks_used", 0.0) == 0.0
     assert server.metric("crosschip_engine_steps") - steps_at_close <= 1
+    # A hang-up is an ordinary end of a request, counted as nginx's 499: the server's log got
+    # "Exception in ASGI application" and a traceback for each one.
+    closed = 'crosschip_requests_total{endpoint="/v1/completions",status="499"}'
+    assert server.wait_metric(closed, 1.0, default=0.0) == 1.0
+    assert not [line for line in server.lines if "Traceback" in line or "Exception in ASGI" in line]
+
+
+def test_a_client_that_hangs_up_while_sending_its_body_is_counted_not_logged(server):
+    """Half a body, then the connection closes: starlette's ClientDisconnect was a logged
+    "Exception in ASGI application" with a traceback."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall((head + "Content-Length: 1000\r\n\r\n" + '{"messages": [').encode())
+    closed = 'crosschip_requests_total{endpoint="/v1/chat/completions",status="499"}'
+    assert server.wait_metric(closed, 1.0, default=0.0) == 1.0
+    assert not [line for line in server.lines if "Traceback" in line or "Exception in ASGI" in line]
 
 
 def test_overload_gets_503_with_retry_after_and_api_key_is_enforced(debug_bundle):

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import crosschip
 from crosschip.serve.engine import AsyncEngine, Delta, NotAdmitting, QueueFull, merge_deltas
@@ -64,6 +65,16 @@ class ApiError(Exception):
         return Response(json.dumps(self.body()), self.status, self.headers, media_type="application/json")
 
 
+# nginx's "client closed request": what /metrics counts for a request whose client hung up
+# before its (non-streaming) answer was ready. Nothing is sent; nobody is there to read it.
+CLIENT_CLOSED = 499
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer: while it sent the body, or while its
+    non-streaming request ran (which is then aborted)."""
+
+
 def unavailable(message: str) -> ApiError:
     return ApiError(503, message, type="service_unavailable", code="overloaded", headers={"Retry-After": RETRY_AFTER_S})
 
@@ -99,7 +110,10 @@ class ServerState:
 
 
 async def read_json(request: Request) -> dict:
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # hung up before the whole body came
+        raise ClientGone from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -243,7 +257,7 @@ async def collect(request: Request, sub: Submitted, state: ServerState) -> list[
         work.cancel()
         for rid in sub.request_ids:
             state.engine.abort(rid)
-        raise asyncio.CancelledError("client disconnected")
+        raise ClientGone
     gone.cancel()
     work.result()
     return [merge_deltas(per_choice[i]) for i in sorted(per_choice)]
@@ -284,6 +298,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def _api_error(request: Request, e: ApiError):
         state.metrics.requests.labels(request.url.path, str(e.status)).inc()
         return e.response()
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, e: ClientGone):
+        # A handled end, not an error: a CancelledError here reached uvicorn, which printed
+        # "Exception in ASGI application" and a traceback for every client that hung up.
+        state.metrics.requests.labels(request.url.path, str(CLIENT_CLOSED)).inc()
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
