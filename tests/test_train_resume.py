@@ -68,6 +68,24 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_one(reference, tm
     assert losses(run) == losses(ref)
 
 
+def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_previous_one_resumes(reference, tmp_path):
+    """A write that fails (here a file-size limit, as a full disk or a quota fails one) was
+    safetensors' SafetensorError and a traceback. Step 0's checkpoint fits under 1 MB; step
+    4's optimizer state does not."""
+    cfg, ref = reference
+    run = tmp_path / "run"
+    refused = train(cfg, run, file_size_limit=1_000_000)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"crosschip train: error: cannot write checkpoint step_00000004 in {run / 'checkpoints'}: File too large; "
+        "the newest checkpoint, step_00000000, is intact (make room, then continue with --resume)"
+    )
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000000"]  # nothing half-written
+    resumed = train(cfg, run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(run) == losses(ref)
+
+
 def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference, tmp_path):
     """Also with the batches drawn ahead on a thread (`data.prefetch`, on by default on
     accelerators): the same losses as the reference, and a checkpoint's cursor is the last

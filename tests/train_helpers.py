@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -59,10 +60,19 @@ def _train_command(config: Path, out: Path, *args: str, **env: str) -> tuple[lis
     return cmd, {**os.environ, "OMP_NUM_THREADS": "1", **env}
 
 
-def train(config: Path, out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`crosschip train --quiet` in a fresh process, to its end."""
+def train(
+    config: Path, out: Path, *args: str, timeout: float = 300, file_size_limit: int | None = None
+) -> subprocess.CompletedProcess:
+    """`crosschip train --quiet` in a fresh process, to its end; with `file_size_limit`, one
+    that cannot write a file past that many bytes (RLIMIT_FSIZE: a write fails with EFBIG,
+    as one on a full disk fails with ENOSPC)."""
     cmd, env = _train_command(config, out, "--quiet", *args)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    preexec = limit if file_size_limit is not None else None
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
 
 
 def train_reporting_imports(

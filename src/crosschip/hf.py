@@ -537,13 +537,27 @@ def save_bundle(
             "do_sample": False,
         },
     )
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_safetensors(weights, tmp, metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save(out)
     # A fresh manifest, written last: until it lands, an old one fails the new files' checksums.
     manifest = {"format": MANIFEST_FORMAT, "files": _bundle_files(out), **(manifest_extra or {})}
     _write_json(out / MANIFEST_FILE, manifest)
     return out
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, whose write errors (a full disk, a quota) come as OSError
+    naming `path`: safetensors raises its own SafetensorError ("I/O error: No space left on
+    device (os error 28)"), which named no file and reached the terminal as a traceback."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        text = str(e).removeprefix("Error while serializing: ")
+        m = re.search(r"(?:I/O error: )?(.*?) \(os error (\d+)\)$", text)
+        if m is None:
+            raise
+        raise OSError(int(m.group(2)), m.group(1), str(path)) from None
 
 
 def load_safetensors(path: Path) -> dict[str, Tensor]:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from crosschip import hf
@@ -233,7 +232,9 @@ def write_int8_weights(bundle: Path, state: dict[str, Tensor]) -> None:
     """Replace the bundle's model.safetensors with the int8 policy's tensors (atomic)."""
     target = bundle / hf.WEIGHTS_FILE
     tmp = target.with_name(target.name + ".tmp")
-    save_file(quantize_state(state), str(tmp), metadata={"format": "pt", "crosschip_quantization": "int8-weight-only"})
+    hf.save_safetensors(
+        quantize_state(state), tmp, metadata={"format": "pt", "crosschip_quantization": "int8-weight-only"}
+    )
     tmp.replace(target)
 
 

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from crosschip.backends import get_backend
 from crosschip.backends.base import Backend
 from crosschip.backends.probe import check_autocast, check_matmul
 from crosschip.config import model_preset
 from crosschip.errors import CrosschipError
+from crosschip.hf import save_safetensors
 from crosschip.model import DTYPES, Transformer
 from crosschip.qualify.numerics import OPS, measure_op
 
@@ -87,7 +87,7 @@ def run_worker(spec: str, out: Path, gold: bool = False) -> dict[str, Any]:
     parity = {}
     model, tokens = parity_model()
     if gold:
-        save_file(forward_backward(model.double(), tokens, "cpu", None), str(out / "parity_fp64.safetensors"))
+        save_safetensors(forward_backward(model.double(), tokens, "cpu", None), out / "parity_fp64.safetensors")
         model, tokens = parity_model()
     model = model.to(device)
     for d in usable:
@@ -96,7 +96,7 @@ def run_worker(spec: str, out: Path, gold: bool = False) -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001 - a model that fails on the device is a finding
             parity[d] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             continue
-        save_file(tensors, str(out / f"parity_{d}.safetensors"))
+        save_safetensors(tensors, out / f"parity_{d}.safetensors")
         parity[d] = {"file": f"parity_{d}.safetensors"}
     info.update(
         available=True,

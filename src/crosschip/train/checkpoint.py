@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from crosschip import hf
@@ -89,9 +89,9 @@ def _write_files(tmp: Path, state: TrainState, cfg: ModelConfig, tokenizer: Toke
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     (tmp / hf.CONFIG_FILE).write_text(json.dumps(hf.hf_config(cfg, **ids), indent=2) + "\n", encoding="utf-8")
     weights = {k: t.detach().cpu().contiguous() for k, t in hf.to_hf(state.model, cfg).items()}
-    save_file(weights, str(tmp / hf.WEIGHTS_FILE), metadata={"format": "pt"})
-    save_file({k: t.detach().cpu().contiguous() for k, t in state.optimizer.items()}, str(tmp / OPTIMIZER_FILE))
-    save_file({k: t.detach().cpu().contiguous() for k, t in state.rng.items()}, str(tmp / RNG_FILE))
+    hf.save_safetensors(weights, tmp / hf.WEIGHTS_FILE, metadata={"format": "pt"})
+    hf.save_safetensors({k: t.detach().cpu().contiguous() for k, t in state.optimizer.items()}, tmp / OPTIMIZER_FILE)
+    hf.save_safetensors({k: t.detach().cpu().contiguous() for k, t in state.rng.items()}, tmp / RNG_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({"step": state.step, **state.scalars}, indent=2) + "\n", encoding="utf-8")
 
 
@@ -136,11 +136,24 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a quota, a folder gone read-only
+            raise _write_failed(root, final.name, e) from None
         raise
     _prune(root, max(2, keep))
     return final
+
+
+def _write_failed(root: Path, name: str, error: OSError) -> CrosschipError:
+    """One line for a checkpoint that could not be written: the folder, the reason, and what
+    is left to resume from (the half-written folder is already gone)."""
+    newest = list_checkpoints(root)
+    left = f"the newest checkpoint, {newest[0].name}, is intact" if newest else "there is no earlier checkpoint"
+    return CrosschipError(
+        f"cannot write checkpoint {name} in {root}: {error.strerror or error}; {left} "
+        "(make room, then continue with --resume)"
+    )
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

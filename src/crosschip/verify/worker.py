@@ -93,8 +93,8 @@ def make_side(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 def run_side(args: argparse.Namespace) -> None:
     import torch
-    from safetensors.torch import save_file
 
+    from crosschip.hf import save_safetensors
     from crosschip.verify.prompts import PromptSet
 
     if args.threads > 0:
@@ -113,7 +113,7 @@ def run_side(args: argparse.Namespace) -> None:
         if not isinstance(side, TorchSide):
             raise CrosschipError(f"{args.backend}: the bisection needs the weights in torch (use a torch backend)")
         records = capture(side.model, [prompts.scored[i].ids for i in prompts.capture], side.device)
-        save_file({k: v.contiguous() for k, v in records.items()}, str(out / f"{args.side}.capture.safetensors"))
+        save_safetensors({k: v.contiguous() for k, v in records.items()}, out / f"{args.side}.capture.safetensors")
         info["labels"] = labels(side.model)
         (out / f"{args.side}.capture.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
         return
@@ -130,7 +130,7 @@ def run_side(args: argparse.Namespace) -> None:
             f"the server returns token strings, not ids: {side.mapped_from_strings} mapped back through the tokenizer, "
             f"{side.ambiguous} shared by several ids (left out of the KL support, compared by canonical id)"
         )
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{args.side}.safetensors"))
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, out / f"{args.side}.safetensors")
     (out / f"{args.side}.json").write_text(json.dumps({"info": info, "greedy": greedy}), encoding="utf-8")
 
 
