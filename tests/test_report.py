@@ -27,7 +27,10 @@ def test_a_rollback_counts_each_step_once_and_its_row_says_what_it_did():
         "verify": None,
         "serve": None,
     }
-    assert "training: 40 steps (7 lost to rollbacks and trained again), held-out accuracy 50.0%" in summary_lines(data)
+    assert (
+        "training: 40 steps (7 lost to rollbacks or restarts and trained again), held-out accuracy 50.0%"
+        in summary_lines(data)
+    )
     rollback = {"event": "rollback", "from_step": 38, "to_step": 30, "reason": "nan", "lost_steps": 7}
     assert _health_detail({**rollback, "skipped_batches": [37]}) == (
         "nan: back to step 30, 7 steps lost, batches [37] skipped"

@@ -265,7 +265,11 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     evals = data["train"]["evals"]
     if evals:
         trained = summary.get("step") or len(kept_steps(data["train"]["steps"]))
-        lost = f" ({summary['lost_steps']} lost to rollbacks and trained again)" if summary.get("lost_steps") else ""
+        lost = (
+            f" ({summary['lost_steps']} lost to rollbacks or restarts and trained again)"
+            if summary.get("lost_steps")
+            else ""
+        )
         lines.append(f"training: {trained} steps{lost}, held-out accuracy {100 * evals[-1]['accuracy']:.1f}%")
     elif summary:  # a corpus run: no held-out problems to score
         loss = summary.get("final_loss")
