@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from crosschip.pipeline import _free_port
 from crosschip.train.checkpoint import latest_verified
 from crosschip.train.distributed import Dist
+from crosschip.train.launch import torchrun_log
 from crosschip.train.trainer import Trainer
 from train_helpers import (
     events,
@@ -159,6 +160,24 @@ def test_a_hang_that_returns_after_each_restart_gives_up_at_the_rollback_cap(tmp
         and "hang at step 6 (train.hang_timeout_s = 2) persisted through 1 rollbacks" in verdict["reason"]
     )
     assert json.loads((run / "train_summary.json").read_text())["status"] == "gave_up"
+
+
+def test_a_worker_that_fails_is_one_line_and_the_fallout_goes_to_the_log(one_proc, tmp_path):
+    """Rank 0 cannot write a checkpoint (a file-size limit, as a full disk): its one line, then
+    one line naming the log. Rank 1's broken barrier and torchrun's ChildFailedError report were
+    two tracebacks in the terminal; they are kept in the run folder's torchrun log."""
+    cfg, _ = one_proc
+    run = tmp_path / "run"
+    proc = train(cfg, run, "--nproc", "2", file_size_limit=1_000_000)
+    assert proc.returncode == 1
+    log = torchrun_log(run)
+    assert proc.stderr.splitlines() == [
+        f"crosschip train: error: cannot write checkpoint step_00000004 in {run / 'checkpoints'}: File too large; "
+        "the newest checkpoint, step_00000000, is intact (make room, then continue with --resume)",
+        f"crosschip train: the other processes stopped with it; torchrun's report: {log}",
+    ]
+    kept = log.read_text()
+    assert "cannot write checkpoint step_00000004" in kept and "ChildFailedError" in kept
 
 
 def test_a_group_whose_guard_gave_up_is_not_restarted(tmp_path):

@@ -9,9 +9,11 @@ here, before the first worker could start).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import IO, Any
 
 from crosschip.backends.cpu import cpu_share
@@ -70,33 +72,52 @@ def torchrun_command(args: Any, argv: list[str]) -> list[str]:
     return [*cmd, "-m", "crosschip", "train", *argv]
 
 
+# A worker's own one-line error (cli.py). What follows it on torchrun's stderr is the fallout:
+# the other ranks' broken collectives, each a traceback, and torchrun's ChildFailedError report.
+WORKER_ERROR = "crosschip train: error: "
+
+
+def torchrun_log(out: str | Path) -> Path:
+    """Everything torchrun and its workers wrote to stderr, appended launch after launch (one
+    file per host: the run folder may be shared by every node)."""
+    return Path(out) / f"torchrun.{socket.gethostname()}.log"
+
+
 def launch_torchrun(args: Any, argv: list[str]) -> int:
     """Run `crosschip train ARGV` under torchrun with `args.nproc` workers per node; its exit code."""
     cmd = torchrun_command(args, argv)
     env = dict(os.environ)
     # Each worker gets its share of the cores unless the user chose.
     env.setdefault("OMP_NUM_THREADS", str(cpu_share(int(args.nproc))))
+    log_path = torchrun_log(args.out)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     # torchrun's stderr (its workers' too) passes through here, so that once this process is
-    # interrupted, what torchrun says while it stops is dropped: it answers any signal with a
-    # traceback of its own. This process then reports the interruption once, for them all.
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-    stopping = threading.Event()
-    relay = threading.Thread(target=_relay, args=(proc.stderr, stopping), daemon=True)
-    relay.start()
-    try:
-        code = _wait(proc)
-    except KeyboardInterrupt:
-        stopping.set()
-        # torchrun stops its workers on SIGTERM (a Ctrl-C in a terminal reached them already;
-        # a SIGTERM sent to this process alone did not). Killing it outright would orphan them.
-        proc.terminate()
+    # interrupted, or a worker has said why it failed, what comes after is kept from the
+    # terminal: torchrun answers any signal or failure with a traceback of its own, and the
+    # other ranks with theirs. This process then reports it once, for them all; the log keeps it.
+    with open(log_path, "a", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        stopping, failed = threading.Event(), threading.Event()
+        # With --max-restarts a worker's error ends one attempt, and the next one's lines follow.
+        final = not getattr(args, "max_restarts", None)
+        relay = threading.Thread(target=_relay, args=(proc.stderr, log, stopping, failed, final), daemon=True)
+        relay.start()
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
-    finally:
-        relay.join(timeout=5)
+            code = _wait(proc)
+        except KeyboardInterrupt:
+            stopping.set()
+            # torchrun stops its workers on SIGTERM (a Ctrl-C in a terminal reached them already;
+            # a SIGTERM sent to this process alone did not). Killing it outright would orphan them.
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        finally:
+            relay.join(timeout=5)
+    if code != 0 and failed.is_set():
+        print(f"crosschip train: the other processes stopped with it; torchrun's report: {log_path}", file=sys.stderr)
     return code
 
 
@@ -112,12 +133,19 @@ def _wait(proc: subprocess.Popen) -> int:
             pass
 
 
-def _relay(stream: IO[bytes], stopping: threading.Event) -> None:
-    """Copy torchrun's stderr to ours, line by line, until `stopping` is set; then drain it."""
+def _relay(stream: IO[bytes], log: IO[str], stopping: threading.Event, failed: threading.Event, final: bool) -> None:
+    """Copy torchrun's stderr to `log` and to ours, line by line; to ours only until `stopping`
+    is set or, when the group is not restarted (`final`), a worker's error line has passed
+    (`failed` is set then)."""
     for line in iter(stream.readline, b""):
-        if not stopping.is_set():
-            sys.stderr.write(line.decode(errors="replace"))
+        text = line.decode(errors="replace")
+        log.write(text)
+        log.flush()
+        if not (stopping.is_set() or failed.is_set()):
+            sys.stderr.write(text)
             sys.stderr.flush()
+            if final and text.startswith(WORKER_ERROR):
+                failed.set()
     stream.close()
 
 
