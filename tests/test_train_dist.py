@@ -173,7 +173,7 @@ def test_a_worker_that_fails_is_one_line_and_the_fallout_goes_to_the_log(one_pro
     log = torchrun_log(run)
     assert proc.stderr.splitlines() == [
         f"crosschip train: error: cannot write checkpoint step_00000004 in {run / 'checkpoints'}: File too large; "
-        "the newest checkpoint, step_00000000, is intact (make room, then continue with --resume)",
+        "the newest checkpoint, step_00000000, is intact: continue from it with --resume once the folder takes writes",
         f"crosschip train: the other processes stopped with it; torchrun's report: {log}",
     ]
     kept = log.read_text()

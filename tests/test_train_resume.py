@@ -78,7 +78,7 @@ def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_previous_one_resumes(
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == (
         f"crosschip train: error: cannot write checkpoint step_00000004 in {run / 'checkpoints'}: File too large; "
-        "the newest checkpoint, step_00000000, is intact (make room, then continue with --resume)"
+        "the newest checkpoint, step_00000000, is intact: continue from it with --resume once the folder takes writes"
     )
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000000"]  # nothing half-written
     resumed = train(cfg, run, "--resume")

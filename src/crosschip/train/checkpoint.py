@@ -149,11 +149,12 @@ def _write_failed(root: Path, name: str, error: OSError) -> CrosschipError:
     """One line for a checkpoint that could not be written: the folder, the reason, and what
     is left to resume from (the half-written folder is already gone)."""
     newest = list_checkpoints(root)
-    left = f"the newest checkpoint, {newest[0].name}, is intact" if newest else "there is no earlier checkpoint"
-    return CrosschipError(
-        f"cannot write checkpoint {name} in {root}: {error.strerror or error}; {left} "
-        "(make room, then continue with --resume)"
+    left = (
+        f"the newest checkpoint, {newest[0].name}, is intact: continue from it with --resume once the folder takes writes"
+        if newest
+        else "there is no earlier checkpoint"
     )
+    return CrosschipError(f"cannot write checkpoint {name} in {root}: {error.strerror or error}; {left}")
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
