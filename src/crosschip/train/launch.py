@@ -97,15 +97,16 @@ def launch_torchrun(args: Any, argv: list[str]) -> int:
     # other ranks with theirs. This process then reports it once, for them all; the log keeps it.
     with open(log_path, "a", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-        stopping, failed = threading.Event(), threading.Event()
-        # With --max-restarts a worker's error ends one attempt, and the next one's lines follow.
+        # Set by an interruption (below) or by a worker's error line (the relay); with
+        # --max-restarts a worker's error ends one attempt only, and the next one's lines follow.
+        quiet = threading.Event()
         final = not getattr(args, "max_restarts", None)
-        relay = threading.Thread(target=_relay, args=(proc.stderr, log, stopping, failed, final), daemon=True)
+        relay = threading.Thread(target=_relay, args=(proc.stderr, log, quiet, final), daemon=True)
         relay.start()
         try:
             code = _wait(proc)
         except KeyboardInterrupt:
-            stopping.set()
+            quiet.set()
             # torchrun stops its workers on SIGTERM (a Ctrl-C in a terminal reached them already;
             # a SIGTERM sent to this process alone did not). Killing it outright would orphan them.
             proc.terminate()
@@ -116,7 +117,7 @@ def launch_torchrun(args: Any, argv: list[str]) -> int:
             raise
         finally:
             relay.join(timeout=5)
-    if code != 0 and failed.is_set():
+    if code != 0 and quiet.is_set():  # not interrupted (that raised): a worker said why
         print(f"crosschip train: the other processes stopped with it; torchrun's report: {log_path}", file=sys.stderr)
     return code
 
@@ -133,19 +134,18 @@ def _wait(proc: subprocess.Popen) -> int:
             pass
 
 
-def _relay(stream: IO[bytes], log: IO[str], stopping: threading.Event, failed: threading.Event, final: bool) -> None:
-    """Copy torchrun's stderr to `log` and to ours, line by line; to ours only until `stopping`
-    is set or, when the group is not restarted (`final`), a worker's error line has passed
-    (`failed` is set then)."""
+def _relay(stream: IO[bytes], log: IO[str], quiet: threading.Event, final: bool) -> None:
+    """Copy torchrun's stderr to `log` and to ours, line by line; to ours only until `quiet` is
+    set, which a worker's error line does when the group is not restarted (`final`)."""
     for line in iter(stream.readline, b""):
         text = line.decode(errors="replace")
         log.write(text)
         log.flush()
-        if not (stopping.is_set() or failed.is_set()):
+        if not quiet.is_set():
             sys.stderr.write(text)
             sys.stderr.flush()
             if final and text.startswith(WORKER_ERROR):
-                failed.set()
+                quiet.set()
     stream.close()
 
 
