@@ -1,6 +1,7 @@
 """The model on its own: absorbed decode vs full forward, routing, dispatch, presets."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -284,6 +285,20 @@ def test_meta_device_presets_report_published_parameter_counts():
     # 2.451B (embedding lookup excluded, as for V3), 2.1% above the rounded figure.
     assert near(lite.active, 2.4e9, tol=0.025)
     assert 5e6 <= count_params(model_preset("arith-tiny")).total <= 10e6
+    assert str(v3_mtp) == "total 684B, active per token 39.2B"
+
+
+@pytest.mark.parametrize("experts", [16, 64, 48])
+def test_each_routed_expert_adds_its_mlp_and_router_row(experts):
+    """count_params builds the fewest experts the routing allows and counts the rest."""
+    cfg = model_preset("arith-tiny", n_routed_experts=experts, n_group=2 if experts == 48 else 1)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
+    d, i = cfg.hidden_size, cfg.moe_intermediate_size
+    big = count_params(replace(cfg, n_routed_experts=10**9))
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    assert big.total - count_params(cfg).total == moe_layers * (10**9 - experts) * (3 * d * i + d)
 
 
 @pytest.mark.parametrize("preset", ["arith-tiny", "small-100m"])

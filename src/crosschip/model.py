@@ -437,7 +437,16 @@ class ParamCounts:
     active: int
 
     def __str__(self) -> str:
-        return f"total {self.total / 1e9:.2f}B, active per token {self.active / 1e9:.2f}B"
+        return f"total {human_count(self.total)}, active per token {human_count(self.active)}"
+
+
+def human_count(n: float) -> str:
+    """A count as parameter counts are written: 2.57M, 6.65M, 671B, 128,000T."""
+    n = float(f"{n:.3g}")  # 3 significant digits first, so that 999.6M reads 1B
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}" if n < 1000 * scale else f"{n / scale:,.0f}{unit}"
+    return f"{n:g}"
 
 
 def causal_doc_mask(doc_ids: Tensor) -> Tensor:
@@ -616,19 +625,26 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     count too (the published 685B of DeepSeek-V3 includes them). Active parameters are the
     ones a token computes with: the embedding is a lookup, not compute, so it is left out,
     as in the published active counts.
-    Only the dense layers and one MoE layer are built: every later layer is a copy of that
-    one, so a 671B preset counts in well under a second.
+    Only the dense layers and one MoE layer are built, and that layer with the fewest routed
+    experts its routing allows: every later layer is a copy of it, and every further expert adds the same
+    parameters (its MLP and its router row). A 671B preset counts in well under a second, and
+    a config with a mistyped expert count (10^9) is counted, not built expert by expert.
     """
     built = min(cfg.num_hidden_layers, cfg.first_k_dense_replace + 1)
+    # The fewest experts that cfg's routing groups and top-k allow (ModelConfig.validate).
+    experts = cfg.n_group * max(2 if cfg.n_group > 1 else 1, -(-cfg.num_experts_per_tok // cfg.topk_group))
     with torch.device("meta"):
-        model = Transformer(replace(cfg, num_hidden_layers=built))
+        model = Transformer(replace(cfg, num_hidden_layers=built, n_routed_experts=experts))
     copies = cfg.num_hidden_layers - built  # MoE layers like model.layers[-1]
     total = _n_params(model) + copies * _n_params(model.layers[-1])
     inactive = 0
     moes = model.moe_layers()
     if moes:
         per_expert = _n_params(moes[0].experts[0])
-        inactive = (len(moes) + copies) * (moes[0].n_experts - moes[0].topk) * per_expert
+        per_router_row = moes[0].gate.weight[0].numel()
+        layers = len(moes) + copies
+        total += layers * (cfg.n_routed_experts - experts) * (per_expert + per_router_row)
+        inactive = layers * (cfg.n_routed_experts - moes[0].topk) * per_expert
     if model.mtp is not None:
         total += model.embed.weight.numel() + model.head.weight.numel()
     return ParamCounts(total=total, active=total - inactive - model.embed.weight.numel())

@@ -29,7 +29,16 @@ from crosschip.backends import Backend, get_backend
 from crosschip.config import RunConfig, config_diff, to_dict
 from crosschip.data.arith import heldout_set
 from crosschip.errors import CrosschipError, first_line
-from crosschip.model import DTYPES, MLA, RMSNorm, SwiGLU, Transformer, count_params, grouped_experts_run
+from crosschip.model import (
+    DTYPES,
+    MLA,
+    RMSNorm,
+    SwiGLU,
+    Transformer,
+    count_params,
+    grouped_experts_run,
+    human_count,
+)
 from crosschip.paths import lock_folder
 from crosschip.tokenizer import Tokenizer, default_tokenizer
 from crosschip.train import checkpoint as ckpt
@@ -235,7 +244,7 @@ class Trainer:
         if have is not None and need["total"] > 0.9 * have:
             gib = 2**30
             raise CrosschipError(
-                f"the config does not fit in memory: {need['params'] / 1e9:.2f}B parameters need about "
+                f"the config does not fit in memory: {human_count(need['params'])} parameters need about "
                 f"{need['total'] / gib:,.1f} GiB per process (weights, grads and AdamW states "
                 f"{need['states'] / gib:,.1f} GiB + activations {need['activations'] / gib:,.1f} GiB) but "
                 f"{self.backend.spec} has {have / gib:,.1f} GiB; use a smaller model preset, a smaller batch, "
