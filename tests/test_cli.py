@@ -96,7 +96,9 @@ def test_serve_takes_vllms_flags_for_the_model_name_batch_and_prefix_caching():
         ("--num-blocks", "1", "--num-blocks must be 0 (sized from max_batch) or at least 2, got 1"),
         ("--prefill-chunk", "0", "--prefill-chunk must be at least 1, got 0"),
         ("--max-queue", "0", "--max-queue must be at least 1, got 0"),
-        ("--drain-timeout", "-1", "--drain-timeout must be >= 0, got -1.0"),
+        ("--drain-timeout", "-1", "--drain-timeout must be >= 0 and finite, got -1.0"),
+        # It printed "draining (up to infs)" at SIGTERM.
+        ("--drain-timeout", "inf", "--drain-timeout must be >= 0 and finite, got inf"),
         ("--threads", "-1", "--threads must be >= 0"),
         ("--api-key", "", "--api-key is empty"),
         ("--model-name", " ", "--model-name is empty"),

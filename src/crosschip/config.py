@@ -501,7 +501,7 @@ def check_serve_limits(values: Any, label: Callable[[str], str]) -> None:
     """The serving numbers of `values` (a ServeConfig, or `crosschip serve`'s arguments, which
     carry the same names) that no server can run with, as a ConfigError whose subject is
     `label(field)`: a port outside 0-65535, a limit below 1 (a prefill chunk of 0 never
-    finishes a prompt), a pool of one block (block 0 is scratch), a negative drain time."""
+    finishes a prompt), a pool of one block (block 0 is scratch), a negative or infinite drain time."""
     rules = [
         ("port", 0 <= values.port <= 65535, "must be between 0 and 65535"),
         ("max_batch", values.max_batch >= 1, "must be at least 1"),
@@ -513,7 +513,12 @@ def check_serve_limits(values: Any, label: Callable[[str], str]) -> None:
             "must be 0 (sized from max_batch) or at least 2",
         ),
         ("prefill_chunk", values.prefill_chunk >= 1, "must be at least 1"),
-        ("drain_timeout_s", values.drain_timeout_s >= 0, "must be >= 0"),
+        # inf passes ">= 0" (and NaN no comparison); as train's floats, it must be finite.
+        (
+            "drain_timeout_s",
+            math.isfinite(values.drain_timeout_s) and values.drain_timeout_s >= 0,
+            "must be >= 0 and finite",
+        ),
     ]
     for name, ok, rule in rules:
         if not ok:
