@@ -182,8 +182,12 @@ def test_the_engine_refuses_a_zero_prefill_chunk():
         (["--digits", "7"], "--digits must be 1, 2 or 3, got 7"),  # was "arith: digits must be ..."
         # These were accepted and did nothing (the bf16 gate judged an fp32 graph); an empty
         # --out wrote into the current folder, and one inside the bundle into the bundle.
-        (["--target-dtype", "bf16"], "--target-dtype apply to a torch target; --target ort:cpu runs its own"),
-        (["--target-weights", "w", "--target", "ort:cpu"], "--target-weights apply to a torch target"),
+        (["--target-dtype", "bf16"], "--target-dtype applies to a torch target; --target ort:cpu runs its own"),
+        (["--target-weights", "w", "--target", "ort:cpu"], "--target-weights applies to a torch target"),
+        (["--target-weights", "w", "--target-dtype", "bf16"], "--target-dtype and --target-weights apply to a torch"),
+        # Asked only of a server: without --target-url they were dropped silently.
+        (["--top-k", "5"], "--top-k applies to --target-url; --target ort:cpu runs here"),
+        (["--api-key", "k", "--model-name", "m", "--target", "torch:cpu"], "--api-key and --model-name apply to"),
         (["--target-url", "http://127.0.0.1:1", "--target-dtype", "fp16"], "; --target-url http://127.0.0.1:1 runs"),
         (["--out", "{bundle}/verify"], "is inside the bundle it verifies"),
     ],

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-url", default=None, help="OpenAI-compatible server with logprobs instead of --target")
     p.add_argument("--api-key", default=None, help="API key of --target-url")
     p.add_argument("--model-name", default=None, help="model name at --target-url (default: its first model)")
-    p.add_argument("--top-k", type=int, default=20, help="logprobs per position asked of --target-url (default 20)")
+    p.add_argument("--top-k", type=int, default=None, help="logprobs per position asked of --target-url (default 20)")
     p.add_argument(
         "--reference-weights",
         default="auto",
@@ -72,10 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _apply(flags: list[str]) -> str:
+    return f"{' and '.join(flags)} {'applies' if len(flags) == 1 else 'apply'}"
+
+
 def run(args: argparse.Namespace) -> int:
     from crosschip.verify.parity import VerifyOptions, verify
 
-    if args.top_k < 1:
+    if args.top_k is not None and args.top_k < 1:
         raise CrosschipError(f"verify: --top-k must be >= 1, got {args.top_k}")
     check_output_dir(args.out, "--out")
     args.out = Path(args.out)
@@ -90,9 +94,15 @@ def run(args: argparse.Namespace) -> int:
     ]
     if torch_only and (args.target_url or not (args.target or "ort:cpu").startswith("torch:")):
         where = f"--target-url {args.target_url}" if args.target_url else f"--target {args.target or 'ort:cpu'}"
-        raise CrosschipError(
-            f"{' and '.join(torch_only)} apply to a torch target; {where} runs its own weights and precision"
-        )
+        raise CrosschipError(f"{_apply(torch_only)} to a torch target; {where} runs its own weights and precision")
+    # And what only a server is asked for: taken without one, they were dropped without a word.
+    url_only = [
+        flag
+        for flag, value in (("--top-k", args.top_k), ("--api-key", args.api_key), ("--model-name", args.model_name))
+        if value is not None
+    ]
+    if url_only and not args.target_url:
+        raise CrosschipError(f"{_apply(url_only)} to --target-url; --target {args.target or 'ort:cpu'} runs here")
     if not args.no_record and Path(args.bundle).is_dir() and not os.access(args.bundle, os.W_OK | os.X_OK):
         # Said now, not after both sides have run (the verdict would be lost to the error).
         raise CrosschipError(
@@ -107,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         target_url=args.target_url,
         api_key=args.api_key,
         model_name=args.model_name,
-        top_k=args.top_k,
+        top_k=args.top_k or VerifyOptions.top_k,
         reference_weights=args.reference_weights,
         target_weights=args.target_weights,
         target_dtype=args.target_dtype,
