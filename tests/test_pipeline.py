@@ -201,6 +201,11 @@ def _side_by_side(commands: list[list[str]], logs: Path, timeout: float) -> list
         ('[export]\ndtype = "int4"\n', "export.dtype: must be one of fp32, bf16, fp16, int8, got 'int4'"),
         ('[serve]\nbackend = "ort:tpu"\n', "serve.backend: unknown backend 'ort:tpu'"),
         ("[serve]\nprefill_chunk = 0\n", "serve.prefill_chunk: must be at least 1, got 0"),
+        # These four reached the serve stage, after training, export and verify, and failed there.
+        ('[serve]\nhost = "no-such-host.invalid"\n', "serve.host no-such-host.invalid: "),
+        ("[serve]\nblock_size = 100000\n", "serve.block_size 100,000 is larger than the model's context of 512"),
+        ("[serve]\nnum_blocks = 1000000000000\n", "blocks (serve.num_blocks) of 16 tokens (serve.block_size) needs"),
+        ("[serve]\nmax_batch = 1000000000000\n", "(serve.max_batch 1,000,000,000,000 full-length sequences)"),
     ],
 )
 def test_bad_config_fails_before_any_stage(tmp_path, capsys, toml, message):

@@ -27,7 +27,8 @@ from crosschip.config import DEFAULT_CONFIG, POLICIES, RunConfig, ServeConfig, c
 from crosschip.errors import CrosschipError, first_line
 from crosschip.paths import check_output_dir, lock_folder, path_arg
 from crosschip.qualify.command import UNFIT_EXIT
-from crosschip.serve.command import API_KEY_ENV, client_url
+from crosschip.serve.command import API_KEY_ENV, check_listen, client_url
+from crosschip.serve.pool import pool_blocks
 from crosschip.verify.gate import GATE_FAILED_EXIT
 
 GIVE_UP_EXIT = 3  # the training health guard's "fail me over" exit code
@@ -456,13 +457,28 @@ def _check_backend_names(named: dict[str, list[str]], to_train: tuple[str, ...] 
 
 
 def _check_stage_settings(cfg: RunConfig, path: Path) -> None:
-    """Backend names and the export policy, which the stages would only refuse when they
-    start (an export comes minutes after the training it needs)."""
+    """Backend names, the export policy and the serve stage's latent cache, which the stages
+    would only refuse when they start (the server starts minutes after the training it serves)."""
+    from crosschip.backends import get_backend
+
     keys = {"train.backend": cfg.train.backend, "export.target": cfg.export.target}
     keys |= {"serve.backend": cfg.serve.backend, "verify.reference": cfg.verify.reference}
     _check_backend_names({f"{path}: {key}": [spec] for key, spec in keys.items()}, to_train=(f"{path}: train.backend",))
     if cfg.export.dtype not in POLICIES:
         raise CrosschipError(f"{path}: export.dtype: must be one of {', '.join(POLICIES)}, got {cfg.export.dtype!r}")
+    serve, model = cfg.serve, cfg.model
+    try:  # the pool `crosschip serve` will size: fp32 latents (every policy serves in fp32)
+        pool_blocks(
+            serve.num_blocks,
+            serve.block_size,
+            serve.max_batch,
+            model.max_position_embeddings,
+            token_bytes=model.num_hidden_layers * model.latent_dim * 4,
+            device_type=get_backend(serve.backend).device_type,
+            label=lambda name: f"serve.{name}",
+        )
+    except CrosschipError as e:
+        raise CrosschipError(f"{path}: {e}") from None
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -550,20 +566,16 @@ def _check_unchanged(run: Run) -> None:
 
 
 def _check_port(args: argparse.Namespace, serve: ServeConfig) -> None:
-    """A port the serve stage could not bind, said before the stages before it run for minutes."""
-    import socket
-
-    host, port = serve.host, args.port or (serve.port if args.serve else 0)
-    if not port:
-        return  # the smoke run takes a free port
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
-            s.bind((host, port))
-    except OSError as e:
-        raise CrosschipError(
-            f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); choose another port"
-        ) from None
+    """A host or port the serve stage could not bind, said before the stages before it run for
+    minutes: bound once as its server will bind it (port 0, the smoke run's free port, checks
+    the host alone)."""
+    check_listen(serve.host, 0, host_label="serve.host")
+    port = args.port or (serve.port if args.serve else 0)
+    if port:
+        try:
+            check_listen(serve.host, port)
+        except CrosschipError as e:
+            raise CrosschipError(f"--port {port}: {e}; choose another port") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import time
 from crosschip.config import ServeConfig, check_serve_limits
 from crosschip.errors import BundleError, CrosschipError
 from crosschip.paths import check_bundle_folder, path_arg, refuse_empty
+from crosschip.serve.pool import flag
 
 DEFAULTS = ServeConfig()
 API_KEY_ENV = "CROSSCHIP_API_KEY"
@@ -112,7 +113,7 @@ def load_engine(args: argparse.Namespace):
 
 def check_flags(args: argparse.Namespace) -> None:
     """Values the server cannot run with, named by their flags, before anything starts."""
-    check_serve_limits(args, lambda name: "--" + name.removesuffix("_s").replace("_", "-"))
+    check_serve_limits(args, flag)
     if args.compile and not args.on.startswith("torch:"):
         raise CrosschipError(f"--compile is torch.compile, for torch backends; {args.on} optimizes its own graph")
     if args.threads < 0:
@@ -147,16 +148,16 @@ def client_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int, host_label: str = "--host") -> None:
     """Bind HOST:PORT once, as uvicorn will (with SO_REUSEADDR), before loading anything: a
     port in use or an unknown host is a one-line error here, where uvicorn's own failure is
-    a SystemExit raised inside the event loop (a traceback, exit 3)."""
+    a SystemExit raised inside the event loop (a traceback, exit 3). Port 0 checks the host."""
     import socket
 
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
-        raise CrosschipError(f"--host {host}: {e.strerror}") from None
+        raise CrosschipError(f"{host_label} {host}: {e.strerror}") from None
     with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

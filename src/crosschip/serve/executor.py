@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from crosschip.errors import CrosschipError
+from crosschip.serve.pool import pool_blocks
 
 
 @dataclass(frozen=True)
@@ -223,35 +224,6 @@ class BlockTables:
 def _chain(key: bytes, block: Sequence[int]) -> bytes:
     """A block's key: a hash of its tokens and of the key of the block before it."""
     return hashlib.sha256(key + np.asarray(block, dtype=np.int64).tobytes()).digest()
-
-
-def pool_blocks(
-    num_blocks: int, block_size: int, max_batch: int, max_seq_len: int, *, token_bytes: int, device_type: str
-) -> int:
-    """The pool's block count: `num_blocks`, or for 0 enough blocks for `max_batch` full-length
-    sequences (plus scratch). token_bytes: the cache bytes of one token over every layer.
-
-    A pool larger than the host's memory is refused here, before its block tables (a Python
-    list of every free block) or its storage exist: the flags, not a MemoryError traceback or
-    the kernel's OOM killer, name the problem. A device's pool is left to its allocator's error."""
-    from crosschip.backends.cpu import CPUBackend
-
-    if block_size > max_seq_len:  # every sequence would hold one block mostly empty
-        raise CrosschipError(
-            f"--block-size {block_size:,} is larger than the model's context of {max_seq_len:,} tokens; "
-            "blocks of 16 tokens (the default) share the cache best"
-        )
-    blocks = num_blocks if num_blocks > 0 else max_batch * math.ceil(max_seq_len / block_size) + 1
-    nbytes = blocks * block_size * token_bytes
-    have = CPUBackend().memory_bytes() if device_type == "cpu" else None
-    if have is not None and nbytes > 0.9 * have:
-        sized_by = "--num-blocks" if num_blocks > 0 else f"--max-batch {max_batch:,} full-length sequences"
-        raise CrosschipError(
-            f"the latent cache of {blocks:,} blocks ({sized_by}) of {block_size:,} tokens (--block-size) needs "
-            f"{nbytes / 2**30:,.1f} GiB, more than this machine's {have / 2**30:,.1f} GiB of memory; "
-            "lower --num-blocks, --block-size or --max-batch"
-        )
-    return blocks
 
 
 class BlockPool(BlockTables):

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from crosschip import hf
 from crosschip.errors import BundleError, first_line
-from crosschip.serve.executor import BlockTables, Chunk, PagedExecutor, pool_blocks
+from crosschip.serve.executor import BlockTables, Chunk, PagedExecutor
+from crosschip.serve.pool import pool_blocks
 
 ONNX_FILE = "model.onnx"
 
