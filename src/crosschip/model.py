@@ -626,9 +626,9 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     ones a token computes with: the embedding is a lookup, not compute, so it is left out,
     as in the published active counts.
     Only the dense layers and one MoE layer are built, and that layer with the fewest routed
-    experts its routing allows: every later layer is a copy of it, and every further expert adds the same
-    parameters (its MLP and its router row). A 671B preset counts in well under a second, and
-    a config with a mistyped expert count (10^9) is counted, not built expert by expert.
+    experts its routing allows: every later layer is a copy of it, and every further expert
+    adds the same parameters (its MLP and its router row). A 671B preset counts in well under
+    a second, and a mistyped expert count (10^9) is counted, not built expert by expert.
     """
     built = min(cfg.num_hidden_layers, cfg.first_k_dense_replace + 1)
     # The fewest experts that cfg's routing groups and top-k allow (ModelConfig.validate).

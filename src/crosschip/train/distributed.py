@@ -4,8 +4,8 @@
 `python -m torch.distributed.run --nproc-per-node N` (plus any multi-node rendezvous flags;
 `launch.py`, which imports no torch). Each worker binds one device of the backend, joins the
 process group on the backend's collective library (gloo, nccl, hccl) and shards the model
-with FSDP2 `fully_shard`, one unit per block. Checkpoints hold full tensors, gathered here, so they resume on any number
-of processes.
+with FSDP2 `fully_shard`, one unit per block. Checkpoints hold full tensors, gathered here,
+so they resume on any number of processes.
 """
 
 from __future__ import annotations
