@@ -53,7 +53,11 @@ def test_failover_interrupt_and_resume(tmp_path):
     from the flaky chip's last verified checkpoint; Ctrl-C during the export then stops the
     run cleanly and --resume finishes it from the last finished stage."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "crosschip", "run", "--config", "configs/smoke.toml", "--out", str(run_dir)]
+    # Addition only: the task must reach every stage (verify once scored + and - whatever the
+    # model was trained on).
+    config = tmp_path / "add.toml"
+    config.write_text((ROOT / "configs" / "smoke.toml").read_text().replace('ops = ["+", "-"]', 'ops = ["+"]'))
+    cmd = [sys.executable, "-m", "crosschip", "run", "--config", str(config), "--out", str(run_dir)]
     cmd += ["--train-on", "emu:flaky,torch:cpu", "--inject", "nan@step=15,times=20"]
     log = tmp_path / "run.log"  # a file, not a pipe: nobody reads the pipe while we wait
     tag = uuid.uuid4().hex
@@ -100,7 +104,8 @@ def test_failover_interrupt_and_resume(tmp_path):
     # The CPU continued from a checkpoint the flaky chip wrote, not from scratch.
     first_cpu = _resumes_on_cpu(run_dir)[0]
     assert 0 < first_cpu["step"] <= 15 and "step_" in first_cpu["checkpoint"]
-    assert json.loads((run_dir / "verify" / "report.json").read_text())["gate"]["passed"]
+    verify = json.loads((run_dir / "verify" / "report.json").read_text())
+    assert verify["gate"]["passed"] and verify["prompts"]["ops"] == ["+"]
     serve = json.loads((run_dir / "serve.json").read_text())
     assert serve["backend"] == "ort:cpu" and serve["requests"] == 16
     assert_report_complete(run_dir / "report.html")
@@ -206,6 +211,9 @@ def _side_by_side(commands: list[list[str]], logs: Path, timeout: float) -> list
         ("[serve]\nblock_size = 100000\n", "serve.block_size 100,000 is larger than the model's context of 512"),
         ("[serve]\nnum_blocks = 1000000000000\n", "blocks (serve.num_blocks) of 16 tokens (serve.block_size) needs"),
         ("[serve]\nmax_batch = 1000000000000\n", "(serve.max_batch 1,000,000,000,000 full-length sequences)"),
+        ("[verify]\nprompts = 3000\n", "verify.prompts: arith: asked for 3000 held-out problems, but only 2049"),
+        ("[verify]\nmax_new_tokens = 1000\n", "exceed the model's context of 512 tokens; give verify.max_new_tokens"),
+        ("[model]\nvocab_size = 200\n", "model.vocab_size 200 is below the tokenizer's minimum of 263"),
     ],
 )
 def test_bad_config_fails_before_any_stage(tmp_path, capsys, toml, message):

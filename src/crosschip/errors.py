@@ -12,6 +12,12 @@ class CrosschipError(Exception):
             self.exit_code = exit_code
 
 
+def flag(name: str) -> str:
+    """A setting's command-line flag, as errors name it: block_size -> --block-size,
+    drain_timeout_s -> --drain-timeout."""
+    return "--" + name.removesuffix("_s").replace("_", "-")
+
+
 class BundleError(CrosschipError):
     """A bundle that is missing files, has wrong tensors or fails its checksums."""
 

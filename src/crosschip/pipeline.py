@@ -24,7 +24,7 @@ from typing import Any
 
 from crosschip import interrupts
 from crosschip.config import DEFAULT_CONFIG, POLICIES, RunConfig, ServeConfig, config_diff, load_config, to_dict
-from crosschip.errors import CrosschipError, first_line
+from crosschip.errors import CrosschipError, first_line, flag
 from crosschip.paths import check_output_dir, lock_folder, path_arg
 from crosschip.qualify.command import UNFIT_EXIT
 from crosschip.serve.command import API_KEY_ENV, check_listen, client_url
@@ -306,14 +306,30 @@ def stage_export(run: Run) -> dict:
     return {"bundle": bundle.name, "target": cfg.export.target, "dtype": cfg.export.dtype}
 
 
+def _verify_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What the verify stage asks of `crosschip verify` (by its option names): the held-out
+    problems of the task the model was trained on."""
+    return {
+        "problems": cfg.verify.prompts,
+        "digits": cfg.data.digits,
+        "ops": list(cfg.data.ops),
+        "max_new_tokens": cfg.verify.max_new_tokens or None,  # 0: verify's own default
+    }
+
+
+# How a run config names the settings `_verify_settings` hands on.
+_VERIFY_KEYS = {"problems": "verify.prompts", "max_new_tokens": "verify.max_new_tokens"}
+_VERIFY_KEYS |= {"digits": "data.digits", "ops": "data.ops"}
+
+
 def stage_verify(run: Run) -> dict:
     cfg = load_config(run.config_path)
     out = run.root / "verify"
     args = ["verify", str(run.root / "bundle"), "--reference", cfg.verify.reference, "--target", cfg.serve.backend]
-    args += ["--problems", str(cfg.verify.prompts), "--digits", str(cfg.data.digits), "--layers"]
-    if cfg.verify.max_new_tokens:
-        args += ["--max-new-tokens", str(cfg.verify.max_new_tokens)]
-    rc = Child.run([*args, "--out", str(out)], run.root / "logs" / "verify.log")
+    for name, value in _verify_settings(cfg).items():
+        if value is not None:
+            args += [flag(name), *(map(str, value) if isinstance(value, list) else [str(value)])]
+    rc = Child.run([*args, "--layers", "--out", str(out)], run.root / "logs" / "verify.log")
     if rc not in (0, GATE_FAILED_EXIT):  # verify itself failed: there is no verdict to read
         raise stage_failed("verify", rc, run.root / "logs" / "verify.log")
     report = _read_json(out / "report.json")
@@ -476,6 +492,21 @@ def _check_stage_settings(cfg: RunConfig, path: Path) -> None:
             token_bytes=model.num_hidden_layers * model.latent_dim * 4,
             device_type=get_backend(serve.backend).device_type,
             label=lambda name: f"serve.{name}",
+        )
+    except CrosschipError as e:
+        raise CrosschipError(f"{path}: {e}") from None
+    # The verify stage's prompts, built as it will build them: the tokenizer is the one the
+    # trainer will give the model, and the context the model's.
+    from crosschip.tokenizer import model_tokenizer
+    from crosschip.verify.parity import VerifyOptions, plan_prompts
+
+    try:
+        opts = VerifyOptions(bundle=Path(), out=Path(), **_verify_settings(cfg))
+        plan_prompts(
+            opts,
+            model_tokenizer(model.vocab_size),
+            model.max_position_embeddings,
+            label=lambda name: _VERIFY_KEYS.get(name, name),
         )
     except CrosschipError as e:
         raise CrosschipError(f"{path}: {e}") from None

@@ -307,3 +307,12 @@ def default_tokenizer(vocab_size: int = 1024) -> Tokenizer:
     problems = iter_problems(digits=3, ops=["+", "-"], seed=0)
     arith = [next(problems).text for _ in range(4000)]
     return train_tokenizer([*builtin_corpus(), *arith], vocab_size)
+
+
+def model_tokenizer(vocab_size: int) -> Tokenizer:
+    """The tokenizer `crosschip train` gives a model of `vocab_size` tokens: the default one,
+    at most 1,024 tokens (a larger embedding keeps its spare rows)."""
+    floor = len(SPECIAL_TOKENS) + 256
+    if vocab_size < floor:
+        raise CrosschipError(f"model.vocab_size {vocab_size} is below the tokenizer's minimum of {floor}")
+    return default_tokenizer(min(vocab_size, 1024))

@@ -16,9 +16,8 @@ import sys
 import time
 
 from crosschip.config import ServeConfig, check_serve_limits
-from crosschip.errors import BundleError, CrosschipError
+from crosschip.errors import BundleError, CrosschipError, flag
 from crosschip.paths import check_bundle_folder, path_arg, refuse_empty
-from crosschip.serve.pool import flag
 
 DEFAULTS = ServeConfig()
 API_KEY_ENV = "CROSSCHIP_API_KEY"

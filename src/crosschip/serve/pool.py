@@ -7,12 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from crosschip.errors import CrosschipError
-
-
-def flag(name: str) -> str:
-    """A serving setting's `crosschip serve` flag: block_size -> --block-size."""
-    return "--" + name.removesuffix("_s").replace("_", "-")
+from crosschip.errors import CrosschipError, flag
 
 
 def pool_blocks(

@@ -40,7 +40,7 @@ from crosschip.model import (
     human_count,
 )
 from crosschip.paths import lock_folder
-from crosschip.tokenizer import Tokenizer, default_tokenizer
+from crosschip.tokenizer import model_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train import distributed as D
 from crosschip.train.data import IGNORE, Batch, BatchStream, shard_rows
@@ -207,7 +207,7 @@ class Trainer:
         check_batch_split(self.t.batch_size, self.dist.world, self.t.grad_accum)
         # Drawn now, so that a held-out size the task cannot fill is refused before training.
         self.heldout = heldout_set(cfg.data) if cfg.data.task == "arith" else []
-        self.tokenizer = self._tokenizer()
+        self.tokenizer = model_tokenizer(self.cfg.model.vocab_size)
         prefetch = self.host_runs_ahead if cfg.data.prefetch == "auto" else cfg.data.prefetch
         self.stream = BatchStream(cfg.data, self.tokenizer, self.t.batch_size, self.t.seq_len, prefetch=prefetch)
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.dist.is_main)
@@ -250,14 +250,6 @@ class Trainer:
                 f"{self.backend.spec} has {have / gib:,.1f} GiB; use a smaller model preset, a smaller batch, "
                 "or more processes (--nproc)"
             )
-
-    def _tokenizer(self) -> Tokenizer:
-        size = min(self.cfg.model.vocab_size, 1024)
-        if size < 263:
-            raise CrosschipError(
-                f"model.vocab_size {self.cfg.model.vocab_size} is below the tokenizer's minimum of 263"
-            )
-        return default_tokenizer(size)
 
     def _build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.t.seed)

@@ -62,6 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-new-tokens", type=int, default=None, help="greedy length (default: enough to finish every problem)"
     )
     p.add_argument("--digits", type=int, default=d.digits, help=f"operand digits of the problems (default {d.digits})")
+    p.add_argument(
+        "--ops",
+        nargs="+",
+        choices=["+", "-"],
+        default=d.ops,
+        help=f"operations of the problems, as the model was trained (default {' '.join(d.ops)})",
+    )
     p.add_argument("--no-bisect", action="store_true", help="skip the layer bisection when the gate fails")
     p.add_argument("--layers", action="store_true", help="also compute the per-layer error table when the gate passes")
     p.add_argument(
@@ -126,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         corpus_docs=args.corpus_docs,
         max_new_tokens=args.max_new_tokens,
         digits=args.digits,
+        ops=args.ops,
         bisect=not args.no_bisect,
         layers=args.layers,
     )

@@ -11,12 +11,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crosschip.backends.cpu import cpu_share
-from crosschip.errors import CrosschipError
+from crosschip.errors import CrosschipError, flag
 from crosschip.paths import check_bundle_folder
 from crosschip.verify import gate as gate_mod
 from crosschip.verify.prompts import PromptSet
@@ -188,11 +189,11 @@ def check_inputs(opts: VerifyOptions) -> None:
     # their embedding, or give logits of another width (an IndexError in a worker, after the other
     # side's whole run).
     vocab = hf.read_json(opts.bundle / hf.CONFIG_FILE).get("vocab_size")
-    for flag, w in (("--reference-weights", ref_w), ("--target-weights", opts.target_weights)):
+    for name, w in (("reference_weights", ref_w), ("target_weights", opts.target_weights)):
         theirs = None if w is None else hf.read_json(w / hf.CONFIG_FILE).get("vocab_size")
         if w is not None and theirs != vocab:
             raise CrosschipError(
-                f"{flag} {w} has a vocabulary of {theirs} tokens and the bundle {opts.bundle} one of {vocab}: "
+                f"{flag(name)} {w} has a vocabulary of {theirs} tokens and the bundle {opts.bundle} one of {vocab}: "
                 "the prompts are the bundle tokenizer's ids; give weights of the same model"
             )
     if opts.target_url is not None:
@@ -234,12 +235,15 @@ def sides_of(opts: VerifyOptions, precision: str) -> tuple[SideSpec, SideSpec]:
     return ref, SideSpec("target", opts.target, opts.target_weights, compute)
 
 
-def build_prompt_file(opts: VerifyOptions) -> tuple[PromptSet, Path, Any]:
-    from crosschip.tokenizer import Tokenizer
+def plan_prompts(
+    opts: VerifyOptions, tokenizer: Any, context: int | None, label: Callable[[str], str] = flag
+) -> PromptSet:
+    """The prompts `opts` asks for, or the CrosschipError that `crosschip verify` would end
+    with. `crosschip run` calls it before its first stage, with the tokenizer and context its
+    model will have, and its config keys as the `label`."""
     from crosschip.verify.prompts import build_prompts
 
-    tokenizer = Tokenizer.load(opts.bundle)
-    prompts = build_prompts(
+    return build_prompts(
         tokenizer,
         problems=opts.problems,
         scored_problems=min(opts.scored_problems, opts.problems),
@@ -249,18 +253,18 @@ def build_prompt_file(opts: VerifyOptions) -> tuple[PromptSet, Path, Any]:
         seed=opts.seed,
         max_len=opts.max_len,
         max_new_tokens=opts.max_new_tokens,
+        context=context,
+        label=label,
     )
-    # Checked before either side starts: a reference on torch generated past the context the
-    # bundle serves (and --max-new-tokens 100000 ran for minutes), then the target refused.
-    from crosschip import hf
 
+
+def build_prompt_file(opts: VerifyOptions) -> tuple[PromptSet, Path, Any]:
+    from crosschip import hf
+    from crosschip.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(opts.bundle)
     context = hf.read_json(opts.bundle / hf.CONFIG_FILE).get("max_position_embeddings")
-    longest = max(len(p.ids) for p in prompts.greedy)
-    if isinstance(context, int) and longest + prompts.max_new_tokens > context:
-        raise CrosschipError(
-            f"verify: greedy prompts of up to {longest} tokens plus {prompts.max_new_tokens} new tokens exceed "
-            f"the model's context of {context} tokens; give --max-new-tokens {context - longest} or less"
-        )
+    prompts = plan_prompts(opts, tokenizer, context if isinstance(context, int) else None)
     path = opts.out / "prompts.json"
     prompts.save(path)
     return prompts, path, tokenizer

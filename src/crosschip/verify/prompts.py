@@ -15,13 +15,14 @@ Three uses:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from crosschip.data.arith import Problem, generate_problems
 from crosschip.data.corpus import builtin_corpus
-from crosschip.errors import CrosschipError
+from crosschip.errors import CrosschipError, flag
 
 
 @dataclass
@@ -74,7 +75,9 @@ def build_prompts(
     seed: int,
     max_len: int,
     max_new_tokens: int | None = None,
+    context: int | None = None,
     capture: int = 4,
+    label: Callable[[str], str] = flag,
 ) -> PromptSet:
     """Tokenize the held-out problems and corpus paragraphs both sides will run.
 
@@ -82,17 +85,22 @@ def build_prompts(
     them are also scored teacher-forced. corpus_docs: corpus paragraphs, cut to `max_len`
     tokens, scored teacher-forced (perplexity) and continued greedily from a 16-token prefix.
     max_new_tokens: greedy length; None = the longest worked completion plus 2, so a model
-    that has learned the task can finish every problem.
+    that has learned the task can finish every problem. context: the model's, which no
+    greedy prompt plus max_new_tokens may pass. Errors name the settings by `label`:
+    `crosschip verify`'s flags, or a run config's keys.
     """
     if problems < 1:
-        raise CrosschipError(f"verify: --problems must be >= 1, got {problems}")
+        raise CrosschipError(f"verify: {label('problems')} must be >= 1, got {problems}")
     if corpus_docs < 0:
-        raise CrosschipError(f"verify: --corpus-docs must be >= 0, got {corpus_docs}")
+        raise CrosschipError(f"verify: {label('corpus_docs')} must be >= 0, got {corpus_docs}")
     if max_new_tokens is not None and max_new_tokens < 1:
-        raise CrosschipError(f"verify: --max-new-tokens must be >= 1, got {max_new_tokens}")
+        raise CrosschipError(f"verify: {label('max_new_tokens')} must be >= 1, got {max_new_tokens}")
     if not 1 <= digits <= 3:
-        raise CrosschipError(f"verify: --digits must be 1, 2 or 3, got {digits}")
-    chosen = generate_problems(problems, digits=digits, ops=ops, seed=seed, split="heldout")
+        raise CrosschipError(f"verify: {label('digits')} must be 1, 2 or 3, got {digits}")
+    try:
+        chosen = generate_problems(problems, digits=digits, ops=ops, seed=seed, split="heldout")
+    except CrosschipError as e:
+        raise CrosschipError(f"verify: {label('problems')}: {e}") from None
     bos = [tokenizer.bos_id]
     scored, greedy = [], []
     for i, p in enumerate(chosen):
@@ -106,6 +114,14 @@ def build_prompts(
         greedy.append(Prompt("corpus", ids[:16]))
     if max_new_tokens is None:
         max_new_tokens = max(len(tokenizer.encode(p.completion)) for p in chosen) + 2
+    # Checked before either side starts: a reference on torch generated past the context the
+    # bundle serves (and --max-new-tokens 100000 ran for minutes), then the target refused.
+    longest = max(len(p.ids) for p in greedy)
+    if context is not None and longest + max_new_tokens > context:
+        raise CrosschipError(
+            f"verify: greedy prompts of up to {longest} tokens plus {max_new_tokens:,} new tokens exceed the "
+            f"model's context of {context} tokens; give {label('max_new_tokens')} {context - longest} or less"
+        )
     # Capture a few of each kind: a fault may only show on one of them.
     arith_idx = [i for i, p in enumerate(scored) if p.kind == "arith"][: capture // 2]
     corpus_idx = [i for i, p in enumerate(scored) if p.kind == "corpus"][: capture - len(arith_idx)]
