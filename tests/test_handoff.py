@@ -123,6 +123,7 @@ def test_tampered_bundle_is_refused(exported, tmp_path):
 
 
 FINGERPRINT = {"backend": "torch:cpu", "device": "x86_64", "torch": torch.__version__}
+TASK = {"task": "arith", "digits": 3, "ops": ["+"]}
 
 
 def _checkpoints(bundle: Path, root: Path, steps: tuple[int, ...]) -> None:
@@ -131,7 +132,7 @@ def _checkpoints(bundle: Path, root: Path, steps: tuple[int, ...]) -> None:
 
     model, tok = hf.load_bundle(bundle)
     for step in steps:
-        scalars = {"backend": FINGERPRINT, "dtype": "fp32"}
+        scalars = {"backend": FINGERPRINT, "dtype": "fp32", "task": TASK}
         state = TrainState(step, model.state_dict(), {}, {"torch_cpu": torch.get_rng_state()}, scalars)
         save_checkpoint(root, state, model.cfg, tokenizer=tok)
 
@@ -144,7 +145,7 @@ def test_export_from_checkpoint_root_takes_newest_verified(debug_bundle, tmp_pat
     manifest = export_bundle(tmp_path / "run", tmp_path / "b", target="torch:cpu", policy="int8", progress=False)
     assert manifest["source"]["kind"] == "checkpoint" and manifest["source"]["step"] == 10
     assert manifest["source"]["path"].endswith("step_00000010")
-    assert manifest["training_backend"] == {**FINGERPRINT, "dtype": "fp32"}
+    assert manifest["training_backend"] == {**FINGERPRINT, "dtype": "fp32"} and manifest["task"] == TASK
     assert manifest["target"]["spec"] == "torch:cpu" and manifest["precision"]["policy"] == "int8"
 
 

@@ -38,7 +38,11 @@ def test_reference_run_writes_every_output(reference):
     step = events(run, "step")[0]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "expert_load"} <= set(step)
     assert len(step["expert_load"]) == 1 and len(step["expert_load"][0]) == 8  # one MoE layer, 8 experts
-    assert latest_verified(run / "checkpoints").name == "step_00000012"
+    newest = latest_verified(run / "checkpoints")
+    assert newest.name == "step_00000012"
+    # The task it learned, for the bundles exported from it (`crosschip verify` scores that task).
+    state = json.loads((newest / "trainer_state.json").read_text())
+    assert state["task"] == {"task": "arith", "digits": 2, "ops": ["+", "-"]}
 
 
 def test_kill_then_resume_is_bit_identical(reference, tmp_path):

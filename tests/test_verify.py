@@ -254,6 +254,27 @@ def test_the_reference_is_the_source_checkpoint_only_while_it_holds_the_exported
     assert reference_weights(VerifyOptions(bundle=bundle, out=tmp_path / "v", reference_weights="bundle")) is None
 
 
+def test_the_problems_are_of_the_task_the_bundle_records_unless_the_flags_say_otherwise(tmp_path):
+    """A 3-digit model was scored on 2-digit problems, and one trained on addition on
+    subtraction too, unless the user repeated the task's settings to `crosschip verify`."""
+    from crosschip import hf
+    from crosschip.errors import CrosschipError
+    from crosschip.verify.parity import VerifyOptions, trained_task
+
+    bundle = save_bundle(debug_model(), tmp_path / "bundle", tokenizer=default_tokenizer(512))
+    opts = VerifyOptions(bundle=bundle, out=tmp_path / "v")
+    assert trained_task(opts) == (2, ["+", "-"])  # nothing recorded: the data defaults
+    hf.write_manifest(bundle, {"task": {"task": "arith", "digits": 3, "ops": ["-"]}})
+    assert trained_task(opts) == (3, ["-"])
+    assert trained_task(VerifyOptions(bundle=bundle, out=tmp_path / "v", digits=1)) == (1, ["-"])
+    assert trained_task(VerifyOptions(bundle=bundle, out=tmp_path / "v", ops=["+"])) == (3, ["+"])
+    hf.write_manifest(bundle, {"task": {"task": "corpus"}})  # no problems to take from it
+    assert trained_task(opts) == (2, ["+", "-"])
+    hf.write_manifest(bundle, {"task": {"task": "arith", "digits": 7, "ops": ["+"]}})
+    with pytest.raises(CrosschipError, match=r"records a task verify cannot score .* give --digits and --ops"):
+        trained_task(opts)
+
+
 @pytest.mark.parametrize("flag", ["reference_weights", "target_weights"])
 def test_weights_of_another_vocabulary_are_refused_before_either_side_runs(tmp_path, flag):
     """They ended in an IndexError in the worker that used them, after the other side had run."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from crosschip.config import model_preset
-from crosschip.hf import load_bundle, read_manifest, save_bundle
+from crosschip.hf import load_bundle, read_manifest, save_bundle, write_manifest
 from crosschip.model import Transformer
 from crosschip.tokenizer import default_tokenizer
 from crosschip.verify.gate import GATE_FAILED_EXIT
@@ -51,8 +51,12 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
 
 def test_fp32_torch_to_torch_passes_with_zero_kl_and_records_parity(bundles, tmp_path):
     bundle = shutil.copytree(bundles["clean"], tmp_path / "bundle")
+    write_manifest(bundle, {"task": {"task": "arith", "digits": 3, "ops": ["+"]}})  # as an export records it
     proc, report = verify(bundle, tmp_path / "out", "--reference", "torch:cpu", "--target", "torch:cpu", *SMALL)
     assert proc.returncode == 0, proc.stderr
+    # Without --digits or --ops, the held-out problems are of the task the bundle was trained on.
+    assert report["prompts"]["digits"] == 3 and report["prompts"]["ops"] == ["+"]
+    assert "held-out problems, 3 digits, +)" in proc.stdout
     m = report["metrics"]
     assert m["kl_max"] <= 1e-12 and m["top1"] == 1.0 and m["greedy_identical"] == 1.0
     assert m["max_abs"] == 0.0 and m["cosine"] == pytest.approx(1.0)

@@ -349,6 +349,13 @@ class DataConfig:
         if self.heldout_size < 1:  # the final evaluation and the parity gate draw on them
             raise ConfigError(f"data.heldout_size: must be at least 1, got {self.heldout_size}")
 
+    def task_info(self) -> dict[str, Any]:
+        """What a checkpoint and its bundles record of the task the model learned, so that
+        `crosschip verify` scores held-out problems of that task without being told."""
+        if self.task != "arith":
+            return {"task": self.task}
+        return {"task": "arith", "digits": self.digits, "ops": [op for op in ("+", "-") if op in self.ops]}
+
 
 @dataclass
 class TrainConfig:

@@ -105,6 +105,7 @@ def export_bundle(
         manifest = {
             "source": source.info,
             "training_backend": source.training,
+            "task": source.task,
             "target": {"spec": backend.spec, "runtime": backend.runtime, "device_type": backend.device_type},
             "precision": precision_info,
             "onnx": onnx_info,

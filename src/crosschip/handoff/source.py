@@ -23,6 +23,8 @@ class Source:
     """path, kind (checkpoint | bundle), step, weights sha256."""
     training: dict[str, Any] | None = None
     """Training backend fingerprint (backend, device, torch version) and dtype, when recorded."""
+    task: dict[str, Any] | None = None
+    """The task the model learned (`DataConfig.task_info`), when recorded."""
 
 
 def checkpoint_root(path: Path) -> Path | None:
@@ -79,7 +81,8 @@ def _from_checkpoint(folder: Path) -> Source:
         "step": state.get("step"),
         "weights_sha256": hf.weights_sha256(folder),
     }
-    return Source(model, tokenizer, info, training)
+    task = state.get("task") if isinstance(state.get("task"), dict) else None
+    return Source(model, tokenizer, info, training, task)
 
 
 def _from_bundle(folder: Path) -> Source:
@@ -91,4 +94,4 @@ def _from_bundle(folder: Path) -> Source:
     info = {"path": str(folder.resolve()), "kind": "bundle", "weights_sha256": hf.weights_sha256(folder)}
     if manifest.get("precision", {}).get("policy") not in (None, "fp32"):
         info["note"] = f"re-exported from a {manifest['precision']['policy']} bundle: its rounding is kept"
-    return Source(model, tokenizer, info, manifest.get("training_backend"))
+    return Source(model, tokenizer, info, manifest.get("training_backend"), manifest.get("task"))

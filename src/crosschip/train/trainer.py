@@ -370,6 +370,7 @@ class Trainer:
             "world": self.dist.world,
             "backend": self.backend.fingerprint(),
             "dtype": self.dtype,
+            "task": self.cfg.data.task_info(),
         }
         return ckpt.TrainState(self.step, msd, tensors, rng, scalars)
 

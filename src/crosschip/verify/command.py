@@ -61,13 +61,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-new-tokens", type=int, default=None, help="greedy length (default: enough to finish every problem)"
     )
-    p.add_argument("--digits", type=int, default=d.digits, help=f"operand digits of the problems (default {d.digits})")
+    trained = "default: the task the bundle's crosschip.json records it was trained on, else"
+    p.add_argument("--digits", type=int, default=None, help=f"operand digits of the problems ({trained} {d.digits})")
     p.add_argument(
         "--ops",
         nargs="+",
         choices=["+", "-"],
-        default=d.ops,
-        help=f"operations of the problems, as the model was trained (default {' '.join(d.ops)})",
+        default=None,
+        help=f"operations of the problems ({trained} {' '.join(d.ops)})",
     )
     p.add_argument("--no-bisect", action="store_true", help="skip the layer bisection when the gate fails")
     p.add_argument("--layers", action="store_true", help="also compute the per-layer error table when the gate passes")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +46,10 @@ class VerifyOptions:
     corpus_docs: int = 16
     max_len: int = 128
     max_new_tokens: int | None = None
-    digits: int = 2
-    ops: list[str] = field(default_factory=lambda: ["+", "-"])
+    digits: int | None = None
+    """Held-out problems of this many digits and these ops; None: the task the bundle records
+    (`trained_task`)."""
+    ops: list[str] | None = None
     seed: int = 0
     bisect: bool = True
     layers: bool = False
@@ -258,6 +260,29 @@ def plan_prompts(
     )
 
 
+def trained_task(opts: VerifyOptions) -> tuple[int, list[str]]:
+    """The digits and ops of the held-out problems: as given, else as the bundle's manifest
+    records the training task (a 3-digit model scored on 2-digit problems, or one trained on
+    addition scored on subtraction, would show an accuracy that says nothing of the model),
+    else the data defaults."""
+    from crosschip import hf
+    from crosschip.config import ConfigError, DataConfig
+
+    manifest = hf.read_manifest(opts.bundle) if (opts.bundle / hf.MANIFEST_FILE).is_file() else {}
+    task = manifest.get("task")
+    task = task if isinstance(task, dict) and task.get("task") == "arith" else {}
+    try:
+        recorded = DataConfig(**{k: task[k] for k in ("digits", "ops") if k in task})
+    except (ConfigError, TypeError):
+        raise CrosschipError(
+            f"{opts.bundle / hf.MANIFEST_FILE} records a task verify cannot score ({task}); give --digits and --ops"
+        ) from None
+    return (
+        recorded.digits if opts.digits is None else opts.digits,
+        recorded.ops if opts.ops is None else opts.ops,
+    )
+
+
 def build_prompt_file(opts: VerifyOptions) -> tuple[PromptSet, Path, Any]:
     from crosschip import hf
     from crosschip.tokenizer import Tokenizer
@@ -277,6 +302,7 @@ def verify(opts: VerifyOptions, progress: Any = print) -> dict[str, Any]:
     precision, source = gate_mod.precision_of_bundle(opts.bundle)
     if opts.target_dtype and opts.target_url is None:
         precision, source = opts.target_dtype, "--target-dtype"
+    opts.digits, opts.ops = trained_task(opts)
     prompts, prompt_path, tokenizer = build_prompt_file(opts)
     ref_spec, tgt_spec = sides_of(opts, precision)
     progress(

@@ -17,6 +17,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _task(prompts: dict[str, Any]) -> str:
+    """`, 3 digits, + -`: which problems the accuracy is over."""
+    return f", {prompts['digits']} digit{'s' if prompts['digits'] > 1 else ''}, {' '.join(prompts['ops'])}"
+
+
 def render_text(report: dict[str, Any]) -> str:
     m, g = report["metrics"], report["gate"]
     lines = [
@@ -45,7 +50,7 @@ def render_text(report: dict[str, Any]) -> str:
         f"  perplexity        corpus ref {_fmt(m['ppl_reference'])} / target {_fmt(m['ppl_target'])}"
         f"   arith ref {_fmt(m['ppl_arith_reference'])} / target {_fmt(m['ppl_arith_target'])}",
         f"  task accuracy     ref {m['accuracy_reference']:.2%} / target {m['accuracy_target']:.2%}"
-        f"   ({m['accuracy_problems']} held-out problems)",
+        f"   ({m['accuracy_problems']} held-out problems{_task(report['prompts'])})",
         f"  {m['tensor_on']:<17} cosine {m['cosine']:.8f}   max abs {_fmt(m['max_abs'])}   max rel {_fmt(m['max_rel'])}",
     ]
     if m.get("first_divergence"):
