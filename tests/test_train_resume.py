@@ -58,6 +58,21 @@ def test_kill_then_resume_is_bit_identical(reference, tmp_path):
     assert losses(run) == losses(ref), "2N steps and N steps + resume must give bit-identical losses"
 
 
+def test_the_summary_counts_the_steps_lost_before_a_restart_too(reference, tmp_path):
+    """The summary counted only the steps its own process lost: a rollback before a crash was
+    forgotten by the resumed process."""
+    cfg, _ = reference
+    run = tmp_path / "run"
+    killed = train(cfg, run, "--inject", "nan@step=6", "--inject", "crash@step=10")
+    assert killed.returncode == -9
+    assert train(cfg, run, "--resume").returncode == 0
+    (rollback,) = events(run, "rollback")
+    (resume,) = events(run, "resume")
+    assert (rollback["lost_steps"], resume["lost_steps"]) == (1, 1)  # step 5, then step 9
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["status"] == "done" and summary["step"] == 12 and summary["lost_steps"] == 2
+
+
 def test_kill_during_checkpoint_save_resumes_from_the_previous_one(reference, tmp_path):
     cfg, ref = reference
     run = tmp_path / "run"

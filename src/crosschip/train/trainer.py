@@ -228,7 +228,9 @@ class Trainer:
             self.train_time_s = 0.0
             self.train_cpu_s = 0.0
             self.tokens_seen = 0
-            self.lost_steps = 0
+            # Optimizer steps taken over the whole run, its earlier processes included (their
+            # `step` events): those a rollback or a restart discarded are the ones past `step`.
+            self.steps_run = 0
             self.stopped = False  # True once a signal stopped fit() after saving the step reached
             self.budget_note: str | None = None  # how train.max_minutes shaped the run, if it did
             self.schedule_steps: int | None = None  # train.steps fitted to train.max_minutes (kept in checkpoints)
@@ -311,7 +313,7 @@ class Trainer:
             self.faults.replay(records)
             done = [r["step"] for r in records if r["event"] == "step"]
             lost = max(0, max(done, default=0) - self.step)
-            self.lost_steps += lost
+            self.steps_run = len(done)
             changed = config_changes(records, to_dict(self.cfg))
             self.log.event(
                 "resume",
@@ -575,7 +577,6 @@ class Trainer:
             skip.add(details["batch"])
         self._restore(Path(path))
         self.stream.skip |= skip
-        self.lost_steps += step - 1 - self.step
         self.log.event(
             "rollback",
             from_step=step,
@@ -805,6 +806,7 @@ class Trainer:
 
     def _after_step(self, step: int, r: dict[str, Any], dt: float) -> None:
         self.step = step
+        self.steps_run += 1
         self.train_time_s += dt
         self.tokens_seen += r["tokens"]
         tps = r["tokens"] / dt
@@ -878,7 +880,7 @@ class Trainer:
             "tokens_per_s": self.tokens_seen / self.train_time_s if self.train_time_s else None,
             "events": counts,
             "rollbacks": counts.get("rollback", 0),
-            "lost_steps": self.lost_steps,
+            "lost_steps": max(0, self.steps_run - self.step),  # a step line cut by a kill is not read back
             "backend": self.backend.fingerprint(),
             "dtype": self.dtype,
             "world": self.dist.world,
