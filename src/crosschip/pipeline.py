@@ -483,6 +483,12 @@ def _check_stage_settings(cfg: RunConfig, path: Path) -> None:
     if cfg.export.dtype not in POLICIES:
         raise CrosschipError(f"{path}: export.dtype: must be one of {', '.join(POLICIES)}, got {cfg.export.dtype!r}")
     serve, model = cfg.serve, cfg.model
+    # Verify and serve run the bundle the export wrote: an ONNX Runtime target needs its graphs.
+    if get_backend(serve.backend).runtime == "ort" and get_backend(cfg.export.target).runtime != "ort":
+        raise CrosschipError(
+            f"{path}: serve.backend {serve.backend} runs the bundle's ONNX graphs, which export.target "
+            f"{cfg.export.target} does not write; set export.target to an ort backend (such as {serve.backend})"
+        )
     try:  # the pool `crosschip serve` will size: fp32 latents (every policy serves in fp32)
         pool_blocks(
             serve.num_blocks,
