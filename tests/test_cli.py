@@ -181,6 +181,7 @@ def test_the_engine_refuses_a_zero_prefill_chunk():
         (["--top-k", "0", "--target-url", "http://127.0.0.1:1"], "--top-k must be >= 1, got 0"),
         (["--digits", "7"], "--digits must be 1, 2 or 3, got 7"),  # was "arith: digits must be ..."
         (["--problems", "100", "--digits", "1", "--ops", "+"], "--problems: arith: asked for 100 held-out problems"),
+        (["--reference", "ort:cpu"], "--reference ort:cpu: the reference runs the trained weights in torch"),
         # These were accepted and did nothing (the bf16 gate judged an fp32 graph); an empty
         # --out wrote into the current folder, and one inside the bundle into the bundle.
         (["--target-dtype", "bf16"], "--target-dtype applies to a torch target; --target ort:cpu runs its own"),

@@ -214,6 +214,16 @@ def _side_by_side(commands: list[list[str]], logs: Path, timeout: float) -> list
         ("[verify]\nprompts = 3000\n", "verify.prompts: arith: asked for 3000 held-out problems, but only 2049"),
         ("[verify]\nmax_new_tokens = 1000\n", "exceed the model's context of 512 tokens; give verify.max_new_tokens"),
         ("[model]\nvocab_size = 200\n", "model.vocab_size 200 is below the tokenizer's minimum of 263"),
+        (
+            '[export]\ntarget = "emu:fp16-only"\ndtype = "bf16"\n',
+            "export.target emu:fp16-only refuses export.dtype bf16",
+        ),
+        ('[serve]\nbackend = "ort:cann"\n', "serve.backend: ort:cann is not available: this onnxruntime build has"),
+        (
+            '[verify]\nreference = "ort:cpu"\n',
+            "verify.reference ort:cpu: the reference runs the trained weights in torch",
+        ),
+        ('[verify]\nreference = "torch:xpu"\n', "verify.reference: torch:xpu is not available: this torch ("),
         # Trained and exported, then refused by verify: the bundle had no ONNX graphs.
         ('[export]\ntarget = "torch:cpu"\n', "serve.backend ort:cpu runs the bundle's ONNX graphs, which export"),
     ],

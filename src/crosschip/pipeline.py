@@ -473,49 +473,60 @@ def _check_backend_names(named: dict[str, list[str]], to_train: tuple[str, ...] 
 
 
 def _check_stage_settings(cfg: RunConfig, path: Path) -> None:
-    """Backend names, the export policy and the serve stage's latent cache, which the stages
-    would only refuse when they start (the server starts minutes after the training it serves)."""
-    from crosschip.backends import get_backend
-
-    keys = {"train.backend": cfg.train.backend, "export.target": cfg.export.target}
-    keys |= {"serve.backend": cfg.serve.backend, "verify.reference": cfg.verify.reference}
-    _check_backend_names({f"{path}: {key}": [spec] for key, spec in keys.items()}, to_train=(f"{path}: train.backend",))
-    if cfg.export.dtype not in POLICIES:
-        raise CrosschipError(f"{path}: export.dtype: must be one of {', '.join(POLICIES)}, got {cfg.export.dtype!r}")
-    serve, model = cfg.serve, cfg.model
-    # Verify and serve run the bundle the export wrote: an ONNX Runtime target needs its graphs.
-    if get_backend(serve.backend).runtime == "ort" and get_backend(cfg.export.target).runtime != "ort":
-        raise CrosschipError(
-            f"{path}: serve.backend {serve.backend} runs the bundle's ONNX graphs, which export.target "
-            f"{cfg.export.target} does not write; set export.target to an ort backend (such as {serve.backend})"
-        )
-    try:  # the pool `crosschip serve` will size: fp32 latents (every policy serves in fp32)
-        pool_blocks(
-            serve.num_blocks,
-            serve.block_size,
-            serve.max_batch,
-            model.max_position_embeddings,
-            token_bytes=model.num_hidden_layers * model.latent_dim * 4,
-            device_type=get_backend(serve.backend).device_type,
-            label=lambda name: f"serve.{name}",
-        )
+    """What the stages after training would only refuse when they start (the server starts
+    minutes after the training it serves), said before the first stage, naming the config."""
+    try:
+        _check_late_stages(cfg)
     except CrosschipError as e:
         raise CrosschipError(f"{path}: {e}") from None
+
+
+def _check_late_stages(cfg: RunConfig) -> None:
+    from crosschip.backends import get_backend
+    from crosschip.tokenizer import model_tokenizer
+    from crosschip.verify.parity import VerifyOptions, check_reference, plan_prompts
+
+    serve, export, model = cfg.serve, cfg.export, cfg.model
+    keys = {"train.backend": cfg.train.backend, "export.target": export.target}
+    keys |= {"serve.backend": serve.backend, "verify.reference": cfg.verify.reference}
+    _check_backend_names({key: [spec] for key, spec in keys.items()}, to_train=("train.backend",))
+    if export.dtype not in POLICIES:
+        raise CrosschipError(f"export.dtype: must be one of {', '.join(POLICIES)}, got {export.dtype!r}")
+    if export.dtype in get_backend(export.target).emulated_refused_dtypes:  # as `crosschip export` refuses it
+        raise CrosschipError(
+            f"export.target {export.target} refuses export.dtype {export.dtype}; use fp16, int8 or fp32"
+        )
+    # Verify and serve run here: a backend this install cannot have at all (torch built without
+    # cuda, ONNX Runtime without the CUDA provider) is said now.
+    for key in ("serve.backend", "verify.reference"):
+        try:
+            get_backend(keys[key]).check_build()
+        except CrosschipError as e:
+            raise CrosschipError(f"{key}: {e}") from None
+    check_reference(cfg.verify.reference, label="verify.reference")
+    # They run the bundle the export wrote: an ONNX Runtime target needs its graphs.
+    if get_backend(serve.backend).runtime == "ort" and get_backend(export.target).runtime != "ort":
+        raise CrosschipError(
+            f"serve.backend {serve.backend} runs the bundle's ONNX graphs, which export.target {export.target} "
+            f"does not write; set export.target to an ort backend (such as {serve.backend})"
+        )
+    pool_blocks(  # the pool `crosschip serve` will size: fp32 latents (every policy serves in fp32)
+        serve.num_blocks,
+        serve.block_size,
+        serve.max_batch,
+        model.max_position_embeddings,
+        token_bytes=model.num_hidden_layers * model.latent_dim * 4,
+        device_type=get_backend(serve.backend).device_type,
+        label=lambda name: f"serve.{name}",
+    )
     # The verify stage's prompts, built as it will build them: the tokenizer is the one the
     # trainer will give the model, and the context the model's.
-    from crosschip.tokenizer import model_tokenizer
-    from crosschip.verify.parity import VerifyOptions, plan_prompts
-
-    try:
-        opts = VerifyOptions(bundle=Path(), out=Path(), **_verify_settings(cfg))
-        plan_prompts(
-            opts,
-            model_tokenizer(model.vocab_size),
-            model.max_position_embeddings,
-            label=lambda name: _VERIFY_KEYS.get(name, name),
-        )
-    except CrosschipError as e:
-        raise CrosschipError(f"{path}: {e}") from None
+    plan_prompts(
+        VerifyOptions(bundle=Path(), out=Path(), **_verify_settings(cfg)),
+        model_tokenizer(model.vocab_size),
+        model.max_position_embeddings,
+        label=lambda name: _VERIFY_KEYS.get(name, name),
+    )
 
 
 def _check_flags(args: argparse.Namespace) -> None:

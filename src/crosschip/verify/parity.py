@@ -163,12 +163,24 @@ def read_side(out: Path, name: str, prompts: PromptSet) -> SideResult:
 # --------------------------------------------------------------------------------------------
 
 
+def check_reference(spec: str, label: str = "--reference") -> None:
+    """The reference runs the trained weights in fp32 torch, and the per-layer table and the
+    bisection capture its torch modules: another runtime there failed after the target's run."""
+    from crosschip.backends import get_backend
+
+    if get_backend(spec).runtime != "torch":
+        raise CrosschipError(
+            f"{label} {spec}: the reference runs the trained weights in torch; give a torch backend such as torch:cpu"
+        )
+
+
 def check_inputs(opts: VerifyOptions) -> None:
     """Clear errors before any process starts (and before torch is imported: a mistyped path is
     answered at once)."""
     from crosschip.backends import get_backend
 
     check_bundle_folder(opts.bundle)
+    check_reference(opts.reference)
     for name in ("config.json", "tokenizer.json"):
         if not (opts.bundle / name).is_file():
             raise CrosschipError(f"{opts.bundle} is not a bundle: {name} is missing")
