@@ -48,5 +48,8 @@ def test_an_emulated_trainer_is_named_as_one():
         "serve": {"url": "http://127.0.0.1:1/v1"},
     }
     assert "roles: train on emu:flaky (emulated), serve on ort:cpu" in summary_lines(data)
+    # A corpus run's smoke has no answers to score: its line gives no accuracy.
+    served = {**data, "serve": {"backend": "ort:cpu", "requests": 16, "accuracy": None, "ttft_ms_median": 4.0}}
+    assert "serving on ort:cpu: 16 requests, TTFT 4.0 ms" in summary_lines(served)
     page = render_html(data)
     assert "emu:flaky (emulated), torch:cpu" in page and "url (smoke run, stopped since)" in page

@@ -984,3 +984,24 @@ def test_a_long_prompt_is_tokenized_without_stalling_the_server(server):
     thread.join()
     assert health.status_code == 200 and took["big"][1] == 400
     assert took["health"] < took["big"][0] / 4, took
+
+
+def test_the_pipelines_smoke_run_of_a_corpus_sends_its_text_and_scores_nothing(server, tmp_path):
+    """`crosschip run` on a corpus sent held-out arithmetic problems to the server and reported an
+    accuracy of 0.0% for a model that never saw arithmetic."""
+    from types import SimpleNamespace
+
+    from crosschip.config import DataConfig
+    from crosschip.pipeline import _smoke
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(
+        "\n".join(json.dumps({"text": f"document {i} of the corpus says hello to the server"}) for i in range(20))
+    )
+    facts = _smoke(server.api, SimpleNamespace(data=DataConfig(task="corpus", corpus=[str(docs)])), "")
+    assert facts["requests"] == 16 and facts["accuracy"] is None and facts["ttft_ms_median"] > 0
+    assert [s["prompt"] for s in facts["samples"][:2]] == [
+        "document 0 of the corpus says hello to",
+        "document 1 of the corpus says hello to",
+    ]
+    assert all(s["correct"] is None and s["completion"] for s in facts["samples"])

@@ -11,6 +11,7 @@ last one that finished, and Ctrl-C stops the running child cleanly.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -374,24 +375,34 @@ def _start_server(bundle: Path, serve: ServeConfig, port: int, api_key: str, log
     raise CrosschipError(f"the server did not become ready in 120 s; see {log}")
 
 
-def _smoke(base_url: str, cfg, api_key: str) -> dict:
-    """A short run through the real HTTP API with the official client: task problems, greedy."""
-    from openai import OpenAI
+def _smoke_prompts(data: Any) -> list[tuple[str, Any]]:
+    """16 (prompt, checker) pairs of the run's task: held-out problems, each with the task
+    checker; or for a corpus run, the first words of its first documents, with none (a
+    continuation of free text has no right answer to score)."""
+    if data.task == "arith":
+        from crosschip.data.arith import check, heldout_set
 
-    from crosschip.data.arith import check, heldout_set
+        return [(p.prompt, functools.partial(check, p)) for p in heldout_set(data)[:16]]
+    from crosschip.data.corpus import load_texts
+
+    return [(" ".join(text.split()[:8]), None) for text in load_texts(data.corpus)[:16]]
+
+
+def _smoke(base_url: str, cfg, api_key: str) -> dict:
+    """A short run through the real HTTP API with the official client: the task's prompts, greedy."""
+    from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=60)
     model = client.models.list().data[0].id
-    problems = heldout_set(cfg.data)[:16]
     rows, ttfts, rates = [], [], []
-    for problem in problems:
+    for prompt, checker in _smoke_prompts(cfg.data):
         t0 = time.perf_counter()
         first = None
         text = ""
         n_tokens = 0
         stream = client.completions.create(
             model=model,
-            prompt=problem.prompt,
+            prompt=prompt,
             max_tokens=96,
             temperature=0,
             stream=True,
@@ -407,12 +418,13 @@ def _smoke(base_url: str, cfg, api_key: str) -> dict:
         ttfts.append((first or done) - t0)
         if n_tokens > 1 and first:
             rates.append((n_tokens - 1) / max(done - first, 1e-9))
-        rows.append({"prompt": problem.prompt, "completion": text, "correct": check(problem, text)})
+        rows.append({"prompt": prompt, "completion": text, "correct": checker(text) if checker else None})
     ttfts.sort()
     rates.sort()
+    scored = [r["correct"] for r in rows if r["correct"] is not None]
     return {
         "requests": len(rows),
-        "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        "accuracy": sum(scored) / len(scored) if scored else None,  # None: nothing to score (a corpus run)
         "ttft_ms_median": 1000 * ttfts[len(ttfts) // 2],
         "decode_tokens_per_s_median": rates[len(rates) // 2] if rates else None,
         "samples": rows[:4],

@@ -288,9 +288,11 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         )
     serve = data["serve"]
     if serve:
+        accuracy = serve.get("accuracy")  # None for a corpus run: free text has no answer to score
+        scored = f"accuracy {100 * accuracy:.1f}% over " if accuracy is not None else ""
         lines.append(
-            f"serving on {serve.get('backend')}: accuracy {100 * serve.get('accuracy', 0):.1f}% over "
-            f"{serve.get('requests')} requests, TTFT {serve.get('ttft_ms_median', 0):.1f} ms"
+            f"serving on {serve.get('backend')}: {scored}{serve.get('requests')} requests, "
+            f"TTFT {serve.get('ttft_ms_median', 0):.1f} ms"
         )
     return lines
 
