@@ -97,6 +97,9 @@ def test_int_accepted_where_float_expected_but_not_bool(tmp_path):
     [
         ("grad_accum = 0", "train.grad_accum: must be at least 1, got 0"),
         ("batch_size = 0", "train.batch_size: must be at least 1, got 0"),
+        # Refused by the trainer, after `crosschip run` had probed and qualified (the run's
+        # config can then not be edited for a --resume).
+        ("batch_size = 30\ngrad_accum = 4", r"train.batch_size: must be divisible by train.grad_accum \(4\), got 30"),
         ("lr = -0.001", "train.lr: must be positive, got -0.001"),
         ("ckpt_every = 0", "train.ckpt_every: must be at least 1, got 0"),
         ("keep_checkpoints = 1", "train.keep_checkpoints: must be at least 2, got 1"),
@@ -125,6 +128,8 @@ def test_out_of_range_training_values_are_named(tmp_path, line, message):
         ("[model]\ninitializer_range = nan", "model.initializer_range: must be a positive number, got nan"),
         # This one trained every step, then failed in the final evaluation with a traceback.
         ("[data]\nheldout_size = 0", "data.heldout_size: must be at least 1, got 0"),
+        # Refused only by the trainer, as for the batch size above.
+        ("[data]\ndigits = 1", "data.heldout_size: arith: asked for 500 held-out problems, but only 23 distinct"),
     ],
 )
 def test_model_and_data_numbers_no_run_can_use_are_named(tmp_path, text, message):

@@ -187,7 +187,7 @@ def test_prefetching_stream_rewinds_only_after_the_draw_ahead_is_over():
 
 
 def test_prefetching_stream_raises_the_draws_error_at_next(monkeypatch):
-    stream = BatchStream(DataConfig(digits=1), default_tokenizer(512), 2, 64, prefetch=True)
+    stream = BatchStream(DataConfig(digits=1, heldout_size=20), default_tokenizer(512), 2, 64, prefetch=True)
 
     def broken():
         raise CrosschipError("planted draw failure")
@@ -219,7 +219,7 @@ def test_a_heldout_size_the_task_cannot_fill_is_refused_before_the_run_writes_an
 
 def test_shard_rows_partitions_the_global_batch():
     tok = default_tokenizer(512)
-    batch = BatchStream(DataConfig(digits=1), tok, 8, 32).next()[1]
+    batch = BatchStream(DataConfig(digits=1, heldout_size=20), tok, 8, 32).next()[1]
     parts = [mb for r in range(2) for mb in shard_rows(batch, r, 2, 2)]
     assert sum(mb.n_label_tokens for mb in parts) == batch.n_label_tokens
     with pytest.raises(CrosschipError, match="divisible"):

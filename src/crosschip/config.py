@@ -348,6 +348,13 @@ class DataConfig:
             raise ConfigError(f"data.prefetch: must be true, false or 'auto', got {self.prefetch!r}")
         if self.heldout_size < 1:  # the final evaluation and the parity gate draw on them
             raise ConfigError(f"data.heldout_size: must be at least 1, got {self.heldout_size}")
+        if self.task == "arith":  # more than exist was refused only when the trainer drew them
+            from crosschip.data.arith import check_heldout_count
+
+            try:
+                check_heldout_count(self.heldout_size, self.digits, self.ops)
+            except CrosschipError as e:
+                raise ConfigError(f"data.heldout_size: {e}") from None
 
     def task_info(self) -> dict[str, Any]:
         """What a checkpoint and its bundles record of the task the model learned, so that
@@ -432,6 +439,11 @@ class TrainConfig:
             ("batch_size", self.batch_size >= 1, "must be at least 1"),
             ("seq_len", self.seq_len >= 1, "must be at least 1"),
             ("grad_accum", self.grad_accum >= 1, "must be at least 1"),
+            (  # every micro-batch the same number of rows (and every process, see check_batch_split)
+                "batch_size",
+                self.grad_accum < 1 or self.batch_size % self.grad_accum == 0,
+                f"must be divisible by train.grad_accum ({self.grad_accum})",
+            ),
             ("lr", self.lr > 0, "must be positive"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be between 0 and 1"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),

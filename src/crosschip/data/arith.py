@@ -183,16 +183,22 @@ def generate_problems(n: int, *, digits: int, ops: Sequence[str], seed: int, spl
     stream = iter_problems(digits=digits, ops=ops, seed=seed, split=split)
     if split == "train":
         return list(itertools.islice(stream, n))
-    # More than the held-out split's expected share: count it before drawing, which would
-    # otherwise take 20 n draws to find out (82 s for 100,000 2-digit problems, of 2,049).
-    if n > len(ops) * 10 ** (2 * digits) * HELDOUT_PERCENT // 100:
-        _check_heldout_size(n, _universe(digits, ops, "heldout"), digits, ops)
+    check_heldout_count(n, digits, ops)
     chosen: dict[Problem, None] = {}  # an ordered set
     for _ in range(20 * n + 1000):
         if len(chosen) == n:
             return list(chosen)
         chosen[next(stream)] = None
     return _fill_from_universe(chosen, n, digits, ops, seed)
+
+
+def check_heldout_count(n: int, digits: int, ops: Sequence[str]) -> None:
+    """Refuse `n` held-out problems where fewer exist. Counted only past the held-out split's
+    expected share; drawing would otherwise take 20 n draws to find out (82 s for 100,000
+    2-digit problems, of 2,049)."""
+    ops = _check_args(digits, ops, "heldout")
+    if n > len(ops) * 10 ** (2 * digits) * HELDOUT_PERCENT // 100:
+        _check_heldout_size(n, _universe(digits, ops, "heldout"), digits, ops)
 
 
 def _check_heldout_size(n: int, universe: list[Problem], digits: int, ops: Sequence[str]) -> None:

@@ -283,8 +283,8 @@ def trained_task(opts: VerifyOptions) -> tuple[int, list[str]]:
     manifest = hf.read_manifest(opts.bundle) if (opts.bundle / hf.MANIFEST_FILE).is_file() else {}
     task = manifest.get("task")
     task = task if isinstance(task, dict) and task.get("task") == "arith" else {}
-    try:
-        recorded = DataConfig(**{k: task[k] for k in ("digits", "ops") if k in task})
+    try:  # checked as a config's would be; the held-out count is verify's own (--problems)
+        recorded = DataConfig(**{k: task[k] for k in ("digits", "ops") if k in task}, heldout_size=1)
     except (ConfigError, TypeError):
         raise CrosschipError(
             f"{opts.bundle / hf.MANIFEST_FILE} records a task verify cannot score ({task}); give --digits and --ops"
