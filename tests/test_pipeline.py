@@ -216,7 +216,7 @@ def _side_by_side(commands: list[list[str]], logs: Path, timeout: float) -> list
         ("[model]\nvocab_size = 200\n", "model.vocab_size 200 is below the tokenizer's minimum of 263"),
         (
             '[export]\ntarget = "emu:fp16-only"\ndtype = "bf16"\n',
-            "export.target emu:fp16-only refuses export.dtype bf16",
+            "refuses bf16; set export.dtype to fp16, int8 or fp32",
         ),
         ('[serve]\nbackend = "ort:cann"\n', "serve.backend: ort:cann is not available: this onnxruntime build has"),
         (

@@ -319,8 +319,12 @@ def _verify_settings(cfg: RunConfig) -> dict[str, Any]:
 
 
 # How a run config names the settings `_verify_settings` hands on.
-_VERIFY_KEYS = {"problems": "verify.prompts", "max_new_tokens": "verify.max_new_tokens"}
-_VERIFY_KEYS |= {"digits": "data.digits", "ops": "data.ops"}
+_VERIFY_KEYS = {
+    "problems": "verify.prompts",
+    "max_new_tokens": "verify.max_new_tokens",
+    "digits": "data.digits",
+    "ops": "data.ops",
+}
 
 
 def stage_verify(run: Run) -> dict:
@@ -495,6 +499,7 @@ def _check_stage_settings(cfg: RunConfig, path: Path) -> None:
 
 def _check_late_stages(cfg: RunConfig) -> None:
     from crosschip.backends import get_backend
+    from crosschip.handoff import check_target_policy
     from crosschip.tokenizer import model_tokenizer
     from crosschip.verify.parity import VerifyOptions, check_reference, plan_prompts
 
@@ -504,10 +509,7 @@ def _check_late_stages(cfg: RunConfig) -> None:
     _check_backend_names({key: [spec] for key, spec in keys.items()}, to_train=("train.backend",))
     if export.dtype not in POLICIES:
         raise CrosschipError(f"export.dtype: must be one of {', '.join(POLICIES)}, got {export.dtype!r}")
-    if export.dtype in get_backend(export.target).emulated_refused_dtypes:  # as `crosschip export` refuses it
-        raise CrosschipError(
-            f"export.target {export.target} refuses export.dtype {export.dtype}; use fp16, int8 or fp32"
-        )
+    check_target_policy(get_backend(export.target), export.dtype, label=lambda name: f"export.{name}")
     # Verify and serve run here: a backend this install cannot have at all (torch built without
     # cuda, ONNX Runtime without the CUDA provider) is said now.
     for key in ("serve.backend", "verify.reference"):

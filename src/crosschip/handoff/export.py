@@ -21,7 +21,7 @@ import torch
 from crosschip import hf
 from crosschip.backends import get_backend
 from crosschip.errors import CrosschipError
-from crosschip.handoff import precision
+from crosschip.handoff import check_target_policy, precision
 from crosschip.handoff.source import Source, checkpoint_root, resolve_source
 from crosschip.model import DTYPES
 from crosschip.paths import check_output_dir
@@ -34,8 +34,7 @@ def check_target(target: str, policy: str) -> Any:
     """The target backend (not required to run here: exporting for a CANN box is the point)."""
     backend = get_backend(target)
     precision.check_policy(policy)
-    if policy in backend.emulated_refused_dtypes:
-        raise CrosschipError(f"{backend} refuses {policy}; export with --dtype fp16, int8 or fp32")
+    check_target_policy(backend, policy)
     return backend
 
 
