@@ -181,6 +181,8 @@ def test_a_corpus_without_its_task_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r'data.corpus is set but data.task is \'arith\': set data.task = "corpus"'):
         load_config(path)
     assert load_config(_write(tmp_path, '[data]\ntask = "corpus"\ncorpus = ["docs.txt"]\n')).data.corpus == ["docs.txt"]
+    with pytest.raises(ConfigError, match=r"data.corpus is empty: give paths"):
+        load_config(_write(tmp_path, '[data]\ntask = "corpus"\n'))
     # An empty path was the current folder: the run trained on every .txt under it, silently.
     with pytest.raises(ConfigError, match=r"data.corpus: an empty path"):
         load_config(_write(tmp_path, '[data]\ntask = "corpus"\ncorpus = ["docs.txt", ""]\n'))

@@ -224,6 +224,9 @@ def _side_by_side(commands: list[list[str]], logs: Path, timeout: float) -> list
             "verify.reference ort:cpu: the reference runs the trained weights in torch",
         ),
         ('[verify]\nreference = "torch:xpu"\n', "verify.reference: torch:xpu is not available: this torch ("),
+        ('[data]\ntask = "corpus"\n', "data.corpus is empty: give paths of .txt/.jsonl files"),
+        # Found missing by the train stage, after the probe and qualify; verify reads the text too.
+        ('[data]\ntask = "corpus"\ncorpus = ["no-such-docs.jsonl"]\n', "corpus: path not found: no-such-docs.jsonl"),
         # Trained and exported, then refused by verify: the bundle had no ONNX graphs.
         ('[export]\ntarget = "torch:cpu"\n', "serve.backend ort:cpu runs the bundle's ONNX graphs, which export"),
     ],
@@ -239,6 +242,18 @@ def test_bad_config_fails_before_any_stage(tmp_path, capsys, toml, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_corpus_run_is_verified_on_its_own_text():
+    """The verify stage scored a corpus run on arithmetic problems (and an int8 bundle's gate
+    on two accuracies of 0); it now hands verify the run's corpus, and no problems."""
+    from crosschip.config import DataConfig, RunConfig
+    from crosschip.pipeline import _verify_settings
+
+    cfg = RunConfig(data=DataConfig(task="corpus", corpus=["docs.jsonl", "more/"]))
+    assert _verify_settings(cfg) == {"max_new_tokens": None, "corpus": ["docs.jsonl", "more/"]}
+    cfg = RunConfig()
+    assert _verify_settings(cfg) == {"max_new_tokens": None, "problems": 64, "digits": 2, "ops": ["+", "-"]}
 
 
 @pytest.mark.parametrize(

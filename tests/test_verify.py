@@ -85,6 +85,11 @@ def metrics(**kw):
         ("bf16", {"kl_mean": 1.1e-3}, False),
         ("int8", {"accuracy_target": 0.895, "kl_max": 1.0}, True),
         ("int8", {"accuracy_target": 0.88}, False),
+        # A corpus model (no problems to check): the perplexity of its text, within 1%.
+        ("int8", {"accuracy_problems": 0, "ppl_reference": 6.35, "ppl_target": 6.40}, True),
+        ("int8", {"accuracy_problems": 0, "ppl_reference": 6.35, "ppl_target": 6.30}, True),
+        ("int8", {"accuracy_problems": 0, "ppl_reference": 6.35, "ppl_target": 6.45}, False),
+        ("int8", {"accuracy_problems": 0, "ppl_reference": 6.35, "ppl_target": 6.25}, False),
     ],
 )
 def test_gate_thresholds_by_precision_class(precision, kw, passed):
@@ -190,6 +195,27 @@ def test_prompts_round_trip_and_follow_the_training_format(tmp_path):
     assert PromptSet.load(tmp_path / "p.json") == ps
 
 
+def test_a_corpus_model_s_prompts_are_corpus_text_only(tmp_path):
+    """Arithmetic prompts said nothing of a model trained on a corpus, and its int8 gate
+    compared two accuracies of 0 (a gate that could not fail)."""
+    from crosschip.errors import CrosschipError
+
+    tok = default_tokenizer(512)
+    texts = ["the first document of the user's own text, long enough to score", "a second one", "a third"]
+    ps = build_prompts(
+        tok, problems=6, scored_problems=4, corpus_docs=2, digits=2, ops=["+"], seed=0, max_len=64,
+        task="corpus", corpus=texts, context=40,
+    )  # fmt: skip
+    assert [p.kind for p in ps.scored + ps.greedy] == ["corpus"] * 4
+    assert ps.scored[0].ids == [tok.bos_id, *tok.encode(texts[0])]
+    assert ps.greedy[0].ids == ps.scored[0].ids[:16]
+    assert ps.max_new_tokens == 40 - 16  # the default (32) cut to the context
+    assert ps.meta == {"task": "corpus", "seed": 0, "problems": 0, "corpus_docs": 2}
+    with pytest.raises(CrosschipError, match="trained on a corpus, so verify scores corpus text.*--corpus-docs 1"):
+        build_prompts(tok, problems=6, scored_problems=4, corpus_docs=0, digits=2, ops=["+"], seed=0, max_len=64,
+                      task="corpus")  # fmt: skip
+
+
 def test_a_saved_debug_bundle_loads_on_the_torch_side(tmp_path):
     from crosschip.backends import get_backend
     from crosschip.verify.worker import load_torch_model
@@ -263,13 +289,17 @@ def test_the_problems_are_of_the_task_the_bundle_records_unless_the_flags_say_ot
 
     bundle = save_bundle(debug_model(), tmp_path / "bundle", tokenizer=default_tokenizer(512))
     opts = VerifyOptions(bundle=bundle, out=tmp_path / "v")
-    assert trained_task(opts) == (2, ["+", "-"])  # nothing recorded: the data defaults
+    assert trained_task(opts) == ("arith", 2, ["+", "-"])  # nothing recorded: the data defaults
     hf.write_manifest(bundle, {"task": {"task": "arith", "digits": 3, "ops": ["-"]}})
-    assert trained_task(opts) == (3, ["-"])
-    assert trained_task(VerifyOptions(bundle=bundle, out=tmp_path / "v", digits=1)) == (1, ["-"])
-    assert trained_task(VerifyOptions(bundle=bundle, out=tmp_path / "v", ops=["+"])) == (3, ["+"])
-    hf.write_manifest(bundle, {"task": {"task": "corpus"}})  # no problems to take from it
-    assert trained_task(opts) == (2, ["+", "-"])
+    assert trained_task(opts) == ("arith", 3, ["-"])
+    assert trained_task(VerifyOptions(bundle=bundle, out=tmp_path / "v", digits=1)) == ("arith", 1, ["-"])
+    assert trained_task(VerifyOptions(bundle=bundle, out=tmp_path / "v", ops=["+"])) == ("arith", 3, ["+"])
+    # A corpus model is scored on its text: the problems' settings are refused, not ignored.
+    hf.write_manifest(bundle, {"task": {"task": "corpus"}})
+    assert trained_task(opts) == ("corpus", None, None)
+    for given, named in (({"digits": 2}, "--digits"), ({"problems": 8, "ops": ["+"]}, "--problems and --ops")):
+        with pytest.raises(CrosschipError, match=f"{named} choose arithmetic problems, but .* trained on a corpus"):
+            trained_task(VerifyOptions(bundle=bundle, out=tmp_path / "v", **given))
     hf.write_manifest(bundle, {"task": {"task": "arith", "digits": 7, "ops": ["+"]}})
     with pytest.raises(CrosschipError, match=r"records a task verify cannot score .* give --digits and --ops"):
         trained_task(opts)

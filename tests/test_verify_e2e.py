@@ -73,6 +73,44 @@ def test_fp32_torch_to_torch_passes_with_zero_kl_and_records_parity(bundles, tmp
     load_bundle(bundle)  # the manifest's checksums were recomputed: the bundle still loads
 
 
+def test_a_corpus_model_is_scored_on_its_text_and_its_int8_gate_on_the_perplexity(bundles, tmp_path):
+    """A bundle trained on a corpus was scored on arithmetic problems, and its int8 gate compared
+    two accuracies of 0: it could not fail. Its prompts are now the text it was trained on
+    (--corpus, as `crosschip run` passes data.corpus), and the gate judges the perplexity."""
+    from crosschip.handoff.precision import write_int8_weights
+    from crosschip.hf import to_hf
+
+    docs = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": f"document {i} is the user's own text, which verify reads"}) for i in range(4)]
+    docs.write_text("\n".join(lines) + "\n")
+
+    def int8_bundle(name: str, head_scale: float) -> Path:
+        model, _ = load_bundle(bundles["clean"])
+        with torch.no_grad():
+            model.head.weight.mul_(head_scale)
+        bundle = save_bundle(model, tmp_path / name, tokenizer=default_tokenizer(512))
+        write_int8_weights(bundle, to_hf(model.state_dict(), model.cfg))
+        write_manifest(bundle, {"precision": {"policy": "int8"}, "task": {"task": "corpus"}})  # as an export does
+        return bundle
+
+    args = ["--target", "torch:cpu", "--reference-weights", str(bundles["clean"]), "--no-record", "--no-bisect"]
+    args += ["--corpus", str(docs), "--corpus-docs", "3"]
+    for name, head_scale, rc in (("int8", 1.0, 0), ("faulty", 1.5, GATE_FAILED_EXIT)):
+        proc, report = verify(int8_bundle(name, head_scale), tmp_path / f"{name}_out", *args)
+        assert proc.returncode == rc, proc.stdout + proc.stderr
+        assert report["prompts"]["task"] == "corpus" and report["prompts"]["problems"] == 0
+        assert report["prompts"]["scored"] == report["prompts"]["greedy"] == 3  # of the 4 documents
+        m = report["metrics"]
+        assert m["accuracy_problems"] == 0 and m["accuracy_reference"] is None and m["ppl_arith_reference"] is None
+        (check,) = report["gate"]["checks"]
+        assert check["name"] == "ppl_gap" and check["value"] == pytest.approx(
+            abs(m["ppl_target"] / m["ppl_reference"] - 1)
+        )
+        assert check["ok"] is (rc == 0)
+        assert "task accuracy     not scored: the model was trained on a corpus" in proc.stdout
+    assert check["value"] > 0.01  # the faulty head moved the perplexity past the gate
+
+
 def test_fp16_target_passes_its_gate(bundles, tmp_path):
     proc, report = verify(
         bundles["clean"], tmp_path / "fp16", "--target", "torch:cpu", "--target-dtype", "fp16", "--no-record", *SMALL

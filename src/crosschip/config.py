@@ -338,6 +338,8 @@ class DataConfig:
             raise ConfigError(
                 f'data.corpus is set but data.task is {self.task!r}: set data.task = "corpus" to train on it'
             )
+        if self.task == "corpus" and not self.corpus:  # said when the config loads, not when training starts
+            raise ConfigError('data.corpus is empty: give paths of .txt/.jsonl files for data.task = "corpus"')
         if any(not str(path).strip() for path in self.corpus):  # "" is the current folder, read whole
             raise ConfigError(f"data.corpus: an empty path, got {self.corpus}")
         if not 1 <= self.digits <= 3:

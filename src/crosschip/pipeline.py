@@ -309,13 +309,12 @@ def stage_export(run: Run) -> dict:
 
 def _verify_settings(cfg: RunConfig) -> dict[str, Any]:
     """What the verify stage asks of `crosschip verify` (by its option names): the held-out
-    problems of the task the model was trained on."""
-    return {
-        "problems": cfg.verify.prompts,
-        "digits": cfg.data.digits,
-        "ops": list(cfg.data.ops),
-        "max_new_tokens": cfg.verify.max_new_tokens or None,  # 0: verify's own default
-    }
+    problems of the task the model was trained on, or for a corpus run its own text (verify
+    reads which task from the bundle)."""
+    settings = {"max_new_tokens": cfg.verify.max_new_tokens or None}  # 0: verify's own default
+    if cfg.data.task == "corpus":
+        return settings | {"corpus": list(cfg.data.corpus)}
+    return settings | {"problems": cfg.verify.prompts, "digits": cfg.data.digits, "ops": list(cfg.data.ops)}
 
 
 # How a run config names the settings `_verify_settings` hands on.
@@ -324,6 +323,7 @@ _VERIFY_KEYS = {
     "max_new_tokens": "verify.max_new_tokens",
     "digits": "data.digits",
     "ops": "data.ops",
+    "corpus": "data.corpus",
 }
 
 
@@ -536,7 +536,7 @@ def _check_late_stages(cfg: RunConfig) -> None:
     # The verify stage's prompts, built as it will build them: the tokenizer is the one the
     # trainer will give the model, and the context the model's.
     plan_prompts(
-        VerifyOptions(bundle=Path(), out=Path(), **_verify_settings(cfg)),
+        VerifyOptions(bundle=Path(), out=Path(), task=cfg.data.task, **_verify_settings(cfg)),
         model_tokenizer(model.vocab_size),
         model.max_position_embeddings,
         label=lambda name: _VERIFY_KEYS.get(name, name),

@@ -149,8 +149,6 @@ class CorpusStream:
     """Packed batches of the user's text; rows are reshuffled every epoch from the seed."""
 
     def __init__(self, data: DataConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int):
-        if not data.corpus:
-            raise CrosschipError('data.corpus is empty: give paths of .txt/.jsonl files for data.task = "corpus"')
         if seq_len < 2:  # a row's labels are its own next tokens: one token predicts nothing
             raise CrosschipError(
                 f'train.seq_len {seq_len} is too short for data.task = "corpus": it must be at least 2'

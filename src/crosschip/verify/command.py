@@ -12,15 +12,17 @@ from pathlib import Path
 from crosschip.config import DataConfig, VerifyConfig
 from crosschip.errors import CrosschipError
 from crosschip.paths import check_output_dir, path_arg
-from crosschip.verify.gate import GATE_FAILED_EXIT
+from crosschip.verify.gate import GATE_FAILED_EXIT, PPL_GAP
+from crosschip.verify.prompts import CORPUS_NEW_TOKENS
 
-EPILOG = """
+EPILOG = f"""
 exit codes: 0 gate passed, 4 gate failed (report.json / report.txt still written), 1 bad input.
 
 gates by precision class (the bundle's crosschip.json precision policy, or --target-dtype):
   fp32       KL max <= 1e-6 and identical greedy output
   fp16/bf16  top-1 agreement >= 99% and KL mean <= 1e-3
-  int8       task accuracy within 1 point of the reference
+  int8       task accuracy within 1 point of the reference (a model trained on a
+             corpus: corpus perplexity within {PPL_GAP:.0%} of the reference's)
 
 examples:
   crosschip verify bundle/ --reference torch:cpu --target ort:cpu --out runs/verify
@@ -55,11 +57,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="compute precision of a torch target; also picks the gate (default: the bundle's policy)",
     )
     p.add_argument(
-        "--problems", type=int, default=v.prompts, help=f"held-out problems continued greedily (default {v.prompts})"
+        "--problems", type=int, default=None, help=f"held-out problems continued greedily (default {v.prompts})"
     )
     p.add_argument("--corpus-docs", type=int, default=16, help="corpus paragraphs scored for perplexity (default 16)")
     p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="greedy length (default: enough to finish every problem)"
+        "--corpus",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="the corpus paragraphs' source: .txt/.jsonl files or folders, as data.corpus (default: the built-in "
+        "corpus). A bundle trained on a corpus is scored on corpus text alone, and its int8 gate on the perplexity: "
+        "give the text it was trained on",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"greedy length (default: enough to finish every problem; {CORPUS_NEW_TOKENS} for a corpus model)",
     )
     trained = "default: the task the bundle's crosschip.json records it was trained on, else"
     p.add_argument("--digits", type=int, default=None, help=f"operand digits of the problems ({trained} {d.digits})")
@@ -130,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
         target_weights=args.target_weights,
         target_dtype=args.target_dtype,
         problems=args.problems,
-        scored_problems=min(48, args.problems),
         corpus_docs=args.corpus_docs,
+        corpus=args.corpus,
         max_new_tokens=args.max_new_tokens,
         digits=args.digits,
         ops=args.ops,

@@ -2,7 +2,8 @@
 
 - fp32: KL max <= 1e-6 and identical greedy output on every prompt;
 - fp16 / bf16: top-1 agreement >= 99% and KL mean <= 1e-3;
-- int8 (weight-only): task accuracy within 1 point of the reference.
+- int8 (weight-only): task accuracy within 1 point of the reference; for a model trained on a
+  corpus (no checker to score), corpus perplexity within `PPL_GAP` of the reference's.
 
 A failed gate exits with `GATE_FAILED_EXIT` (4), distinct from user errors (1) and from the
 trainer's give-up (3), so a pipeline can tell "the target is not faithful" from "bad input".
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 GATE_FAILED_EXIT = 4
+PPL_GAP = 0.01
+"""The int8 gate of a corpus model: |perplexity target / reference - 1| at most this."""
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 _ALIASES = {
     "float32": "fp32",
@@ -97,13 +100,17 @@ def evaluate(metrics: dict[str, Any], precision: str) -> GateResult:
         ]
     elif precision in ("bf16", "fp16"):
         checks = [_check("top1", metrics["top1"], ">=", 0.99), _check("kl_mean", metrics["kl_mean"], "<=", 1e-3)]
-    elif precision == "int8":
+    elif precision == "int8" and metrics["accuracy_problems"]:
         gap = abs(metrics["accuracy_target"] - metrics["accuracy_reference"])
         checks = [_check("accuracy_gap", gap, "<=", 0.01)]
         if metrics["accuracy_reference"] == 0:
             notes.append("the reference solves no held-out problem, so the int8 accuracy gate says little")
         if metrics["accuracy_problems"] < 100:
             notes.append(f"{metrics['accuracy_problems']} problems: one problem is more than 1 point")
+    elif precision == "int8":
+        # A corpus model: no checker scores its text, so its task metric is the perplexity.
+        gap = abs(metrics["ppl_target"] / metrics["ppl_reference"] - 1)
+        checks = [_check("ppl_gap", gap, "<=", PPL_GAP)]
     else:
         raise ValueError(f"unknown precision class {precision!r}")
     if metrics.get("kl_support", "").startswith("target top-"):

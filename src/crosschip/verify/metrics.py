@@ -161,8 +161,10 @@ def greedy_metrics(
                 "target": completion_text(tokenizer, t),
             }
     problems = [(i, p.as_problem()) for i, p in enumerate(prompts.greedy) if p.kind == "arith"]
-    acc = lambda side: (
+    acc = lambda side: (  # None: no problems (a corpus model's prompts): nothing to check
         sum(check(prob, completion_text(tokenizer, side.greedy[i])) for i, prob in problems) / len(problems)
+        if problems
+        else None
     )
     return {
         "greedy_prompts": len(lengths),

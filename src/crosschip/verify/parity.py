@@ -41,7 +41,8 @@ class VerifyOptions:
     `bundle`, or a weights folder."""
     target_weights: Path | None = None
     target_dtype: str | None = None
-    problems: int = 64
+    problems: int | None = None
+    """Held-out problems continued greedily; None: `VerifyConfig.prompts`."""
     scored_problems: int = 48
     corpus_docs: int = 16
     max_len: int = 128
@@ -50,6 +51,11 @@ class VerifyOptions:
     """Held-out problems of this many digits and these ops; None: the task the bundle records
     (`trained_task`)."""
     ops: list[str] | None = None
+    task: str = "arith"
+    """What the model was trained on (`verify` reads it from the bundle: `trained_task`):
+    `arith` scores the held-out problems, `corpus` corpus text only."""
+    corpus: list[str] | None = None
+    """Files (or folders) of the corpus text to score, as `data.corpus`; None: the built-in corpus."""
     seed: int = 0
     bisect: bool = True
     layers: bool = False
@@ -255,12 +261,17 @@ def plan_prompts(
     """The prompts `opts` asks for, or the CrosschipError that `crosschip verify` would end
     with. `crosschip run` calls it before its first stage, with the tokenizer and context its
     model will have, and its config keys as the `label`."""
+    from crosschip.config import VerifyConfig
+    from crosschip.data.corpus import load_texts
     from crosschip.verify.prompts import build_prompts
 
+    problems = VerifyConfig.prompts if opts.problems is None else opts.problems
     return build_prompts(
         tokenizer,
-        problems=opts.problems,
-        scored_problems=min(opts.scored_problems, opts.problems),
+        task=opts.task,
+        corpus=None if opts.corpus is None else load_texts(opts.corpus),
+        problems=problems,
+        scored_problems=min(opts.scored_problems, problems),
         corpus_docs=opts.corpus_docs,
         digits=opts.digits,
         ops=opts.ops,
@@ -272,17 +283,27 @@ def plan_prompts(
     )
 
 
-def trained_task(opts: VerifyOptions) -> tuple[int, list[str]]:
-    """The digits and ops of the held-out problems: as given, else as the bundle's manifest
-    records the training task (a 3-digit model scored on 2-digit problems, or one trained on
-    addition scored on subtraction, would show an accuracy that says nothing of the model),
-    else the data defaults."""
+def trained_task(opts: VerifyOptions) -> tuple[str, int | None, list[str] | None]:
+    """(task, digits, ops) of what verify scores: the held-out problems' digits and ops as
+    given, else as the bundle's manifest records the training task (a 3-digit model scored on
+    2-digit problems, or one trained on addition scored on subtraction, would show an accuracy
+    that says nothing of the model), else the data defaults. A bundle trained on a corpus is
+    scored on corpus text alone: (corpus, None, None)."""
     from crosschip import hf
     from crosschip.config import ConfigError, DataConfig
 
     manifest = hf.read_manifest(opts.bundle) if (opts.bundle / hf.MANIFEST_FILE).is_file() else {}
     task = manifest.get("task")
-    task = task if isinstance(task, dict) and task.get("task") == "arith" else {}
+    task = task if isinstance(task, dict) else {}
+    if task.get("task") == "corpus":
+        given = [flag(name) for name in ("problems", "digits", "ops") if getattr(opts, name) is not None]
+        if given:
+            raise CrosschipError(
+                f"{' and '.join(given)} choose arithmetic problems, but {opts.bundle / hf.MANIFEST_FILE} records "
+                "that the bundle was trained on a corpus, which verify scores on corpus text"
+            )
+        return "corpus", None, None
+    task = task if task.get("task") == "arith" else {}
     try:  # checked as a config's would be; the held-out count is verify's own (--problems)
         recorded = DataConfig(**{k: task[k] for k in ("digits", "ops") if k in task}, heldout_size=1)
     except (ConfigError, TypeError):
@@ -290,6 +311,7 @@ def trained_task(opts: VerifyOptions) -> tuple[int, list[str]]:
             f"{opts.bundle / hf.MANIFEST_FILE} records a task verify cannot score ({task}); give --digits and --ops"
         ) from None
     return (
+        "arith",
         recorded.digits if opts.digits is None else opts.digits,
         recorded.ops if opts.ops is None else opts.ops,
     )
@@ -314,7 +336,7 @@ def verify(opts: VerifyOptions, progress: Any = print) -> dict[str, Any]:
     precision, source = gate_mod.precision_of_bundle(opts.bundle)
     if opts.target_dtype and opts.target_url is None:
         precision, source = opts.target_dtype, "--target-dtype"
-    opts.digits, opts.ops = trained_task(opts)
+    opts.task, opts.digits, opts.ops = trained_task(opts)
     prompts, prompt_path, tokenizer = build_prompt_file(opts)
     ref_spec, tgt_spec = sides_of(opts, precision)
     progress(

@@ -1,5 +1,8 @@
 """The prompts both sides of a parity check run: held-out arithmetic problems and corpus text.
 
+A bundle trained on arithmetic gets both; one trained on a corpus gets corpus text only (its
+task has no checker, and arithmetic prompts would say nothing of what it learned).
+
 The parent process builds them once with the bundle's tokenizer and writes them as JSON, so
 the reference and the target see exactly the same token ids.
 
@@ -23,6 +26,10 @@ from typing import Any
 from crosschip.data.arith import Problem, generate_problems
 from crosschip.data.corpus import builtin_corpus
 from crosschip.errors import CrosschipError, flag
+
+TASKS = ("arith", "corpus")
+CORPUS_NEW_TOKENS = 32
+"""Greedy length of a corpus model's prompts when none is given."""
 
 
 @dataclass
@@ -78,6 +85,8 @@ def build_prompts(
     context: int | None = None,
     capture: int = 4,
     label: Callable[[str], str] = flag,
+    task: str = "arith",
+    corpus: list[str] | None = None,
 ) -> PromptSet:
     """Tokenize the held-out problems and corpus paragraphs both sides will run.
 
@@ -85,22 +94,19 @@ def build_prompts(
     them are also scored teacher-forced. corpus_docs: corpus paragraphs, cut to `max_len`
     tokens, scored teacher-forced (perplexity) and continued greedily from a 16-token prefix.
     max_new_tokens: greedy length; None = the longest worked completion plus 2, so a model
-    that has learned the task can finish every problem. context: the model's, which no
-    greedy prompt plus max_new_tokens may pass. Errors name the settings by `label`:
+    that has learned the task can finish every problem (`CORPUS_NEW_TOKENS` when there are
+    none). context: the model's, which no greedy prompt plus max_new_tokens may pass. task:
+    what the model was trained on; `corpus` leaves the problems out. corpus: the texts of the
+    corpus paragraphs (None: the built-in corpus). Errors name the settings by `label`:
     `crosschip verify`'s flags, or a run config's keys.
     """
-    if problems < 1:
-        raise CrosschipError(f"verify: {label('problems')} must be >= 1, got {problems}")
+    if task not in TASKS:
+        raise CrosschipError(f"verify: unknown task {task!r}; verify scores {' or '.join(TASKS)}")
     if corpus_docs < 0:
         raise CrosschipError(f"verify: {label('corpus_docs')} must be >= 0, got {corpus_docs}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise CrosschipError(f"verify: {label('max_new_tokens')} must be >= 1, got {max_new_tokens}")
-    if not 1 <= digits <= 3:
-        raise CrosschipError(f"verify: {label('digits')} must be 1, 2 or 3, got {digits}")
-    try:
-        chosen = generate_problems(problems, digits=digits, ops=ops, seed=seed, split="heldout")
-    except CrosschipError as e:
-        raise CrosschipError(f"verify: {label('problems')}: {e}") from None
+    chosen = _problems(problems, digits, ops, seed, label) if task == "arith" else []
     bos = [tokenizer.bos_id]
     scored, greedy = [], []
     for i, p in enumerate(chosen):
@@ -108,12 +114,23 @@ def build_prompts(
         greedy.append(Prompt("arith", bos + tokenizer.encode(p.prompt), key))
         if i < scored_problems:
             scored.append(Prompt("arith", (bos + tokenizer.encode(p.text) + [tokenizer.eos_id])[:max_len], key))
-    for text in builtin_corpus()[:corpus_docs]:
+    texts = builtin_corpus() if corpus is None else corpus
+    for text in texts[:corpus_docs]:
         ids = (bos + tokenizer.encode(text))[:max_len]
         scored.append(Prompt("corpus", ids))
         greedy.append(Prompt("corpus", ids[:16]))
+    if not chosen and not any(len(p.ids) > 1 for p in scored):
+        # A corpus model is judged on its text alone (and its int8 gate on the perplexity).
+        raise CrosschipError(
+            f"verify: the bundle was trained on a corpus, so verify scores corpus text, and "
+            f"{label('corpus_docs')} {corpus_docs} over {len(texts)} documents gives none to score; "
+            f"give {label('corpus_docs')} 1 or more"
+        )
     if max_new_tokens is None:
-        max_new_tokens = max(len(tokenizer.encode(p.completion)) for p in chosen) + 2
+        needed = [len(tokenizer.encode(p.completion)) + 2 for p in chosen]
+        max_new_tokens = max(needed) if needed else CORPUS_NEW_TOKENS
+        if context is not None and not needed:  # a default never exceeds the context
+            max_new_tokens = max(1, min(max_new_tokens, context - max(len(p.ids) for p in greedy)))
     # Checked before either side starts: a reference on torch generated past the context the
     # bundle serves (and --max-new-tokens 100000 ran for minutes), then the target refused.
     longest = max(len(p.ids) for p in greedy)
@@ -125,6 +142,19 @@ def build_prompts(
     # Capture a few of each kind: a fault may only show on one of them.
     arith_idx = [i for i, p in enumerate(scored) if p.kind == "arith"][: capture // 2]
     corpus_idx = [i for i, p in enumerate(scored) if p.kind == "corpus"][: capture - len(arith_idx)]
-    meta = {"digits": digits, "ops": list(ops), "seed": seed, "problems": problems, "corpus_docs": corpus_docs}
+    meta = {"task": task, "seed": seed, "problems": len(chosen), "corpus_docs": corpus_docs}
+    if chosen:
+        meta |= {"digits": digits, "ops": list(ops)}
     eos_ids = [tokenizer.eos_id] + ([tokenizer.end_id] if getattr(tokenizer, "end_id", None) is not None else [])
     return PromptSet(scored, greedy, max_new_tokens, eos_ids, arith_idx + corpus_idx, meta)
+
+
+def _problems(problems: int, digits: int, ops: list[str], seed: int, label: Callable[[str], str]) -> list[Problem]:
+    if problems < 1:
+        raise CrosschipError(f"verify: {label('problems')} must be >= 1, got {problems}")
+    if not 1 <= digits <= 3:
+        raise CrosschipError(f"verify: {label('digits')} must be 1, 2 or 3, got {digits}")
+    try:
+        return generate_problems(problems, digits=digits, ops=ops, seed=seed, split="heldout")
+    except CrosschipError as e:
+        raise CrosschipError(f"verify: {label('problems')}: {e}") from None

@@ -49,8 +49,12 @@ def render_text(report: dict[str, Any]) -> str:
         f"   min {m['match_length_min']}",
         f"  perplexity        corpus ref {_fmt(m['ppl_reference'])} / target {_fmt(m['ppl_target'])}"
         f"   arith ref {_fmt(m['ppl_arith_reference'])} / target {_fmt(m['ppl_arith_target'])}",
-        f"  task accuracy     ref {m['accuracy_reference']:.2%} / target {m['accuracy_target']:.2%}"
-        f"   ({m['accuracy_problems']} held-out problems{_task(report['prompts'])})",
+        (
+            f"  task accuracy     ref {m['accuracy_reference']:.2%} / target {m['accuracy_target']:.2%}"
+            f"   ({m['accuracy_problems']} held-out problems{_task(report['prompts'])})"
+            if m["accuracy_problems"]
+            else "  task accuracy     not scored: the model was trained on a corpus, which has no checker"
+        ),
         f"  {m['tensor_on']:<17} cosine {m['cosine']:.8f}   max abs {_fmt(m['max_abs'])}   max rel {_fmt(m['max_rel'])}",
     ]
     if m.get("first_divergence"):
