@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import threading
 import time
@@ -126,6 +125,15 @@ def test_metrics_count_what_a_request_did(server, client):
     # in one delta, so there may be fewer than 5.
     assert 0 <= moved["crosschip_inter_token_latency_seconds_count"] <= 5
     assert server.metric(ok, default=0.0) == ok_before + 1
+    # Counted by the route, not by the path the client sent: each made-up model id was a new
+    # series that /metrics kept for good (300 ids: 8.2 KB of metrics grew to 73 KB).
+    missing = 'crosschip_requests_total{endpoint="/v1/models/{model:path}",status="404"}'
+    missing_before, size_before = server.metric(missing, default=0.0), len(httpx.get(server.url + "/metrics").text)
+    for i in range(20):
+        assert httpx.get(f"{server.url}/v1/models/no-such-model-{i}").status_code == 404
+    assert server.metric(missing) == missing_before + 20
+    assert "no-such-model" not in httpx.get(server.url + "/metrics").text
+    assert len(httpx.get(server.url + "/metrics").text) < size_before + 500
 
 
 def test_greedy_completion_equals_offline_engine(client, offline):
@@ -536,6 +544,7 @@ def test_repetition_penalty_covers_the_prompt_and_the_output(server, client):
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "hi", "tool_choice": "bogus"}, "tool_choice"),
         ({"prompt": [1] * 300, "max_tokens": 1}, "prompt"),
+        ({"prompt": "hi", "user": 5}, "user"),
     ],
 )
 def test_invalid_parameters_get_400_naming_the_param(server, body, param):
@@ -544,6 +553,20 @@ def test_invalid_parameters_get_400_naming_the_param(server, body, param):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["param"] == param and param in err["message"]
+
+
+def test_completions_max_tokens_null_runs_to_the_context(server):
+    """Absent, max_tokens is OpenAI's 16; an explicit null is the rest of the model's context,
+    as vLLM reads it (it was 16 too, and a prompt 3 tokens short of the context got a 400)."""
+    context = model_preset("debug").max_position_embeddings
+    body = {"model": "debug", "prompt": [20] * (context - 3), "temperature": 0, "ignore_eos": True}
+    r = httpx.post(server.api + "/completions", json={**body, "max_tokens": None})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3 and r.json()["choices"][0]["finish_reason"] == "length"
+    r = httpx.post(server.api + "/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # 16 do not fit
+    r = httpx.post(server.api + "/completions", json={**body, "prompt": "hi"})
+    assert r.json()["usage"]["completion_tokens"] == 16
 
 
 @pytest.mark.parametrize(
@@ -909,21 +932,38 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(debug_bundle):
 
 
 def test_a_second_sigterm_stops_the_drain_at_once_without_a_traceback(debug_bundle):
-    """As with vLLM or uvicorn, the second signal means: stop now. The in-flight request
-    (which the 30 s drain would have waited for) is cut off, and nothing is dumped."""
+    """As with vLLM or uvicorn, the second signal means: stop now. The in-flight requests
+    (which the 30 s drain would have waited for) end at once as aborted, each with a whole
+    answer. uvicorn's force exit cancelled their handlers: the plain request got a plain-text
+    500, the stream was cut mid-chunk, and the log held two tracebacks."""
     srv = ServerProcess(debug_bundle, "--drain-timeout", "30")
+    plain = {}
     with httpx.Client(timeout=60) as http:
+        thread = threading.Thread(
+            target=lambda: plain.update(r=http.post(srv.api + "/completions", json=long_body(False)))
+        )
+        thread.start()
         with http.stream("POST", srv.api + "/completions", json=long_body(True)) as r:
-            next(line for line in r.iter_lines() if line.startswith("data: "))
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            srv.wait_metric("crosschip_running_sequences", 2)
             srv.proc.terminate()
             time.sleep(0.05)
             start = time.monotonic()
             srv.proc.terminate()
-            assert srv.proc.wait(10) in (0, -signal.SIGTERM)
+            rest = [first, *(line for line in lines if line.startswith("data: "))]
+        thread.join(30)
+    assert srv.proc.wait(10) == 0
     assert time.monotonic() - start < 10
+    assert rest[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: ") :]) for line in rest[:-1]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "abort"
+    assert plain["r"].status_code == 200, plain["r"].text
+    assert plain["r"].json()["choices"][0]["finish_reason"] == "abort"
     srv.stop()  # exited already: joins the reader thread, which takes the last lines
     out = "".join(srv.lines)
-    assert "draining" in out and "Traceback" not in out, out
+    assert "draining" in out and "stopping now" in out, out
+    assert "Traceback" not in out and "Exception in ASGI application" not in out, out
 
 
 @pytest.mark.parametrize(
@@ -964,15 +1004,15 @@ def test_text_parts_of_a_message_are_joined_by_newlines(server):
 
 
 def test_a_long_prompt_is_tokenized_without_stalling_the_server(server):
-    """A 3 MB prompt takes seconds to tokenize (then it is refused: it exceeds the context);
-    meanwhile the server answers others. It used to tokenize on the event loop, and then in a
-    thread that held the GIL (/health: 3.8 s of the 4.4 s the prompt took)."""
+    """A 3 MB text takes seconds to tokenize (`/tokenize` counts any text); meanwhile the
+    server answers others. It used to tokenize on the event loop, and then in a thread that
+    held the GIL (/health: 3.8 s of the 4.4 s the prompt took)."""
     took = {}
 
     def big():
-        body = {"model": "debug", "prompt": "ab " * 1_000_000, "max_tokens": 1}
+        body = {"model": "debug", "prompt": "ab " * 1_000_000}
         t0 = time.monotonic()
-        r = httpx.post(server.api + "/completions", json=body, timeout=120)
+        r = httpx.post(server.url + "/tokenize", json=body, timeout=120)
         took["big"] = time.monotonic() - t0, r.status_code
 
     thread = threading.Thread(target=big)
@@ -982,8 +1022,29 @@ def test_a_long_prompt_is_tokenized_without_stalling_the_server(server):
     health = httpx.get(server.url + "/health", timeout=120)
     took["health"] = time.monotonic() - t0
     thread.join()
-    assert health.status_code == 200 and took["big"][1] == 400
+    assert health.status_code == 200 and took["big"][1] == 200
     assert took["health"] < took["big"][0] / 4, took
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/completions", {"prompt": "ab " * 1_000_000}),
+        ("/completions", {"prompt": ["hi", "ab " * 1_000_000]}),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "ab " * 1_000_000}]}),
+    ],
+)
+def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized(server, path, body):
+    """The server was 61 s and 4.9 GB into a 50 MB prompt (and kept the memory) before it said
+    the prompt exceeds the context. A token stands for at most so many characters, so the
+    length of the text says it first ("N tokens leave no room" would mean it was tokenized)."""
+    r = httpx.post(server.api + path, json={"model": "debug", "max_tokens": 1, **body}, timeout=120)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    param = "messages" if path.startswith("/chat") else "prompt"
+    assert err["param"] == param
+    context = model_preset("debug").max_position_embeddings
+    assert f"characters are more tokens than the model's context of {context} holds" in err["message"]
 
 
 def test_the_pipelines_smoke_run_of_a_corpus_sends_its_text_and_scores_nothing(server, tmp_path):

@@ -92,6 +92,20 @@ def test_round_trip_corpus(tok: Tokenizer):
         assert tok.decode(ids) == doc
 
 
+def test_no_token_stands_for_more_characters_than_max_token_chars(tok: Tokenizer):
+    """The server refuses a text longer than context x max_token_chars untokenized: every
+    text must then take at least len(text) / max_token_chars tokens."""
+    most = tok.max_token_chars
+    assert most == max(len(t) for t in tok._tok.get_vocab(with_added_tokens=True))
+    rng = random.Random(1)
+    texts = [*builtin_corpus(), "<|bos|><|assistant|>" * 50, "x" * 500, "the " * 200]
+    texts += [_random_text(rng) for _ in range(500)]
+    for text in texts:
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+            continue
+        assert len(tok.encode(text)) * most >= len(text), repr(text[:40])
+
+
 def test_token_bytes_join_to_the_text_even_inside_a_character(tok: Tokenizer):
     # Every code point up to U+07FF (all 1- and 2-byte forms, controls included) and a
     # spread of 3- and 4-byte ones: every byte value that UTF-8 uses appears.

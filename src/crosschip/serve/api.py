@@ -294,16 +294,22 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="crosschip", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
 
+    def endpoint(request: Request) -> str:
+        """The metrics label of a request: its route's template (`/v1/models/{model:path}`), never
+        the path the client sent: every new path was a Prometheus series kept for good."""
+        route = request.scope.get("route")
+        return getattr(route, "path", "other")
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        state.metrics.requests.labels(request.url.path, str(e.status)).inc()
+        state.metrics.requests.labels(endpoint(request), str(e.status)).inc()
         return e.response()
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, e: ClientGone):
         # A handled end, not an error: a CancelledError here reached uvicorn, which printed
         # "Exception in ASGI application" and a traceback for every client that hung up.
-        state.metrics.requests.labels(request.url.path, str(CLIENT_CLOSED)).inc()
+        state.metrics.requests.labels(endpoint(request), str(CLIENT_CLOSED)).inc()
         return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(StarletteHTTPException)
@@ -422,7 +428,7 @@ def create_app(state: ServerState) -> FastAPI:
         def parse(body: dict):
             return (
                 sampling_params(body, chat=False),
-                completion_prompts(body, state.tokenizer),
+                completion_prompts(body, state.tokenizer, state.max_model_len),
                 _get_stream(body),
                 LogprobFormatter.for_request(body, state.tokenizer),
             )
@@ -446,7 +452,7 @@ def create_app(state: ServerState) -> FastAPI:
         def parse(body: dict):
             return (
                 sampling_params(body, chat=True),
-                chat_prompt_ids(body, state.tokenizer),
+                chat_prompt_ids(body, state.tokenizer, state.max_model_len),
                 _get_stream(body),
                 LogprobFormatter.for_request(body, state.tokenizer),
             )

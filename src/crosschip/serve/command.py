@@ -3,7 +3,8 @@
 The server listens at once and answers /health with 503 while the bundle loads; it prints
 `ready on http://HOST:PORT` when /health turns 200. SIGTERM (or Ctrl-C) drains: new
 requests get 503, in-flight ones finish (up to --drain-timeout, then they are aborted), and
-the process exits 0.
+the process exits 0. A second signal aborts the in-flight requests at once (each still gets a
+whole answer, finish_reason "abort"); a third stops the process without waiting for them.
 """
 
 from __future__ import annotations
@@ -214,10 +215,18 @@ class DrainingServer:
         self.drain_timeout = drain_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
         self.drain_started = False
+        self.cut_short = False
         self.load_error: BaseException | None = None
 
     def on_signal(self, sig: int) -> None:
-        if self.drain_started:  # a second signal: stop now
+        if self.drain_started and not self.cut_short and self.loop is not None:
+            # A second signal: end the drain now. The requests in flight end as aborted, each
+            # with a well-formed answer; uvicorn's force exit cancelled their handlers, which
+            # answered 500 in plain text, cut streams mid-chunk and logged tracebacks.
+            self.cut_short = True
+            print("crosschip serve: stopping now: aborting the requests in flight", file=sys.stderr, flush=True)
+            return
+        if self.drain_started:  # a third signal (or one while the engine loads): stop at once
             self.server.should_exit = True
             self.server.force_exit = True
             return
@@ -236,7 +245,7 @@ class DrainingServer:
         if front is not None:
             front.engine.admitting = False
             deadline = time.monotonic() + self.drain_timeout
-            while front.engine.requests and time.monotonic() < deadline:
+            while front.engine.requests and time.monotonic() < deadline and not self.cut_short:
                 await asyncio.sleep(0.02)
             for rid in list(front.engine.requests):
                 front.abort(rid)

@@ -168,11 +168,13 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         logprobs = (top or 0) if want_logprobs else None
         prompt_logprobs, echo = None, False
     else:
-        max_tokens = _get(body, "max_tokens", (int,), 16)
+        # Absent: OpenAI's 16. An explicit null: up to the model's context, as vLLM reads it.
+        max_tokens = _get(body, "max_tokens", (int,), None) if "max_tokens" in body else 16
         max_tokens_param = "max_tokens"
         logprobs = _get(body, "logprobs", (int,), None)
         echo = _get(body, "echo", (bool,), False)
         prompt_logprobs = logprobs if echo and logprobs is not None else None
+    _get(body, "user", (str,))  # the caller's id for abuse tracking: unused here, but typed as OpenAI types it
     n = _get(body, "n", (int,), 1)
     best_of = _get(body, "best_of", (int,), None)
     if best_of is not None and best_of != n:
@@ -201,21 +203,21 @@ def sampling_params(body: dict, *, chat: bool) -> SamplingParams:
     )
 
 
-def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
+def completion_prompts(body: dict, tokenizer, context: int | None = None) -> list[list[int]]:
     """The ids of `prompt`: a string, an array of strings, an array of token ids, or an array
     of those. Text gets `<|bos|>` first unless `add_special_tokens` is false (as in vLLM);
-    ids are taken as they are."""
+    ids are taken as they are. Text too long for `context` is refused untokenized."""
     prompt = body.get("prompt", _MISSING)
     if prompt is _MISSING or prompt is None:
         raise InvalidParameter("prompt", "prompt: required")
     add_bos = _get(body, "add_special_tokens", (bool,), True)
     if isinstance(prompt, str):
-        return [encode_text(tokenizer, prompt, "prompt", add_bos=add_bos)]
+        return [encode_text(tokenizer, prompt, "prompt", add_bos=add_bos, context=context)]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
             return [prompt]
         if all(isinstance(p, str) for p in prompt):
-            return [encode_text(tokenizer, p, "prompt", add_bos=add_bos) for p in prompt]
+            return [encode_text(tokenizer, p, "prompt", add_bos=add_bos, context=context) for p in prompt]
         if all(
             isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt
         ):
@@ -246,21 +248,28 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
-def chat_prompt_ids(body: dict, tokenizer) -> list[int]:
+def chat_prompt_ids(body: dict, tokenizer, context: int | None = None) -> list[int]:
     """The ids of `messages` rendered by the bundle's chat template (it holds `<|bos|>` itself),
-    with the assistant's header unless `add_generation_prompt` is false (vLLM's extra field)."""
+    with the assistant's header unless `add_generation_prompt` is false (vLLM's extra field).
+    Text too long for `context` is refused untokenized."""
     messages = chat_messages(body)
     add_generation_prompt = _get(body, "add_generation_prompt", (bool,), True)
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except CrosschipError as e:  # an unknown role
         raise InvalidParameter("messages", f"messages: {e}") from None
-    return encode_text(tokenizer, text, "messages", add_bos=False)
+    return encode_text(tokenizer, text, "messages", add_bos=False, context=context)
 
 
-def encode_text(tokenizer, text: str, param: str, *, add_bos: bool) -> list[int]:
+def encode_text(tokenizer, text: str, param: str, *, add_bos: bool, context: int | None = None) -> list[int]:
     """The ids of `text`; text that is not Unicode is refused by `param`. JSON's "\\ud800"
-    decodes to a lone surrogate, which the tokenizer rejects with a TypeError."""
+    decodes to a lone surrogate, which the tokenizer rejects with a TypeError. With the model's
+    `context`, a text too long to fit it is refused before it is tokenized."""
+    most = tokenizer.max_token_chars
+    if context is not None and most is not None and len(text) > context * most:
+        raise InvalidParameter(
+            param, f"{param}: {len(text):,} characters are more tokens than the model's context of {context} holds"
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
