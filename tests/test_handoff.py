@@ -170,6 +170,21 @@ def test_cli_errors_are_one_line(debug_bundle, tmp_path, capsys):
     rc, out = _cli(capsys, str(debug_bundle), "--to", "torch:cpu", "--out", str(tmp_path / "full"))
     assert rc == 1 and "not empty" in out.err and (tmp_path / "full" / "x").exists()
     assert "Traceback" not in out.err
+    # --measure-memory serves the bundle here: a target this machine lacks was a traceback
+    # after the whole export.
+    rc, out = _cli(capsys, str(debug_bundle), "--to", "torch:xpu", "--measure-memory", "--out", str(tmp_path / "o"))
+    assert rc == 1 and "--measure-memory serves the bundle on this machine, and torch:xpu" in out.err, out.err
+    assert len(out.err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    # A checkpoint whose trainer state is not what the trainer writes, checksums and all: a
+    # traceback, where `train --resume` said one line.
+    _checkpoints(debug_bundle, tmp_path / "ckpts", (5,))
+    ckpt = tmp_path / "ckpts" / "step_00000005"
+    for state in ("[1,2", "[1, 2]"):
+        (ckpt / "trainer_state.json").write_text(state)
+        hf.write_manifest(ckpt, {})
+        rc, out = _cli(capsys, str(ckpt), "--to", "torch:cpu", "--out", str(tmp_path / "o"))
+        assert rc == 1 and f"checkpoint {ckpt} matches its manifest but cannot be read" in out.err, out.err
+        assert len(out.err.strip().splitlines()) == 1
 
 
 def test_force_never_deletes_the_source_or_the_folder_it_runs_in(debug_bundle, tmp_path, capsys, monkeypatch):
@@ -205,10 +220,21 @@ def test_force_never_deletes_the_source_or_the_folder_it_runs_in(debug_bundle, t
     assert rc == 1 and "is not a bundle (no crosschip.json)" in err.err, err.err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "not a bundle"
     shutil.rmtree(tmp_path / "mine")
-    # Nor a bundle beside which someone put files of their own: they would go with it.
-    old = shutil.copytree(debug_bundle, tmp_path / "old")
+    # Nor a checkpoint (its optimizer and trainer state were replaced by a bundle), nor a
+    # bundle no export wrote: their manifests list every file too.
+    for other, what in ((ckpts / "step_00000004", "a checkpoint"), (Path(debug_bundle), "a bundle no export wrote")):
+        theirs = shutil.copytree(other, tmp_path / "theirs")
+        rc, err = _cli(capsys, str(src), "--to", "torch:cpu", "--out", str(theirs), "--force")
+        assert rc == 1 and f"holds {what} (see its crosschip.json)" in err.err, err.err
+        assert sorted(p.name for p in theirs.iterdir()) == sorted(p.name for p in other.iterdir())
+        shutil.rmtree(theirs)
+    # Nor a bundle beside which someone put files of their own: they would go with it, even
+    # after verify recorded its verdict in the manifest (which then listed them as the bundle's).
+    old = tmp_path / "old"
+    assert _cli(capsys, str(src), "--to", "torch:cpu", "--out", str(old))[0] == 0
     (old / "notes").mkdir()
     (old / "notes" / "eval.txt").write_text("mine")
+    hf.write_manifest(old, {"parity": {"passed": True}})  # as verify records its verdict
     rc, err = _cli(capsys, str(src), "--to", "torch:cpu", "--out", str(old), "--force")
     assert rc == 1 and "holds files the earlier export did not write (notes/eval.txt)" in err.err, err.err
     assert (old / "notes" / "eval.txt").read_text() == "mine"
@@ -336,17 +362,15 @@ def test_ctrl_c_while_the_second_process_starts_stops_both_without_a_traceback(d
     finally:
         signal.signal(signal.SIGINT, previous)
     try:
-        # Wait for the child to run its first line (SIGINT ignored): a Ctrl-C then used to
-        # print its KeyboardInterrupt traceback, or leave it tracing alone.
+        # Catch the child as early as it shows (it then imports torch for seconds): a Ctrl-C
+        # then used to print its KeyboardInterrupt traceback, or leave it tracing alone. It
+        # must hold SIGINT off from its first moment: blocked while it imports, then ignored.
         deadline, children = time.monotonic() + 120, []
         while not children and time.monotonic() < deadline and proc.poll() is None:
-            children = [
-                c
-                for c in psutil.Process(proc.pid).children()
-                if "spawn_main" in " ".join(c.cmdline()) and _ignores_sigint(c.pid)
-            ]
-            time.sleep(0.01)
+            children = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+            time.sleep(0.005)
         assert children, "the export never started its second process"
+        assert _holds_off_sigint(children[0].pid)
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -360,15 +384,13 @@ def test_ctrl_c_while_the_second_process_starts_stops_both_without_a_traceback(d
         pass
 
 
-def _ignores_sigint(pid: int) -> bool:
+def _holds_off_sigint(pid: int) -> bool:
+    """Whether process `pid` blocks or ignores SIGINT (its /proc status masks)."""
     import signal
 
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            ignored = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
-    except (OSError, StopIteration):
-        return False
-    return bool(ignored >> (signal.SIGINT - 1) & 1)
+    with open(f"/proc/{pid}/status") as f:
+        masks = {k: int(v, 16) for k, v in (line.split()[:2] for line in f if line.startswith(("SigBlk:", "SigIgn:")))}
+    return bool((masks["SigBlk:"] | masks["SigIgn:"]) >> (signal.SIGINT - 1) & 1)
 
 
 # -- the trace cache -------------------------------------------------------------------------------

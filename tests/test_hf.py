@@ -419,6 +419,12 @@ def test_manifest_lists_every_file_and_takes_later_reports(bundle):
 
     manifest = read_manifest(bundle)
     assert manifest["parity"]["verdict"] == "pass"
+    # A report (verify's verdict) does not adopt a file put beside the bundle: listed, it was
+    # deleted with the bundle by a later `export --force`. The stage that wrote it scans.
+    assert "onnx/model.onnx" not in manifest["files"]
+    write_manifest(bundle, {}, scan=True)
+    manifest = read_manifest(bundle)
+    assert manifest["parity"]["verdict"] == "pass"
     assert manifest["files"]["onnx/model.onnx"] == sha256_file(bundle / "onnx" / "model.onnx")
     (bundle / "onnx" / "model.onnx").write_bytes(b"tampered")
     with pytest.raises(BundleError, match=r"onnx/model\.onnx"):

@@ -449,11 +449,13 @@ def weights_sha256(folder: str | Path) -> str | None:
         return None
 
 
-def write_manifest(path: str | Path, extra: dict[str, Any]) -> None:
-    """Merge `extra` into the bundle's manifest and recompute every file's sha256.
+def write_manifest(path: str | Path, extra: dict[str, Any], *, scan: bool = False) -> None:
+    """Merge `extra` into the bundle's manifest and recompute the files' sha256.
 
-    Later stages (export, verify) call this to attach their reports; the checksums are
-    recomputed so files they added are covered too.
+    scan: list every file in the folder, for a folder the caller wrote whole (a checkpoint's
+    or an export's staging folder, where it added files). Otherwise (verify recording its
+    verdict) only the files already listed are hashed again: a file someone put beside the
+    bundle was listed as the bundle's own, and a later `export --force` deleted it.
     """
     folder = Path(path)
     check_bundle_folder(folder)
@@ -461,7 +463,11 @@ def write_manifest(path: str | Path, extra: dict[str, Any]) -> None:
     manifest = read_json(manifest_path) if manifest_path.exists() else {}
     manifest.update(extra)
     manifest["format"] = MANIFEST_FORMAT
-    manifest["files"] = _bundle_files(folder)
+    listed = manifest.get("files")
+    if scan or not isinstance(listed, dict):
+        manifest["files"] = _bundle_files(folder)
+    else:
+        manifest["files"] = {name: sha256_file(folder / name) for name in listed if (folder / name).is_file()}
     _write_json(manifest_path, manifest)
 
 

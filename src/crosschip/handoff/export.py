@@ -110,7 +110,7 @@ def export_bundle(
             "onnx": onnx_info,
             "export": {"time_s": round(time.time() - started, 2), "torch": torch.__version__},
         }
-        hf.write_manifest(staging, manifest)
+        hf.write_manifest(staging, manifest, scan=True)  # with the files the export added
         hf.write_manifest(staging, {"sizes": bundle_sizes(staging)})
     return hf.read_manifest(out)
 
@@ -138,9 +138,16 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
                 f"--out {out} is not empty and is not a bundle (no {hf.MANIFEST_FILE}); --force replaces "
                 "only an earlier export, so choose another folder"
             )
+        manifest = hf.read_manifest(out)
+        if "target" not in manifest or manifest.get("kind") == "checkpoint":  # what every export records
+            what = "a checkpoint" if manifest.get("kind") == "checkpoint" else "a bundle no export wrote"
+            raise CrosschipError(
+                f"--out {out} holds {what} (see its {hf.MANIFEST_FILE}); --force replaces only an earlier "
+                "export, so choose another folder"
+            )
         # The whole folder is replaced: files someone added beside the bundle would go with it.
         # The manifest lists (and checksums) every file of the bundle but itself.
-        written = {*hf.read_manifest(out).get("files", {}), hf.MANIFEST_FILE}
+        written = {*manifest.get("files", {}), hf.MANIFEST_FILE}
         added = sorted(
             f for f in (p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) if f not in written
         )

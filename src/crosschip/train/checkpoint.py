@@ -118,7 +118,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         _write_files(tmp, state, cfg, tokenizer)
-        hf.write_manifest(tmp, {"kind": "checkpoint", "step": state.step})
+        hf.write_manifest(tmp, {"kind": "checkpoint", "step": state.step}, scan=True)
         # safetensors writes 0600 whatever the umask; every file gets the mode open() gave the
         # state file, so whoever may read the run folder may export from it.
         mode = (tmp / STATE_FILE).stat().st_mode & 0o777
