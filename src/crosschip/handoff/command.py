@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 
 from crosschip.config import POLICIES
+from crosschip.errors import CrosschipError, first_line
 from crosschip.handoff.source import check_source
 from crosschip.paths import path_arg
 
@@ -45,6 +47,17 @@ def run(args: argparse.Namespace) -> int:
     from crosschip import hf
     from crosschip.handoff.export import export_bundle
 
+    if args.measure_memory:  # it serves the bundle here: said before the export, not after it
+        from crosschip.backends import get_backend
+
+        try:
+            get_backend(args.target).require()
+        except CrosschipError as e:
+            raise CrosschipError(
+                f"--measure-memory serves the bundle on this machine, and {e}; export without it, "
+                "and measure where the target runs"
+            ) from None
+
     manifest = export_bundle(
         args.src,
         args.out,
@@ -57,7 +70,13 @@ def run(args: argparse.Namespace) -> int:
     if args.measure_memory:
         from crosschip.handoff.memory import measure_serving_rss
 
-        hf.write_manifest(args.out, {"resident": measure_serving_rss(args.out, manifest["target"]["spec"])})
+        try:
+            resident = measure_serving_rss(args.out, manifest["target"]["spec"])
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            raise CrosschipError(
+                f"the bundle {args.out} is written, but --measure-memory failed: {first_line(e)}"
+            ) from None
+        hf.write_manifest(args.out, {"resident": resident})
         manifest = hf.read_manifest(args.out)
     if args.json:
         print(json.dumps(manifest, indent=2))

@@ -22,8 +22,9 @@ def measure_serving_rss(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "crosschip.handoff.memory", str(bundle), backend_spec]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory probe failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    if done.returncode != 0:  # the child's last line is its exception
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the memory probe exited {done.returncode}: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -304,7 +304,7 @@ def export_onnx(model: Transformer, path: str | Path, *, policy: str = "fp32", p
         if not trace_cache.has(trace_cache.trace_key(model, "decode")):
             child = ctx.Process(target=_export_decode_graph, args=(model, small, policy, child_end), daemon=True)
             try:
-                with interrupts.held():
+                with interrupts.held(), _sigint_ignored():
                     child.start()  # hands the weights over through shared memory
                 say(f"small-batch decode graph ({small.name}) in a second process")
             except (OSError, RuntimeError) as e:  # e.g. a /dev/shm too small for the weights (containers)
@@ -350,10 +350,24 @@ def _quiet(msg: str) -> None:
     pass
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a child starts: the child inherits the disposition through fork and
+    exec (and Python keeps an inherited SIG_IGN), so a Ctrl-C while it imports (torch: seconds)
+    is no KeyboardInterrupt traceback. (A blocked mask is not inherited by a spawned child.)
+    The cost: a Ctrl-C in the milliseconds of `Process.start` itself is dropped."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _export_decode_graph(model: Transformer, path: Path, policy: str, conn) -> None:
     """Child process: export the decode graph, send None or the error's text back."""
     # A Ctrl-C reaches the whole process group, and the parent stops this process then; a
-    # KeyboardInterrupt here would only add a traceback to the terminal.
+    # KeyboardInterrupt here would only add a traceback to the terminal. It started with
+    # SIGINT ignored (`_sigint_ignored`), and keeps it so where started otherwise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         # torch.fx's progress bar takes tqdm's lock, by default a multiprocessing one; this

@@ -68,10 +68,13 @@ def resolve_source(src: str | Path) -> Source:
 
 def _from_checkpoint(folder: Path) -> Source:
     from crosschip import hf
-    from crosschip.train.checkpoint import load_model
+    from crosschip.train.checkpoint import load_model, unreadable_as_error
 
     model, tokenizer = load_model(folder)
-    state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+    with unreadable_as_error(folder):  # invalid JSON was a traceback, where train said one line
+        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise TypeError(f"{TRAINER_STATE} holds a {type(state).__name__}, not an object")
     training = None
     if isinstance(state.get("backend"), dict):
         training = {**state["backend"], "dtype": state.get("dtype")}
