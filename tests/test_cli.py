@@ -100,6 +100,7 @@ def test_serve_takes_vllms_flags_for_the_model_name_batch_and_prefix_caching():
         # It printed "draining (up to infs)" at SIGTERM.
         ("--drain-timeout", "inf", "--drain-timeout must be >= 0 and finite, got inf"),
         ("--threads", "-1", "--threads must be >= 0"),
+        ("--threads", "100000", "--threads 100,000 is more than this machine's"),  # a segfault
         ("--api-key", "", "--api-key is empty"),
         ("--model-name", " ", "--model-name is empty"),
     ],
@@ -192,6 +193,9 @@ def test_the_engine_refuses_a_zero_prefill_chunk():
         (["--api-key", "k", "--model-name", "m", "--target", "torch:cpu"], "--api-key and --model-name apply to"),
         (["--target-url", "http://127.0.0.1:1", "--target-dtype", "fp16"], "; --target-url http://127.0.0.1:1 runs"),
         (["--out", "{bundle}/verify"], "is inside the bundle it verifies"),
+        # Empty (an unset variable): the default target ran, and the current folder was weights.
+        (["--target", ""], "--target is empty; give a backend such as ort:cpu"),
+        (["--reference-weights", " "], "--reference-weights is empty; give auto, bundle or a folder"),
     ],
 )
 def test_verify_refuses_numbers_it_cannot_run_with_before_either_side_runs(
@@ -249,6 +253,7 @@ def test_train_refuses_launcher_numbers_before_torchrun(tmp_path, capsys, args, 
         (["verify", ""], "bundle"),
         (["verify", "{tmp}/configs", "--out", ""], "--out"),
         (["verify", "{tmp}/configs", "--target", "torch:cpu", "--target-weights", ""], "--target-weights"),
+        (["verify", "{tmp}/configs", "--corpus", ""], "--corpus"),  # read every .txt under here
         (["probe", "--json", ""], "--json"),
         (["qualify", "--json", ""], "--json"),
         (["qualify", "--workdir", ""], "--workdir"),

@@ -406,6 +406,15 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_fresh_run_refuses_a_folder_that_holds_another_runs_log(tmp_path):
+    """It appended to it: that run's steps went into this one's summary (lost_steps)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"event": "step", "step": 9}\n')
+    with pytest.raises(CrosschipError, match="already holds a metrics.jsonl of a run that saved no checkpoint"):
+        Trainer(debug_cfg(steps=2), tmp_path / "run", verbose=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"event": "step", "step": 9}\n'
+
+
 def test_a_resume_into_another_data_task_names_the_task_not_a_damaged_checkpoint(tmp_path):
     """It used to say the checkpoint "cannot be read (KeyError: 'rows')" and advise removing
     it, which would only have made the next checkpoint fail the same way."""

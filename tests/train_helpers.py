@@ -97,7 +97,7 @@ def records(out: Path) -> list[dict]:
 
 
 def events(out: Path, name: str) -> list[dict]:
-    return [r for r in records(out) if r["event"] == name]
+    return [r for r in records(out) if isinstance(r, dict) and r.get("event") == name]
 
 
 def losses(out: Path) -> dict[int, float]:

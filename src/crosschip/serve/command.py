@@ -118,6 +118,11 @@ def check_flags(args: argparse.Namespace) -> None:
         raise CrosschipError(f"--compile is torch.compile, for torch backends; {args.on} optimizes its own graph")
     if args.threads < 0:
         raise CrosschipError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    cpus = os.cpu_count() or 1
+    if args.threads > cpus:  # 100000 crashed torch's thread pool (a segfault, no word said)
+        raise CrosschipError(
+            f"--threads {args.threads:,} is more than this machine's {cpus} CPUs; give {cpus} or fewer"
+        )
     # An empty value is most often an unset shell variable (`--api-key "$KEY"`): served as it
     # was, it would open the server to anyone, or name the model after the folder, silently.
     if args.api_key == "":

@@ -48,13 +48,17 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl (a line cut by a kill mid-write is ignored)."""
+    """Every event record of a metrics.jsonl. A line cut by a kill mid-write is ignored, and so
+    is one that is not an event (an object with its "event" name), such as a line added by
+    hand: the summary and a resume read every record's "event"."""
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and isinstance(record.get("event"), str):
+            records.append(record)
     return records
 
 

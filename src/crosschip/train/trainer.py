@@ -294,12 +294,21 @@ class Trainer:
     def _start(self, resume: bool) -> None:
         # Rank 0 looks and decides for everyone: another rank could otherwise already see the
         # step-0 checkpoint rank 0 is about to write.
-        existing = self.dist.broadcast_object(
-            bool(ckpt.list_checkpoints(self.ckpt_root)) if self.dist.is_main else None
+        log = self.out / "metrics.jsonl"
+        existing, logged = self.dist.broadcast_object(
+            (bool(ckpt.list_checkpoints(self.ckpt_root)), log.is_file() and log.stat().st_size > 0)
+            if self.dist.is_main
+            else None
         )
         if existing and not resume:
             raise CrosschipError(
                 f"{self.out} already holds checkpoints; pass --resume to continue that run or choose another --out"
+            )
+        if logged and not resume:
+            # Appended to, it mixed another run's steps into this one's summary (lost_steps).
+            raise CrosschipError(
+                f"{self.out} already holds a metrics.jsonl of a run that saved no checkpoint; remove it or "
+                "choose another --out"
             )
         fingerprint = self.backend.fingerprint()
         if resume:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from crosschip.config import DataConfig, VerifyConfig
 from crosschip.errors import CrosschipError
-from crosschip.paths import check_output_dir, path_arg
+from crosschip.paths import check_output_dir, path_arg, refuse_empty
 from crosschip.verify.gate import GATE_FAILED_EXIT, PPL_GAP
 from crosschip.verify.prompts import CORPUS_NEW_TOKENS
 
@@ -63,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--corpus",
         nargs="+",
+        type=path_arg,
         default=None,
         metavar="PATH",
         help="the corpus paragraphs' source: .txt/.jsonl files or folders, as data.corpus (default: the built-in "
@@ -104,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise CrosschipError(f"verify: --top-k must be >= 1, got {args.top_k}")
     check_output_dir(args.out, "--out")
+    # Empty (an unset shell variable) was the default target, and the current folder as weights.
+    refuse_empty(args.target, "--target", "give a backend such as ort:cpu, or leave the flag out")
+    refuse_empty(args.reference_weights, "--reference-weights", "give auto, bundle or a folder")
     args.out = Path(args.out)
     bundle = Path(args.bundle).resolve()
     if args.out.resolve() == bundle or bundle in args.out.resolve().parents:

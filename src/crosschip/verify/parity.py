@@ -54,7 +54,7 @@ class VerifyOptions:
     task: str = "arith"
     """What the model was trained on (`verify` reads it from the bundle: `trained_task`):
     `arith` scores the held-out problems, `corpus` corpus text only."""
-    corpus: list[str] | None = None
+    corpus: list[str | Path] | None = None
     """Files (or folders) of the corpus text to score, as `data.corpus`; None: the built-in corpus."""
     seed: int = 0
     bisect: bool = True
