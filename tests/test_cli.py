@@ -193,6 +193,8 @@ def test_the_engine_refuses_a_zero_prefill_chunk():
         (["--api-key", "k", "--model-name", "m", "--target", "torch:cpu"], "--api-key and --model-name apply to"),
         (["--target-url", "http://127.0.0.1:1", "--target-dtype", "fp16"], "; --target-url http://127.0.0.1:1 runs"),
         (["--out", "{bundle}/verify"], "is inside the bundle it verifies"),
+        # The target's worker found no graph after the reference side had run whole.
+        ([], "has no model.onnx, which --target ort:cpu runs; export it with `crosschip export ... --to ort:cpu`"),
         # Empty (an unset variable): the default target ran, and the current folder was weights.
         (["--target", ""], "--target is empty; give a backend such as ort:cpu"),
         (["--reference-weights", " "], "--reference-weights is empty; give auto, bundle or a folder"),
@@ -224,6 +226,9 @@ def test_verify_refuses_numbers_it_cannot_run_with_before_either_side_runs(
         (["--backend", "ort:cpu"], "ort:cpu serves but does not train"),
         (["--backend", ""], "--backend is empty"),
         (["--resume"], "does not exist; there is no run to continue"),
+        # It never fired, and the run exited 0 like one that survived it.
+        (["--steps", "2", "--inject", "crash@step=1000"], "the run ends at step 2 (--steps), so it would never fire"),
+        (["--inject", "nan@step=100000"], "(train.steps), so it would never fire"),
     ],
 )
 def test_train_refuses_launcher_numbers_before_torchrun(tmp_path, capsys, args, message):
@@ -480,6 +485,22 @@ def test_verify_into_a_read_only_bundle_is_refused_before_either_side_runs(debug
     err = capsys.readouterr().err
     assert "is read-only, so the verdict cannot be recorded" in err and "--no-record" in err
     assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize("stage", ["probe", "qualify"])
+def test_a_json_report_that_cannot_be_overwritten_is_refused_before_the_measurement(
+    tmp_path, capsys, monkeypatch, stage
+):
+    """An existing read-only --json file was said after the whole probe or qualification."""
+    import os
+
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(report) else real(p, mode))
+    assert main([stage, *(["--backend", "torch:cpu"] if stage == "qualify" else []), "--json", str(report)]) == 1
+    err = capsys.readouterr().err
+    assert f"--json {report} exists and is not writable" in err and "Traceback" not in err
 
 
 def test_bench_runs_a_script_that_imports_its_neighbours(capsys):

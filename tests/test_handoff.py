@@ -170,6 +170,13 @@ def test_cli_errors_are_one_line(debug_bundle, tmp_path, capsys):
     rc, out = _cli(capsys, str(debug_bundle), "--to", "torch:cpu", "--out", str(tmp_path / "full"))
     assert rc == 1 and "not empty" in out.err and (tmp_path / "full" / "x").exists()
     assert "Traceback" not in out.err
+    # Without a tokenizer the bundle was written, and then refused by serve and verify.
+    notok = shutil.copytree(debug_bundle, tmp_path / "notok")
+    (notok / "tokenizer.json").unlink()
+    (notok / "crosschip.json").unlink()
+    rc, out = _cli(capsys, str(notok), "--to", "torch:cpu", "--out", str(tmp_path / "o"))
+    assert rc == 1 and "has no tokenizer.json: a bundle without one cannot be served" in out.err, out.err
+    assert not (tmp_path / "o").exists()
     # --measure-memory serves the bundle here: a target this machine lacks was a traceback
     # after the whole export.
     rc, out = _cli(capsys, str(debug_bundle), "--to", "torch:xpu", "--measure-memory", "--out", str(tmp_path / "o"))

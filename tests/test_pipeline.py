@@ -266,6 +266,7 @@ def test_a_corpus_run_is_verified_on_its_own_text():
         (["--candidates", "torch:cpu", "tpu"], "--candidates: unknown backend 'tpu'"),
         (["--candidates", "torch:cpu", "torch:cpu"], "--candidates names torch:cpu more than once"),
         (["--train-on", "torch:cpu", "--inject", "boom@step=3"], "--inject 'boom@step=3': expected KIND@step=N"),
+        (["--inject", "crash@step=100000"], "(train.steps), so it would never fire"),
         (["--resume", "runs/x", "--config", "configs/smoke.toml"], "--config cannot be combined with --resume"),
     ],
 )

@@ -300,9 +300,17 @@ def test_the_problems_are_of_the_task_the_bundle_records_unless_the_flags_say_ot
     for given, named in (({"digits": 2}, "--digits"), ({"problems": 8, "ops": ["+"]}, "--problems and --ops")):
         with pytest.raises(CrosschipError, match=f"{named} choose arithmetic problems, but .* trained on a corpus"):
             trained_task(VerifyOptions(bundle=bundle, out=tmp_path / "v", **given))
+    hf.write_manifest(bundle, {"task": {"task": "code"}})  # it was scored on 2-digit arithmetic
+    with pytest.raises(CrosschipError, match=r"records a task verify cannot score .* give --digits and --ops"):
+        trained_task(opts)
     hf.write_manifest(bundle, {"task": {"task": "arith", "digits": 7, "ops": ["+"]}})
     with pytest.raises(CrosschipError, match=r"records a task verify cannot score .* give --digits and --ops"):
         trained_task(opts)
+    # ...as the error says: the flags then stand for the record.
+    given = VerifyOptions(bundle=bundle, out=tmp_path / "v", digits=2, ops=["-"])
+    assert trained_task(given) == ("arith", 2, ["-"])
+    hf.write_manifest(bundle, {"task": {"task": "code"}})
+    assert trained_task(given) == ("arith", 2, ["-"])
 
 
 @pytest.mark.parametrize("flag", ["reference_weights", "target_weights"])

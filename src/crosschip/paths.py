@@ -75,6 +75,8 @@ def check_output_file(path: Path | str, flag: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise CrosschipError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):  # said after the measurement, minutes in
+        raise CrosschipError(f"{flag} {path} exists and is not writable")
     _check_ancestors(path, flag, tuple(path.parents))
 
 

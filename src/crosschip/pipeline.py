@@ -30,6 +30,7 @@ from crosschip.paths import check_output_dir, lock_folder, path_arg
 from crosschip.qualify.command import UNFIT_EXIT
 from crosschip.serve.command import API_KEY_ENV, check_listen, client_url
 from crosschip.serve.pool import pool_blocks
+from crosschip.train.faults import check_faults
 from crosschip.verify.gate import GATE_FAILED_EXIT
 
 GIVE_UP_EXIT = 3  # the training health guard's "fail me over" exit code
@@ -599,6 +600,7 @@ def _open_run(args: argparse.Namespace) -> Run:
     if not config_path.is_file():  # read once above; the copy below would read it again
         raise CrosschipError(f"--config {config_path} is not a regular file: a run keeps a copy, so save it to one")
     _check_stage_settings(cfg, config_path)  # fail before any stage starts
+    check_faults(args.inject, cfg.train.steps, "train.steps")
     _check_port(args, cfg.serve)
     root = Path(args.out or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output_dir(root, "--out")

@@ -7,6 +7,9 @@ from typing import Any
 
 from crosschip.errors import CrosschipError, flag
 
+ONNX_FILE = "model.onnx"
+"""The general graph of an ONNX Runtime bundle (see `onnx_export`); its decode graph lies beside it."""
+
 
 def check_target_policy(backend: Any, policy: str, label: Callable[[str], str] = flag) -> None:
     """A precision policy the export target refuses (an emulated chip without bf16), named by

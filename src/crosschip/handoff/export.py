@@ -21,12 +21,11 @@ import torch
 from crosschip import hf
 from crosschip.backends import get_backend
 from crosschip.errors import CrosschipError
-from crosschip.handoff import check_target_policy, precision
+from crosschip.handoff import ONNX_FILE, check_target_policy, precision
 from crosschip.handoff.source import Source, checkpoint_root, resolve_source
 from crosschip.model import DTYPES
 from crosschip.paths import check_output_dir
 
-ONNX_FILE = "model.onnx"
 PHASES = ["load source", "check precision", "write HF bundle", "export ONNX", "check ONNX vs torch", "write manifest"]
 
 
@@ -89,6 +88,10 @@ def export_bundle(
     with _progress(progress) as phase, _staged(out) as staging:
         phase("load source", str(src))
         source = resolve_source(src)
+        if source.tokenizer is None:  # the bundle would be written, then refused by serve and verify
+            raise CrosschipError(
+                f"{source.info['path']} has no tokenizer.json: a bundle without one cannot be served or verified"
+            )
         phase("check precision", policy)
         precision_info = _check_precision(source, policy, fp16_overflow)
         phase("write HF bundle", str(out))

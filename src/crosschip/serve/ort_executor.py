@@ -24,10 +24,9 @@ from torch import Tensor
 
 from crosschip import hf
 from crosschip.errors import BundleError, first_line
+from crosschip.handoff import ONNX_FILE
 from crosschip.serve.executor import BlockTables, Chunk, PagedExecutor
 from crosschip.serve.pool import pool_blocks
-
-ONNX_FILE = "model.onnx"
 
 
 def _commit_graph() -> bytes:

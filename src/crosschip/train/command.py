@@ -149,9 +149,11 @@ def check_launcher(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from crosschip.backends import get_backend
     from crosschip.train import launch
+    from crosschip.train.faults import check_faults
     from crosschip.train.health import HealthGaveUp
 
     cfg = _config(args)
+    check_faults(args.inject, cfg.train.steps, "--steps" if args.steps is not None else "train.steps")
     check_launcher(args)
     check_output_dir(args.out, "--out")
     if args.resume and not Path(args.out).is_dir():  # refused before anything is made there

@@ -71,6 +71,15 @@ def parse_fault(spec: str) -> Fault:
     return Fault(kind, step=n if key == "step" else None, save=n if key == "save" else None, times=times, spec=spec)
 
 
+def check_faults(specs: list[str], steps: int, label: str) -> None:
+    """Each spec parses, and no step fault lies past the run's last step (`steps`, named by
+    `label`): it would never fire, and the run would pass for one that survived it."""
+    for spec in specs:
+        fault = parse_fault(spec)
+        if fault.step is not None and fault.step > steps:
+            raise CrosschipError(f"--inject {spec!r}: the run ends at step {steps} ({label}), so it would never fire")
+
+
 class FaultInjector:
     """Decides, step by step, which planted faults fire."""
 

@@ -222,6 +222,20 @@ def check_inputs(opts: VerifyOptions) -> None:
         check_reachable(opts.target_url, opts.api_key)
 
 
+def check_target_graph(opts: VerifyOptions) -> None:
+    """An ONNX Runtime target runs the bundle's graph: a bundle without one (a checkpoint, a
+    torch export) failed in the target's worker, after the reference side's whole run."""
+    from crosschip.backends import get_backend
+    from crosschip.handoff import ONNX_FILE
+
+    ort = opts.target is not None and get_backend(opts.target).runtime == "ort"
+    if ort and not (opts.bundle / ONNX_FILE).is_file():
+        raise CrosschipError(
+            f"{opts.bundle} has no {ONNX_FILE}, which --target {opts.target} runs; export it with "
+            f"`crosschip export ... --to {opts.target}`, or give a torch --target"
+        )
+
+
 def reference_weights(opts: VerifyOptions) -> Path | None:
     """What the reference runs: the trained model when the bundle says where it is."""
     if opts.reference_weights == "bundle":
@@ -303,9 +317,13 @@ def trained_task(opts: VerifyOptions) -> tuple[str, int | None, list[str] | None
                 "that the bundle was trained on a corpus, which verify scores on corpus text"
             )
         return "corpus", None, None
-    task = task if task.get("task") == "arith" else {}
-    try:  # checked as a config's would be; the held-out count is verify's own (--problems)
-        recorded = DataConfig(**{k: task[k] for k in ("digits", "ops") if k in task}, heldout_size=1)
+    # What the flags leave to the record, checked as a config's would be (the held-out count is
+    # verify's own, --problems): a record verify cannot read is refused, not guessed past.
+    wanted = [name for name in ("digits", "ops") if getattr(opts, name) is None]
+    try:
+        if wanted and task.get("task", "arith") != "arith":  # a kind of task this verify does not know
+            raise ConfigError(f"task {task.get('task')!r}")
+        recorded = DataConfig(**{k: task[k] for k in wanted if k in task}, heldout_size=1)
     except (ConfigError, TypeError):
         raise CrosschipError(
             f"{opts.bundle / hf.MANIFEST_FILE} records a task verify cannot score ({task}); give --digits and --ops"
@@ -338,6 +356,7 @@ def verify(opts: VerifyOptions, progress: Any = print) -> dict[str, Any]:
         precision, source = opts.target_dtype, "--target-dtype"
     opts.task, opts.digits, opts.ops = trained_task(opts)
     prompts, prompt_path, tokenizer = build_prompt_file(opts)
+    check_target_graph(opts)
     ref_spec, tgt_spec = sides_of(opts, precision)
     progress(
         f"verify: {len(prompts.scored)} scored texts, {len(prompts.greedy)} greedy prompts x {prompts.max_new_tokens} tokens; "
