@@ -230,6 +230,9 @@ def test_load_txt_jsonl_and_folders(tmp_path):
     (tmp_path / "sub" / "ignored.md").write_text("not a corpus file")
     (tmp_path / "blank.txt").write_text("  \n")
     assert load_texts([tmp_path]) == ["first document\n\nstill first\n", "second", "third 🤖"]
+    # The first documents only (verify, the serving smoke): files past them are not read.
+    assert load_texts([tmp_path], limit=2) == ["first document\n\nstill first\n", "second"]
+    assert load_texts([tmp_path / "a.txt", tmp_path / "not-read.txt"], limit=1) == ["first document\n\nstill first\n"]
     assert load_texts([tmp_path / "sub" / "b.jsonl", str(tmp_path / "a.txt")])[0] == "second"
 
 

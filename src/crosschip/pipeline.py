@@ -390,7 +390,7 @@ def _smoke_prompts(data: Any) -> list[tuple[str, Any]]:
         return [(p.prompt, functools.partial(check, p)) for p in heldout_set(data)[:16]]
     from crosschip.data.corpus import load_texts
 
-    return [(" ".join(text.split()[:8]), None) for text in load_texts(data.corpus)[:16]]
+    return [(" ".join(text.split()[:8]), None) for text in load_texts(data.corpus, limit=16)]
 
 
 def _smoke(base_url: str, cfg, api_key: str) -> dict:

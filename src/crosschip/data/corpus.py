@@ -63,19 +63,26 @@ def _read_jsonl(path: Path) -> list[str]:
     return texts
 
 
-def load_texts(paths: Sequence[str | Path]) -> list[str]:
-    """The documents of `.txt`/`.jsonl` files and folders of them, in the order given."""
+def load_texts(paths: Sequence[str | Path], limit: int | None = None) -> list[str]:
+    """The documents of `.txt`/`.jsonl` files and folders of them, in the order given; with
+    `limit`, the first that many (files past them are not read: verify and the serving smoke
+    take a few documents of a corpus that may be large)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     docs: list[str] = []
+    full = lambda: limit is not None and len(docs) >= limit
     for path in map(Path, paths):
+        if full():
+            break
         for file in _files_of(path):
+            if full():
+                break
             texts = _read_jsonl(file) if file.suffix.lower() == ".jsonl" else [_read_text(file)]
             docs.extend(t for t in texts if t.strip())
     if not docs:
         shown = ", ".join(str(p) for p in paths) or "(no paths)"
         raise CrosschipError(f"corpus: no non-empty documents found in {shown}")
-    return docs
+    return docs[:limit]
 
 
 def builtin_corpus() -> list[str]:

@@ -283,7 +283,7 @@ def plan_prompts(
     return build_prompts(
         tokenizer,
         task=opts.task,
-        corpus=None if opts.corpus is None else load_texts(opts.corpus),
+        corpus=None if opts.corpus is None else load_texts(opts.corpus, limit=opts.corpus_docs),
         problems=problems,
         scored_problems=min(opts.scored_problems, problems),
         corpus_docs=opts.corpus_docs,
