@@ -251,8 +251,13 @@ def test_ort_executor_reuses_a_cached_prefix_with_the_same_output(fp32_bundle, m
     assert first.token_ids == again.token_ids == expected.token_ids
 
 
-def test_serve_on_ort_cpu_matches_torch_engine(fp32_bundle, model):
-    """`crosschip serve BUNDLE --on ort:cpu`: same scheduler and HTTP API; greedy text equals the torch engine's."""
+def test_serve_on_ort_cpu_matches_torch_engine(fp32_bundle, model, debug_bundle):
+    """`crosschip serve BUNDLE` of a bundle exported for ort:cpu serves it there (it served it
+    through torch, its graphs unused, unless --on said otherwise): same scheduler and HTTP API;
+    greedy text equals the torch engine's."""
+    from crosschip.serve.command import exported_for
+
+    assert exported_for(fp32_bundle) == "ort:cpu" and exported_for(debug_bundle) == "torch:cpu"
     import openai
 
     from crosschip.serve.engine import Engine
@@ -265,8 +270,9 @@ def test_serve_on_ort_cpu_matches_torch_engine(fp32_bundle, model):
     expected = Engine(TorchExecutor(model, max_batch=4), tok, max_batch=4).generate(
         prompts, SamplingParams(max_tokens=24, temperature=0)
     )
-    srv = ServerProcess(fp32_bundle, "--on", "ort:cpu", "--max-batch", "4")
+    srv = ServerProcess(fp32_bundle, "--max-batch", "4")  # no --on: the bundle's export target
     try:
+        assert any("crosschip serve: ort:cpu, model" in line for line in srv.lines), srv.lines
         client = openai.OpenAI(base_url=srv.api, api_key="unused", max_retries=0)
         for prompt, exp in zip(prompts, expected):
             got = client.completions.create(model="fp32", prompt=prompt, max_tokens=24, temperature=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -27,7 +28,11 @@ API_KEY_ENV = "CROSSCHIP_API_KEY"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=path_arg, help="bundle folder (HF DeepseekV3 layout + tokenizer.json)")
     parser.add_argument(
-        "--on", default="torch:cpu", metavar="SPEC", help="backend that runs the model (torch:cpu, ort:cpu, ...)"
+        "--on",
+        default=None,
+        metavar="SPEC",
+        help="backend that runs the model (torch:cpu, ort:cpu, ...); default: the target the bundle was exported "
+        "for (its crosschip.json), else torch:cpu",
     )
     parser.add_argument("--host", default=DEFAULTS.host, help="address to bind (default: loopback)")
     parser.add_argument("--port", type=int, default=DEFAULTS.port)
@@ -171,10 +176,23 @@ def check_listen(host: str, port: int, host_label: str = "--host") -> None:
             raise CrosschipError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
+def exported_for(bundle) -> str:
+    """The backend `crosschip export --to` wrote `bundle` for, else torch:cpu: an ONNX Runtime
+    bundle served through torch by default, its graphs unused."""
+    try:  # read here without torch (hf imports it); a damaged manifest is the loader's to report
+        manifest = json.loads((bundle / "crosschip.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    target = manifest.get("target") if isinstance(manifest, dict) else None
+    spec = target.get("spec") if isinstance(target, dict) else None
+    return spec if isinstance(spec, str) and spec else "torch:cpu"
+
+
 def run(args: argparse.Namespace) -> int:
     check_bundle_folder(args.bundle)
     if not (args.bundle / "tokenizer.json").is_file():
         raise BundleError(f"bundle has no tokenizer.json: {args.bundle}")
+    args.on = args.on or exported_for(args.bundle)
     check_flags(args)
     check_listen(args.host, args.port)
     # The server's runtime (torch, the web stack) only once the command line is known to be good.
