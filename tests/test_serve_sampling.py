@@ -161,6 +161,24 @@ def test_stop_string_split_across_tokens_is_found_when_completed():
     assert find_stop("x 12 ab", ["ab", "12", "1"], start=0) == (2, "12")
 
 
+def test_the_held_back_tail_is_the_longest_one_that_may_grow_into_a_stop():
+    """Against the definition (every k tried): the fast search compares only the k whose
+    stop prefix ends in the text's last character."""
+    import random
+
+    def by_definition(text: str, stops: list[str]) -> int:
+        end = len(text.rstrip("\ufffd"))
+        for stop in stops:
+            end -= next((k for k in range(min(len(stop) - 1, end), 0, -1) if text[:end].endswith(stop[:k])), 0)
+        return end
+
+    rng = random.Random(0)
+    for _ in range(5000):
+        text = "".join(rng.choice("ab\ufffd") for _ in range(rng.randrange(0, 12)))
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randrange(1, 8))) for _ in range(rng.randrange(1, 4))]
+        assert stream_safe_end(text, stops) == by_definition(text, stops), (text, stops)
+
+
 def test_stream_holds_back_a_split_utf8_character():
     assert stream_safe_end("ab\ufffd", []) == 2
 
