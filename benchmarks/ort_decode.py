@@ -4,7 +4,7 @@ The ORT executor runs twice: as served (the small-batch `model.decode.onnx` for 
 batches of a few rows) and with only the general `model.onnx`, so the decode graph's gain is
 measured in the same run.
 
-    python benchmarks/ort_decode.py [--bundle DIR] [--preset arith-tiny] [--threads 2] [--steps 64]
+    python benchmarks/ort_decode.py [--bundle DIR] [--preset arith-tiny] [--threads 2] [--steps 64] [--record]
 
 Without --bundle, a random-weight model of --preset is exported (fp32, ort:cpu) to a temp
 folder. Both executors run the same greedy loop (prefill 32 tokens, then --steps decode steps)
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--steps", type=positive_int, default=64)
     ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--batches", type=positive_int_list, default="1,8")
-    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--record", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
     args = ap.parse_args()
 
     from crosschip import hf
@@ -67,13 +67,15 @@ def main() -> None:
     from crosschip.model import Transformer
     from crosschip.serve.executor import TorchExecutor
     from crosschip.serve.ort_executor import OrtExecutor
+    from crosschip.tokenizer import default_tokenizer
 
     torch.set_num_threads(args.threads)
     bundle = args.bundle
     if bundle is None:
         tmp = Path(tempfile.mkdtemp(prefix="ort_decode_"))
         torch.manual_seed(0)
-        hf.save_bundle(Transformer(model_preset(args.preset)), tmp / "src")
+        model = Transformer(model_preset(args.preset))
+        hf.save_bundle(model, tmp / "src", tokenizer=default_tokenizer(model.cfg.vocab_size))  # export needs one
         bundle = tmp / "bundle"
         print(f"exporting a random {args.preset} to {bundle} ...", file=sys.stderr)
         export_bundle(tmp / "src", bundle, target="ort:cpu", policy="fp32", progress=False)
@@ -104,7 +106,7 @@ def main() -> None:
             f"{batch:>5} | {'':>6} {wall[0]:>7.0f} {wall[1]:>11.0f} {wall[2]:>7.0f} | {'':>10} {cpu[0]:>7.0f} {cpu[1]:>11.0f} {cpu[2]:>7.0f}"
         )
 
-    if not args.no_record:
+    if args.record:  # as the other scripts: a run from a checkout leaves it as it was
         record(rows, args)
 
 

@@ -183,13 +183,14 @@ def test_greedy_to_the_end_of_the_context_equals_torch_executor(tmp_path):
     """
     from crosschip.config import model_preset
     from crosschip.model import Transformer
+    from crosschip.tokenizer import default_tokenizer
 
     torch.manual_seed(0)
     m = Transformer(model_preset("debug"))  # the debug bundles' graphs: from the trace cache
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(5)
-    hf.save_bundle(m, tmp_path / "src")
+    hf.save_bundle(m, tmp_path / "src", tokenizer=default_tokenizer(m.cfg.vocab_size))  # export needs one
     export_bundle(tmp_path / "src", tmp_path / "b", target="ort:cpu", policy="fp32", progress=False)
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(11, 30))]
     n = m.cfg.max_position_embeddings - len(prompts[-1]) - 1  # the longest row ends at the last position
