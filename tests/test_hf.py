@@ -366,9 +366,14 @@ def test_tampered_file_fails_its_checksum(bundle):
     data = bytearray((bundle / "model.safetensors").read_bytes())
     data[-1] ^= 0x01  # one bit of the last weight
     (bundle / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"checksum mismatch.*model\.safetensors"):
+    with pytest.raises(BundleError, match=r"checksum mismatch for bundle file .*model\.safetensors"):
         load_bundle(bundle)
     load_bundle(bundle, verify_checksums=False)  # the file itself is still well-formed
+    # A checkpoint's manifest says so, and its error names a checkpoint, not a bundle.
+    write_manifest(bundle, {"kind": "checkpoint"})
+    (bundle / "model.safetensors").write_bytes(bytes(data[:-1]))
+    with pytest.raises(BundleError, match=r"checkpoint file .*model\.safetensors.* after the checkpoint was written"):
+        load_bundle(bundle)
 
 
 def test_truncated_weights_are_a_clear_error(bundle):

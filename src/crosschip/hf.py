@@ -478,13 +478,14 @@ def verify_manifest(path: str | Path) -> None:
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise BundleError(f"{folder / MANIFEST_FILE}: no 'files' table")
+    what = "checkpoint" if manifest.get("kind") == "checkpoint" else "bundle"
     for name, digest in files.items():
         file = folder / name
         if not file.is_file():
-            raise BundleError(f"bundle file {file} is listed in {MANIFEST_FILE} but missing")
+            raise BundleError(f"{what} file {file} is listed in {MANIFEST_FILE} but missing")
         if sha256_file(file) != digest:
             raise BundleError(
-                f"checksum mismatch for bundle file {file}: the file changed after the bundle was written"
+                f"checksum mismatch for {what} file {file}: the file changed after the {what} was written"
             )
 
 

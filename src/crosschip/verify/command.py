@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from crosschip.verify.parity import VerifyOptions, verify
 
     if args.top_k is not None and args.top_k < 1:
-        raise CrosschipError(f"verify: --top-k must be >= 1, got {args.top_k}")
+        raise CrosschipError(f"--top-k must be >= 1, got {args.top_k}")
     check_output_dir(args.out, "--out")
     # Empty (an unset shell variable) was the default target, and the current folder as weights.
     refuse_empty(args.target, "--target", "give a backend such as ort:cpu, or leave the flag out")

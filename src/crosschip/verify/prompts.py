@@ -101,11 +101,11 @@ def build_prompts(
     `crosschip verify`'s flags, or a run config's keys.
     """
     if task not in TASKS:
-        raise CrosschipError(f"verify: unknown task {task!r}; verify scores {' or '.join(TASKS)}")
+        raise CrosschipError(f"unknown task {task!r}; verify scores {' or '.join(TASKS)}")
     if corpus_docs < 0:
-        raise CrosschipError(f"verify: {label('corpus_docs')} must be >= 0, got {corpus_docs}")
+        raise CrosschipError(f"{label('corpus_docs')} must be >= 0, got {corpus_docs}")
     if max_new_tokens is not None and max_new_tokens < 1:
-        raise CrosschipError(f"verify: {label('max_new_tokens')} must be >= 1, got {max_new_tokens}")
+        raise CrosschipError(f"{label('max_new_tokens')} must be >= 1, got {max_new_tokens}")
     chosen = _problems(problems, digits, ops, seed, label) if task == "arith" else []
     bos = [tokenizer.bos_id]
     scored, greedy = [], []
@@ -122,7 +122,7 @@ def build_prompts(
     if not chosen and not any(len(p.ids) > 1 for p in scored):
         # A corpus model is judged on its text alone (and its int8 gate on the perplexity).
         raise CrosschipError(
-            f"verify: the bundle was trained on a corpus, so verify scores corpus text, and "
+            f"the bundle was trained on a corpus, so verify scores corpus text, and "
             f"{label('corpus_docs')} {corpus_docs} over {len(texts)} documents gives none to score; "
             f"give {label('corpus_docs')} 1 or more"
         )
@@ -136,7 +136,7 @@ def build_prompts(
     longest = max(len(p.ids) for p in greedy)
     if context is not None and longest + max_new_tokens > context:
         raise CrosschipError(
-            f"verify: greedy prompts of up to {longest} tokens plus {max_new_tokens:,} new tokens exceed the "
+            f"greedy prompts of up to {longest} tokens plus {max_new_tokens:,} new tokens exceed the "
             f"model's context of {context} tokens; give {label('max_new_tokens')} {context - longest} or less"
         )
     # Capture a few of each kind: a fault may only show on one of them.
@@ -151,10 +151,10 @@ def build_prompts(
 
 def _problems(problems: int, digits: int, ops: list[str], seed: int, label: Callable[[str], str]) -> list[Problem]:
     if problems < 1:
-        raise CrosschipError(f"verify: {label('problems')} must be >= 1, got {problems}")
+        raise CrosschipError(f"{label('problems')} must be >= 1, got {problems}")
     if not 1 <= digits <= 3:
-        raise CrosschipError(f"verify: {label('digits')} must be 1, 2 or 3, got {digits}")
+        raise CrosschipError(f"{label('digits')} must be 1, 2 or 3, got {digits}")
     try:
         return generate_problems(problems, digits=digits, ops=ops, seed=seed, split="heldout")
     except CrosschipError as e:
-        raise CrosschipError(f"verify: {label('problems')}: {e}") from None
+        raise CrosschipError(f"{label('problems')}: {e}") from None
