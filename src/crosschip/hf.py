@@ -466,8 +466,10 @@ def write_manifest(path: str | Path, extra: dict[str, Any], *, scan: bool = Fals
     listed = manifest.get("files")
     if scan or not isinstance(listed, dict):
         manifest["files"] = _bundle_files(folder)
-    else:
-        manifest["files"] = {name: sha256_file(folder / name) for name in listed if (folder / name).is_file()}
+    else:  # a listed file gone is not dropped from the record: the folder is no longer what it lists
+        if missing := [name for name in listed if not (folder / name).is_file()]:
+            raise BundleError(f"file {folder / missing[0]} is listed in {MANIFEST_FILE} but missing")
+        manifest["files"] = {name: sha256_file(folder / name) for name in listed}
     _write_json(manifest_path, manifest)
 
 

@@ -265,8 +265,7 @@ def encode_text(tokenizer, text: str, param: str, *, add_bos: bool, context: int
     """The ids of `text`; text that is not Unicode is refused by `param`. JSON's "\\ud800"
     decodes to a lone surrogate, which the tokenizer rejects with a TypeError. With the model's
     `context`, a text too long to fit it is refused before it is tokenized."""
-    most = tokenizer.max_token_chars
-    if context is not None and most is not None and len(text) > context * most:
+    if context is not None and (most := tokenizer.max_token_chars) is not None and len(text) > context * most:
         raise InvalidParameter(
             param, f"{param}: {len(text):,} characters are more tokens than the model's context of {context} holds"
         )
