@@ -434,6 +434,10 @@ def test_manifest_lists_every_file_and_takes_later_reports(bundle):
     (bundle / "onnx" / "model.onnx").write_bytes(b"tampered")
     with pytest.raises(BundleError, match=r"onnx/model\.onnx"):
         load_bundle(bundle)
+    # A listed file that is gone is not dropped from the list by a report: the bundle is broken.
+    (bundle / "onnx" / "model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"onnx/model\.onnx is listed in crosschip\.json but missing"):
+        write_manifest(bundle, {"parity": {"verdict": "pass"}})
 
 
 class _TokenizerStandIn:
