@@ -12,7 +12,9 @@ import pytest
 
 from crosschip.backends import get_backend
 from crosschip.cli import STAGES, main
+from crosschip.config import load_config, to_dict
 from crosschip.errors import CrosschipError
+from crosschip.pipeline import STAGE_OUTPUTS
 from light import cli_light
 
 
@@ -45,6 +47,11 @@ def test_each_stage_help_has_an_example_and_imports_no_runtime(stage):
         (["serve", "model.onnx"], "crosschip serve: error: model.onnx is a file; give the bundle's folder"),
         (["verify", "model.onnx"], "crosschip verify: error: model.onnx is a file; give the bundle's folder"),
         (["qualify", "--backend", "emu:nope"], "crosschip qualify: error: unknown backend 'emu:nope'"),
+        # It judged torch:cpu against a chip that plants NaNs, and called it SERVE-ONLY.
+        (
+            ["qualify", "--backend", "torch:cpu", "--reference", "emu:flaky"],
+            "crosschip qualify: error: --reference emu:flaky is an emulated chip",
+        ),
         (["run", "--config", "missing.toml"], "crosschip run: error: config file not found: missing.toml"),
         (["run", "--train-on", "torch:tpu"], "crosschip run: error: --train-on: unknown backend 'torch:tpu'"),
     ],
@@ -282,6 +289,12 @@ def test_an_empty_path_is_refused_not_taken_as_unset_or_as_here(tmp_path, capsys
         # An edit by hand: this one was an AttributeError traceback after the probe ran again.
         ('{"finished": "serve"}', "ValueError: expected an object with a list of finished stages"),
         ("[]", "ValueError: expected an object"),
+        # These were an AttributeError traceback, a TypeError after the serve stage had run, and
+        # a whole run redone from the probe with the config's check skipped.
+        ('{"finished": [], "config_values": "x"}', "ValueError: 'config_values' is not an object"),
+        ('{"finished": [], "stages": [], "config_values": {}}', "ValueError: 'stages' is not an object"),
+        ('{"finished": [1, 2], "config_values": {}}', "ValueError: unknown finished stages [1, 2]"),
+        ('{"finished": ["probe"]}', "ValueError: 'config_values' is missing"),
     ],
 )
 def test_a_damaged_run_state_is_one_line(tmp_path, capsys, state, why):
@@ -299,16 +312,25 @@ def test_a_resume_takes_the_config_copy_in_its_folder_and_refuses_flags_it_would
     run.mkdir()
     shutil.copy(Path(__file__).resolve().parent.parent / "configs" / "smoke.toml", run / "config.toml")
     stages = ["probe", "qualify", "assign", "train", "export", "verify", "serve", "report"]
-    state = {"config": str(tmp_path / "before" / "config.toml"), "finished": stages}
+    values = to_dict(load_config(run / "config.toml"))
+    state = {"config": str(tmp_path / "before" / "config.toml"), "finished": stages, "config_values": values}
     (run / "run_state.json").write_text(json.dumps(state))
+    for output in STAGE_OUTPUTS.values():  # what the stages left (a missing one is redone)
+        (run / output).parent.mkdir(parents=True, exist_ok=True)
+        (run / output).write_text("{}")
     for flags, says in [
         (["--serve"], "serve stage already finished, so --serve and --port do nothing here"),
         (["--port", "8123"], "serve stage already finished"),
         (["--out", str(tmp_path / "x")], "--out cannot be combined with --resume"),
+        # These were taken and ignored (--train-on even recorded in the run state).
+        (["--train-on", "torch:cpu"], f"--train-on is for the assign stage, which {run} has finished"),
+        (["--candidates", "torch:cpu"], "--candidates is for the qualify stage"),
+        (["--inject", "nan@step=3"], "--inject is for the train stage"),
     ]:
         assert main(["run", "--resume", str(run), *flags]) == 1
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
+    assert json.loads((run / "run_state.json").read_text()) == state  # nothing recorded, nothing redone
     # A second `--resume` of a run that is still going is refused before any stage (the two redid
     # a stage side by side: one's export deleted the bundle the other verified).
     from crosschip.paths import lock_folder
@@ -485,6 +507,16 @@ def test_verify_into_a_read_only_bundle_is_refused_before_either_side_runs(debug
     err = capsys.readouterr().err
     assert "is read-only, so the verdict cannot be recorded" in err and "--no-record" in err
     assert not (tmp_path / "v").exists()
+
+
+def test_a_second_qualify_in_one_workdir_is_refused(tmp_path, capsys):
+    """It trained into the first one's folders, failed, and judged the backend SERVE-ONLY (exit 0)."""
+    from crosschip.paths import lock_folder
+
+    with lock_folder(tmp_path / "work", "crosschip qualify"):
+        assert main(["qualify", "--backend", "torch:cpu", "--workdir", str(tmp_path / "work")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'work'} is being written by another crosschip qualify (pid {os.getpid()})" in err
 
 
 @pytest.mark.parametrize("stage", ["probe", "qualify"])

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,6 +243,53 @@ def test_bad_config_fails_before_any_stage(tmp_path, capsys, toml, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_resume_redoes_a_finished_stage_whose_output_is_gone(tmp_path):
+    """A resume trusted the list of finished stages: with verify/report.json deleted, it served
+    a bundle with no verdict, and the summary left the parity line out without a word."""
+    from crosschip.pipeline import STAGE_OUTPUTS, STAGES, Run
+
+    run = Run(root=tmp_path, config_path=tmp_path / "config.toml")
+    for stage in STAGES:
+        if stage != "probe":  # skipped (roles given with --train-on): it leaves no probe.json
+            (tmp_path / STAGE_OUTPUTS[stage]).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / STAGE_OUTPUTS[stage]).write_text("{}")
+        run.finish(stage, **({"skipped": "roles given with --train-on"} if stage == "probe" else {}))
+    assert run.redo_from_missing_output() is None
+    (tmp_path / "verify" / "report.json").unlink()
+    assert run.redo_from_missing_output() == "verify"
+    assert run.state["finished"] == ["probe", "qualify", "assign", "train", "export"]
+    assert _state(tmp_path)["finished"] == run.state["finished"]  # saved
+
+
+def test_the_export_stage_takes_the_checkpoint_training_finished_at(tmp_path, debug_bundle):
+    """With the final checkpoint damaged, the export took the newest one that verified (an older
+    step), and the run reported that bundle as the model it had trained and evaluated."""
+    from crosschip.config import load_config, to_dict
+    from crosschip.errors import CrosschipError
+    from crosschip.hf import load_bundle
+    from crosschip.pipeline import Run, stage_export
+    from crosschip.train.checkpoint import TrainState, save_checkpoint
+
+    config = tmp_path / "config.toml"
+    config.write_text(
+        (ROOT / "configs" / "smoke.toml").read_text().replace('target = "ort:cpu"', 'target = "torch:cpu"')
+    )
+    run = Run(root=tmp_path, config_path=config, state={"config_values": to_dict(load_config(config))})
+    model, tok = load_bundle(debug_bundle)
+    for step in (4, 8):
+        state = TrainState(step, model.state_dict(), {}, {}, {"step": step})
+        save_checkpoint(tmp_path / "train" / "checkpoints", state, model.cfg, tokenizer=tok)
+    (tmp_path / "train" / "train_summary.json").write_text(json.dumps({"status": "done", "step": 8}))
+    final = tmp_path / "train" / "checkpoints" / "step_00000008"
+    (final / "model.safetensors").write_bytes(b"damaged")
+    with pytest.raises(CrosschipError, match=r"export failed \(exit 1\): .*checksum mismatch for checkpoint file"):
+        stage_export(run)
+    assert not (tmp_path / "bundle").exists()
+    shutil.rmtree(final)
+    with pytest.raises(CrosschipError, match=r"final checkpoint \(.*step_00000008\) is missing"):
+        stage_export(run)
 
 
 def test_a_corpus_run_is_verified_on_its_own_text():

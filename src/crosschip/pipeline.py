@@ -30,11 +30,23 @@ from crosschip.paths import check_output_dir, lock_folder, path_arg
 from crosschip.qualify.command import UNFIT_EXIT
 from crosschip.serve.command import API_KEY_ENV, check_listen, client_url
 from crosschip.serve.pool import pool_blocks
+from crosschip.train import step_dir
 from crosschip.train.faults import check_faults
 from crosschip.verify.gate import GATE_FAILED_EXIT
 
 GIVE_UP_EXIT = 3  # the training health guard's "fail me over" exit code
 STAGES = ["probe", "qualify", "assign", "train", "export", "verify", "serve", "report"]
+# What each stage leaves for the stages after it (a stage that was skipped leaves nothing).
+STAGE_OUTPUTS = {
+    "probe": "probe.json",
+    "qualify": "qualify.json",
+    "assign": "roles.json",
+    "train": "train/train_summary.json",
+    "export": "bundle/crosschip.json",
+    "verify": "verify/report.json",
+    "serve": "serve.json",
+    "report": "report.html",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +106,19 @@ class Run:
         self.state.setdefault("finished", []).append(stage)
         self.state.setdefault("stages", {})[stage] = {"seconds": facts.pop("seconds", None), **facts}
         self.save()
+
+    def redo_from_missing_output(self) -> str | None:
+        """A finished stage whose output is gone (deleted since) is redone, with every stage
+        after it: a resume trusted the list of finished stages, and served without the
+        verdict of a verify whose report was gone. Returns the first such stage, if any."""
+        for i, stage in enumerate(STAGES):
+            facts = self.state.get("stages", {}).get(stage, {})
+            if self.done(stage) and "skipped" not in facts and not (self.root / STAGE_OUTPUTS[stage]).is_file():
+                redo = set(STAGES[i:])
+                self.state["finished"] = [s for s in self.state["finished"] if s not in redo]
+                self.save()
+                return stage
+        return None
 
 
 ECHO_CHARS = 400
@@ -301,7 +326,16 @@ def stage_export(run: Run) -> dict:
     bundle = run.root / "bundle"
     if bundle.exists():
         shutil.rmtree(bundle)
-    args = ["export", str(run.root / "train" / "checkpoints"), "--to", cfg.export.target, "--dtype", cfg.export.dtype]
+    # The checkpoint the train stage finished at, not the newest that verifies: a damaged final
+    # checkpoint gave a bundle of an older step, which the run reported as the trained model.
+    step = _read_json(run.root / "train" / "train_summary.json").get("step")
+    final = step_dir(run.root / "train" / "checkpoints", step) if isinstance(step, int) else None
+    if final is None or not final.is_dir():
+        raise CrosschipError(
+            f"the train stage's final checkpoint ({final or 'no step in train/train_summary.json'}) is missing; "
+            "nothing of another step is exported in its place"
+        )
+    args = ["export", str(final), "--to", cfg.export.target, "--dtype", cfg.export.dtype]
     rc = Child.run([*args, "--out", str(bundle)], run.root / "logs" / "export.log")
     if rc != 0:
         raise stage_failed("export", rc, run.root / "logs" / "export.log")
@@ -367,6 +401,7 @@ def _start_server(bundle: Path, serve: ServeConfig, port: int, api_key: str, log
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
     if api_key:
         env[API_KEY_ENV] = api_key
+    log.parent.mkdir(parents=True, exist_ok=True)  # as Child.run makes it (a resume after logs/ was removed)
     with open(log, "w", encoding="utf-8") as f:  # the server writes through its own copy of the descriptor
         proc = Child.start(cmd, stdout=f, env=env)
     deadline = time.monotonic() + 120
@@ -581,6 +616,14 @@ def _open_run(args: argparse.Namespace) -> Run:
             state = json.loads(state_path.read_text())
             if not isinstance(state, dict) or not isinstance(state.get("finished", []), list):
                 raise ValueError("expected an object with a list of finished stages")
+            if unknown := [s for s in state.get("finished", []) if s not in STAGES]:
+                raise ValueError(f"unknown finished stages {unknown}")
+            # Read by the resume as objects: an edit by hand ended in a traceback, or after a stage.
+            for key in ("stages", "config_values"):
+                if not isinstance(state.get(key, {}), dict):
+                    raise ValueError(f"{key!r} is not an object")
+            if "config_values" not in state:  # what _check_unchanged compares the config with
+                raise ValueError("'config_values' is missing")
         except ValueError as e:  # a truncated write, or an edit by hand
             raise CrosschipError(f"{state_path}: damaged ({first_line(e)}); the run cannot be resumed") from None
         # The copy the run made when it started, found where the folder is now (the state's
@@ -616,6 +659,20 @@ def _open_run(args: argparse.Namespace) -> Run:
     return run
 
 
+def _check_resume_flags(args: argparse.Namespace, run: Run) -> None:
+    """Flags for stages a resumed run has finished would do nothing: refused, not ignored (a
+    resume recorded --train-on in the run state, though training had run elsewhere)."""
+    for flag_name, value, stage in (
+        ("--candidates", args.candidates, "qualify"),
+        ("--train-on", args.train_on, "assign"),
+        ("--inject", args.inject, "train"),
+    ):
+        if value and run.done(stage):
+            raise CrosschipError(
+                f"{flag_name} is for the {stage} stage, which {run.root} has finished; it would do nothing here"
+            )
+
+
 def _check_unchanged(run: Run) -> None:
     """A run continues with the config it started with: an edit to its config.toml since then
     is refused, naming the values (the stages already done used the old ones)."""
@@ -647,6 +704,9 @@ def run(args: argparse.Namespace) -> int:
     run_ = _open_run(args)
     # Held until this process ends: a second `--resume` of this run is refused, not run alongside.
     lock = lock_folder(run_.root, "crosschip run")  # noqa: F841 - the open file is the lock
+    if missing := run_.redo_from_missing_output():
+        _say(f"{STAGE_OUTPUTS[missing]} is gone: redoing the {missing} stage and the stages after it")
+    _check_resume_flags(args, run_)
     started = time.perf_counter()
     train_on = args.train_on or run_.state.get("train_on")
     if train_on:

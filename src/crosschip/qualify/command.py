@@ -13,7 +13,7 @@ from typing import Any
 
 from crosschip.backends import REGISTRY, get_backend
 from crosschip.errors import CrosschipError
-from crosschip.paths import check_output_dir, check_output_file, path_arg
+from crosschip.paths import check_output_dir, check_output_file, lock_folder, path_arg
 
 UNFIT_EXIT = 5
 
@@ -65,10 +65,19 @@ def run(args: argparse.Namespace) -> int:
 
     for spec in [*args.backend, args.reference]:
         get_backend(spec)  # unknown names fail before any work starts
+    if get_backend(args.reference).emulation:  # every verdict is measured against it
+        raise CrosschipError(
+            f"--reference {args.reference} is an emulated chip ({get_backend(args.reference).emulation}); "
+            "the reference is the backend you trust, such as torch:cpu"
+        )
     if args.steps is not None and args.steps < 8:
         raise CrosschipError(f"--steps must be at least 8, got {args.steps}")
+    lock = None
     if args.workdir is not None:
         check_output_dir(args.workdir, "--workdir")
+        # Two qualifications in one workdir trained into each other's folders: the second's
+        # stability run failed on the first's checkpoints, and it judged the backend SERVE-ONLY.
+        lock = lock_folder(args.workdir, "crosschip qualify")  # noqa: F841 - the open file is the lock
     if args.json:
         check_output_file(args.json, "--json")
     qualifier = Qualifier(args.reference, args.workdir, args.steps or STABILITY_STEPS)

@@ -40,6 +40,7 @@ from torch import Tensor
 from crosschip import hf
 from crosschip.config import ModelConfig
 from crosschip.errors import BundleError, CrosschipError
+from crosschip.train import step_dir
 
 if TYPE_CHECKING:
     from crosschip.model import Transformer
@@ -49,10 +50,6 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
 
 
 @dataclass
