@@ -72,14 +72,23 @@ def test_a_faulty_served_bundle_fails_the_gate_and_says_it_cannot_be_bisected(bu
     assert report["bisect"]["first_departure"] is None and "remote target" in report["bisect"]["note"]
 
 
-def test_a_wrong_api_key_is_one_clear_line(bundles, tmp_path):
+def test_a_wrong_api_key_or_model_name_is_one_clear_line(bundles, tmp_path):
     server = ServerProcess(bundles["clean"], "--on", "torch:cpu", "--api-key", "sekret")
     try:
         proc, report = verify_remote(bundles["clean"], server.api, tmp_path / "out", "--api-key", "wrong")
+        # A model the server does not serve was said after the reference side's whole run.
+        named = verify_remote(
+            bundles["clean"], server.api, tmp_path / "out2", "--api-key", "sekret", "--model-name", "nope"
+        )
     finally:
         server.stop()
     assert proc.returncode == 1 and report is None
     assert "refused the API key" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        named[0].returncode == 1
+        and f"--model-name 'nope' is not served at {server.api}; it serves 'clean'" in named[0].stderr
+    )
+    assert not (tmp_path / "out2" / "reference.json").exists()
 
 
 def test_a_server_without_token_ids_is_read_through_the_tokenizers_strings(bundles):
@@ -104,3 +113,68 @@ def test_a_server_without_token_ids_is_read_through_the_tokenizers_strings(bundl
         for i, lp, exact in zip(*(t[row].tolist() for t in by_text[:3])):
             if exact:
                 assert pairs.get(i) == lp
+
+
+def _reply(rows: list[dict | None], token_lp: list[float | None], tokens: list[str]):
+    """An echo=True completion's logprobs as the openai client gives them (position 0: null)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(top_logprobs=[None, *rows], token_logprobs=[None, *token_lp], tokens=[None, *tokens])
+
+
+def test_a_server_whose_logprobs_no_distribution_has_is_refused(bundles):
+    """Each of these passed the fp32 gate (the KL renormalised them away, or a NaN scored 0),
+    or crashed verify, or was blamed on the model. Names are token ids, as our server sends them."""
+    from types import SimpleNamespace
+
+    from crosschip.errors import CrosschipError
+
+    _, tok = load_bundle(bundles["clean"])
+    side = RemoteSide("http://127.0.0.1:1/v1", tok, api_key=None, model="m", top_k=2)
+    a, b, c = "token_id:20", "token_id:21", "token_id:22"
+    good = [{a: -0.5, b: -1.5}, {b: -0.2, c: -2.0}]
+    ids, lp, exact, token_lp = side._scored([1, 20, 21], _reply(good, [-0.5, -0.2], [a, b]))
+    assert ids.tolist() == [[20, 21], [21, 22]] and bool(exact.all()) and token_lp.tolist() == [-0.5, -0.2]
+    for rows, token_lps, says in [
+        ([{a: float("nan"), b: -1.5}, good[1]], [-0.5, -0.2], "are not log-probabilities of one distribution"),
+        ([{a: 2.5, b: 1.5}, good[1]], [2.5, -0.2], "not log-probabilities"),  # lifted above 0
+        ([{a: -0.1, b: -0.2}, good[1]], [-0.1, -0.2], "not log-probabilities of one distribution"),  # sum > 1
+        ([{a: -0.5}, good[1]], [-0.5, -0.2], "returned 1 alternatives at a position where 2 were asked"),
+        ([None, good[1]], [-0.5, -0.2], "returned no top_logprobs at prompt position 1"),
+        (good, [-5.0, -0.2], "gives token token_id:20 log-prob -5.0 at prompt position 1, and -0.5"),
+        ([{a: -0.5, "token_id:5000": -1.5}, good[1]], [-0.5, -0.2], "token_id:5000, outside the bundle's vocabulary"),
+    ]:
+        with pytest.raises(CrosschipError, match=says):
+            side._scored([1, 20, 21], _reply(rows, token_lps, [a, b]))
+    # A reply that is not an OpenAI completion at all: one line, not an IndexError traceback.
+    side._call = lambda **kw: SimpleNamespace(choices=[])
+    with pytest.raises(
+        CrosschipError, match=r"answered a completion with something that is not an OpenAI reply \(Index"
+    ):
+        side.score_remote([1, 20, 21])
+
+
+def test_a_server_with_another_tokenizer_is_refused(bundles, tmp_path):
+    """Sent and returned as ids, the text never passed through the tokenizer: a server whose
+    tokenizer numbers the tokens differently passed the gate."""
+    import shutil
+
+    from crosschip.errors import CrosschipError
+    from crosschip.hf import write_manifest
+
+    bundle = shutil.copytree(bundles["clean"], tmp_path / "other_tokenizer")
+    spec = json.loads((bundle / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    plain = sorted((i, t) for t, i in vocab.items() if i >= 16)  # the specials keep their ids
+    for (i, _), (_, t) in zip(plain, reversed(plain)):
+        vocab[t] = i
+    (bundle / "tokenizer.json").write_text(json.dumps(spec))
+    write_manifest(bundle, {})
+    _, tok = load_bundle(bundles["clean"])
+    server = ServerProcess(bundle, "--on", "torch:cpu")
+    try:
+        side = RemoteSide(server.api, tok, api_key=None, model=None, top_k=4)
+        with pytest.raises(CrosschipError, match="tokenizer is not the bundle's: it writes ids"):
+            side.greedy([tok.encode("12+34=", add_bos=True)], 8, [tok.eos_id])
+    finally:
+        server.stop()

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     # Empty (an unset shell variable) was the default target, and the current folder as weights.
     refuse_empty(args.target, "--target", "give a backend such as ort:cpu, or leave the flag out")
     refuse_empty(args.reference_weights, "--reference-weights", "give auto, bundle or a folder")
+    refuse_empty(args.model_name, "--model-name", "name a model the server lists, or leave the flag out")
     args.out = Path(args.out)
     bundle = Path(args.bundle).resolve()
     if args.out.resolve() == bundle or bundle in args.out.resolve().parents:

@@ -114,5 +114,5 @@ def evaluate(metrics: dict[str, Any], precision: str) -> GateResult:
     else:
         raise ValueError(f"unknown precision class {precision!r}")
     if metrics.get("kl_support", "").startswith("target top-"):
-        notes.append(f"KL is over the {metrics['kl_support']} support (remote target), renormalised on it")
+        notes.append(f"KL is over the {metrics['kl_support']} (remote target): a lower bound on the full KL")
     return GateResult(precision, all(c.ok for c in checks), checks, notes)

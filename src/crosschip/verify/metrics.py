@@ -2,8 +2,8 @@
 
 Distribution metrics are per position of the teacher-forced (scored) texts: position t's
 logits predict token t+1. A remote target returns only its top-K log-probabilities per
-position; then KL and the tensor metrics are taken over that top-K support, both
-distributions renormalised on it (said in the report).
+position; then KL is taken over that top-K support plus one bucket for the rest of the
+vocabulary (a lower bound on the full KL), and the tensor metrics over the top-K log-probs.
 """
 
 from __future__ import annotations
@@ -48,17 +48,22 @@ def kl_full(ref: Tensor, tgt: Tensor) -> Tensor:
 
 
 def kl_topk(ref: Tensor, ids: Tensor, lq: Tensor, keep: Tensor | None = None) -> Tensor:
-    """KL(ref || tgt) per position over the target's top-K support, both renormalised on it.
+    """KL(ref || tgt) per position over the target's top-K ids and one bucket for the rest of
+    the vocabulary: a lower bound on the full KL (merging outcomes never raises it), with no
+    renormalisation. Renormalised on the top-K alone, log-probs all shifted by log 2 (half the
+    mass moved off the top-K) or lifted above 0 scored KL 0.
 
-    keep (T, K) bool: entries of the support to use (others are left out of both sides).
+    keep (T, K) bool: entries of the support to use (the others fall into the rest, on both sides).
     """
     keep = torch.ones_like(ids, dtype=torch.bool) if keep is None else keep
     lp = ref.double().log_softmax(-1).gather(1, ids).masked_fill(~keep, -torch.inf)
     lq = lq.double().masked_fill(~keep, -torch.inf)
-    lp = lp - lp.logsumexp(-1, keepdim=True)
-    lq = lq - lq.logsumexp(-1, keepdim=True)
-    terms = torch.where(keep, lp.exp() * (lp - lq), torch.zeros_like(lp))
-    return terms.nan_to_num(0.0).sum(-1).clamp_min(0.0)
+    tiny = 1e-300  # the rest of a peaked reference can round to 0; 0 * log 0 counts 0
+    p_rest = (1.0 - lp.exp().sum(-1)).clamp_min(0.0)
+    q_rest = (1.0 - lq.exp().sum(-1)).clamp_min(tiny)
+    terms = torch.where(keep, lp.exp() * (lp - lq), torch.zeros_like(lp)).sum(-1)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(tiny).log() - q_rest.log()), torch.zeros_like(p_rest))
+    return (terms + rest).clamp_min(0.0)
 
 
 def match_length(ref: list[int], tgt: list[int]) -> int:
@@ -112,7 +117,7 @@ def distribution_metrics(
         "kl_max_at": _locate(prompts, worst),
         "top1": float(torch.cat(agree).float().mean()),
         "top1_positions": int(torch.cat(agree).numel()),
-        "kl_support": "full vocabulary" if tgt.topk is None else f"target top-{tgt.topk[0][0].shape[1]}",
+        "kl_support": "full vocabulary" if tgt.topk is None else f"target top-{tgt.topk[0][0].shape[1]} and the rest",
         "tensor_on": "logits" if tgt.topk is None else "top-K log-probabilities",
         **{k: v for k, v in tensor.items() if k != "rel_l2"},
     }

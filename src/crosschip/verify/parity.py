@@ -219,7 +219,7 @@ def check_inputs(opts: VerifyOptions) -> None:
     if opts.target_url is not None:
         from crosschip.verify.remote import check_reachable
 
-        check_reachable(opts.target_url, opts.api_key)
+        check_reachable(opts.target_url, opts.api_key, opts.model_name)
 
 
 def check_target_graph(opts: VerifyOptions) -> None:

@@ -18,6 +18,7 @@ MindIE, `crosschip serve`), driven by the official `openai` client.
 
 from __future__ import annotations
 
+import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -51,19 +52,34 @@ def _explain(url: str, e: Exception) -> CrosschipError:
     return CrosschipError(f"{url}: {type(e).__name__}: {e}")
 
 
-def check_reachable(url: str, api_key: str | None) -> str:
-    """The server's first model id; a clear one-line error when it cannot be used."""
+def not_openai(url: str, what: str, e: Exception) -> CrosschipError:
+    return CrosschipError(f"{url} answered {what} with something that is not an OpenAI reply ({type(e).__name__}: {e})")
+
+
+def check_reachable(url: str, api_key: str | None, model: str | None = None) -> str:
+    """The model to ask: `model`, which the server must list, else the one model it lists (of
+    several, verify took the first, whatever it was); a clear one-line error when it cannot
+    be used."""
     import openai
 
     if not re.match(r"^https?://", url):
         raise CrosschipError(f"--target-url must start with http:// or https://, got {url!r}")
     try:
         models = _client(url, api_key, timeout=10.0).models.list().data
+        ids = [m.id for m in models]
     except openai.OpenAIError as e:
         raise _explain(url, e) from None
+    except Exception as e:  # noqa: BLE001 - a body that is not a model list (HTML, other JSON)
+        raise not_openai(url, "/models", e) from None
     if not models:
         raise CrosschipError(f"{url} lists no models")
-    return models[0].id
+    if model is not None and model not in ids:  # said now, not after the reference side's run
+        raise CrosschipError(f"--model-name {model!r} is not served at {url}; it serves {', '.join(map(repr, ids))}")
+    if model is None and len(ids) > 1:
+        raise CrosschipError(
+            f"{url} serves {len(ids)} models ({', '.join(map(repr, ids))}); name one with --model-name"
+        )
+    return model or ids[0]
 
 
 def string_table(tokenizer: Any) -> tuple[dict[str, int], set[str]]:
@@ -92,7 +108,7 @@ class RemoteSide:
         self.url = url
         self.tokenizer = tokenizer
         self.client = _client(url, api_key)
-        self.model = model or check_reachable(url, api_key)
+        self.model = model or check_reachable(url, api_key)  # a given name: checked by `check_inputs`
         self.top_k = top_k
         self.workers = workers
         self.extra = dict(EXTRA)
@@ -104,11 +120,12 @@ class RemoteSide:
     def _call(self, **kw: Any) -> Any:
         import openai
 
+        extra = self.extra  # what this request sends (other threads may clear it meanwhile)
         try:
-            return self.client.completions.create(model=self.model, extra_body=self.extra, **kw)
+            return self.client.completions.create(model=self.model, extra_body=extra, **kw)
         except openai.BadRequestError as e:
             # A strict server may refuse vLLM's extra field: ask again without it.
-            if self.extra and "return_tokens_as_token_ids" in str(e.message):
+            if extra and "return_tokens_as_token_ids" in str(e.message):
                 self.extra = {}
                 return self._call(**kw)
             raise _explain(self.url, e) from None
@@ -127,6 +144,10 @@ class RemoteSide:
     def _id(self, token: str) -> tuple[int, bool]:
         """(id, exact): the canonical id of a token string; exact is False for shared strings."""
         if m := _TOKEN_ID.match(token):
+            if int(m[1]) >= self.tokenizer.vocab_size:
+                raise CrosschipError(
+                    f"{self.url} returned {token}, outside the bundle's vocabulary of {self.tokenizer.vocab_size}"
+                )
             return int(m[1]), True
         exact = not self._is_shared(token)
         self.mapped_from_strings += 1
@@ -139,18 +160,33 @@ class RemoteSide:
     def score_remote(self, ids: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Top-K ids (R, K), their log-probs (R, K), exact-id mask (R, K), next-token log-probs (T-1,)."""
         resp = self._call(prompt=ids, echo=True, logprobs=self.top_k, max_tokens=1, temperature=0.0)
-        lp = resp.choices[0].logprobs
+        try:
+            return self._scored(ids, resp.choices[0].logprobs)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:  # not an OpenAI completion
+            raise not_openai(self.url, "a completion", e) from None
+
+    def _scored(self, ids: list[int], lp: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if lp is None or not lp.top_logprobs:
             raise CrosschipError(f"{self.url} returned no logprobs for an echo=True, logprobs={self.top_k} request")
         T = len(ids)
-        tops = [row for row in lp.top_logprobs[1 : T + 1] if row]
+        tops = lp.top_logprobs[1 : T + 1]
         if len(tops) < T - 1 or lp.token_logprobs is None or len(lp.token_logprobs) < T:
             raise CrosschipError(
                 f"{self.url} returned logprobs for {len(tops)} of {T} prompt positions; it must support echo=True with logprobs"
             )
+        if missing := [t + 1 for t, row in enumerate(tops[: T - 1]) if not row]:
+            # Dropped, every later row lined up with the wrong position (a FAIL blamed on the model).
+            raise CrosschipError(f"{self.url} returned no top_logprobs at prompt position {missing[0]}")
+        tops = [row for row in tops if row]
         chosen = lp.tokens[1 : T + 1] if lp.tokens else [None] * len(tops)
+        token_lp = [float(v) for v in lp.token_logprobs[1:T]]
+        self._check_values(tops, chosen, token_lp)
         tops = [self._top_k_of(row, token) for row, token in zip(tops, chosen)]
         k = min(self.top_k, *(len(row) for row, _ in tops))
+        by_id = all(_TOKEN_ID.match(tok) for row, _ in tops for tok in row)
+        if by_id and k < min(self.top_k, self.tokenizer.vocab_size):
+            # A smaller support hides differences: the KL over it is a weaker bound.
+            raise CrosschipError(f"{self.url} returned {k} alternatives at a position where {self.top_k} were asked")
         top_ids, top_lp, exact = [], [], []
         for row, doubtful in tops:
             best = sorted(row.items(), key=lambda kv: -kv[1])[:k]
@@ -158,13 +194,35 @@ class RemoteSide:
             top_ids.append([i for i, _ in mapped])
             exact.append([e and tok != doubtful for (_, e), (tok, _) in zip(mapped, best)])
             top_lp.append([v for _, v in best])
-        token_lp = torch.tensor([float(v) for v in lp.token_logprobs[1:T]], dtype=torch.float64)
+        token_lp = torch.tensor(token_lp, dtype=torch.float64)
         return (
             torch.tensor(top_ids, dtype=torch.long),
             torch.tensor(top_lp, dtype=torch.float64),
             torch.tensor(exact, dtype=torch.bool),
             token_lp,
         )
+
+    def _check_values(self, tops: list[dict[str, float]], chosen: list[str | None], token_lp: list[float]) -> None:
+        """Log-probs a distribution can have, and the chosen tokens' as their rows give them. A
+        NaN scored KL 0; the chosen tokens' alone make the target's perplexity."""
+        logprob = lambda v: math.isfinite(v) and v <= 1e-6  # noqa: E731
+        if not all(map(logprob, token_lp)):
+            raise CrosschipError(f"{self.url} returned token_logprobs that are not log-probabilities")
+        for t, (row, token) in enumerate(zip(tops, chosen), start=1):
+            values = [float(v) for v in row.values()]
+            if not all(map(logprob, values)) or sum(map(math.exp, values)) > 1 + 1e-4:
+                raise CrosschipError(
+                    f"{self.url} returned top_logprobs at prompt position {t} that are not log-probabilities "
+                    f"of one distribution: {dict(list(row.items())[:3])}"
+                )
+            # A string several ids share holds one of their log-probs: it says nothing here.
+            if t > len(token_lp) or token not in row or self._is_shared(token):
+                continue
+            if abs(float(row[token]) - token_lp[t - 1]) > 1e-4 * max(1.0, -token_lp[t - 1]):
+                raise CrosschipError(
+                    f"{self.url} gives token {token} log-prob {token_lp[t - 1]} at prompt position {t}, and "
+                    f"{row[token]} in that position's top_logprobs"
+                )
 
     def _top_k_of(self, row: dict[str, float], chosen: str | None) -> tuple[dict[str, float], str | None]:
         """A position's top-k entries, and the entry that may not belong among them.
@@ -182,31 +240,48 @@ class RemoteSide:
         lowest = row[chosen] <= min(row.values())
         return row, chosen if merged and lowest else None
 
+    def _map(self, fn: Any, items: list) -> list:
+        """fn over items on the worker threads; the first error cancels what is still queued
+        (a server that hung on every request took ceil(N / workers) timeouts to fail)."""
+        pool = ThreadPoolExecutor(self.workers)
+        try:
+            return list(pool.map(fn, items))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def score_all(self, prompts: Any) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        with ThreadPoolExecutor(self.workers) as pool:
-            for i, (ids, lp, exact, tok) in enumerate(pool.map(self.score_remote, [p.ids for p in prompts.scored])):
-                out[f"topk_ids.{i}"], out[f"topk_lp.{i}"], out[f"topk_exact.{i}"], out[f"token_lp.{i}"] = (
-                    ids,
-                    lp,
-                    exact,
-                    tok,
-                )
+        for i, (ids, lp, exact, tok) in enumerate(self._map(self.score_remote, [p.ids for p in prompts.scored])):
+            out[f"topk_ids.{i}"], out[f"topk_lp.{i}"], out[f"topk_exact.{i}"], out[f"token_lp.{i}"] = (
+                ids,
+                lp,
+                exact,
+                tok,
+            )
         return out
 
     # -- greedy -------------------------------------------------------------------------------
     def _greedy_one(self, ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> list[int]:
         resp = self._call(prompt=ids, max_tokens=max_new_tokens, temperature=0.0, logprobs=1)
-        choice = resp.choices[0]
-        if choice.logprobs is not None and choice.logprobs.tokens is not None:
-            generated = [self._id(t)[0] for t in choice.logprobs.tokens]
+        try:
+            choice = resp.choices[0]
+            tokens, text, reason = choice.logprobs and choice.logprobs.tokens, choice.text, choice.finish_reason
+        except (AttributeError, IndexError, TypeError) as e:
+            raise not_openai(self.url, "a completion", e) from None
+        if tokens is not None:
+            generated = [self._id(t)[0] for t in tokens]
+            if all(_TOKEN_ID.match(t) for t in tokens) and self.tokenizer.decode(generated) != text:
+                # Ids alone cannot show it: a server with another tokenizer passed the gate.
+                raise CrosschipError(
+                    f"{self.url}'s tokenizer is not the bundle's: it writes ids {generated[:8]} as {text[:40]!r}, the "
+                    f"bundle's tokenizer as {self.tokenizer.decode(generated)[:40]!r}"
+                )
         else:
-            generated = self.tokenizer.encode(choice.text)
+            generated = self.tokenizer.encode(text)
         generated = finish(generated, eos_ids)
-        if choice.finish_reason == "stop" and (not generated or generated[-1] != STOP):
+        if reason == "stop" and (not generated or generated[-1] != STOP):
             generated.append(STOP)
         return generated
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int]) -> list[list[int]]:
-        with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(lambda p: self._greedy_one(p, max_new_tokens, eos_ids), prompts))
+        return self._map(lambda p: self._greedy_one(p, max_new_tokens, eos_ids), prompts)
