@@ -205,6 +205,7 @@ def test_the_engine_refuses_a_zero_prefill_chunk():
         # Empty (an unset variable): the default target ran, and the current folder was weights.
         (["--target", ""], "--target is empty; give a backend such as ort:cpu"),
         (["--reference-weights", " "], "--reference-weights is empty; give auto, bundle or a folder"),
+        (["--model-name", "", "--target-url", "http://127.0.0.1:1"], "--model-name is empty"),  # the first model
     ],
 )
 def test_verify_refuses_numbers_it_cannot_run_with_before_either_side_runs(
