@@ -57,6 +57,11 @@ def test_our_server_passes_the_fp32_gate_over_its_top_k_logprobs(bundles, tmp_pa
     assert m["ppl_target"] == pytest.approx(m["ppl_reference"], rel=1e-5)
     assert report["target"]["backend"] == "remote" and report["target"]["model"] == "clean"
     assert any("top-" in n for n in report["gate"]["notes"])
+    # The key reached the remote side's worker by its environment, not its command line (ps).
+    from crosschip.verify.parity import SideSpec, VerifyOptions
+
+    opts = VerifyOptions(bundle=bundles["clean"], out=tmp_path, target=None, target_url=server.api, api_key="sekret")
+    assert "sekret" not in " ".join(SideSpec("target", "remote", url=server.api).argv(opts, tmp_path / "p.json"))
 
 
 def test_a_faulty_served_bundle_fails_the_gate_and_says_it_cannot_be_bisected(bundles, tmp_path):

@@ -63,6 +63,10 @@ class VerifyOptions:
     timeout_s: float = 1800.0
 
 
+API_KEY_ENV = "CROSSCHIP_TARGET_API_KEY"
+"""How the parent hands --api-key to the remote side's worker."""
+
+
 @dataclass
 class SideSpec:
     """How to start one side's worker."""
@@ -84,8 +88,6 @@ class SideSpec:
             cmd += ["--weights", str(self.weights)]
         if self.url is not None:
             cmd += ["--url", self.url, "--top-k", str(opts.top_k)]
-            if opts.api_key:
-                cmd += ["--api-key", opts.api_key]
             if opts.model_name:
                 cmd += ["--model-name", opts.model_name]
         if capture:
@@ -100,6 +102,8 @@ class SideSpec:
 
 def _start(side: SideSpec, opts: VerifyOptions, prompts: Path, capture: bool) -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if side.url is not None and opts.api_key:  # by the environment: a command line is anyone's to read (ps)
+        env[API_KEY_ENV] = opts.api_key
     log = opts.out / f"{side.name}{'.capture' if capture else ''}.log"
     with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.Popen(side.argv(opts, prompts, capture), stdout=f, stderr=subprocess.STDOUT, env=env)

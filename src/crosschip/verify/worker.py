@@ -39,7 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capture", action="store_true", help="record module outputs for the bisection")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave as is)")
     p.add_argument("--url", default=None, help="remote side: OpenAI-compatible base URL (.../v1)")
-    p.add_argument("--api-key", default=None, help="remote side: API key")
     p.add_argument("--model-name", default=None, help="remote side: model name (default: the server's first)")
     p.add_argument("--top-k", type=int, default=20, help="remote side: logprobs per position")
     return p.parse_args(argv)
@@ -67,10 +66,15 @@ def make_side(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The side object (score / greedy) and what it runs on."""
     if args.backend == "remote":
         from crosschip.tokenizer import Tokenizer
+        from crosschip.verify.parity import API_KEY_ENV
         from crosschip.verify.remote import RemoteSide
 
         side = RemoteSide(
-            args.url, Tokenizer.load(args.bundle), api_key=args.api_key, model=args.model_name, top_k=args.top_k
+            args.url,
+            Tokenizer.load(args.bundle),
+            api_key=os.environ.get(API_KEY_ENV),
+            model=args.model_name,
+            top_k=args.top_k,
         )
         return side, {"backend": "remote", "url": args.url, "model": side.model, "top_k": args.top_k}
     from crosschip.backends import get_backend
