@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from crosschip.config import model_preset
+from crosschip.errors import CrosschipError
 from crosschip.hf import save_bundle
 from crosschip.model import Transformer
 from crosschip.tokenizer import default_tokenizer
@@ -248,6 +249,17 @@ def test_an_int8_bundle_is_judged_by_the_int8_gate_and_loads_dequantized(tmp_pat
     w, q = model.layers[1].attn.wo.weight.detach(), loaded.layers[1].attn.wo.weight.detach()
     assert q.dtype == torch.float32 and not torch.equal(w, q)
     assert float((w - q).abs().max() / w.abs().max()) < 0.01  # per-channel int8: within 1% of the row max
+    # The manifest is not checksummed: an fp32 bundle whose policy was edited to int8 was judged
+    # by the int8 gate, the loosest. The weights (checksummed) must agree with it.
+    plain = save_bundle(model, tmp_path / "plain", tokenizer=default_tokenizer(512))
+    write_manifest(plain, {"precision": {"policy": "int8"}})
+    with pytest.raises(
+        CrosschipError, match="crosschip.json precision policy says int8, but its weights are stored in fp32"
+    ):
+        gate.precision_of_bundle(plain)
+    write_manifest(bundle, {"precision": {"policy": "fp32"}})
+    with pytest.raises(CrosschipError, match="says fp32, but its weights are stored in int8"):
+        gate.precision_of_bundle(bundle)
 
 
 def test_a_tampered_bundle_is_refused_before_either_side_runs(tmp_path, capsys):

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from crosschip.errors import CrosschipError
+
 GATE_FAILED_EXIT = 4
 PPL_GAP = 0.01
 """The int8 gate of a corpus model: |perplexity target / reference - 1| at most this."""
@@ -39,8 +41,26 @@ def normalize_precision(name: Any) -> str | None:
     return _ALIASES.get(str(name).lower()) if name is not None else None
 
 
+def stored_precision(bundle: str | Path) -> str | None:
+    """The precision class the weights themselves are stored in: int8 when model.safetensors
+    carries the int8 policy's mark, else config.json's dtype (both files are checksummed, the
+    manifest is not). None when neither can be read."""
+    folder = Path(bundle)
+    try:
+        with open(folder / "model.safetensors", "rb") as f:  # the header: a length, then JSON
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        if (header.get("__metadata__") or {}).get("crosschip_quantization") == "int8-weight-only":
+            return "int8"
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, AttributeError, MemoryError):
+        return None
+    return normalize_precision(config.get("torch_dtype") or config.get("dtype"))
+
+
 def precision_of_bundle(bundle: str | Path) -> tuple[str, str]:
-    """(precision class, where it was read): the manifest's precision policy, else config.json's dtype."""
+    """(precision class, where it was read): the manifest's precision policy, else config.json's
+    dtype. A policy the stored weights contradict is refused: an fp32 bundle whose manifest was
+    edited to say int8 was judged by the int8 gate, the loosest."""
     folder = Path(bundle)
     try:
         manifest = json.loads((folder / "crosschip.json").read_text(encoding="utf-8"))
@@ -61,6 +81,11 @@ def precision_of_bundle(bundle: str | Path) -> tuple[str, str]:
     candidates.append((config.get("torch_dtype") or config.get("dtype"), "config.json torch_dtype"))
     for value, where in candidates:
         if (p := normalize_precision(value)) is not None:
+            stored = stored_precision(folder)
+            if stored is not None and stored != p:
+                raise CrosschipError(
+                    f"{folder}: {where} says {p}, but its weights are stored in {stored}; export the bundle again"
+                )
             return p, where
     return "fp32", "default"
 
