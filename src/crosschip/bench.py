@@ -22,9 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     scripts = sorted(p.stem for p in _bench_dir().glob("*.py"))
-    if not args.name:
+    if args.name is None:
         print("benchmarks: " + (", ".join(scripts) or "none found (run from a checkout)"))
         return 0
+    if not args.name.strip():  # an unset shell variable, not a request for the list
+        raise CrosschipError(f"the benchmark name is empty; available: {', '.join(scripts) or 'none'}")
     if args.name not in scripts:
         raise CrosschipError(f"unknown benchmark {args.name!r}; available: {', '.join(scripts) or 'none'}")
     # As `python benchmarks/NAME.py` would run it: its folder first on the import path (the
