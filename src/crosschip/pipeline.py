@@ -31,7 +31,7 @@ from crosschip.qualify.command import UNFIT_EXIT
 from crosschip.serve.command import API_KEY_ENV, check_listen, client_url
 from crosschip.serve.pool import pool_blocks
 from crosschip.train import step_dir
-from crosschip.train.faults import check_faults
+from crosschip.train.faults import check_faults, parse_fault
 from crosschip.verify.gate import GATE_FAILED_EXIT
 
 GIVE_UP_EXIT = 3  # the training health guard's "fail me over" exit code
@@ -582,8 +582,6 @@ def _check_late_stages(cfg: RunConfig) -> None:
 def _check_flags(args: argparse.Namespace) -> None:
     """The command line's backends, faults and port, refused before any stage (or run folder)
     is made, not when the stage that uses them starts."""
-    from crosschip.train.faults import parse_fault
-
     if args.resume and args.config is not None:
         raise CrosschipError(
             f"--config cannot be combined with --resume: a run continues with the config it started with "

@@ -205,7 +205,7 @@ class RemoteSide:
     def _check_values(self, tops: list[dict[str, float]], chosen: list[str | None], token_lp: list[float]) -> None:
         """Log-probs a distribution can have, and the chosen tokens' as their rows give them. A
         NaN scored KL 0; the chosen tokens' alone make the target's perplexity."""
-        logprob = lambda v: math.isfinite(v) and v <= 1e-6  # noqa: E731
+        logprob = lambda v: math.isfinite(v) and v <= 1e-6
         if not all(map(logprob, token_lp)):
             raise CrosschipError(f"{self.url} returned token_logprobs that are not log-probabilities")
         for t, (row, token) in enumerate(zip(tops, chosen), start=1):
