@@ -431,3 +431,50 @@ def test_a_stage_line_is_echoed_whole_up_to_its_limit_and_cut_visibly_past_it(tm
     out, logged, log = shown[600]
     assert len(logged) > pipeline.ECHO_CHARS
     assert out == f"{logged[: pipeline.ECHO_CHARS]} ... (cut; the whole line is in {log})"
+
+
+def test_ctrl_c_stops_a_run_that_serves_and_the_run_finishes(tmp_path, debug_bundle):
+    """`run --serve` says "Ctrl-C to stop", and a Ctrl-C then ended the run as interrupted: exit
+    130, "continue with --resume", the serve stage unrecorded and no report. It now drains the
+    server (as a SIGTERM to `crosschip serve` does) and the run finishes."""
+    from crosschip.config import load_config, to_dict
+    from crosschip.pipeline import STAGE_OUTPUTS, STAGES, _free_port
+
+    run = tmp_path / "run"
+    shutil.copytree(debug_bundle, run / "bundle")
+    config = (ROOT / "configs" / "smoke.toml").read_text().replace('"ort:cpu"', '"torch:cpu"')
+    (run / "config.toml").write_text(config)
+    before_serve = STAGES[: STAGES.index("serve")]
+    for stage in before_serve:  # what those stages left: the bundle, and their reports
+        if not (run / STAGE_OUTPUTS[stage]).exists():
+            (run / STAGE_OUTPUTS[stage]).parent.mkdir(parents=True, exist_ok=True)
+            (run / STAGE_OUTPUTS[stage]).write_text("{}")
+    values = to_dict(load_config(run / "config.toml"))
+    (run / "run_state.json").write_text(json.dumps({"finished": before_serve, "config_values": values}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crosschip", "run", "--resume", str(run), "--serve", "--port", str(_free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+        url = re.search(r"on (http://\S+/v1);", lines[-1])
+        assert url, "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        out = "".join(lines) + proc.stdout.read()
+        assert proc.wait(timeout=60) == 0, out
+    finally:
+        proc.kill()
+    assert "the server stopped (exit 0)" in out and "interrupted" not in out, out
+    assert _state(run)["finished"] == STAGES
+    assert (run / "report.html").exists() and json.loads((run / "serve.json").read_text())["requests"] == 16
+    import httpx
+
+    with pytest.raises(httpx.ConnectError):  # the server is gone with the run
+        httpx.get(url.group(1) + "/models", timeout=5)

@@ -116,6 +116,33 @@ def held(*, second_stops: bool = False) -> Iterator[list[int]]:
             _deliver(previous[caught[0]], caught[0], None)
 
 
+@contextlib.contextmanager
+def forwarded_to(proc) -> Iterator[list[int]]:
+    """Send each SIGINT or SIGTERM this process gets to `proc` as a SIGTERM until the block
+    ends, instead of raising here. Yields the list of signals forwarded.
+
+    For a process the user stops this way on purpose: `crosschip run --serve` stays up until
+    Ctrl-C, and the server drains on its first SIGTERM and aborts what is left on its second,
+    so each Ctrl-C does to it what it does to `crosschip serve` itself. The stage then ends as
+    finished, not interrupted. Off the main thread, nothing is forwarded.
+    """
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def forward(signum, frame):
+        caught.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, forward) for signum in SIGNALS}
+    try:
+        yield caught
+    finally:
+        restore(previous)
+
+
 def _deliver(handler, signum: int, frame) -> None:
     """What `handler` would have done with the signal, now."""
     if callable(handler):

@@ -72,7 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="A,B",
         help="skip probe and qualify and train on these backends in this order (failover left to right)",
     )
-    p.add_argument("--serve", action="store_true", help="keep the server up at the end instead of a smoke run")
+    p.add_argument(
+        "--serve", action="store_true", help="keep the server up after its smoke run, until Ctrl-C (which drains it)"
+    )
     p.add_argument(
         "--port",
         type=int,
@@ -488,8 +490,15 @@ def stage_serve(run: Run, keep: bool, port: int) -> dict:
             raise CrosschipError(f"the serving smoke run failed: {e}; see {run.root / 'logs' / 'serve.log'}") from None
         (run.root / "serve.json").write_text(json.dumps(facts, indent=2))
         if keep:
-            _say(f"  serving {run.root / 'bundle'} on {base_url}; Ctrl-C to stop")
-            proc.wait()
+            # Ctrl-C is how this stage is meant to end: the server drains, and the run goes
+            # on to its report. It used to end the run as interrupted, the report unwritten.
+            with interrupts.forwarded_to(proc) as stops:
+                _say(f"  serving {run.root / 'bundle'} on {base_url}; Ctrl-C to stop")
+                code = proc.wait()
+            if not stops and code != 0:
+                raise stage_failed("the server", code, run.root / "logs" / "serve.log")
+            if stops:
+                _say(f"  the server stopped (exit {code})")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # the server drains in-flight requests, then exits 0
