@@ -592,6 +592,11 @@ def test_completions_max_tokens_null_runs_to_the_context(server):
         ("/chat/completions", {"chat_template": "{{ messages }}"}, "chat_template"),
         ("/chat/completions", {"chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
         ("/chat/completions", {"echo": True}, "echo"),
+        # These were taken and ignored.
+        ("/completions", {"logits_processors": ["my.module:Processor"]}, "logits_processors"),
+        ("/completions", {"return_token_ids": True}, "return_token_ids"),
+        ("/chat/completions", {"priority": 1}, "priority"),
+        ("/completions", {"prompt_embeds": "AAAA"}, "prompt_embeds"),
         # A tool_choice asks for tools: without them it is refused (OpenAI, vLLM), not ignored.
         ("/chat/completions", {"tool_choice": "required"}, "tool_choice"),
         (
@@ -671,6 +676,7 @@ def test_the_endpoints_encode_prompts_as_tokenize_counts_them(server, client):
         ("/chat/completions", {"messages": messages[:1]}),
         ("/chat/completions", {"messages": messages[:1], "add_generation_prompt": False}),
         ("/chat/completions", {"messages": messages}),  # an assistant turn with null content (tool calls only)
+        ("/chat/completions", {"messages": messages[:1], "add_special_tokens": True}),  # was ignored
     ]:
         r = httpx.post(server.api + path, json={"model": "debug", "max_tokens": 1, **body})
         assert r.status_code == 200, r.text
@@ -679,6 +685,70 @@ def test_the_endpoints_encode_prompts_as_tokenize_counts_them(server, client):
     plain = httpx.post(server.url + "/tokenize", json={"prompt": "12+34="}).json()["count"]
     bare = httpx.post(server.url + "/tokenize", json={"prompt": "12+34=", "add_special_tokens": False}).json()
     assert bare["count"] == plain - 1
+    # Chat's template holds <|bos|>; vLLM puts one more in front with add_special_tokens.
+    chat = httpx.post(server.url + "/tokenize", json={"messages": messages[:1]}).json()["tokens"]
+    doubled = httpx.post(server.url + "/tokenize", json={"messages": messages[:1], "add_special_tokens": True})
+    assert doubled.json()["tokens"] == [chat[0], *chat]
+    # What the chat endpoint refuses, /tokenize refuses too: it counted ids no request would send.
+    for refused in ({"continue_final_message": True}, {"chat_template": "{{ messages }}"}):
+        r = httpx.post(server.url + "/tokenize", json={"messages": messages[:1], **refused})
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(refused)), r.text
+
+
+def test_echo_returns_the_prompt_as_sent(server, client, offline):
+    """vLLM and OpenAI echo the prompt itself; the server echoed it decoded, which drops the
+    special tokens a text names ("<|user|>hi" came back as "hi"). The logprobs' text_offsets
+    index the text that comes back, streamed or not."""
+    _, tok = offline
+    for prompt in ("<|user|>hi", "x<|bos|>y 1+2=", "plain 12+34="):
+        kw = dict(model="debug", prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=0)
+        whole = client.completions.create(**kw, extra_body={"return_tokens_as_token_ids": True}).choices[0]
+        assert whole.text.startswith(prompt), (prompt, whole.text)
+        ids = [int(t.removeprefix("token_id:")) for t in whole.logprobs.tokens]
+        offsets = whole.logprobs.text_offset
+        assert ids[0] == tok.bos_id and offsets[0] == 0  # the <|bos|> the server added is in no text
+        for t, (i, at) in enumerate(zip(ids[1:], offsets[1:]), 1):
+            shown = tok.decode([i], skip_special=t >= len(ids) - 4)  # the completion drops special tokens
+            assert whole.text[at:].startswith(shown), (prompt, t, whole.text, offsets)
+        chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+        assert "".join(c.text for c in chunks) == whole.text
+        assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == offsets
+    # A prompt of ids comes back decoded with its special tokens, as /detokenize shows them.
+    ids = tok.encode("<|user|>hi", add_bos=True)
+    out = client.completions.create(model="debug", prompt=ids, max_tokens=0, echo=True).choices[0]
+    assert out.text == httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert out.text == "<|bos|><|user|>hi"
+
+
+def test_continuous_usage_counts_each_chunks_own_choice(server):
+    """vLLM's continuous_usage_stats counts the chunk's own prompt and choice; the server summed
+    every prompt and every choice so far into each chunk."""
+    body = {
+        "model": "debug",
+        "prompt": ["1+1=", "22+333="],
+        "n": 2,
+        "max_tokens": 3,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "ignore_eos": True,
+    }
+    prompt_tokens = [httpx.post(server.url + "/tokenize", json={"prompt": p}).json()["count"] for p in body["prompt"]]
+    chunks = [
+        json.loads(e) for e in sse_events(httpx.post(server.api + "/completions", json=body, timeout=30).text)[:-1]
+    ]
+    seen: dict[int, list[int]] = {}
+    for c in chunks[:-1]:
+        (choice,) = c["choices"]
+        assert c["usage"]["prompt_tokens"] == prompt_tokens[choice["index"] // 2]
+        seen.setdefault(choice["index"], []).append(c["usage"]["completion_tokens"])
+    assert sorted(seen) == [0, 1, 2, 3] and all(counts[-1] == 3 for counts in seen.values()), seen
+    assert all(counts == sorted(counts) for counts in seen.values())
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": sum(prompt_tokens),
+        "completion_tokens": 12,
+        "total_tokens": sum(prompt_tokens) + 12,
+    }
 
 
 def test_a_chat_turn_ends_at_its_end_token_with_no_stop_reason(server, client, offline):

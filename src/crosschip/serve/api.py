@@ -25,6 +25,7 @@ import crosschip
 from crosschip.serve.engine import AsyncEngine, Delta, NotAdmitting, QueueFull, merge_deltas
 from crosschip.serve.metrics import ServeMetrics
 from crosschip.serve.protocol import (
+    Echo,
     Envelope,
     LogprobFormatter,
     chat_prompt_ids,
@@ -436,7 +437,7 @@ def create_app(state: ServerState) -> FastAPI:
         body, (params, prompts, stream, lp) = await read_request(request, parse)
         sub = submit_all(state, prompts, params, stream is not None)
         env = Envelope.new("cmpl", "text_completion", state.model_name)
-        echo = bool(body.get("echo"))
+        echo = Echo.of(body)
         if stream is not None:
             out = guarded_stream(_completion_chunks(sub, env, stream, echo, state, lp), sub, state)
             state.metrics.requests.labels("/v1/completions", "200").inc()
@@ -507,11 +508,12 @@ def _get_stream(body: dict) -> dict | None:
     return flags if stream else None
 
 
-def _chunk_usage(opts: dict, sub: Submitted, generated: int) -> dict:
+def _chunk_usage(opts: dict, prompt_tokens: int, generated: int) -> dict:
     """A chunk's `usage`: absent without include_usage; null before the usage chunk, as OpenAI
-    sends it; with vLLM's continuous_usage_stats, the counts so far."""
+    sends it; with vLLM's continuous_usage_stats, the counts of the chunk's own choice so far
+    (its prompt's tokens and its own completion tokens, as vLLM counts them)."""
     if opts["continuous_usage_stats"]:
-        return {"usage": usage(sum(len(p) for p in sub.prompt_ids), generated)}
+        return {"usage": usage(prompt_tokens, generated)}
     return {"usage": None} if opts["include_usage"] else {}
 
 
@@ -520,18 +522,25 @@ def _usage(sub: Submitted, choices: list[Delta]) -> dict:
 
 
 def _completion_choice(
-    d: Delta, sub: Submitted, echo: bool, state: ServerState, lp: LogprobFormatter, before: list[int] = ()
+    d: Delta,
+    sub: Submitted,
+    echo: Echo | None,
+    state: ServerState,
+    lp: LogprobFormatter,
+    before: list[int] = (),
+    first: bool = True,
 ) -> dict:
-    """One choice of a completions body; `before` holds the ids of the text this choice has
-    streamed already (logprob `text_offset`s count from the start of the whole text)."""
+    """One choice of a completions body, or its `first` chunk or a later one. `before` holds the
+    ids of the text this choice has streamed already (logprob `text_offset`s count from the
+    start of the whole text, the echoed prompt included)."""
     prompt_ids = sub.prompt_ids[d.index // sub.n]
     text, logprobs = d.text, None
-    prompt_text = state.tokenizer.decode(prompt_ids) if echo else ""
+    prompt_text = echo.text(state.tokenizer, prompt_ids) if echo is not None and first else ""
     if d.logprobs is not None:
         entries, ids = list(d.logprobs), [e.token_id for e in d.logprobs]
-        if echo and d.prompt_logprobs is not None:
+        if echo is not None and first and d.prompt_logprobs is not None:
             entries, ids = [*d.prompt_logprobs, *entries], [*prompt_ids, *ids]
-        logprobs = lp.completion(entries, ids, before)
+        logprobs = lp.completion(entries, ids, before, echo, len(prompt_ids))
     return {
         "index": d.index,
         "text": prompt_text + text,
@@ -542,39 +551,41 @@ def _completion_choice(
 
 
 async def _completion_chunks(
-    sub: Submitted, env: Envelope, opts: dict, echo: bool, state: ServerState, lp: LogprobFormatter
+    sub: Submitted, env: Envelope, opts: dict, echo: Echo | None, state: ServerState, lp: LogprobFormatter
 ) -> AsyncIterator[bytes]:
     sent: dict[int, list[int]] = {}  # choice -> the ids of its chunks so far (echoed prompt included)
-    generated = 0
+    generated: dict[int, int] = {}  # choice -> its completion tokens so far
     async for d in sub.deltas:
-        generated += len(d.token_ids)
+        generated[d.index] = generated.get(d.index, 0) + len(d.token_ids)
         if not d.text and d.finish_reason is None and d.logprobs is None and d.index in sent:
             continue  # text held back (a partial UTF-8 char or a possible stop string)
+        prompt_ids = sub.prompt_ids[d.index // sub.n]
         first = d.index not in sent
         before = sent.setdefault(d.index, [])
-        choice = _completion_choice(d, sub, echo and first, state, lp, before)
-        if echo and first:
-            before += sub.prompt_ids[d.index // sub.n]
+        choice = _completion_choice(d, sub, echo, state, lp, before, first)
+        if echo is not None and first:
+            before += prompt_ids
         before += d.token_ids
-        yield sse(env.body(choices=[choice], **_chunk_usage(opts, sub, generated)))
+        yield sse(env.body(choices=[choice], **_chunk_usage(opts, len(prompt_ids), generated[d.index])))
     if opts["include_usage"]:
-        yield sse(env.body(choices=[], usage=usage(sum(len(p) for p in sub.prompt_ids), generated)))
+        yield sse(env.body(choices=[], usage=usage(sum(len(p) for p in sub.prompt_ids), sum(generated.values()))))
     yield sse("[DONE]")
 
 
 async def _chat_chunks(sub: Submitted, env: Envelope, opts: dict, lp: LogprobFormatter) -> AsyncIterator[bytes]:
+    prompt_tokens = len(sub.prompt_ids[0])  # chat has one prompt
     for i in range(sub.n):  # the role comes first, in a delta of its own, as OpenAI sends it
         yield sse(
             env.body(
                 choices=[
                     {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 ],
-                **_chunk_usage(opts, sub, 0),
+                **_chunk_usage(opts, prompt_tokens, 0),
             )
         )
-    generated = 0
+    generated: dict[int, int] = {}  # choice -> its completion tokens so far
     async for d in sub.deltas:
-        generated += len(d.token_ids)
+        generated[d.index] = generated.get(d.index, 0) + len(d.token_ids)
         if not d.text and d.finish_reason is None and not d.logprobs:
             continue  # text held back (a partial UTF-8 char or a possible stop string)
         delta = {"content": d.text} if d.text or d.finish_reason is None else {}
@@ -585,7 +596,7 @@ async def _chat_chunks(sub: Submitted, env: Envelope, opts: dict, lp: LogprobFor
             "finish_reason": d.finish_reason,
             "stop_reason": d.stop_reason,
         }
-        yield sse(env.body(choices=[choice], **_chunk_usage(opts, sub, generated)))
+        yield sse(env.body(choices=[choice], **_chunk_usage(opts, prompt_tokens, generated[d.index])))
     if opts["include_usage"]:
-        yield sse(env.body(choices=[], usage=usage(sum(len(p) for p in sub.prompt_ids), generated)))
+        yield sse(env.body(choices=[], usage=usage(prompt_tokens, sum(generated.values()))))
     yield sse("[DONE]")

@@ -101,6 +101,10 @@ VLLM_EXTRAS = {
     "chat_template": None,
     "chat_template_kwargs": None,
     "documents": None,
+    "logits_processors": None,
+    "return_token_ids": False,
+    "prompt_embeds": None,
+    "priority": 0,
 }
 
 
@@ -250,15 +254,17 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
 
 def chat_prompt_ids(body: dict, tokenizer, context: int | None = None) -> list[int]:
     """The ids of `messages` rendered by the bundle's chat template (it holds `<|bos|>` itself),
-    with the assistant's header unless `add_generation_prompt` is false (vLLM's extra field).
-    Text too long for `context` is refused untokenized."""
+    with the assistant's header unless `add_generation_prompt` is false, and one more `<|bos|>`
+    in front with `add_special_tokens` (vLLM's extra fields, as vLLM reads them). Text too long
+    for `context` is refused untokenized."""
     messages = chat_messages(body)
     add_generation_prompt = _get(body, "add_generation_prompt", (bool,), True)
+    add_bos = _get(body, "add_special_tokens", (bool,), False)
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except CrosschipError as e:  # an unknown role
         raise InvalidParameter("messages", f"messages: {e}") from None
-    return encode_text(tokenizer, text, "messages", add_bos=False, context=context)
+    return encode_text(tokenizer, text, "messages", add_bos=add_bos, context=context)
 
 
 def encode_text(tokenizer, text: str, param: str, *, add_bos: bool, context: int | None = None) -> list[int]:
@@ -278,6 +284,28 @@ def encode_text(tokenizer, text: str, param: str, *, add_bos: bool, context: int
     return tokenizer.encode(text, add_bos=add_bos)
 
 
+@dataclass(frozen=True)
+class Echo:
+    """What completions' `echo` puts before a choice's text: the prompt as the client sent it,
+    as vLLM echoes it. A text prompt comes back verbatim, special-token strings included, less
+    the `<|bos|>` the server put before it (`hidden` ids); a prompt of ids comes back decoded
+    with its special tokens, as `/detokenize` shows them."""
+
+    hidden: int
+
+    @classmethod
+    def of(cls, body: dict) -> Echo | None:
+        if not body.get("echo"):
+            return None
+        prompt = body.get("prompt")
+        text = isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
+        return cls(int(text and _get(body, "add_special_tokens", (bool,), True)))
+
+    def text(self, tokenizer, prompt_ids: list[int]) -> str:
+        # Exact: the tokenizer round-trips every string once special tokens are kept.
+        return tokenizer.decode(prompt_ids[self.hidden :], skip_special=False)
+
+
 def tokenize_response(body: dict, tokenizer, max_model_len: int) -> dict:
     """vLLM's `/tokenize` answer: the ids, their count, the context length, and with
     `return_token_strs` each token's text."""
@@ -292,6 +320,7 @@ def tokenize_ids(body: dict, tokenizer) -> list[int]:
     """vLLM's `/tokenize`: the ids a completions `prompt` (string) or a chat's `messages` becomes,
     exactly as the two endpoints encode them."""
     if "messages" in body:
+        refuse_unsupported(body, chat=True)  # what the chat endpoint would refuse, not ids it never sends
         return chat_prompt_ids(body, tokenizer)
     if not isinstance(body.get("prompt"), str):
         raise InvalidParameter("prompt", "prompt: required (a string), or messages")
@@ -356,15 +385,29 @@ class LogprobFormatter:
     def token(self, token_id: int) -> str:
         return f"token_id:{token_id}" if self.as_ids else self.tokenizer.token_strings([token_id])[0]
 
-    def completion(self, entries: list[TokenLogprob | None], token_ids: list[int], before: list[int] = ()) -> dict:
+    def completion(
+        self,
+        entries: list[TokenLogprob | None],
+        token_ids: list[int],
+        before: list[int] = (),
+        echo: Echo | None = None,
+        prompt_len: int = 0,
+    ) -> dict:
         """{"tokens", "token_logprobs", "top_logprobs", "text_offset"} (legacy completions shape).
 
         `before`: the ids this choice's text already holds (streamed chunks, the echoed prompt).
-        A token's `text_offset` is the length of the text decoded up to it, so special tokens
-        (not in the text) add nothing and a character that several byte tokens carry counts once.
+        A token's `text_offset` is the length of the text up to it: the first `prompt_len` ids
+        are the prompt as `echo` shows it, the rest decoded as the engine decodes a completion,
+        so special tokens add nothing there and a character that several byte tokens carry
+        counts once.
         """
-        decode = self.tokenizer.decode
-        offsets = [len(decode([*before, *token_ids[:t]])) for t in range(len(token_ids))]
+        shown = prompt_len if echo is not None else 0
+
+        def text_len(ids: list[int]) -> int:
+            head = echo.text(self.tokenizer, ids[:shown]) if shown else ""
+            return len(head) + len(self.tokenizer.decode(ids[shown:]))
+
+        offsets = [text_len([*before, *token_ids[:t]]) for t in range(len(token_ids))]
         return {
             "tokens": [self.token(t) for t in token_ids],
             "token_logprobs": [None if e is None else e.logprob for e in entries],
