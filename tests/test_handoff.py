@@ -149,6 +149,21 @@ def test_export_from_checkpoint_root_takes_newest_verified(debug_bundle, tmp_pat
     assert manifest["target"]["spec"] == "torch:cpu" and manifest["precision"]["policy"] == "int8"
 
 
+def test_a_checkpoint_exported_by_its_own_folder_is_checked_as_the_trainer_checks_it(debug_bundle, tmp_path, capsys):
+    """Named directly (not through its run folder), a checkpoint whose manifest was gone, or
+    left its weights out, was exported with whatever weights it held."""
+    _checkpoints(debug_bundle, tmp_path / "ckpts", (5,))
+    ckpt = tmp_path / "ckpts" / "step_00000005"
+    manifest = json.loads((ckpt / "crosschip.json").read_text())
+    del manifest["files"]["model.safetensors"]
+    (ckpt / "crosschip.json").write_text(json.dumps(manifest))
+    rc, out = _cli(capsys, str(ckpt), "--to", "torch:cpu", "--out", str(tmp_path / "o"))
+    assert rc == 1 and "model.safetensors is not in crosschip.json" in out.err, out.err
+    (ckpt / "crosschip.json").unlink()
+    rc, out = _cli(capsys, str(ckpt), "--to", "torch:cpu", "--out", str(tmp_path / "o"))
+    assert rc == 1 and f"{ckpt}: no crosschip.json" in out.err and not (tmp_path / "o").exists(), out.err
+
+
 def _cli(capsys, *argv):
     rc = main(["export", *argv])
     return rc, capsys.readouterr()
@@ -208,7 +223,12 @@ def test_force_never_deletes_the_source_or_the_folder_it_runs_in(debug_bundle, t
     _checkpoints(debug_bundle, ckpts, (4, 8))
     for out in (ckpts, ckpts / "step_00000004", ckpts / "step_00000008"):
         rc, err = _cli(capsys, str(run / "train"), "--to", "torch:cpu", "--out", str(out), "--force")
-        assert rc == 1 and "inside the source's checkpoints" in err.err, err.err
+        assert rc == 1 and "is inside the source" in err.err, err.err
+    # Nor inside the source: a bundle in a checkpoint's folder went with it when training pruned it.
+    rc, err = _cli(
+        capsys, str(ckpts / "step_00000004"), "--to", "torch:cpu", "--out", str(ckpts / "step_00000004" / "b")
+    )
+    assert rc == 1 and "is inside the source" in err.err, err.err
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000008", "step_00000004"]
     assert all(verify_checkpoint(p) is None for p in list_checkpoints(ckpts))
     (tmp_path / "work" / "here").mkdir(parents=True)

@@ -23,6 +23,7 @@ from transformers.modeling_layers import MtpModel
 from crosschip.config import ModelConfig, model_preset
 from crosschip.errors import BundleError
 from crosschip.hf import (
+    MANIFEST_FILE,
     from_hf,
     hf_config,
     load_bundle,
@@ -374,6 +375,26 @@ def test_tampered_file_fails_its_checksum(bundle):
     (bundle / "model.safetensors").write_bytes(bytes(data[:-1]))
     with pytest.raises(BundleError, match=r"checkpoint file .*model\.safetensors.* after the checkpoint was written"):
         load_bundle(bundle)
+
+
+def test_a_file_the_loader_reads_must_be_in_the_manifest(bundle):
+    """Checksums covered only the files the manifest listed: weights dropped from its table (or
+    a graph put beside the bundle after it was written) were read unchecked."""
+    import json
+
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    del manifest["files"]["model.safetensors"]
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"bundle file .*model\.safetensors is not in crosschip\.json"):
+        load_bundle(bundle)
+    write_manifest(bundle, {}, scan=True)
+    load_bundle(bundle)
+    (bundle / "model.onnx").write_bytes(b"a graph no export wrote")
+    with pytest.raises(BundleError, match=r"model\.onnx is not in crosschip\.json"):
+        load_bundle(bundle)
+    (bundle / "model.onnx").unlink()
+    (bundle / "notes.txt").write_text("what a user keeps beside a bundle is not read, and not refused")
+    load_bundle(bundle)
 
 
 def test_truncated_weights_are_a_clear_error(bundle):

@@ -473,14 +473,29 @@ def write_manifest(path: str | Path, extra: dict[str, Any], *, scan: bool = Fals
     _write_json(manifest_path, manifest)
 
 
+# What the loaders read: weights, graphs, configs, the tokenizer, a checkpoint's state. Where a
+# manifest exists, each one present must be listed in it: one dropped from the table, or put in
+# the folder after it was written, was read unchecked (a tampered checkpoint exported cleanly).
+_READ_FILES = re.compile(r".+\.(safetensors|onnx)|.*config\.json|tokenizer.*\.json|trainer_state\.json")
+
+
 def verify_manifest(path: str | Path) -> None:
-    """Check every file listed in the manifest against its sha256; BundleError names the first bad one."""
+    """Check every file listed in the manifest against its sha256, and that every file a loader
+    reads is listed; BundleError names the first bad one."""
     folder = Path(path)
     manifest = read_manifest(folder)
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise BundleError(f"{folder / MANIFEST_FILE}: no 'files' table")
     what = "checkpoint" if manifest.get("kind") == "checkpoint" else "bundle"
+    unlisted = sorted(
+        f.name for f in folder.iterdir() if _READ_FILES.fullmatch(f.name) and f.name not in files and f.is_file()
+    )
+    if unlisted:
+        raise BundleError(
+            f"{what} file {folder / unlisted[0]} is not in {MANIFEST_FILE}: it was added or changed after the "
+            f"{what} was written"
+        )
     for name, digest in files.items():
         file = folder / name
         if not file.is_file():

@@ -22,7 +22,7 @@ from crosschip import hf
 from crosschip.backends import get_backend
 from crosschip.errors import CrosschipError
 from crosschip.handoff import ONNX_FILE, check_target_policy, precision
-from crosschip.handoff.source import Source, checkpoint_root, resolve_source
+from crosschip.handoff.source import Source, resolve_source
 from crosschip.model import DTYPES
 from crosschip.paths import check_output_dir
 
@@ -126,13 +126,11 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
         path = path.resolve()
         if target == path or target in path.parents:
             raise CrosschipError(f"--out {out} holds {what} ({path}); choose another folder")
-    # A run folder's or checkpoint root's checkpoints are the source too (the newest verified
-    # one is read, the others are what a failed check falls back to): --out may not lie among them.
-    root = checkpoint_root(src) if src.is_dir() else None
-    if root is not None and (target == root.resolve() or root.resolve() in target.parents):
-        raise CrosschipError(
-            f"--out {out} is inside the source's checkpoints ({root.resolve()}); choose another folder"
-        )
+    # Nor inside it: a bundle in a checkpoint's folder went with it when training pruned it, and
+    # a run folder's checkpoints are the source too (the newest verified one is read, the others
+    # are what a failed check falls back to).
+    if src.is_dir() and src.resolve() in target.parents:
+        raise CrosschipError(f"--out {out} is inside the source ({src.resolve()}); choose another folder")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise CrosschipError(f"--out {out} is not empty; pass --force to replace the bundle there")

@@ -171,6 +171,8 @@ def _prune(root: Path, keep: int) -> None:
 def verify_checkpoint(path: str | Path) -> str | None:
     """None when every file matches the manifest, else why not."""
     path = Path(path)
+    if not (path / hf.MANIFEST_FILE).is_file():
+        return f"{path}: no {hf.MANIFEST_FILE} (every checkpoint the trainer writes has its manifest)"
     try:
         hf.verify_manifest(path)
         files = hf.read_manifest(path)["files"]
@@ -227,8 +229,12 @@ def unreadable_as_error(path: Path):
 
 
 def load_model(ckpt_dir: str | Path) -> tuple[Transformer, Tokenizer | None]:
-    """The model (eval mode, fp32, CPU) and tokenizer of a checkpoint folder, checksums verified."""
-    return hf.load_bundle(ckpt_dir, verify_checksums=True)
+    """The model (eval mode, fp32, CPU) and tokenizer of a checkpoint folder, checked as the
+    trainer checks it before a resume: a manifest listing every file, all checksums matching."""
+    reason = verify_checkpoint(ckpt_dir)
+    if reason is not None:
+        raise BundleError(reason)
+    return hf.load_bundle(ckpt_dir, verify_checksums=False)
 
 
 # --------------------------------------------------------------------------------------------
