@@ -569,3 +569,38 @@ def test_the_export_summary_names_the_graphs_reused_from_the_trace_cache():
     assert "trace cache not written (/c/onnx-traces: Not a directory): every export traces again" in summary(
         "b", manifest
     )
+
+
+def test_a_graph_that_departs_from_torch_is_not_shipped_and_a_bad_cache_entry_is_traced_again(
+    debug_bundle, tmp_path, monkeypatch
+):
+    """Export measured its ONNX graph against torch and shipped it whatever the figure: a trace
+    cache entry edited to skip RMSNorm's square root gave max |diff| 5.6e+2, and the bundle
+    was written. Now a graph traced here that departs is an error, and a cached one that
+    departs is traced again."""
+    import onnx
+
+    from crosschip.errors import CrosschipError
+    from crosschip.handoff import onnx_export
+
+    monkeypatch.setenv("CROSSCHIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CROSSCHIP_TRACE_CACHE", raising=False)
+    trace = onnx_export._trace
+
+    def without_sqrt(step, model) -> onnx.ModelProto:  # the general graph, traced in this process
+        proto = trace(step, model)
+        for node in proto.graph.node:
+            if node.op_type == "Sqrt":
+                node.op_type = "Identity"
+        return proto
+
+    monkeypatch.setattr(onnx_export, "_trace", without_sqrt)
+    with pytest.raises(CrosschipError, match=r"model\.onnx departs from the torch model: max \|ORT - torch\| "):
+        export_bundle(debug_bundle, tmp_path / "bad", target="ort:cpu", progress=False)
+    assert not (tmp_path / "bad").exists()
+    # The damaged trace stayed in the cache; the next export takes it, finds it wrong, traces again.
+    monkeypatch.setattr(onnx_export, "_trace", trace)
+    manifest = export_bundle(debug_bundle, tmp_path / "good", target="ort:cpu", progress=False)
+    assert manifest["onnx"]["traced_from_cache"] == [] and manifest["onnx"]["parity_fp32_max_abs"] < 1e-5
+    again = export_bundle(debug_bundle, tmp_path / "again", target="ort:cpu", progress=False)
+    assert again["onnx"]["traced_from_cache"] == ["model.onnx", "model.decode.onnx"]  # the entries were replaced

@@ -102,7 +102,7 @@ def export_bundle(
             served = precision.round_model(source.model, policy)
             onnx_info = _write_onnx(served, staging, policy, lambda msg: phase("export ONNX", msg))
             phase("check ONNX vs torch")
-            onnx_info["parity_fp32_max_abs"] = onnx_parity(served, staging / ONNX_FILE, backend=None)
+            onnx_info["parity_fp32_max_abs"] = _check_graphs(served, staging, onnx_info, policy, phase)
         phase("write manifest")
         manifest = {
             "source": source.info,
@@ -215,8 +215,43 @@ def _write_onnx(model: torch.nn.Module, out: Path, policy: str, say) -> dict[str
     return export_onnx(model, out / ONNX_FILE, policy=policy, progress=say)
 
 
+# How far a graph's outputs may lie from torch's, relative to the largest output: fp32 rounding
+# (the graphs compute in fp32 whatever the policy stores) gave 1.7e-6-2.4e-6 absolute on the
+# debug model in every policy; an edited cache entry, 5.6e+2, and the bundle shipped.
+GRAPH_PARITY_REL = 1e-3
+
+
+def _check_graphs(
+    model: torch.nn.Module, out: Path, info: dict[str, Any], policy: str, phase, retraced: bool = False
+) -> float:
+    """Both graphs against torch; the worst max |diff|. Graphs from the trace cache that fail
+    are traced afresh (the entry was damaged or edited); graphs traced here that fail are an error."""
+    from crosschip.handoff import trace_cache
+
+    worst = {name: _parity(model, out / name) for name in (ONNX_FILE, info["decode_file"])}
+    bad = [name for name, (diff, scale) in worst.items() if diff > GRAPH_PARITY_REL * max(1.0, scale)]
+    if bad and info["traced_from_cache"] and not retraced:
+        phase("check ONNX vs torch", f"{', '.join(bad)} from the trace cache disagree with torch: tracing again")
+        for kind in ("general", "decode"):
+            trace_cache.evict(trace_cache.trace_key(model, kind))
+        info.update(_write_onnx(model, out, policy, lambda msg: phase("export ONNX", msg)))
+        return _check_graphs(model, out, info, policy, phase, retraced=True)
+    if bad:
+        diff, scale = worst[bad[0]]
+        raise CrosschipError(
+            f"{bad[0]} departs from the torch model: max |ORT - torch| {diff:.3g} against outputs up to {scale:.3g} "
+            f"(more than {GRAPH_PARITY_REL:g} of them); the bundle was not written"
+        )
+    return max(diff for diff, _ in worst.values())
+
+
 def onnx_parity(model: torch.nn.Module, onnx_path: Path, backend: Any = None, seed: int = 0) -> float:
     """Max |ORT - torch| over logits and latents of a cached step with a ragged past (fp32 compute)."""
+    return _parity(model, onnx_path, backend, seed)[0]
+
+
+def _parity(model: torch.nn.Module, onnx_path: Path, backend: Any = None, seed: int = 0) -> tuple[float, float]:
+    """`onnx_parity`, and the largest |output| of torch's step."""
     from crosschip.handoff.onnx_export import INPUT_NAMES, CachedStep, causal_mask, open_session
 
     cfg = model.cfg
@@ -234,7 +269,8 @@ def onnx_parity(model: torch.nn.Module, onnx_path: Path, backend: Any = None, se
     with torch.no_grad():
         ref = CachedStep(model)(*inputs)
     got = open_session(onnx_path, backend).run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})
-    return max(float(np.abs(r.numpy() - o).max()) for r, o in zip(ref, got))
+    diff = max(float(np.abs(r.numpy() - o).max()) for r, o in zip(ref, got))
+    return diff, max(float(r.abs().max()) for r in ref)
 
 
 def bundle_sizes(folder: str | Path) -> dict[str, Any]:

@@ -94,6 +94,14 @@ def has(key: str) -> bool:
     return path is not None and path.is_file()
 
 
+def evict(key: str) -> None:
+    """Drop the entry of `key`, if any (one whose graph no longer computes its model)."""
+    path = _path(key)
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def load(key: str, step: nn.Module) -> onnx.ModelProto | None:
     """The stored graph of `key` with `step`'s weights bound, or None.
 
