@@ -68,6 +68,24 @@ def test_every_policy_exports_and_reloads(debug_bundle, exported, policy):
     ).abs().max() + band
 
 
+def test_transformers_refuses_an_int8_bundle_it_cannot_read(exported, tmp_path):
+    """transformers loaded an int8 bundle without a word and ran the int8 values as fp32
+    weights (logits off by 3.6e+3). config.json now says what the weights are, so it refuses;
+    crosschip reads the same bundle, and refuses another tool's quantization it cannot read."""
+    import transformers
+
+    with pytest.raises(ValueError, match="quantization config"):
+        transformers.AutoModelForCausalLM.from_pretrained(exported["int8"])
+    assert hf.read_json(exported["int8"] / "config.json")["quantization_config"] == hf.INT8_MARK
+    assert "quantization_config" not in hf.read_json(exported["fp32"] / "config.json")
+    precision.load_for_serving(exported["int8"])
+    fp8 = shutil.copytree(exported["fp32"], tmp_path / "fp8")
+    config = hf.read_json(fp8 / "config.json")
+    hf.write_json(fp8 / "config.json", {**config, "quantization_config": {"quant_method": "fp8"}})
+    with pytest.raises(BundleError, match=r"config.json: quantization_config \(fp8\) is not supported"):
+        hf.load_bundle(fp8, verify_checksums=False)
+
+
 def test_int8_weights_take_at_most_30_percent(exported):
     fp32 = precision.weight_bytes(exported["fp32"])
     int8 = precision.weight_bytes(exported["int8"])

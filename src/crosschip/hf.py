@@ -158,8 +158,26 @@ def _rope_theta(config: dict[str, Any]) -> float:
     return 10000.0
 
 
+# config.json's `quantization_config` in an int8 bundle. The int8 weights (with a per-row
+# `weight_scale`) are crosschip's own layout: transformers loaded such a bundle without a word
+# and ran the raw int8 values as fp32 weights (logits off by 3.6e+3). Without a `quant_method`,
+# transformers refuses the config (ValueError) and vLLM names it an unknown quantization.
+INT8_MARK = {
+    "format": "crosschip-int8-weight-only",
+    "note": "int8 weights with per-row weight_scale, read by crosschip and its ONNX graphs; for transformers "
+    "or vLLM, export fp32, bf16 or fp16",
+}
+
+
 def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
     """The ModelConfig of an HF DeepseekV3 `config.json`; BundleError names any key we cannot honour."""
+    quant = config.get("quantization_config")
+    if quant is not None and quant != INT8_MARK:
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise BundleError(
+            f"config.json: quantization_config{f' ({method})' if method else ''} is not supported: crosschip reads "
+            "unquantized weights and its own int8 export"
+        )
     for key, required, default in _FIXED_KEYS:
         value = config.get(key, default)
         if key not in config and default is None and required is not None:
@@ -404,7 +422,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -470,7 +488,7 @@ def write_manifest(path: str | Path, extra: dict[str, Any], *, scan: bool = Fals
         if missing := [name for name in listed if not (folder / name).is_file()]:
             raise BundleError(f"file {folder / missing[0]} is listed in {MANIFEST_FILE} but missing")
         manifest["files"] = {name: sha256_file(folder / name) for name in listed}
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
 
 
 # What the loaders read: weights, graphs, configs, the tokenizer, a checkpoint's state. Where a
@@ -551,8 +569,8 @@ def save_bundle(
     weights = {k: _cast_for_export(k, t, dtype) for k, t in to_hf(model.state_dict(), cfg).items()}
     stored = dtype or next(t.dtype for k, t in weights.items() if not _FP32_KEYS.search(k))
 
-    _write_json(out / CONFIG_FILE, hf_config(cfg, **ids, torch_dtype=_dtype_name(stored)))
-    _write_json(
+    write_json(out / CONFIG_FILE, hf_config(cfg, **ids, torch_dtype=_dtype_name(stored)))
+    write_json(
         out / GENERATION_CONFIG_FILE,
         {
             "bos_token_id": ids["bos_token_id"],
@@ -566,7 +584,7 @@ def save_bundle(
         tokenizer.save(out)
     # A fresh manifest, written last: until it lands, an old one fails the new files' checksums.
     manifest = {"format": MANIFEST_FORMAT, "files": _bundle_files(out), **(manifest_extra or {})}
-    _write_json(out / MANIFEST_FILE, manifest)
+    write_json(out / MANIFEST_FILE, manifest)
     return out
 
 

@@ -229,13 +229,16 @@ def round_model(model: torch.nn.Module, policy: str) -> torch.nn.Module:
 
 
 def write_int8_weights(bundle: Path, state: dict[str, Tensor]) -> None:
-    """Replace the bundle's model.safetensors with the int8 policy's tensors (atomic)."""
+    """Replace the bundle's model.safetensors with the int8 policy's tensors (atomic), and mark
+    config.json so that loaders that cannot read them refuse the bundle (`hf.INT8_MARK`)."""
     target = bundle / hf.WEIGHTS_FILE
     tmp = target.with_name(target.name + ".tmp")
     hf.save_safetensors(
         quantize_state(state), tmp, metadata={"format": "pt", "crosschip_quantization": "int8-weight-only"}
     )
     tmp.replace(target)
+    config = hf.read_json(bundle / hf.CONFIG_FILE)
+    hf.write_json(bundle / hf.CONFIG_FILE, {**config, "quantization_config": hf.INT8_MARK})
 
 
 def load_for_serving(bundle: str | Path, backend: Any = None, *, dtype: torch.dtype | None = None):
