@@ -54,3 +54,27 @@ def test_an_ort_target_is_bisected_in_torch_with_its_own_weights(ort_bundle, tmp
     assert proc.returncode == 4, proc.stdout + proc.stderr
     assert report["bisect"]["first_departure"] == "layer 1 attention"
     assert "bisected in torch:cpu with the target's weights" in report["bisect"]["note"]
+
+
+def test_a_graph_whose_weights_were_changed_is_named_by_the_bisection(ort_bundle, tmp_path):
+    """The bisection runs torch with the bundle's safetensors: a weight changed in the ONNX graphs
+    only was invisible to it, and it blamed rounding spread over the whole model."""
+    import onnx
+    from onnx import numpy_helper
+
+    from crosschip.hf import write_manifest
+
+    bundle = shutil.copytree(ort_bundle, tmp_path / "edited")
+    name = "model.layers.1.attn.wo.weight"
+    for graph in ("model.onnx", "model.decode.onnx"):
+        proto = onnx.load(str(bundle / graph))
+        (t,) = [t for t in proto.graph.initializer if t.name == name]
+        w = numpy_helper.to_array(t).copy()
+        w[3, 5] += 0.5
+        t.CopyFrom(numpy_helper.from_array(w, name))
+        onnx.save(proto, str(bundle / graph))
+    write_manifest(bundle, {})  # checksums recorded again: the edit is not caught as tampering
+    proc, report = verify(bundle, tmp_path / "out", "--no-record")
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert report["bisect"]["first_departure"] == f"model.onnx: {name}", report["bisect"]
+    assert "max |diff| 0.5" in report["bisect"]["why"] and "export the bundle again" in report["bisect"]["why"]

@@ -229,7 +229,7 @@ def _check_graphs(
     from crosschip.handoff import trace_cache
 
     worst = {name: _parity(model, out / name) for name in (ONNX_FILE, info["decode_file"])}
-    bad = [name for name, (diff, scale) in worst.items() if diff > GRAPH_PARITY_REL * max(1.0, scale)]
+    bad = [name for name, (diff, scale) in worst.items() if _departs(diff, scale)]
     if bad and info["traced_from_cache"] and not retraced:
         phase("check ONNX vs torch", f"{', '.join(bad)} from the trace cache disagree with torch: tracing again")
         for kind in ("general", "decode"):
@@ -237,12 +237,25 @@ def _check_graphs(
         info.update(_write_onnx(model, out, policy, lambda msg: phase("export ONNX", msg)))
         return _check_graphs(model, out, info, policy, phase, retraced=True)
     if bad:
-        diff, scale = worst[bad[0]]
-        raise CrosschipError(
-            f"{bad[0]} departs from the torch model: max |ORT - torch| {diff:.3g} against outputs up to {scale:.3g} "
-            f"(more than {GRAPH_PARITY_REL:g} of them); the bundle was not written"
-        )
+        raise CrosschipError(f"{_departure(bad[0], *worst[bad[0]])}; the bundle was not written")
     return max(diff for diff, _ in worst.values())
+
+
+def graph_departure(model: torch.nn.Module, onnx_path: Path) -> str | None:
+    """Why the graph's outputs depart from `model`'s on a test step, or None where they agree."""
+    diff, scale = _parity(model, onnx_path)
+    return _departure(onnx_path.name, diff, scale) if _departs(diff, scale) else None
+
+
+def _departs(diff: float, scale: float) -> bool:
+    return diff > GRAPH_PARITY_REL * max(1.0, scale)
+
+
+def _departure(name: str, diff: float, scale: float) -> str:
+    return (
+        f"{name} departs from the torch model: max |ORT - torch| {diff:.3g} against outputs up to {scale:.3g} "
+        f"(more than {GRAPH_PARITY_REL:g} of them)"
+    )
 
 
 def onnx_parity(model: torch.nn.Module, onnx_path: Path, backend: Any = None, seed: int = 0) -> float:

@@ -177,9 +177,13 @@ def first_departure(rows: list[ModuleError]) -> ModuleError | None:
     return next((r for r in rows if r.departs), None)
 
 
-def bisect_report(rows: list[ModuleError], precision: str, *, note: str = "") -> dict[str, Any]:
+def bisect_report(
+    rows: list[ModuleError], precision: str, *, note: str = "", none: str | None = None
+) -> dict[str, Any]:
+    """The first departure of `rows`; `none` is what to say when there is none (by default, that
+    the difference is rounding spread over the model)."""
     first = first_departure(rows)
-    none = (
+    none = none or (
         f"no module departs from the reference beyond its {precision} band: the difference is rounding "
         "spread over the whole model, not one faulty module"
     )

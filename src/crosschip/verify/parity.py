@@ -406,14 +406,73 @@ def bisect_sides(
             "note": "a remote target cannot be bisected: its weights are not here",
             "table": [],
         }
-    note = ""
+    note, clean = "", None
     if get_backend(tgt.backend).runtime != "torch":
+        # Torch cannot look inside the target's graphs: first ask whether they compute what the
+        # bundle's weights compute. A graph edited after export (or a broken exporter) passed
+        # this bisection, which then blamed rounding spread over the whole model.
+        if departed := _graph_departure(opts.bundle):
+            return {
+                "first_departure": departed[0],
+                "first_departure_key": None,
+                "why": departed[1],
+                "note": "",
+                "table": [],
+            }
         tgt = SideSpec("target", "torch:cpu", tgt.weights, "fp32" if precision == "int8" else precision)
         note = (
             f"bisected in torch:cpu with the target's weights and {precision} precision; "
             f"a departure that only {opts.target} shows (its runtime's ops) does not appear here"
         )
+        clean = (
+            f"no module departs in torch with the target's weights, and the bundle's graphs compute what those "
+            f"weights compute on a test step: the departure is in how {opts.target} runs them on these prompts"
+        )
     run_workers([ref, tgt], opts, prompt_path, capture=True, progress=progress)
     records = [load_file(opts.out / f"{s}.capture.safetensors") for s in ("reference", "target")]
     names = json.loads((opts.out / "reference.capture.json").read_text(encoding="utf-8"))["labels"]
-    return bisect_report(compare(*records, names, precision), precision, note=note)
+    return bisect_report(compare(*records, names, precision), precision, note=note, none=clean)
+
+
+def _graph_departure(bundle: Path) -> tuple[str, str] | None:
+    """(what, why) for the first of the bundle's ONNX graphs whose outputs depart from its own
+    weights run in torch (the check export makes before it writes a bundle), naming the first
+    weight in it that differs from the bundle's where there is one; else None."""
+    from crosschip.handoff import ONNX_FILE
+    from crosschip.handoff.export import graph_departure
+    from crosschip.handoff.onnx_export import decode_path
+    from crosschip.handoff.precision import load_for_serving
+
+    model, _ = load_for_serving(bundle)
+    for graph in (bundle / ONNX_FILE, decode_path(bundle / ONNX_FILE)):
+        if graph.is_file() and (why := graph_departure(model, graph)):
+            fix = "the graph is not what the export checked; export the bundle again"
+            if weight := _changed_weight(model, graph):
+                return (
+                    f"{graph.name}: {weight[0]}",
+                    f"{why}; its {weight[0]} differs from the bundle's ({weight[1]}): {fix}",
+                )
+            return graph.name, f"{why}, run on the bundle's own weights: {fix}"
+    return None
+
+
+def _changed_weight(model: Any, graph: Path) -> tuple[str, str] | None:
+    """The first float initializer of `graph` that differs from the model's tensor of that name
+    (the graphs name the weights of the step's `model` by their names in it), with how much;
+    int8 and bf16 ones, stored in forms numpy does not compare directly, are left to the
+    outputs' check."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for t in onnx.load(str(graph)).graph.initializer:
+        if t.name not in state or t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        ours = state[t.name].detach().float().numpy()
+        theirs = numpy_helper.to_array(t).astype(np.float32)
+        if theirs.shape != ours.shape:
+            return t.name, f"shape {list(theirs.shape)} against {list(ours.shape)}"
+        if not np.array_equal(theirs, ours):
+            return t.name, f"max |diff| {float(np.abs(theirs - ours).max()):.3g}"
+    return None
