@@ -19,12 +19,35 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# What each stage leaves, in the order of the run: a section that has none says whether the
+# stage has not run yet or its output is gone.
+OUTPUTS = {
+    "probe": "probe.json",
+    "qualify": "qualify.json",
+    "roles": "roles.json",
+    "train": "train/train_summary.json",
+    "bundle": "bundle/crosschip.json",
+    "verify": "verify/report.json",
+    "serve": "serve.json",
+}
+STAGE_OF = {"roles": "assign", "bundle": "export"}
 
-def _load(path: Path) -> Any:
+
+def _load(root: Path, name: str, problems: list[str]) -> dict | None:
+    """The JSON object of the output `name` (a key of OUTPUTS), or None: missing, or unreadable
+    or not an object, which `problems` then names."""
+    path = root / OUTPUTS[name]
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
+        problems.append(f"{OUTPUTS[name]}: unreadable ({' '.join(str(e).split())[:120]})")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{OUTPUTS[name]}: holds a JSON {type(value).__name__}, not an object")
+        return None
+    return value
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -32,33 +55,73 @@ def _jsonl(path: Path) -> list[dict]:
     try:
         for line in path.read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash; the rest is still good
+            if isinstance(row, dict):
+                rows.append(row)
     except OSError:
         pass
     return rows
 
 
+# Events of metrics.jsonl that are the training's course, not its health.
+_COURSE = ("step", "eval", "start", "end", "checkpoint")
+
+
 def collect(root: Path) -> dict[str, Any]:
-    """Everything the stages wrote, in one dict (the body of report.json)."""
+    """Everything the stages wrote, in one dict (the body of report.json); `problems` names the
+    outputs that could not be read."""
+    problems: list[str] = []
     metrics = _jsonl(root / "train" / "metrics.jsonl")
+    state = _load_state(root / "run_state.json")
+    out = {name: _load(root, name, problems) for name in OUTPUTS}
     return {
         "run": str(root),
-        "state": _load(root / "run_state.json") or {},
-        "probe": _load(root / "probe.json"),
-        "qualify": _load(root / "qualify.json"),
-        "roles": _load(root / "roles.json"),
+        "state": state,
+        "probe": out["probe"],
+        "qualify": out["qualify"],
+        "roles": out["roles"],
         "train": {
-            "summary": _load(root / "train" / "train_summary.json"),
+            "summary": out["train"],
             "steps": [m for m in metrics if m.get("event") == "step"],
             "evals": [m for m in metrics if m.get("event") == "eval"],
-            "health": [m for m in metrics if m.get("event") not in ("step", "eval", "start", "end")],
+            "health": [m for m in metrics if m.get("event") not in _COURSE],
         },
-        "bundle": _load(root / "bundle" / "crosschip.json"),
-        "verify": _load(root / "verify" / "report.json"),
-        "serve": _load(root / "serve.json"),
+        "bundle": out["bundle"],
+        "verify": out["verify"],
+        "serve": out["serve"],
+        "problems": problems,
     }
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _absent(data: dict[str, Any], name: str) -> str:
+    """What to say for a stage output that is not there: damaged, gone, or not yet made."""
+    file = OUTPUTS[name]
+    for problem in data.get("problems") or []:
+        if problem.startswith(file + ":"):
+            return problem
+    stage = STAGE_OF.get(name, name)
+    if stage in ((data.get("state") or {}).get("finished") or []):
+        return f"{file}: missing, though the {stage} stage finished"
+    return f"{stage}: not run"
+
+
+def _guarded(what: str, render: Any, fallback: Any) -> Any:
+    """`render()`, or where a stage output holds a value of the wrong kind (a hand edit, a
+    null where a number was), `fallback(reason)`: one line naming it, not a traceback."""
+    try:
+        return render()
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        return fallback(f"{what}: a damaged value ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,39 +255,75 @@ def _backend(spec: str | None) -> str:
 
 def render_html(data: dict[str, Any]) -> str:
     train = data["train"]
-    layers = _layer_rows(data["verify"])
     roles = data["roles"] or {}
-    stages = (data["state"].get("stages") or {}).items()
+    stages = ((data.get("state") or {}).get("stages") or {}).items()
+
+    def section(title: str, name: str | None, render: Any) -> str:
+        """A titled section; it names its stage output where that is missing or damaged."""
+        absent = f'<p class="missing">{html.escape(_absent(data, name))}</p>' if name and data[name] is None else ""
+        body = _guarded(title, render, lambda why: f'<p class="missing">{html.escape(why)}</p>')
+        return f"<h2>{html.escape(title)}</h2>{absent}{body}"
+
     sections = [
         f"<h1>crosschip run</h1><p>{html.escape(data['run'])}</p>",
-        "<h2>Stages</h2>" + _table("table-stages", ["stage", "seconds"], [[k, v.get("seconds")] for k, v in stages]),
-        "<h2>Roles</h2>"
-        + _table(
-            "table-roles",
-            ["role", "backend"],
-            [["train", ", ".join(map(_backend, roles.get("train", [])))], ["serve", _backend(roles.get("serve"))]],
+        "".join(f'<p class="missing">{html.escape(p)}</p>' for p in data.get("problems") or []),
+        section(
+            "Stages",
+            None,
+            lambda: _table("table-stages", ["stage", "seconds"], [[k, v.get("seconds")] for k, v in stages]),
         ),
-        "<h2>Qualification</h2>"
-        + _table(
-            "table-qualify",
-            ["backend", "emulation", "verdict", "train tokens/s", "reasons"],
-            _qualify_rows(data["qualify"], data["state"]),
+        section(
+            "Roles",
+            "roles",
+            lambda: _table(
+                "table-roles",
+                ["role", "backend"],
+                [["train", ", ".join(map(_backend, roles.get("train", [])))], ["serve", _backend(roles.get("serve"))]],
+            ),
         ),
-        "<h2>Training</h2>",
-        _figure("fig-loss", plot_loss(train["steps"]), "Training loss"),
-        _figure("fig-accuracy", plot_accuracy(train["evals"]), "Held-out accuracy vs steps"),
-        _table(
-            "table-health",
-            ["event", "step", "detail"],
-            [[h.get("event"), h.get("step", h.get("from_step")), _health_detail(h)] for h in train["health"]],
+        section(
+            "Qualification",
+            None,
+            lambda: _table(
+                "table-qualify",
+                ["backend", "emulation", "verdict", "train tokens/s", "reasons"],
+                _qualify_rows(data["qualify"], data.get("state") or {}),
+            ),
         ),
-        "<h2>Parity</h2>" + _table("table-parity", ["metric", "value"], _parity_rows(data["verify"])),
-        _figure(
-            "fig-layers",
-            plot_layers(layers),
-            "Per-layer error: the target's weights against the reference's, module by module (computed in torch)",
+        section(
+            "Training",
+            None,
+            lambda: "".join(
+                [
+                    ""
+                    if train["summary"] is not None
+                    else f'<p class="missing">{html.escape(_absent(data, "train"))}</p>',
+                    _figure("fig-loss", plot_loss(train["steps"]), "Training loss"),
+                    _figure("fig-accuracy", plot_accuracy(train["evals"]), "Held-out accuracy vs steps"),
+                    _table(
+                        "table-health",
+                        ["event", "step", "detail"],
+                        [
+                            [h.get("event"), h.get("step", h.get("from_step")), _health_detail(h)]
+                            for h in train["health"]
+                        ],
+                    ),
+                ]
+            ),
         ),
-        "<h2>Serving</h2>" + _table("table-serve", ["figure", "value"], _serve_rows(data["serve"])),
+        section(
+            "Parity",
+            "verify",
+            lambda: (
+                _table("table-parity", ["metric", "value"], _parity_rows(data["verify"]))
+                + _figure(
+                    "fig-layers",
+                    plot_layers(_layer_rows(data["verify"])),
+                    "Per-layer error: the target's weights against the reference's, module by module (computed in torch)",
+                )
+            ),
+        ),
+        section("Serving", "serve", lambda: _table("table-serve", ["figure", "value"], _serve_rows(data["serve"]))),
     ]
     style = (
         "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
@@ -253,16 +352,51 @@ def _health_detail(event: dict) -> str:
 
 
 def summary_lines(data: dict[str, Any]) -> list[str]:
-    roles = data["roles"] or {}
+    """The run in a few lines; each part says when its stage has not run or its output is
+    missing or damaged."""
     lines = [f"run folder: {data['run']}"]
-    if roles:
-        lines.append(
-            f"roles: train on {', '.join(map(_backend, roles.get('train', [])[:1]))}, serve on {_backend(roles.get('serve'))}"
+    for name, part in (
+        ("roles", _roles_lines),
+        ("qualify", _qualify_lines),
+        ("train", _train_lines),
+        ("verify", _parity_lines),
+        ("serve", _serve_lines),
+    ):
+        present = data["train"]["summary"] or data["train"]["evals"] if name == "train" else data[name]
+        if not present:
+            # Qualify is skipped when the roles are given (--train-on): only a damaged file is news.
+            if name != "qualify" or OUTPUTS[name] in " ".join(data.get("problems") or []):
+                lines.append(_absent(data, name))
+            continue
+        what = "train/metrics.jsonl or train_summary.json" if name == "train" else OUTPUTS[name]
+        lines += _guarded(what, lambda part=part: part(data), lambda why: [why])
+    said = " ".join(lines)
+    return lines + [p for p in data.get("problems") or [] if p not in said]
+
+
+def _roles_lines(data: dict[str, Any]) -> list[str]:
+    roles = data["roles"]
+    order = list(roles.get("train") or [])
+    # With failover the backends are tried left to right: name the one that trained.
+    trained = ((data["train"]["summary"] or {}).get("backend") or {}).get("backend")
+    if trained:
+        before = order[: order.index(trained)] if trained in order else []
+        train = f"trained on {_backend(trained)}" + (
+            f" (after {', '.join(map(_backend, before))} failed)" if before else ""
         )
-    for spec, v in (data["qualify"] or {}).items():
-        lines.append(f"  {spec}: {v.get('verdict')}")
+    else:
+        train = "train on " + " then ".join(map(_backend, order))
+    return [f"roles: {train}, serve on {_backend(roles.get('serve'))}"]
+
+
+def _qualify_lines(data: dict[str, Any]) -> list[str]:
+    return [f"  {spec}: {v.get('verdict')}" for spec, v in (data["qualify"] or {}).items()]
+
+
+def _train_lines(data: dict[str, Any]) -> list[str]:
     summary = data["train"]["summary"] or {}
     evals = data["train"]["evals"]
+    lines = []
     if evals:
         trained = summary.get("step") or len(kept_steps(data["train"]["steps"]))
         lost = (
@@ -271,30 +405,31 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             else ""
         )
         lines.append(f"training: {trained} steps{lost}, held-out accuracy {100 * evals[-1]['accuracy']:.1f}%")
-    elif summary:  # a corpus run: no held-out problems to score
+    else:  # a corpus run: no held-out problems to score
         loss = summary.get("final_loss")
         tail = f", final loss {loss:.4f}" if loss is not None else ""
         lines.append(f"training: {summary.get('status')} at step {summary.get('step')}{tail}")
     if summary.get("reason"):  # why it ended where it did: the time budget, a give-up
         lines.append(f"  {summary['reason']}")
-    verify = data["verify"]
-    if verify:
-        gate = verify.get("gate", {})
-        m = verify.get("metrics", {})
-        lines.append(
-            f"parity gate ({gate.get('precision')}): {'PASSED' if gate.get('passed') else 'FAILED'}; "
-            f"KL max {m.get('kl_max', float('nan')):.2e}, top-1 {100 * m.get('top1', 0):.2f}%, "
-            f"greedy identical {100 * m.get('greedy_identical', 0):.0f}%"
-        )
-    serve = data["serve"]
-    if serve:
-        accuracy = serve.get("accuracy")  # None for a corpus run: free text has no answer to score
-        scored = f"accuracy {100 * accuracy:.1f}% over " if accuracy is not None else ""
-        lines.append(
-            f"serving on {serve.get('backend')}: {scored}{serve.get('requests')} requests, "
-            f"TTFT {serve.get('ttft_ms_median', 0):.1f} ms"
-        )
     return lines
+
+
+def _parity_lines(data: dict[str, Any]) -> list[str]:
+    gate, m = data["verify"]["gate"], data["verify"]["metrics"]
+    return [
+        f"parity gate ({gate['precision']}): {'PASSED' if gate['passed'] else 'FAILED'}; "
+        f"KL max {m['kl_max']:.2e}, top-1 {100 * m['top1']:.2f}%, greedy identical {100 * m['greedy_identical']:.0f}%"
+    ]
+
+
+def _serve_lines(data: dict[str, Any]) -> list[str]:
+    serve = data["serve"]
+    accuracy = serve.get("accuracy")  # None for a corpus run: free text has no answer to score
+    scored = f"accuracy {100 * accuracy:.1f}% over " if accuracy is not None else ""
+    return [
+        f"serving on {serve['backend']}: {scored}{serve['requests']} requests, "
+        f"TTFT median {serve['ttft_ms_median']:.1f} ms"
+    ]
 
 
 def write_report(root: Path) -> Path:
