@@ -72,6 +72,16 @@ def test_version_is_printed(capsys):
     assert e.value.code == 0 and capsys.readouterr().out == f"crosschip {crosschip.__version__}\n"
 
 
+def test_an_unknown_option_is_named_by_its_stage(capsys):
+    """argparse reported a stage's unknown option with the top-level usage ("crosschip STAGE ...")."""
+    for argv, says in ((["probe", "--bogus"], "crosschip probe"), (["--bogus"], "crosschip")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{says}: error: unrecognized arguments: --bogus" in err, err
+        assert err.startswith(f"usage: {says} [-h]"), err
+
+
 def test_no_stage_prints_help_and_exits_2(capsys):
     assert main([]) == 2
     assert "STAGE" in capsys.readouterr().out

@@ -107,6 +107,7 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
                 p.description = f"{stage.summary}\n\n(not built yet)"
             else:
                 module.add_arguments(p)
+    parser.stage_parsers = sub.choices  # for errors in a stage's own words (main)
     return parser
 
 
@@ -120,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     wanted = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(wanted if wanted in STAGES else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the stage's parser, with its usage: the top-level one showed "crosschip STAGE ..."
+        (parser.stage_parsers[args.stage] if args.stage else parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.stage is None:
         parser.print_help()
         return 2
