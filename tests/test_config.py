@@ -159,6 +159,28 @@ def test_rows_longer_than_the_context_are_refused_when_the_config_loads(tmp_path
     assert load_config(raised).train.seq_len == 257
 
 
+def test_a_warmup_longer_than_the_run_is_refused_when_the_config_loads(tmp_path):
+    """It was taken silently: the learning rate never reached train.lr."""
+    path = _write(tmp_path, "[train]\nsteps = 6\nwarmup_steps = 100\n")
+    message = "train.warmup_steps 100 is longer than train.steps 6: the learning rate would never reach train.lr"
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        load_config(path)
+    assert load_config(_write(tmp_path, "[train]\nsteps = 6\nwarmup_steps = 6\n")).train.warmup_steps == 6
+
+
+def test_a_short_run_cut_from_a_full_config_keeps_its_warmup(tmp_path):
+    """`crosschip train --steps 2` on the default run (warmup 30) is a smoke run, as
+    benchmarks/cuda_checks.py runs it: the override is not refused."""
+    import argparse
+
+    from crosschip.train.command import _config
+
+    args = argparse.Namespace(config=None, backend=None, steps=2, max_minutes=None)
+    cfg = _config(args)
+    cfg.train.validate()
+    assert (cfg.train.steps, cfg.train.warmup_steps) == (2, 30)
+
+
 def test_the_trainer_checks_a_config_changed_after_loading(tmp_path):
     from crosschip.train.trainer import Trainer
 

@@ -42,6 +42,19 @@ def test_nan_spike_and_hang_are_detected_and_rolled_back(tmp_path):
     assert summary["status"] == "done" and summary["step"] == 20 and summary["rollbacks"] >= 3
 
 
+def test_faults_that_could_never_fire_are_refused_before_the_run_starts(tmp_path):
+    """A spike inside the health guard's 10-step warm-up was trained on (exit 0, no rollback),
+    and crash@save=99 on a run of 4 saves never fired: both passed for runs that survived them."""
+    cfg = write_config(tmp_path, steps=6, ckpt_every=2)
+    for spec, why in (
+        ("spike@step=5", "the health guard judges spikes only after 10 good steps, so a spike at step 5 would"),
+        ("crash@save=99", "the run saves 4 checkpoints (step 0, every 2 steps (train.ckpt_every) and step 6"),
+    ):
+        proc = train(cfg, tmp_path / "run", "--inject", spec)
+        assert proc.returncode == 1 and proc.stderr.startswith(f"crosschip train: error: --inject {spec!r}: {why}")
+        assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "run").exists(), proc.stderr
+
+
 def test_repeated_failure_past_the_cap_gives_up_with_exit_code_3(tmp_path):
     cfg = write_config(tmp_path, steps=10, ckpt_every=CKPT_EVERY, max_rollbacks=2)
     run = tmp_path / "run"

@@ -90,6 +90,31 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_one(reference, tm
     assert losses(run) == losses(ref)
 
 
+def test_a_save_fault_is_logged_and_a_resume_does_not_plant_it_again(reference, tmp_path):
+    """crash@save=N logged no `inject` event and was planted again in every resumed process:
+    `--resume` with the same command crashed at each one's N-th save. N is the run's N-th save."""
+    cfg, ref = reference
+    run = tmp_path / "run"
+    fault = ("--inject", "crash@save=2")  # step 4's save; the resume from step 0 saves step 4 again
+    assert train(cfg, run, *fault).returncode == -9
+    (inject,) = events(run, "inject")
+    assert (inject["step"], inject["save"], inject["faults"]) == (4, 2, ["crash"])
+    resumed = train(cfg, run, "--resume", *fault)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(events(run, "inject")) == 1 and events(run, "resume")[0]["step"] == 0
+    assert losses(run) == losses(ref)
+    # Faults this run can no longer fire are refused, before anything is logged.
+    for spec, why in (
+        ("nan@step=12", "the run resumes from step 12, past step 12, so it would never fire"),
+        ("crash@save=5", "the run has made 5 checkpoint saves and this resume makes 1 more, so it would never fire"),
+    ):
+        refused = train(cfg, run, "--resume", "--steps", "14", "--inject", spec)
+        assert refused.returncode == 1 and refused.stderr.splitlines() == [
+            f"crosschip train: error: --inject {spec!r}: {why}"
+        ], refused.stderr
+    assert len(events(run, "resume")) == 1
+
+
 def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_previous_one_resumes(reference, tmp_path):
     """A write that fails (here a file-size limit, as a full disk or a quota fails one) was
     safetensors' SafetensorError and a traceback. Step 0's checkpoint fits under 1 MB; step

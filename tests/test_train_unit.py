@@ -29,10 +29,17 @@ from crosschip.model import DTYPES, MLA, RMSNorm, SwiGLU, Transformer, grouped_e
 from crosschip.tokenizer import default_tokenizer
 from crosschip.train import checkpoint as ckpt
 from crosschip.train.data import IGNORE, ArithStream, BatchStream, shard_rows
-from crosschip.train.faults import parse_fault
+from crosschip.train.faults import FaultInjector, check_faults, parse_fault
 from crosschip.train.health import HealthGaveUp, HealthGuard
 from crosschip.train.metrics import Progress
-from crosschip.train.trainer import Trainer, estimate_memory, lr_at, resolve_dtype, update_balance_bias
+from crosschip.train.trainer import (
+    Trainer,
+    check_memory,
+    estimate_memory,
+    lr_at,
+    resolve_dtype,
+    update_balance_bias,
+)
 from train_helpers import events, losses, records
 
 
@@ -320,6 +327,61 @@ def test_fault_specs():
             parse_fault(bad)
 
 
+def test_a_spike_in_the_health_guards_warm_up_is_refused():
+    """The guard judges spikes only after WARMUP_STEPS (10) good steps: spike@step=5 was
+    trained on, with no rollback, and the run exited 0 like one that had caught it."""
+    with pytest.raises(CrosschipError) as e:
+        check_faults(["spike@step=10"], 40, "train.steps")
+    assert str(e.value) == (
+        "--inject 'spike@step=10': the health guard judges spikes only after 10 good steps, so a spike at "
+        "step 10 would be trained on, not rolled back; plant it after step 10"
+    )
+    check_faults(["spike@step=11", "nan@step=2", "spike@p=0.5"], 40, "train.steps")
+
+
+def test_a_save_fault_past_the_runs_last_save_is_refused():
+    """crash@save=99 on a run that saves 4 checkpoints (steps 0, 2, 4 and 6) never fired."""
+    check_faults(["crash@save=4"], 6, "train.steps", ckpt_every=2)
+    with pytest.raises(CrosschipError) as e:
+        check_faults(["crash@save=5"], 6, "--steps", ckpt_every=2)
+    assert str(e.value) == (
+        "--inject 'crash@save=5': the run saves 4 checkpoints (step 0, every 2 steps (train.ckpt_every) and "
+        "step 6 (--steps)), so it would never fire"
+    )
+    check_faults(["crash@save=99"], 6, "train.steps")  # a resume: the trainer counts its saves
+
+
+def test_a_resume_refuses_the_faults_it_could_never_fire():
+    """A step fault at or before the step a resume starts from is never trained again, and a
+    save fault names the run's N-th save: one among the saves made, or past the saves the
+    resume makes, never fires. One that fired before the resume is done, not refused."""
+    log = [
+        {"event": "checkpoint", "step": 0},
+        {"event": "checkpoint", "step": 4},
+        {"event": "inject", "step": 6, "faults": ["nan"], "batch": 5},
+        {"event": "inject", "step": 8, "save": 3, "faults": ["crash"]},  # killed inside the 3rd save
+    ]
+    # Resuming from step 4 of 12 (saves at 8 and 12: the run's 4th and 5th).
+    for fine in (["nan@step=6", "crash@save=3"], ["nan@step=5"], ["crash@save=4"], ["crash@save=5"]):
+        injector = FaultInjector(fine)
+        injector.replay(log)
+        injector.check_resume(4, 12, 4)
+    for spec, why in (
+        ("nan@step=4", "the run resumes from step 4, past step 4, so it would never fire"),
+        ("crash@save=2", "the run has made 3 checkpoint saves and this resume makes 2 more, so it would never fire"),
+        ("crash@save=6", "the run has made 3 checkpoint saves and this resume makes 2 more, so it would never fire"),
+    ):
+        injector = FaultInjector([spec])
+        injector.replay(log)
+        with pytest.raises(CrosschipError) as e:
+            injector.check_resume(4, 12, 4)
+        assert str(e.value) == f"--inject {spec!r}: {why}"
+    # A save fault's event names the step it saved too: crash@step=8 is not taken as fired.
+    injector = FaultInjector(["crash@step=8"])
+    injector.replay(log)
+    assert injector.at_step(8) == {"crash"}
+
+
 def test_health_guard_verdicts():
     cfg = debug_cfg().train
     guard = HealthGuard(cfg)
@@ -361,6 +423,28 @@ def test_too_big_config_is_refused_before_allocating(tmp_path):
     cfg.model = model_preset("debug", n_routed_experts=10**12)
     with pytest.raises(CrosschipError, match=r"does not fit in memory: 6,210T parameters need about"):
         Trainer(cfg, tmp_path / "run")
+
+
+def test_processes_that_share_the_hosts_memory_must_fit_in_it_together(monkeypatch):
+    """`--nproc 2` at batch 12288 on a 23.5 GiB host: each CPU worker checked its own 12.9 GiB
+    and passed, though the two need 25.8 GiB of the one memory. The check itself is tested:
+    such a run would allocate it."""
+    cfg = debug_cfg(batch_size=12288)
+    each = estimate_memory(cfg, 2)["total"]  # the states and the batch split in two
+    monkeypatch.setattr(CPUBackend, "memory_bytes", lambda self: int(each / 0.6))
+    cpu = get_backend("torch:cpu")
+    check_memory(cfg, cpu, world=2, local_world=1)  # one process on each of two hosts
+    with pytest.raises(CrosschipError, match=r"GiB per process, [0-9.]+ GiB for the 2 processes on this host") as e:
+        check_memory(cfg, cpu, world=2, local_world=2)
+    assert "--nproc" not in str(e.value)  # more processes on the host would not help
+    with pytest.raises(CrosschipError, match="does not fit in memory") as e:
+        check_memory(cfg, cpu, world=1, local_world=1)
+    assert "--nproc" not in str(e.value)
+    # A device of its own for each process (an accelerator): each needs to fit only in its own.
+    monkeypatch.setattr(CPUBackend, "shares_host_memory", lambda self: False)
+    check_memory(cfg, cpu, world=2, local_world=2)
+    with pytest.raises(CrosschipError, match=r"or more processes \(--nproc\)$"):
+        check_memory(cfg, cpu, world=1, local_world=1)
 
 
 def test_rows_longer_than_the_models_context_are_refused(tmp_path):
@@ -454,6 +538,32 @@ def test_refused_dtype_on_an_emulated_chip(tmp_path):
     cfg = debug_cfg(backend="emu:fp16-only", dtype="bf16")
     with pytest.raises(CrosschipError, match="refuses bf16"):
         Trainer(cfg, tmp_path)
+
+
+def test_the_summary_and_the_plot_end_at_the_step_reached(tmp_path, monkeypatch):
+    """A hard stop after step 4 saved nothing (here its checkpoint is removed, as it would
+    not exist); `--resume --steps 3` then had nothing to train, and train_summary.json gave
+    step 3 with the loss of the lost step 4, which loss.png plotted too."""
+    import shutil
+
+    import matplotlib.pyplot as plt
+
+    run = tmp_path / "run"
+    figures = []  # loss.png's figure, kept from plt.close
+    for steps, resume in ((4, False), (3, True)):
+        if resume:
+            shutil.rmtree(run / "checkpoints" / "step_00000004")
+            monkeypatch.setattr(plt, "close", figures.append)
+        t = Trainer(debug_cfg(steps=steps, eval_every=-1), run, resume=resume, verbose=False)
+        try:
+            summary = t.fit()
+        finally:
+            t.close()
+    step_loss = {r["step"]: r["loss"] for r in records(run) if r["event"] == "step"}
+    assert summary["step"] == 3 and summary["final_loss"] == step_loss[3] != step_loss[4]
+    assert json.loads((run / "train_summary.json").read_text())["final_loss"] == step_loss[3]
+    (figure,) = figures
+    assert list(figure.axes[0].lines[0].get_xdata()) == [1, 2, 3]
 
 
 def test_existing_run_needs_resume(tmp_path):

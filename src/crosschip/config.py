@@ -432,6 +432,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        # Checked where a config is written, not in validate(): a short run cut from a full
+        # config (`crosschip train --steps 2` on the default run, a test that sets
+        # train.steps) stops inside its warmup as asked.
+        if self.warmup_steps > self.steps:
+            raise ConfigError(
+                f"train.warmup_steps {self.warmup_steps} is longer than train.steps {self.steps}: the learning "
+                "rate would never reach train.lr; lower train.warmup_steps or raise train.steps"
+            )
 
     def validate(self) -> None:
         """Raise a ConfigError naming the first field out of range (the trainer calls this

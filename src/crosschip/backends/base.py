@@ -115,6 +115,11 @@ class Backend:
         """Device memory in bytes, None where unknown."""
         return None
 
+    def shares_host_memory(self) -> bool:
+        """Whether this host's processes all train in the one memory `memory_bytes` gives (the
+        host's RAM), rather than in a device of their own each."""
+        return False
+
     def native_bf16(self) -> bool:
         """Whether bf16 matmuls run on bf16 hardware here (so `train.dtype = auto` takes them)."""
         return True

@@ -67,6 +67,9 @@ class CPUBackend(Backend):
         except (ValueError, OSError):
             return None
 
+    def shares_host_memory(self) -> bool:
+        return True
+
     def native_bf16(self) -> bool:
         # Without avx512_bf16 or AMX, oneDNN emulates bf16 and is slower than fp32.
         import torch

@@ -153,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
     from crosschip.train.health import HealthGaveUp
 
     cfg = _config(args)
-    check_faults(args.inject, cfg.train.steps, "--steps" if args.steps is not None else "train.steps")
+    # A resumed run's saves are counted from its log: the trainer checks its save faults.
+    ckpt_every = None if args.resume else cfg.train.ckpt_every
+    check_faults(args.inject, cfg.train.steps, "--steps" if args.steps is not None else "train.steps", ckpt_every)
     check_launcher(args)
     check_output_dir(args.out, "--out")
     if args.resume and not Path(args.out).is_dir():  # refused before anything is made there

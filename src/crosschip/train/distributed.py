@@ -33,6 +33,8 @@ class Dist:
     local_rank: int = 0
     collective_delay_s: float = 0.0
     """Emulated slow interconnect: extra seconds per collective."""
+    local_world: int = 1
+    """Processes on this host (torchrun's LOCAL_WORLD_SIZE)."""
 
     @property
     def enabled(self) -> bool:
@@ -80,7 +82,8 @@ def init_distributed(backend: Backend) -> Dist:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"crosschip/attempt_{attempt}", store)
     dist.init_process_group(backend.dist_backend, store=store, rank=rank, world_size=world)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, delay)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, delay, local_world)
 
 
 def shutdown(d: Dist) -> None:

@@ -6,13 +6,16 @@
     hang@step=30       step 30 sleeps until the watchdog interrupts it
     slow@p=0.1         a step is delayed (straggler) with probability 0.1
     crash@step=25      the process SIGKILLs itself during step 25
-    crash@save=2       the process SIGKILLs itself inside its 2nd checkpoint save, after the
-                       files are written and before the folder is renamed into place
+    crash@save=2       the process SIGKILLs itself inside the run's 2nd checkpoint save (step 0's
+                       is the 1st), after the files are written and before the folder is
+                       renamed into place
 
 A step fault fires once by default; `,times=N` makes it fire the first N times that step is
-reached (to exhaust the rollback cap). The count is the run's, not the process's: each firing
-is logged (`inject` events in metrics.jsonl), and a resumed run or a restarted torchrun group
-replays them, so a planted hang that ended a process does not hang its restart again.
+reached (to exhaust the rollback cap). The counts are the run's, not the process's: each
+firing is logged (`inject` events in metrics.jsonl), and a resumed run or a restarted torchrun
+group replays them, so a planted hang or crash that ended a process does not end its restart
+again. A fault that could never fire is refused before training (`check_faults`,
+`FaultInjector.check_resume`): the run would pass for one that survived it.
 Probabilistic faults draw from their own seeded RNG so they never perturb training
 randomness. An emulated backend's `emulated_faults` are added to the user's.
 """
@@ -27,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 from crosschip.errors import CrosschipError
+from crosschip.train.health import WARMUP_STEPS
 
 KINDS = ("nan", "spike", "hang", "slow", "crash")
 SPIKE_FACTOR = 100.0
@@ -71,13 +75,30 @@ def parse_fault(spec: str) -> Fault:
     return Fault(kind, step=n if key == "step" else None, save=n if key == "save" else None, times=times, spec=spec)
 
 
-def check_faults(specs: list[str], steps: int, label: str) -> None:
-    """Each spec parses, and no step fault lies past the run's last step (`steps`, named by
-    `label`): it would never fire, and the run would pass for one that survived it."""
+def saves_of_run(steps: int, ckpt_every: int) -> int:
+    """Checkpoint saves a run of `steps` makes from its start: step 0, every `ckpt_every`
+    steps before the last, and the last."""
+    return 1 + (steps - 1) // ckpt_every + 1
+
+
+def check_faults(specs: list[str], steps: int, label: str, ckpt_every: int | None = None) -> None:
+    """Each spec parses and could fire in a run of `steps` (named by `label`) from its start:
+    no step fault past the last step, no spike in the health guard's warm-up (it would be
+    applied, not caught), and, given `ckpt_every`, no save fault past the run's last save."""
     for spec in specs:
         fault = parse_fault(spec)
         if fault.step is not None and fault.step > steps:
             raise CrosschipError(f"--inject {spec!r}: the run ends at step {steps} ({label}), so it would never fire")
+        if fault.kind == "spike" and fault.step is not None and fault.step <= WARMUP_STEPS:
+            raise CrosschipError(
+                f"--inject {spec!r}: the health guard judges spikes only after {WARMUP_STEPS} good steps, so a "
+                f"spike at step {fault.step} would be trained on, not rolled back; plant it after step {WARMUP_STEPS}"
+            )
+        if fault.save is not None and ckpt_every is not None and fault.save > saves_of_run(steps, ckpt_every):
+            raise CrosschipError(
+                f"--inject {spec!r}: the run saves {saves_of_run(steps, ckpt_every)} checkpoints (step 0, every "
+                f"{ckpt_every} steps (train.ckpt_every) and step {steps} ({label})), so it would never fire"
+            )
 
 
 class FaultInjector:
@@ -103,19 +124,52 @@ class FaultInjector:
         return {f.kind for i, f in enumerate(self.faults) if f.save is None and self._fires(i, f, step)}
 
     def replay(self, records: list[dict]) -> None:
-        """Count as fired the step faults that an earlier process of this run logged firing."""
+        """Count as fired the faults that earlier processes of this run logged firing, and
+        count the checkpoint saves they made (a save fault names the run's N-th save)."""
         for r in records:
+            if r.get("event") == "checkpoint":
+                self.saves += 1
             if r.get("event") != "inject":
                 continue
+            if r.get("save") is not None:  # a process killed inside that save: it logged no checkpoint
+                self.saves += 1
             for i, f in enumerate(self.faults):
-                if f.step == r.get("step") and f.kind in r.get("faults", ()):
+                # A save fault's event also names the step it saved: match on save alone.
+                planted = (
+                    f.save == r["save"] if r.get("save") is not None else f.save is None and f.step == r.get("step")
+                )
+                if planted and f.kind in r.get("faults", ()):
                     self.fired[i] = self.fired.get(i, 0) + 1
 
-    def on_save(self) -> None:
-        """Called inside every checkpoint save, before the rename."""
+    def check_resume(self, step: int, steps: int, ckpt_every: int) -> None:
+        """On resume from `step` (after `replay`): refuse a fault that has not fired and never
+        can, a step fault at or before `step` (never trained again) or a save fault among the
+        saves already made or past those this process makes up to step `steps`."""
+        # This process saves every ckpt_every steps after `step` before the last, then the last.
+        more = len(range((step // ckpt_every + 1) * ckpt_every, steps, ckpt_every)) + (step < steps)
+        for i, f in enumerate(self.faults):
+            if self.fired.get(i):
+                continue
+            if f.step is not None and f.step <= step:
+                raise CrosschipError(
+                    f"--inject {f.spec!r}: the run resumes from step {step}, past step {f.step}, so it would never fire"
+                )
+            if f.save is not None and not self.saves < f.save <= self.saves + more:
+                raise CrosschipError(
+                    f"--inject {f.spec!r}: the run has made {self.saves} checkpoint saves and this resume makes "
+                    f"{more} more, so it would never fire"
+                )
+
+    def at_save(self) -> bool:
+        """Whether a planted crash fires inside this checkpoint save (called in every save,
+        before the rename); the caller logs it, then acts (`kill_self`)."""
         self.saves += 1
-        if any(f.save == self.saves for f in self.faults):
-            kill_self()
+        fires = False
+        for i, f in enumerate(self.faults):
+            if f.save == self.saves and not self.fired.get(i):
+                self.fired[i] = 1
+                fires = True
+        return fires
 
 
 def kill_self() -> None:

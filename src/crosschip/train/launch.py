@@ -48,7 +48,7 @@ def check_torchrun_env() -> None:
                 f"LOCAL_RANK and WORLD_SIZE are set in the environment, as torchrun sets them for its workers, "
                 f"but {' and '.join(missing)} not: unset them to train in one process, or use --nproc N"
             )
-        numbers += ["LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"]
+        numbers += ["LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_WORLD_SIZE"]
     for name in numbers:
         value = os.environ.get(name)
         if value is not None and not value.strip().isdigit():

@@ -118,17 +118,24 @@ class Progress:
             self.bar.stop()
 
 
-def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
-    """loss.png: training loss per step, held-out accuracy on a second axis, rollbacks marked."""
+def kept_steps(records: list[dict[str, Any]], reached: int) -> dict[int, dict[str, Any]]:
+    """The step record of each step of the trajectory that ends at step `reached`: a step
+    redone after a rollback or resume keeps its last record, and a step past `reached` is
+    dropped (trained, then lost to a rollback, a kill or a hard stop, and not trained again)."""
+    return {r["step"]: r for r in records if r["event"] == "step" and r["step"] <= reached}
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path, reached: int) -> None:
+    """loss.png: training loss per step up to `reached`, held-out accuracy on a second axis,
+    rollbacks marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # A step redone after a rollback or resume keeps its last value: the surviving trajectory.
-    kept = {r["step"]: r["loss"] for r in records if r["event"] == "step" and isinstance(r.get("loss"), float)}
-    steps = sorted(kept.items())
-    evals = sorted({r["step"]: r["accuracy"] for r in records if r["event"] == "eval"}.items())
+    kept = kept_steps(records, reached)
+    steps = sorted((s, r["loss"]) for s, r in kept.items() if isinstance(r.get("loss"), float))
+    evals = sorted({r["step"]: r["accuracy"] for r in records if r["event"] == "eval" and r["step"] <= reached}.items())
     rollbacks = [r["from_step"] for r in records if r["event"] == "rollback"]
     fig, ax = plt.subplots(figsize=(7, 4))
     if steps:

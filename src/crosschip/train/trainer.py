@@ -48,7 +48,7 @@ from crosschip.train.evaluate import arith_accuracy
 from crosschip.train.faults import SPIKE_FACTOR, FaultInjector, kill_self
 from crosschip.train.health import HealthGaveUp, HealthGuard, StepHang, Watchdog
 from crosschip.train.launch import check_batch_split
-from crosschip.train.metrics import MetricsLog, Progress, plot_loss, saved_note
+from crosschip.train.metrics import MetricsLog, Progress, kept_steps, plot_loss, saved_note
 
 FIT_EVERY = 10
 """Steps between fits of the schedule to train.max_minutes."""
@@ -161,6 +161,31 @@ def estimate_memory(cfg: RunConfig, world: int, attention_scores: bool = True) -
     return {"params": total, "states": state, "activations": activations, "total": state + activations}
 
 
+def check_memory(cfg: RunConfig, backend: Backend, world: int, local_world: int) -> None:
+    """Refuse a run that does not fit in memory: `world` processes, `local_world` of them on
+    this host. Where they all share the host's memory (`Backend.shares_host_memory`, the CPU)
+    what they need together must fit in it, and more processes would not help; on an
+    accelerator each process has a device of its own, and more of them shard the states thinner."""
+    need = estimate_memory(cfg, world, backend.attention_keeps_scores())
+    have = backend.memory_bytes()
+    shared = backend.shares_host_memory()
+    procs = local_world if shared else 1
+    if have is None or procs * need["total"] <= 0.9 * have:
+        return
+    gib = 2**30
+    together = f", {procs * need['total'] / gib:,.1f} GiB for the {procs} processes on this host" if procs > 1 else ""
+    # Processes that share the host's memory would only split it: more of them are no fix.
+    fixes = "a smaller model preset or a smaller batch"
+    if not shared:
+        fixes = "a smaller model preset, a smaller batch, or more processes (--nproc)"
+    raise CrosschipError(
+        f"the config does not fit in memory: {human_count(need['params'])} parameters need about "
+        f"{need['total'] / gib:,.1f} GiB per process{together} (weights, grads and AdamW states "
+        f"{need['states'] / gib:,.1f} GiB + activations {need['activations'] / gib:,.1f} GiB) but "
+        f"{backend.spec} has {have / gib:,.1f} GiB; use {fixes}"
+    )
+
+
 @torch.no_grad()
 def update_balance_bias(moes: list, loads: Tensor, gamma: float) -> None:
     """Auxiliary-loss-free balancing: b_i += gamma * sign(mean_load - load_i).
@@ -203,7 +228,7 @@ class Trainer:
         self.verbose = verbose and self.dist.is_main
         # What can refuse the run is checked before anything is written: a refused run leaves
         # no metrics.jsonl behind.
-        self._check_memory()
+        check_memory(self.cfg, self.backend, self.dist.world, self.dist.local_world)
         check_batch_split(self.t.batch_size, self.dist.world, self.t.grad_accum)
         # Drawn now, so that a held-out size the task cannot fill is refused before training.
         self.heldout = heldout_set(cfg.data) if cfg.data.task == "arith" else []
@@ -240,19 +265,6 @@ class Trainer:
             raise
 
     # -- setup ------------------------------------------------------------------------------
-    def _check_memory(self) -> None:
-        need = estimate_memory(self.cfg, self.dist.world, self.backend.attention_keeps_scores())
-        have = self.backend.memory_bytes()
-        if have is not None and need["total"] > 0.9 * have:
-            gib = 2**30
-            raise CrosschipError(
-                f"the config does not fit in memory: {human_count(need['params'])} parameters need about "
-                f"{need['total'] / gib:,.1f} GiB per process (weights, grads and AdamW states "
-                f"{need['states'] / gib:,.1f} GiB + activations {need['activations'] / gib:,.1f} GiB) but "
-                f"{self.backend.spec} has {have / gib:,.1f} GiB; use a smaller model preset, a smaller batch, "
-                "or more processes (--nproc)"
-            )
-
     def _build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.t.seed)
         model = Transformer(self.cfg.model).to(self.device)
@@ -320,6 +332,7 @@ class Trainer:
             self._restore(path)
             records = _read_all(self.out / "metrics.jsonl")
             self.faults.replay(records)
+            self.faults.check_resume(self.step, self.t.steps, self.t.ckpt_every)
             done = [r["step"] for r in records if r["event"] == "step"]
             lost = max(0, max(done, default=0) - self.step)
             self.steps_run = len(done)
@@ -396,11 +409,17 @@ class Trainer:
                 self.cfg.model,
                 tokenizer=self.tokenizer,
                 keep=self.t.keep_checkpoints,
-                before_rename=self.faults.on_save,
+                before_rename=self._at_save,
             )
             self.log.event("checkpoint", step=self.step, path=str(path), seconds=time.perf_counter() - t0)
         self.dist.barrier()
         return path
+
+    def _at_save(self) -> None:
+        """Inside every checkpoint save, before its rename: where `crash@save=N` fires."""
+        if self.faults.at_save():
+            self.log.event("inject", step=self.step, save=self.faults.saves, faults=["crash"])
+            kill_self()
 
     def _save_unless_saved(self) -> Path | None:
         """Save the step reached unless the newest checkpoint holds it already."""
@@ -874,7 +893,7 @@ class Trainer:
 
     def _write_summary(self, status: str, reason: str | None, **extra: Any) -> dict[str, Any]:
         records = _read_all(self.out / "metrics.jsonl") if self.dist.is_main else self.log.records
-        steps = [r for r in records if r["event"] == "step"]
+        steps = kept_steps(records, self.step)
         counts: dict[str, int] = {}
         for r in records:
             counts[r["event"]] = counts.get(r["event"], 0) + 1
@@ -882,7 +901,7 @@ class Trainer:
             "status": status,
             "reason": reason,
             "step": self.step,
-            "final_loss": steps[-1]["loss"] if steps else None,
+            "final_loss": steps[max(steps)]["loss"] if steps else None,
             "train_time_s": self.train_time_s,
             "train_cpu_s": self.train_cpu_s,
             "tokens_seen": self.tokens_seen,
@@ -900,7 +919,7 @@ class Trainer:
         }
         if self.dist.is_main:
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-            plot_loss(records, self.out / "loss.png")
+            plot_loss(records, self.out / "loss.png", self.step)
         return summary
 
     def close(self, ok: bool = True) -> None:
