@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from crosschip.train.metrics import kept_steps  # noqa: E402
+
 # What each stage leaves, in the order of the run: a section that has none says whether the
 # stage has not run yet or its output is gone.
 OUTPUTS = {
@@ -136,16 +138,10 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def kept_steps(steps: list[dict]) -> list[dict]:
-    """The step records that stood: a rollback trains its steps again, and the later record
-    of a step replaces the one rolled back."""
-    return [s for _, s in sorted({s["step"]: s for s in steps}.items())]
-
-
-def plot_loss(steps: list[dict]) -> str | None:
+def plot_loss(steps: list[dict], reached: int | None) -> str | None:
+    steps = kept_steps(steps, reached)
     if not steps:
         return None
-    steps = kept_steps(steps)
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1)
     ax.set_xlabel("step")
@@ -298,7 +294,9 @@ def render_html(data: dict[str, Any]) -> str:
                     ""
                     if train["summary"] is not None
                     else f'<p class="missing">{html.escape(_absent(data, "train"))}</p>',
-                    _figure("fig-loss", plot_loss(train["steps"]), "Training loss"),
+                    _figure(
+                        "fig-loss", plot_loss(train["steps"], (train["summary"] or {}).get("step")), "Training loss"
+                    ),
                     _figure("fig-accuracy", plot_accuracy(train["evals"]), "Held-out accuracy vs steps"),
                     _table(
                         "table-health",

@@ -118,11 +118,13 @@ class Progress:
             self.bar.stop()
 
 
-def kept_steps(records: list[dict[str, Any]], reached: int) -> dict[int, dict[str, Any]]:
-    """The step record of each step of the trajectory that ends at step `reached`: a step
-    redone after a rollback or resume keeps its last record, and a step past `reached` is
-    dropped (trained, then lost to a rollback, a kill or a hard stop, and not trained again)."""
-    return {r["step"]: r for r in records if r["event"] == "step" and r["step"] <= reached}
+def kept_steps(records: list[dict[str, Any]], reached: int | None = None) -> list[dict[str, Any]]:
+    """The step records of the trajectory that ends at step `reached` (None: the last logged),
+    in step order: a step redone after a rollback or resume keeps its last record, and a step
+    past `reached` is dropped (trained, then lost to a rollback, a kill or a hard stop, and
+    not trained again)."""
+    kept = {r["step"]: r for r in records if r.get("event") == "step" and (reached is None or r["step"] <= reached)}
+    return [kept[step] for step in sorted(kept)]
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path, reached: int) -> None:
@@ -133,8 +135,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path, reached: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kept = kept_steps(records, reached)
-    steps = sorted((s, r["loss"]) for s, r in kept.items() if isinstance(r.get("loss"), float))
+    steps = [(r["step"], r["loss"]) for r in kept_steps(records, reached) if isinstance(r.get("loss"), float)]
     evals = sorted({r["step"]: r["accuracy"] for r in records if r["event"] == "eval" and r["step"] <= reached}.items())
     rollbacks = [r["from_step"] for r in records if r["event"] == "rollback"]
     fig, ax = plt.subplots(figsize=(7, 4))

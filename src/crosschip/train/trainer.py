@@ -901,7 +901,7 @@ class Trainer:
             "status": status,
             "reason": reason,
             "step": self.step,
-            "final_loss": steps[max(steps)]["loss"] if steps else None,
+            "final_loss": steps[-1]["loss"] if steps else None,
             "train_time_s": self.train_time_s,
             "train_cpu_s": self.train_cpu_s,
             "tokens_seen": self.tokens_seen,
