@@ -33,5 +33,6 @@ def run(args: argparse.Namespace) -> int:
     # scripts import each other), and its usage line naming the command that was typed.
     sys.argv = [f"crosschip bench {args.name}", *args.args]
     sys.path.insert(0, str(_bench_dir()))
-    runpy.run_path(str(_bench_dir() / f"{args.name}.py"), run_name="__main__")
+    # As a module with sys left alone: run_path set argv[0] back to the script's path.
+    runpy.run_module(args.name, run_name="__main__", alter_sys=False)
     return 0
