@@ -56,6 +56,8 @@ def test_an_emulated_trainer_is_named_as_one():
     assert "serving on ort:cpu: 16 requests, TTFT median 4.0 ms" in summary_lines(served)
     page = render_html(data)
     assert "emu:flaky (emulated), torch:cpu" in page and "url (smoke run, stopped since)" in page
+    # No health event is said, not an empty table (checkpoints filled it before, hiding that).
+    assert "no rollback, fault, hang or straggler in the training log" in page
 
 
 def test_missing_and_damaged_stage_outputs_are_named_not_a_traceback(tmp_path):

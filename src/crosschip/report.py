@@ -304,7 +304,9 @@ def render_html(data: dict[str, Any]) -> str:
                         [
                             [h.get("event"), h.get("step", h.get("from_step")), _health_detail(h)]
                             for h in train["health"]
-                        ],
+                        ]
+                        # Said, not an empty table: checkpoints were listed here, which hid it.
+                        or [["(none)", None, "no rollback, fault, hang or straggler in the training log"]],
                     ),
                 ]
             ),
